@@ -1,0 +1,79 @@
+"""One typed settings object for the whole system (environment prefix ``ZALANDO_``).
+
+Nothing happens at import time: build a :class:`Settings` where it is needed and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OFFICIAL_MIRROR = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+Profile = Literal["paper", "cpu", "quick"]
+
+
+class Settings(BaseSettings):
+    """Everything a run needs to know about where things are and how big to make them."""
+
+    model_config = SettingsConfigDict(env_prefix="ZALANDO_", env_file=None, extra="ignore")
+
+    # storage
+    lake_uri: str = Field(
+        default="s3://zalando/lake",
+        description="Root of the data lake: s3://bucket/prefix or file:///abs/path",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint, e.g. http://127.0.0.1:9000. Unset: an embedded SeaweedFS is started.",
+    )
+    s3_access_key: str = "zalando"
+    s3_secret_key: SecretStr = SecretStr("zalando-local-secret")
+    s3_region: str = "us-east-1"
+    s3_port: int = Field(default=8333, description="Port of the embedded S3 server (when no endpoint is set)")
+
+    # data and run
+    data_source: str = Field(
+        default=OFFICIAL_MIRROR,
+        description="Where the four IDX .gz files come from: https:// prefix, local folder, or s3:// prefix",
+    )
+    profile: Profile = "cpu"
+    seed: int = 42
+    work_dir: Path = Path(".zalando")
+    experiments_file: Path | None = Field(
+        default=None, description="YAML/JSON file with extra experiment specs (see README)"
+    )
+    country_iso_code: str = Field(default="DEU", description="For codecarbon's offline emissions estimate")
+    torch_threads: int | None = Field(default=None, description="torch intra-op threads (default: all cores)")
+
+    @field_validator("lake_uri")
+    @classmethod
+    def _check_lake_uri(cls, v: str) -> str:
+        if not (v.startswith("s3://") or v.startswith("file://")):
+            raise ValueError(f"ZALANDO_LAKE_URI must start with s3:// or file://, got {v!r}")
+        if v.startswith("s3://") and len(v[5:].strip("/")) == 0:
+            raise ValueError("ZALANDO_LAKE_URI needs a bucket name: s3://BUCKET[/prefix]")
+        return v.rstrip("/")
+
+    @property
+    def uses_s3(self) -> bool:
+        return self.lake_uri.startswith("s3://")
+
+    @property
+    def embedded_s3(self) -> bool:
+        """True when the lake is on S3 but no endpoint was given: we run SeaweedFS ourselves."""
+        return self.uses_s3 and not self.s3_endpoint
+
+    @property
+    def effective_s3_endpoint(self) -> str | None:
+        if not self.uses_s3:
+            return None
+        return self.s3_endpoint or f"http://127.0.0.1:{self.s3_port}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit keyword overrides on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
