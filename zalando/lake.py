@@ -1,0 +1,411 @@
+"""The data lake: the one owner of storage I/O.
+
+A lake is a root (``s3://bucket/prefix`` or ``file:///abs/path``) holding '/'-separated keys.
+Tables are Parquet. A *partition* is a key prefix holding data files and a ``_MANIFEST.json``;
+writers put the data files first and the manifest last, and readers only see partitions whose
+manifest exists and only the files the manifest lists. Re-committing a partition replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from zalando.errors import LakeError, NotCommittedError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_MANIFEST.json"
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=:+@,-]+$")
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that could escape the lake root or confuse listings ('..', absolute, odd chars)."""
+    if not isinstance(key, str) or not key:
+        raise LakeError(f"lake key {key!r}: must be a non-empty string")
+    if key.startswith("/") or "\\" in key:
+        raise LakeError(f"lake key {key!r}: must be relative ('/'-separated, no leading '/')")
+    for seg in key.strip("/").split("/"):
+        if seg in ("", ".", ".."):
+            raise LakeError(f"lake key {key!r}: empty, '.' or '..' segments are not allowed")
+        if not _KEY_SEGMENT.match(seg):
+            raise LakeError(f"lake key {key!r}: segment {seg!r} has characters outside [A-Za-z0-9._=:+@,-]")
+    return key.strip("/")
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC timestamp plus a short random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+    connect_timeout: float = 3.0
+    request_timeout: float = 20.0
+    max_attempts: int = 6
+
+
+class Lake:
+    """Storage for every table, model and report of the system, on S3 or a local folder."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, uri: str, s3: S3Config | None = None) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.uri_root = uri.rstrip("/")
+        self.s3 = s3
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def local(cls, path: str | Path) -> Lake:
+        p = Path(path).resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return cls(pafs.LocalFileSystem(), str(p), p.as_uri())
+
+    @classmethod
+    def from_uri(cls, uri: str, s3: S3Config | None = None) -> Lake:
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            return cls.local(parsed.path)
+        if parsed.scheme != "s3":
+            raise LakeError(f"lake URI {uri!r}: scheme must be s3:// or file://")
+        if s3 is None:
+            raise LakeError(f"lake URI {uri!r}: an S3 endpoint and credentials are needed")
+        ep = urlparse(s3.endpoint if "://" in s3.endpoint else f"http://{s3.endpoint}")
+        fs = pafs.S3FileSystem(
+            access_key=s3.access_key,
+            secret_key=s3.secret_key,
+            region=s3.region,
+            scheme=ep.scheme or "http",
+            endpoint_override=ep.netloc,
+            connect_timeout=s3.connect_timeout,
+            request_timeout=s3.request_timeout,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+            allow_bucket_creation=False,
+        )
+        root = (parsed.netloc + parsed.path).rstrip("/")
+        return cls(fs, root, uri, s3)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Lake:
+        """Build the lake of a :class:`zalando.settings.Settings` (the S3 server must already run)."""
+        if not settings.uses_s3:
+            return cls.from_uri(settings.lake_uri)
+        s3 = S3Config(
+            endpoint=settings.effective_s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            region=settings.s3_region,
+        )
+        return cls.from_uri(settings.lake_uri, s3)
+
+    @property
+    def bucket(self) -> str | None:
+        return self.root.split("/", 1)[0] if self.s3 else None
+
+    def __repr__(self) -> str:  # never shows credentials
+        return f"Lake({self.uri_root})"
+
+    # ------------------------------------------------------------------ bucket
+    def _boto_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        assert self.s3 is not None
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3.endpoint,
+            aws_access_key_id=self.s3.access_key,
+            aws_secret_access_key=self.s3.secret_key,
+            region_name=self.s3.region,
+            config=Config(
+                connect_timeout=self.s3.connect_timeout,
+                read_timeout=self.s3.request_timeout,
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def ensure_ready(self) -> None:
+        """Check the storage answers with these credentials; create a missing bucket.
+
+        Raises LakeError with one line naming the endpoint and the problem.
+        """
+        if self.s3 is None:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            return
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        client = self._boto_client()
+        where = f"S3 endpoint {self.s3.endpoint} bucket {self.bucket!r}"
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return
+        except EndpointConnectionError as e:
+            raise LakeError(
+                f"{where}: server not reachable ({e.__class__.__name__}); is it running?"
+            ) from None
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                try:
+                    client.create_bucket(Bucket=self.bucket)
+                    log.info("created bucket %s at %s", self.bucket, self.s3.endpoint)
+                    return
+                except ClientError as e2:
+                    raise LakeError(f"{where}: cannot create bucket: {_client_error_text(e2)}") from None
+            if (
+                code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
+                or status == 403
+            ):
+                raise LakeError(
+                    f"{where}: access denied: wrong S3 credentials "
+                    "(check ZALANDO_S3_ACCESS_KEY / ZALANDO_S3_SECRET_KEY)"
+                ) from None
+            raise LakeError(f"{where}: {_client_error_text(e)}") from None
+        except Exception as e:  # connection refused and friends surface as various botocore errors
+            raise LakeError(f"{where}: server not reachable ({e.__class__.__name__})") from None
+
+    # ------------------------------------------------------------------ plain objects
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{validate_key(key)}"
+
+    def uri(self, key: str = "") -> str:
+        return f"{self.uri_root}/{validate_key(key)}" if key else self.uri_root
+
+    def _io(self, what: str, key: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise LakeError(f"lake {what} {self.uri(key)}: {_first_line(e)}") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+
+        def _write() -> None:
+            if self.s3 is None:
+                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with self.fs.open_output_stream(tmp) as out:
+                    out.write(data)
+                self.fs.move(tmp, path)  # atomic rename on a local disk
+            else:
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+
+        self._io("write", key, _write)
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+
+        def _read() -> bytes:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+
+        try:
+            return self._io("read", key, _read)
+        except FileNotFoundError:
+            raise LakeError(f"lake object {self.uri(key)} does not exist") from None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def exists(self, key: str) -> bool:
+        info = self._io("stat", key, lambda: self.fs.get_file_info(self._path(key)))
+        return info.type == pafs.FileType.File
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Every object key below prefix (recursive), sorted; 'directory' markers are left out."""
+        base = self._path(prefix) if prefix else self.root
+        sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = self._io("list", prefix or ".", lambda: self.fs.get_file_info(sel))
+        n = len(self.root) + 1
+        return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.File and i.size is not None)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._io("delete", key, lambda: self.fs.delete_file(self._path(key)))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        for k in self.list_keys(prefix):
+            self.delete(k)
+        if self.s3 is None:
+            try:
+                self.fs.delete_dir(self._path(prefix))
+            except (FileNotFoundError, OSError):
+                pass
+
+    # ------------------------------------------------------------------ partitions
+    def commit_files(
+        self,
+        key: str,
+        files: dict[str, bytes],
+        run_id: str,
+        extra: dict[str, Any] | None = None,
+        *,
+        row_counts: dict[str, int] | None = None,
+        schemas: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Write files under key, then the manifest. Stale files of an earlier commit are removed."""
+        key = validate_key(key)
+        for name in files:
+            validate_key(name)
+            if name == MANIFEST:
+                raise LakeError(f"lake partition {self.uri(key)}: a file may not be named {MANIFEST}")
+        manifest_key = f"{key}/{MANIFEST}"
+        before = set(self.list_keys(key))
+        # un-commit first: a crash between here and the end leaves the partition invisible, not mixed
+        self.delete(manifest_key)
+        entries = {}
+        for name, data in files.items():
+            self.write_bytes(f"{key}/{name}", data)
+            entries[name] = {"bytes": len(data), "sha256": _sha256(data)}
+            if row_counts and name in row_counts:
+                entries[name]["rows"] = int(row_counts[name])
+            if schemas and name in schemas:
+                entries[name]["schema"] = schemas[name]
+        manifest = {
+            "partition": key,
+            "run_id": run_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "files": entries,
+            "rows": int(sum(e.get("rows", 0) for e in entries.values())),
+            "extra": extra or {},
+        }
+        for stale in before - {f"{key}/{n}" for n in files} - {manifest_key}:
+            if "/" not in stale[len(key) + 1 :]:  # only this partition's own files, not sub-partitions
+                self.delete(stale)
+        self.write_json(manifest_key, manifest)
+        return manifest
+
+    def commit_partition(
+        self, key: str, tables: dict[str, pa.Table], run_id: str, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write each table as ``key/<name>.parquet``, then ``key/_MANIFEST.json``."""
+        files, rows, schemas = {}, {}, {}
+        for name, table in tables.items():
+            fname = name if name.endswith(".parquet") else f"{name}.parquet"
+            files[fname] = table_to_parquet_bytes(table)
+            rows[fname] = table.num_rows
+            schemas[fname] = str(table.schema)
+        return self.commit_files(key, files, run_id, extra, row_counts=rows, schemas=schemas)
+
+    def is_committed(self, key: str) -> bool:
+        return self.exists(f"{validate_key(key)}/{MANIFEST}")
+
+    def read_manifest(self, key: str) -> dict[str, Any]:
+        key = validate_key(key)
+        try:
+            return self.read_json(f"{key}/{MANIFEST}")
+        except LakeError:
+            if not self.exists(f"{key}/{MANIFEST}"):
+                raise NotCommittedError(
+                    f"lake partition {self.uri(key)} is not committed (no {MANIFEST})"
+                ) from None
+            raise
+
+    def read_file(self, key: str, name: str, *, verify: bool = True) -> bytes:
+        """One file of a committed partition, checked against the manifest's sha256."""
+        manifest = self.read_manifest(key)
+        if name not in manifest["files"]:
+            raise LakeError(f"lake partition {self.uri(key)} has no file {name!r}")
+        data = self.read_bytes(f"{key}/{name}")
+        if verify and _sha256(data) != manifest["files"][name]["sha256"]:
+            raise LakeError(f"lake file {self.uri(key)}/{name}: sha256 does not match its manifest")
+        return data
+
+    def read_partition(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        """All Parquet files of a committed partition, concatenated."""
+        manifest = self.read_manifest(key)
+        names = sorted(n for n in manifest["files"] if n.endswith(".parquet"))
+        tables = [pq.read_table(io.BytesIO(self.read_file(key, n)), columns=columns) for n in names]
+        if not tables:
+            raise LakeError(f"lake partition {self.uri(key)} holds no Parquet file")
+        return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+    def list_partitions(self, prefix: str = "") -> list[str]:
+        """Keys of committed partitions below prefix (the prefix itself included), sorted."""
+        suffix = "/" + MANIFEST
+        return sorted(k[: -len(suffix)] for k in self.list_keys(prefix) if k.endswith(suffix))
+
+    def read_dataset(self, prefix: str, columns: list[str] | None = None) -> pa.Table:
+        """Every committed partition under prefix; hive segments (``name=value``) become columns."""
+        prefix = validate_key(prefix)
+        parts = self.list_partitions(prefix)
+        if not parts:
+            raise NotCommittedError(f"lake prefix {self.uri(prefix)} holds no committed partition")
+        tables = []
+        for part in parts:
+            t = self.read_partition(part, columns=columns)
+            for seg in part[len(prefix) :].strip("/").split("/"):
+                if "=" in seg:
+                    col, val = seg.split("=", 1)
+                    if col not in t.column_names:
+                        t = t.append_column(col, pa.array([val] * t.num_rows, pa.string()))
+            tables.append(t)
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else e.__class__.__name__
+
+
+def _client_error_text(e: Any) -> str:
+    err = getattr(e, "response", {}).get("Error", {})
+    return f"{err.get('Code', '?')}: {err.get('Message', '')}".strip()
+
+
+def retry_io(fn: Any, *, attempts: int = 4, base_delay: float = 0.5, what: str = "lake I/O") -> Any:
+    """Call fn, retrying LakeError/OSError with exponential back-off (for whole-operation retries)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (LakeError, OSError) as e:
+            if isinstance(e, NotCommittedError) or i == attempts - 1:
+                raise
+            delay = base_delay * 2**i
+            log.warning("%s failed (%s); retrying in %.1fs", what, _first_line(e), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def iter_batches(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
