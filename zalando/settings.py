@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-OFFICIAL_MIRROR = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+OFFICIAL_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 Profile = Literal["paper", "cpu", "quick"]
 

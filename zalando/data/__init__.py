@@ -1,0 +1,1 @@
+"""Fashion-MNIST data: IDX parsing, sources with checksums, validation, ingest, splits, EDA."""

@@ -1,0 +1,149 @@
+"""Preprocess: a seeded, stratified train/validation split and normalisation statistics.
+
+Stored as a dataset version in the lake (``datasets/<dataset_version>/``) so that training,
+evaluation and scoring all use the same split and the same numbers. The version id is a
+function of the raw data and the split parameters, so re-running gives the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from zalando.data.arrays import images_from_table, labels_from_table
+from zalando.data.ingest import load_raw, raw_key
+from zalando.errors import NotCommittedError
+from zalando.lake import Lake
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    dataset_version: str
+    mean: float
+    std: float
+    n_train: int
+    n_val: int
+    n_test: int
+    seed: int
+    val_fraction: float
+    source_digest: str
+
+    @property
+    def key(self) -> str:
+        return f"datasets/{self.dataset_version}"
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows: val_fraction of every class (rounded), seeded."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_val = int(round(len(idx) * val_fraction))
+        is_val[rng.permutation(idx)[:n_val]] = True
+    return is_val
+
+
+def pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean and std of pixels/255 (float64 accumulation, chunked to bound memory)."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for i in range(0, len(images), 8192):
+        chunk = images[i : i + 8192].astype(np.float64) / 255.0
+        total += chunk.sum()
+        total_sq += np.square(chunk).sum()
+        n += chunk.size
+    mean = total / n
+    return float(mean), float(np.sqrt(max(total_sq / n - mean**2, 0.0)))
+
+
+def dataset_version_id(source_digest: str, seed: int, val_fraction: float) -> str:
+    h = hashlib.sha256(f"{source_digest}|{seed}|{val_fraction}".encode()).hexdigest()[:12]
+    return f"ds-{h}"
+
+
+def preprocess(lake: Lake, *, seed: int, val_fraction: float = 0.2, force: bool = False) -> DatasetVersion:
+    """Split the committed raw training table and store the dataset version."""
+    manifest = lake.read_manifest(raw_key("train"))
+    digest = manifest["extra"].get("source_digest", "unknown")
+    version = dataset_version_id(digest, seed, val_fraction)
+    key = f"datasets/{version}"
+    if not force and lake.is_committed(key):
+        log.info("dataset version %s already exists; reusing", version)
+        return read_dataset_version(lake, version)
+    train = load_raw(lake, "train", columns=["image_id", "image", "label"])
+    labels = labels_from_table(train)
+    is_val = stratified_split(labels, val_fraction, seed)
+    mean, std = pixel_stats(images_from_table(train)[~is_val])
+    n_test = lake.read_manifest(raw_key("test"))["rows"]
+    dv = DatasetVersion(
+        version, mean, std, int((~is_val).sum()), int(is_val.sum()), int(n_test), seed, val_fraction, digest
+    )
+    split_table = pa.table(
+        {
+            "image_id": train.column("image_id"),
+            "subset": pa.array(np.where(is_val, "val", "train"), pa.string()),
+        }
+    )
+    lake.commit_partition(key, {"split": split_table}, run_id=version, extra={"stats": dv.__dict__})
+    log.info(
+        "dataset version %s: %d train / %d val, mean %.4f std %.4f", version, dv.n_train, dv.n_val, mean, std
+    )
+    return dv
+
+
+def read_dataset_version(lake: Lake, version: str) -> DatasetVersion:
+    try:
+        stats = lake.read_manifest(f"datasets/{version}")["extra"]["stats"]
+    except NotCommittedError:
+        raise NotCommittedError(
+            f"dataset version {version!r} does not exist in {lake.uri('datasets')}; run preprocess"
+        ) from None
+    return DatasetVersion(**stats)
+
+
+def latest_dataset_version(lake: Lake) -> DatasetVersion:
+    """The dataset version made from the currently ingested raw data with the newest manifest."""
+    parts = lake.list_partitions("datasets")
+    if not parts:
+        raise NotCommittedError("no dataset version in the lake; run `zalando ingest` (it also preprocesses)")
+    digest = lake.read_manifest(raw_key("train"))["extra"].get("source_digest")
+    manifests = [lake.read_manifest(p) for p in parts]
+    matching = [m for m in manifests if m["extra"]["stats"]["source_digest"] == digest] or manifests
+    newest = max(matching, key=lambda m: m["created_at"])
+    return DatasetVersion(**newest["extra"]["stats"])
+
+
+def load_dataset_arrays(lake: Lake, version: str | DatasetVersion) -> dict[str, Any]:
+    """x_train, y_train, x_val, y_val, x_test, y_test (uint8 images, int64 labels) and the ids."""
+    dv = version if isinstance(version, DatasetVersion) else read_dataset_version(lake, version)
+    split = lake.read_partition(dv.key)
+    train = load_raw(lake, "train", columns=["image_id", "image", "label"])
+    if train.num_rows != split.num_rows or train.column("image_id") != split.column("image_id"):
+        raise NotCommittedError(
+            f"dataset version {dv.dataset_version} does not match the raw training table; re-run preprocess"
+        )
+    is_val = split.column("subset").to_numpy(zero_copy_only=False) == "val"
+    x, y = images_from_table(train), labels_from_table(train)
+    ids = np.asarray(train.column("image_id").to_pylist(), dtype=object)
+    test = load_raw(lake, "test", columns=["image_id", "image", "label"])
+    return {
+        "dataset_version": dv.dataset_version,
+        "mean": dv.mean,
+        "std": dv.std,
+        "x_train": x[~is_val],
+        "y_train": y[~is_val],
+        "ids_train": ids[~is_val],
+        "x_val": x[is_val],
+        "y_val": y[is_val],
+        "ids_val": ids[is_val],
+        "x_test": images_from_table(test),
+        "y_test": labels_from_table(test),
+        "ids_test": np.asarray(test.column("image_id").to_pylist(), dtype=object),
+    }
