@@ -1,0 +1,72 @@
+"""Temperature scaling, ECE and the needs-review rule on synthetic logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zalando.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    needs_review_mask,
+    nll,
+)
+from zalando.errors import DataError
+
+
+def _calibrated_logits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose softmax IS the true label distribution (perfect calibration at T=1)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, size=(n, 10))
+    probs = apply_temperature(logits, 1.0)
+    u = rng.random(n)[:, None]
+    labels = (u > probs.cumsum(axis=1)).sum(axis=1).clip(0, 9)
+    return logits, labels
+
+
+def test_fit_temperature_recovers_overconfidence() -> None:
+    logits, labels = _calibrated_logits(4000, 0)
+    over = logits * 3.0  # an over-confident model: its logits are 3x too large
+    t = fit_temperature(over, labels)
+    assert 2.6 < t < 3.4
+    assert nll(over, labels, t) < nll(over, labels, 1.0) - 0.1
+    ece_before = expected_calibration_error(apply_temperature(over, 1.0), labels)
+    ece_after = expected_calibration_error(apply_temperature(over, t), labels)
+    assert ece_after < ece_before / 2
+    # scaling never changes the argmax
+    assert (apply_temperature(over, t).argmax(1) == over.argmax(1)).all()
+
+
+def test_fit_temperature_underconfidence_and_calibrated() -> None:
+    logits, labels = _calibrated_logits(4000, 1)
+    assert 0.25 < fit_temperature(logits * 0.4, labels) < 0.55  # under-confident: T < 1
+    assert 0.85 < fit_temperature(logits, labels) < 1.15  # already calibrated: T near 1
+
+
+def test_ece_known_values() -> None:
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = np.array([0, 1, 0, 0])
+    # bin 0.9: acc 0.5 vs conf 0.9 (gap .4, weight .5); bin 0.6: acc 1 vs conf .6 (gap .4, weight .5)
+    assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0.4)
+    assert expected_calibration_error(np.eye(3), np.arange(3)) == pytest.approx(0.0)
+
+
+def test_needs_review_mask() -> None:
+    p = np.array([[0.5, 0.5, 0, 0, 0], [0.95, 0.05, 0, 0, 0], [0.2] * 5])
+    assert needs_review_mask(p, 0.6).tolist() == [True, False, True]
+    assert needs_review_mask(p, 0.0).tolist() == [False, False, False]
+    assert needs_review_mask(np.zeros((0, 5)), 0.5).shape == (0,)
+    with pytest.raises(DataError, match="review threshold"):
+        needs_review_mask(p, 1.5)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(DataError, match="labels: class ids must be in 0..9"):
+        fit_temperature(np.zeros((3, 10)), np.array([0, 1, 10]))
+    with pytest.raises(DataError, match="logits: expected"):
+        fit_temperature(np.zeros(10), np.array([0]))
+    with pytest.raises(DataError, match="NaN"):
+        fit_temperature(np.full((2, 10), np.nan), np.array([0, 1]))
+    with pytest.raises(DataError, match="temperature: must be > 0"):
+        nll(np.zeros((2, 10)), np.array([0, 1]), 0.0)

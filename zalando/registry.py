@@ -1,0 +1,398 @@
+"""The model registry in the lake: registered versions, the champion pointer, the decision log.
+
+Lake keys (all under ``registry/``):
+
+* ``registry/models/<model_version>.json`` — one record per registered version (metrics, spec,
+  dataset and code version, bundle key). Re-registering a version replaces its record.
+* ``registry/champion.json`` — the pointer: model_version, experiment, bundle_key, since, reason,
+  actor, decision_id.
+* ``registry/decisions/<UTC timestamp>-<uuid>.json`` — the append-only log: one object per
+  decision (promote, reject, rollback), never rewritten. Concurrent writers each add their own object,
+  so none can clobber another's history; names sort in time order.
+
+Order of writes: the decision first, then the pointer. A crash in between leaves a logged decision
+whose pointer update is missing; re-running the promotion (same version) finishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+
+from zalando.errors import LakeError, ModelError
+from zalando.lake import Lake
+
+log = logging.getLogger(__name__)
+
+REGISTRY = "registry"
+MODELS_PREFIX = f"{REGISTRY}/models"
+DECISIONS_PREFIX = f"{REGISTRY}/decisions"
+CHAMPION_KEY = f"{REGISTRY}/champion.json"
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@,-]{0,127}$")
+_TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+MODEL_COLUMNS = [
+    "model_version", "experiment", "dataset_version", "code_version", "bundle_key", "registered_at", "is_champion",
+]  # fmt: skip
+DECISION_COLUMNS = [
+    "decision_id", "at", "action", "model_version", "experiment", "previous_champion", "champion_after",
+    "actor", "reason", "decision",
+]  # fmt: skip
+
+
+class RegistryError(ModelError):
+    """The registry cannot do what was asked (bad version name, nothing to roll back to, ...)."""
+
+
+class UnknownModelError(RegistryError):
+    """A model version that is not registered."""
+
+
+class NoChampionError(RegistryError):
+    """No champion has been promoted yet."""
+
+
+def _check_version(model_version: str) -> str:
+    if not isinstance(model_version, str) or not _VERSION.match(model_version):
+        raise RegistryError(
+            f"model version {model_version!r}: must be 1-128 characters of [A-Za-z0-9._:+@,-], "
+            "starting with a letter or digit"
+        )
+    return model_version
+
+
+def _model_key(model_version: str) -> str:
+    return f"{MODELS_PREFIX}/{_check_version(model_version)}.json"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def register_model(
+    lake: Lake,
+    *,
+    model_version: str,
+    experiment: str,
+    metrics: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    dataset_version: str,
+    code_version: str,
+    bundle_key: str,
+) -> dict[str, Any]:
+    """Record a trained model version (idempotent: the same version again replaces its record).
+
+    ``metrics`` is the dict that :func:`zalando.monitor.evaluate_gates` reads (per_group, macro_f1,
+    latency_ms_per_1000, size_mb, canary_accuracy, ...); ``bundle_key`` is where the bundle lives.
+    """
+    key = _model_key(model_version)
+    for name, value in (
+        ("experiment", experiment),
+        ("dataset_version", dataset_version),
+        ("bundle_key", bundle_key),
+    ):
+        if not isinstance(value, str) or not value:
+            raise RegistryError(f"register {model_version}: {name} must be a non-empty string, got {value!r}")
+    record = {
+        "model_version": model_version,
+        "experiment": experiment,
+        "dataset_version": dataset_version,
+        "code_version": str(code_version),
+        "bundle_key": bundle_key,
+        "registered_at": _now().isoformat(),
+        "metrics": dict(metrics),
+        "spec": dict(spec),
+    }
+    lake.write_json(key, record)
+    log.info("registered model %s (%s) -> %s", model_version, experiment, lake.uri(key))
+    return record
+
+
+def registered_versions(lake: Lake) -> list[str]:
+    """Every registered model version, sorted by name."""
+    n = len(MODELS_PREFIX) + 1
+    return sorted(k[n:-5] for k in lake.list_keys(MODELS_PREFIX) if k.endswith(".json") and "/" not in k[n:])
+
+
+def get_model(lake: Lake, model_version: str) -> dict[str, Any]:
+    """The registration record of one version; UnknownModelError lists the valid ones."""
+    key = _model_key(model_version)
+    if not lake.exists(key):
+        known = registered_versions(lake)
+        raise UnknownModelError(
+            f"model version {model_version!r} is not registered; registered versions: "
+            + (", ".join(known) if known else "none (train one with `zalando train`)")
+        )
+    return lake.read_json(key)
+
+
+def list_models(lake: Lake) -> pd.DataFrame:
+    """One row per registered version (oldest first) with its scalar metrics as ``metrics.*`` columns."""
+    champion = get_champion(lake)
+    current = champion["model_version"] if champion else None
+    rows = []
+    for v in registered_versions(lake):
+        rec = lake.read_json(_model_key(v))
+        row = {c: rec.get(c) for c in MODEL_COLUMNS if c != "is_champion"}
+        row["is_champion"] = v == current
+        for k, val in _flatten(rec.get("metrics", {}), "metrics").items():
+            row[k] = val
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=MODEL_COLUMNS)
+    df = pd.DataFrame(rows)
+    return df.sort_values(["registered_at", "model_version"], kind="stable").reset_index(drop=True)
+
+
+def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts to 'a.b.c' keys, keeping only scalars (lists and tables are left out)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+    elif obj is None or isinstance(obj, str | int | float | bool):
+        out[prefix] = obj
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- champion
+
+
+def get_champion(lake: Lake) -> dict[str, Any] | None:
+    """The champion pointer (model_version, experiment, bundle_key, since, reason, ...) or None."""
+    if not lake.exists(CHAMPION_KEY):
+        return None
+    return lake.read_json(CHAMPION_KEY)
+
+
+def require_champion(lake: Lake) -> dict[str, Any]:
+    """The champion pointer; NoChampionError saying how to get one when there is none."""
+    champion = get_champion(lake)
+    if champion is None:
+        known = registered_versions(lake)
+        hint = (
+            f"promote one of the registered versions ({', '.join(known)}) with `zalando promote VERSION`"
+            if known
+            else "train one with `zalando train` (the training flow promotes a champion that passes the gates)"
+        )
+        raise NoChampionError(f"no champion model in {lake.uri(REGISTRY)}: {hint}")
+    return champion
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+
+
+def _new_decision_id(lake: Lake) -> tuple[str, datetime]:
+    """A sortable id: UTC time (made strictly later than the latest logged decision) + uuid."""
+    now = _now()
+    keys = lake.list_keys(DECISIONS_PREFIX)
+    if keys:
+        last = keys[-1].rsplit("/", 1)[-1].split("-", 1)[0]
+        try:
+            last_t = datetime.strptime(last, _TS_FORMAT).replace(tzinfo=UTC)
+            if now <= last_t:
+                now = last_t + timedelta(microseconds=1)
+        except ValueError:
+            log.warning("decision log key %s does not start with a timestamp", keys[-1])
+    return f"{now.strftime(_TS_FORMAT)}-{uuid.uuid4().hex[:12]}", now
+
+
+def _jsonable_decision(decision: Any) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    if hasattr(decision, "model_dump"):  # a pydantic model such as monitor.GateDecision
+        return decision.model_dump(mode="json")
+    if isinstance(decision, Mapping):
+        return dict(decision)
+    raise RegistryError(f"decision: expected a dict or a GateDecision, got {type(decision).__name__}")
+
+
+def _record_decision(
+    lake: Lake,
+    *,
+    action: str,
+    model_version: str,
+    experiment: str | None,
+    previous_champion: str | None,
+    champion_after: str | None,
+    actor: str,
+    reason: str,
+    decision: Any,
+) -> dict[str, Any]:
+    if not actor or not isinstance(actor, str):
+        raise RegistryError(f"{action} {model_version}: actor must be a non-empty string (who decided)")
+    if not reason or not isinstance(reason, str):
+        raise RegistryError(f"{action} {model_version}: reason must be a non-empty string (why)")
+    decision_id, at = _new_decision_id(lake)
+    record = {
+        "decision_id": decision_id,
+        "at": at.isoformat(),
+        "action": action,
+        "model_version": model_version,
+        "experiment": experiment,
+        "previous_champion": previous_champion,
+        "champion_after": champion_after,
+        "actor": actor,
+        "reason": reason,
+        "decision": _jsonable_decision(decision),
+    }
+    lake.write_json(f"{DECISIONS_PREFIX}/{decision_id}.json", record)
+    return record
+
+
+def _set_champion(lake: Lake, record: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
+    pointer = {
+        "model_version": model["model_version"],
+        "experiment": model["experiment"],
+        "bundle_key": model["bundle_key"],
+        "dataset_version": model.get("dataset_version"),
+        "since": record["at"],
+        "reason": record["reason"],
+        "actor": record["actor"],
+        "decision_id": record["decision_id"],
+    }
+    lake.write_json(CHAMPION_KEY, pointer)
+    return pointer
+
+
+def promote(
+    lake: Lake, model_version: str, *, reason: str, actor: str, decision: Any = None
+) -> dict[str, Any]:
+    """Make ``model_version`` the champion and log why; returns the new pointer.
+
+    ``decision`` is the gate decision (a ``GateDecision`` or its dict) or None for a manual
+    promotion. Promoting the current champion again changes nothing and logs nothing.
+    """
+    model = get_model(lake, model_version)
+    current = get_champion(lake)
+    if current and current.get("model_version") == model_version:
+        log.info("model %s is already the champion; nothing to do", model_version)
+        return current
+    record = _record_decision(
+        lake,
+        action="promote",
+        model_version=model_version,
+        experiment=model["experiment"],
+        previous_champion=current["model_version"] if current else None,
+        champion_after=model_version,
+        actor=actor,
+        reason=reason,
+        decision=decision,
+    )
+    pointer = _set_champion(lake, record, model)
+    log.info("promoted %s (was %s) by %s: %s", model_version, record["previous_champion"], actor, reason)
+    return pointer
+
+
+def reject(
+    lake: Lake, model_version: str, *, reason: str, actor: str, decision: Any = None
+) -> dict[str, Any]:
+    """Log that a challenger was not promoted (the champion stays); returns the log record."""
+    model = get_model(lake, model_version)
+    current = get_champion(lake)
+    cur = current["model_version"] if current else None
+    record = _record_decision(
+        lake,
+        action="reject",
+        model_version=model_version,
+        experiment=model["experiment"],
+        previous_champion=cur,
+        champion_after=cur,
+        actor=actor,
+        reason=reason,
+        decision=decision,
+    )
+    log.info("rejected %s (champion stays %s): %s", model_version, cur, reason)
+    return record
+
+
+def apply_gate_decision(lake: Lake, model_version: str, decision: Any, *, actor: str) -> dict[str, Any]:
+    """Promote or reject ``model_version`` as a gate decision says; the decision goes in the log.
+
+    Returns ``{"promoted": bool, "champion": pointer | None, "record": log record | None}``.
+    """
+    d = _jsonable_decision(decision)
+    if d is None or "promote" not in d:
+        raise RegistryError(f"gate decision for {model_version}: needs a 'promote' field, got {d!r}")
+    if d["promote"]:
+        pointer = promote(lake, model_version, reason="passed every quality gate", actor=actor, decision=d)
+        return {"promoted": True, "champion": pointer, "record": None}
+    reasons = d.get("reasons") or ["failed a quality gate"]
+    record = reject(lake, model_version, reason="; ".join(reasons), actor=actor, decision=d)
+    return {"promoted": False, "champion": get_champion(lake), "record": record}
+
+
+def _decision_records(lake: Lake) -> list[dict[str, Any]]:
+    keys = [k for k in lake.list_keys(DECISIONS_PREFIX) if k.endswith(".json")]
+    out = []
+    for k in keys:
+        try:
+            out.append(lake.read_json(k))
+        except (LakeError, ValueError) as e:  # a torn or foreign object must not hide the rest
+            log.warning("skipping unreadable decision %s: %s", k, e)
+    return sorted(out, key=lambda r: r.get("decision_id", ""))
+
+
+def decision_log(lake: Lake) -> pd.DataFrame:
+    """Every promotion, rejection and rollback, oldest first (``decision`` holds the gate table as JSON)."""
+    rows = []
+    for r in _decision_records(lake):
+        row = {c: r.get(c) for c in DECISION_COLUMNS}
+        row["decision"] = None if r.get("decision") is None else json.dumps(r["decision"], sort_keys=True)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=DECISION_COLUMNS)
+
+
+def champion_history(lake: Lake) -> list[str]:
+    """The champions as a stack, replayed from the log: promote pushes, rollback pops."""
+    stack: list[str] = []
+    for r in _decision_records(lake):
+        if r.get("action") == "promote" and (not stack or stack[-1] != r["model_version"]):
+            stack.append(r["model_version"])
+        elif r.get("action") == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def rollback(lake: Lake, *, actor: str, reason: str) -> dict[str, Any]:
+    """Make the previous champion in the log the champion again; returns the new pointer.
+
+    Rolling back twice goes back two champions (the log is replayed as a stack).
+    """
+    current = require_champion(lake)
+    cur = current["model_version"]
+    stack = champion_history(lake)
+    if stack and stack[-1] == cur:
+        stack.pop()
+    target = next((v for v in reversed(stack) if v != cur), None)
+    if target is None:
+        raise RegistryError(
+            f"cannot roll back: {cur} is the first champion in the log; "
+            "promote another version with `zalando promote VERSION`"
+        )
+    model = get_model(lake, target)
+    record = _record_decision(
+        lake,
+        action="rollback",
+        model_version=target,
+        experiment=model["experiment"],
+        previous_champion=cur,
+        champion_after=target,
+        actor=actor,
+        reason=reason,
+        decision=None,
+    )
+    pointer = _set_champion(lake, record, model)
+    log.info("rolled back from %s to %s by %s: %s", cur, target, actor, reason)
+    return pointer
