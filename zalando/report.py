@@ -1,0 +1,640 @@
+"""The study's report for one run: Markdown tables and PNG figures, as bytes ready for the lake.
+
+:func:`build_run_report` returns ``{"report.md": ..., "confusion_<exp>.png": ..., "pr_<exp>.png": ...,
+"training_curves.png": ..., "worst_one_piece.png": ..., "gradcam_<...>.png": ...}`` for
+``lake.commit_files(f"reports/run_id={run_id}", files, run_id)``. :func:`display_tables` gives the
+same tables as DataFrames (for Prefect table artifacts: ``df.to_dict("records")``) and
+:func:`render_tables` prints them with rich for the CLI.
+
+Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas (:func:`new_figure`): no pyplot,
+no global backend switch, no GUI, safe in worker threads.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from zalando.errors import DataError
+from zalando.evaluate import summary_from_counts
+from zalando.labels import GROUP_NAMES, LABEL_NAMES, NUM_GROUPS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from rich.console import Console
+
+logger = logging.getLogger(__name__)
+
+STUDY_REFERENCE_NAME = "study best (reference)"
+STUDY_REFERENCE: dict[str, dict[str, float]] = {
+    "Upper part": {"recall": 0.96, "precision": 0.99, "npv": 0.97},
+    "Bottom part": {"recall": 0.99, "precision": 0.99, "npv": 1.00},
+    "One piece": {"recall": 0.96, "precision": 0.86, "npv": 1.00},
+    "Footwear": {"recall": 1.00, "precision": 1.00, "npv": 1.00},
+    "Bags": {"recall": 0.99, "precision": 0.99, "npv": 1.00},
+}
+"""Per-group recall / precision / NPV of the study's best model on the test split (two decimals)."""
+
+STUDY_SCORING = {"n_images": 10_000, "wall_s": 37.3, "device": "GPU"}
+"""The study scored its 10,000 test images in 37.3 s on a GPU."""
+
+ONE_PIECE = GROUP_NAMES.index("One piece")
+NA = "–"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib Figure drawn with the Agg canvas: no pyplot, no global backend, no GUI, thread-safe."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """PNG bytes of a figure (tight layout)."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def confusion_png(cm: np.ndarray, title: str, names: Sequence[str] = GROUP_NAMES) -> bytes:
+    """A confusion matrix: colour = share of the true row, text = count."""
+    cm = np.asarray(cm, dtype=np.int64)
+    if cm.shape != (len(names), len(names)):
+        raise DataError(f"confusion_png: matrix {cm.shape} does not fit {len(names)} class names")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
+    fig = new_figure((5.2, 4.4))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true group")
+    for (i, j), count in np.ndenumerate(cm):
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if share[i, j] > 0.5 else "black",
+        )
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    return figure_png(fig)
+
+
+def pr_png(curves: pd.DataFrame, title: str) -> bytes:
+    """Precision-recall curves, one line per group, with the (approximate) average precision."""
+    fig = new_figure((5.2, 4.4))
+    ax = fig.add_subplot()
+    for g, name in enumerate(GROUP_NAMES):
+        c = curves[curves["group"] == g].sort_values("threshold", ascending=False)
+        if c.empty or not np.isfinite(c["recall"]).all():
+            continue
+        recall, precision = c["recall"].to_numpy(float), c["precision"].to_numpy(float)
+        ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+        ax.plot(recall, precision, label=f"{name} (AP≈{ap:.3f})", linewidth=1.2)
+    ax.set_xlim(0.0, 1.01)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title, fontsize=10)
+    return figure_png(fig)
+
+
+def training_curves_png(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
+    """Loss curves (left) and the other per-epoch metrics in 0..1 (right), one colour per experiment."""
+    fig = new_figure((11.0, 4.2))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    skip = {"epoch", "lr", "learning_rate", "seconds", "time_s", "train_s", "epoch_s", "images_per_s"}
+    for color, (experiment, history) in zip(_colors(len(histories)), histories.items(), strict=False):
+        if not history:
+            continue
+        frame = pd.DataFrame(list(history))
+        x = frame["epoch"].to_numpy() if "epoch" in frame else np.arange(1, len(frame) + 1)
+        for column in frame.columns:
+            if column in skip or not pd.api.types.is_numeric_dtype(frame[column]):
+                continue
+            values = frame[column].to_numpy(dtype=float)
+            style = "--" if column.startswith(("train", "loss")) else "-"
+            if "loss" in column or "nll" in column:
+                ax_loss.plot(x, values, style, color=color, label=f"{experiment}: {column}", linewidth=1.1)
+            elif np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0:
+                ax_metric.plot(x, values, style, color=color, label=f"{experiment}: {column}", linewidth=1.1)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, label in ((ax_loss, "loss"), (ax_metric, "metric")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    ax_loss.set_title("Loss per epoch (dashed: training)", fontsize=10)
+    ax_metric.set_title("Accuracy and other metrics per epoch (dashed: training)", fontsize=10)
+    return figure_png(fig)
+
+
+def gallery_png(
+    items: Sequence[tuple[np.ndarray, int, np.ndarray]],
+    title: str,
+    focus_group: int = ONE_PIECE,
+    ncols: int = 8,
+) -> bytes:
+    """Images with their true label, predicted group and probabilities: (image 28x28 uint8, label, probs (5,))."""
+    if not items:
+        raise DataError("gallery_png: no images to draw")
+    n = len(items)
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    fig = new_figure((1.6 * cols, 2.0 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (image, label, probs) in zip(axes, items, strict=False):
+        probs = np.asarray(probs, dtype=float)
+        image = np.asarray(image)
+        if image.shape != (28, 28) or probs.shape != (NUM_GROUPS,):
+            raise DataError(
+                f"gallery_png: expected a 28x28 image and {NUM_GROUPS} probabilities, got {image.shape} and {probs.shape}"
+            )
+        pred = int(probs.argmax())
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(
+            f"{LABEL_NAMES[int(label)]}\n→ {GROUP_NAMES[pred]} {probs[pred]:.2f}\n"
+            f"P({GROUP_NAMES[focus_group]}) {probs[focus_group]:.2f}",
+            fontsize=6.5,
+        )
+    fig.suptitle(title, fontsize=10)
+    return figure_png(fig)
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(max(n, 1))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------
+
+
+def markdown_table(
+    df: pd.DataFrame, formats: Mapping[str, str] | None = None, float_format: str = ".3f"
+) -> str:
+    """A GitHub-flavoured Markdown table (no tabulate needed). Missing values print as '–'.
+
+    ``formats`` maps a column to a format spec (e.g. ``{"energy_kwh": ".3g"}``); other float columns use
+    ``float_format``. Numeric columns are right-aligned; ``|`` in cells is escaped.
+    """
+    formats = dict(formats or {})
+    headers = [str(c) for c in df.columns]
+    numeric = [
+        pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns
+    ]
+    rows = []
+    for values in df.itertuples(index=False, name=None):
+        cells = []
+        for column, value in zip(df.columns, values, strict=True):
+            cells.append(_cell(value, formats.get(str(column), float_format)))
+        rows.append(cells)
+    out = ["| " + " | ".join(_escape(h) for h in headers) + " |"]
+    out.append("| " + " | ".join("---:" if n else "---" for n in numeric) + " |")
+    out.extend("| " + " | ".join(_escape(c) for c in r) + " |" for r in rows)
+    return "\n".join(out) + "\n"
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)) or value is pd.NA:
+        return NA
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}" if spec in (",", ",d") else str(int(value))
+    if isinstance(value, float | np.floating):
+        return format(float(value), spec)
+    if isinstance(value, pd.Timestamp | datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    return str(value)
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _test_split(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the test split when a split column is present (else all rows)."""
+    if "split" in frame.columns and (frame["split"] == "test").any():
+        return frame[frame["split"] == "test"]
+    return frame
+
+
+def _experiments(*frames: pd.DataFrame | None) -> list[str]:
+    seen: dict[str, None] = {}
+    for frame in frames:
+        if frame is not None and "experiment" in frame.columns:
+            for e in frame["experiment"].astype(str):
+                seen.setdefault(e, None)
+    return list(seen)
+
+
+def per_group_display(per_group: pd.DataFrame) -> pd.DataFrame:
+    """Group x experiment with recall / precision / NPV / F1, the study's best model first in each group."""
+    _require(per_group, "per_group", ["experiment", "group", "recall", "precision", "npv"])
+    pg = _test_split(per_group).copy()
+    pg["experiment"] = pg["experiment"].astype(str)
+    rows = []
+    for g, name in enumerate(GROUP_NAMES):
+        ref = STUDY_REFERENCE[name]
+        rows.append(
+            {
+                "Group": name,
+                "Model": STUDY_REFERENCE_NAME,
+                "Recall": ref["recall"],
+                "Precision": ref["precision"],
+                "NPV": ref["npv"],
+                "F1": np.nan,
+                "Support": pd.NA,
+            }
+        )
+        for _, r in pg[pg["group"].astype(int) == g].iterrows():
+            rows.append(
+                {
+                    "Group": name,
+                    "Model": r["experiment"],
+                    "Recall": r["recall"],
+                    "Precision": r["precision"],
+                    "NPV": r["npv"],
+                    "F1": r.get("f1", np.nan),
+                    "Support": r.get("support", pd.NA),
+                }
+            )
+    return _typed(pd.DataFrame(rows), ints=["Support"], floats=["Recall", "Precision", "NPV", "F1"])
+
+
+def summary_display(per_group: pd.DataFrame, summary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per experiment: accuracy and macro / weighted F1 (from the summary table, or the counts)."""
+    rows = []
+    if summary is not None and not summary.empty:
+        for _, r in _test_split(summary).iterrows():
+            rows.append(
+                {
+                    "Experiment": str(r["experiment"]),
+                    "Model version": r.get("model_version", NA),
+                    "Accuracy": r["accuracy"],
+                    "Macro recall": r["macro_recall"],
+                    "Macro precision": r["macro_precision"],
+                    "Macro F1": r["macro_f1"],
+                    "Weighted F1": r["weighted_f1"],
+                    "Images": r["n"],
+                }
+            )
+        return _typed(pd.DataFrame(rows), ints=["Images"])
+    _require(per_group, "per_group", ["experiment", "tp", "fp", "fn"])
+    pg = _test_split(per_group)
+    for experiment in _experiments(pg):
+        e = pg[pg["experiment"].astype(str) == experiment].sort_values("group")
+        s = summary_from_counts(e["tp"], e["fp"], e["fn"])
+        version = str(e["model_version"].iloc[0]) if "model_version" in e else NA
+        rows.append(
+            {
+                "Experiment": experiment,
+                "Model version": version,
+                "Accuracy": s["accuracy"],
+                "Macro recall": s["macro_recall"],
+                "Macro precision": s["macro_precision"],
+                "Macro F1": s["macro_f1"],
+                "Weighted F1": s["weighted_f1"],
+                "Images": s["n"],
+            }
+        )
+    return _typed(pd.DataFrame(rows), ints=["Images"])
+
+
+def performance_display(performance: pd.DataFrame | None) -> pd.DataFrame:
+    """Parameters, sizes and timed scoring per experiment and runtime, with the study's GPU time first."""
+    ref = {
+        "Experiment": STUDY_REFERENCE_NAME,
+        "Runtime": STUDY_SCORING["device"],
+        "Params (M)": np.nan,
+        "Torch MB": np.nan,
+        "ONNX MB": np.nan,
+        "Batch": pd.NA,
+        "Images": STUDY_SCORING["n_images"],
+        "Wall s": STUDY_SCORING["wall_s"],
+        "Images/s": STUDY_SCORING["n_images"] / STUDY_SCORING["wall_s"],
+        "p50 ms": np.nan,
+        "p95 ms": np.nan,
+    }
+    rows = [ref]
+    if performance is not None:
+        for _, r in performance.iterrows():
+            params = r.get("params")
+            rows.append(
+                {
+                    "Experiment": str(r["experiment"]),
+                    "Runtime": r.get("runtime", NA),
+                    "Params (M)": np.nan if pd.isna(params) else float(params) / 1e6,
+                    "Torch MB": r.get("size_mb_torch", np.nan),
+                    "ONNX MB": r.get("size_mb_onnx", np.nan),
+                    "Batch": r.get("batch_size", pd.NA),
+                    "Images": r.get("n_images", pd.NA),
+                    "Wall s": r.get("wall_s", np.nan),
+                    "Images/s": r.get("images_per_s", np.nan),
+                    "p50 ms": r.get("p50_ms", np.nan),
+                    "p95 ms": r.get("p95_ms", np.nan),
+                }
+            )
+    return _typed(
+        pd.DataFrame(rows),
+        ints=["Batch", "Images"],
+        floats=["Params (M)", "Torch MB", "ONNX MB", "Wall s", "Images/s", "p50 ms", "p95 ms"],
+    )
+
+
+def energy_display(energy: pd.DataFrame | None) -> pd.DataFrame:
+    """Power, energy and emissions per experiment and phase, with how the power was obtained."""
+    columns = [
+        "Experiment",
+        "Phase",
+        "Duration s",
+        "CPU W",
+        "GPU W",
+        "RAM W",
+        "Energy kWh",
+        "CO2e kg",
+        "kWh / 1000 images",
+        "Power method",
+    ]
+    if energy is None or energy.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for _, r in energy.iterrows():
+        rows.append(
+            dict(
+                zip(
+                    columns,
+                    [
+                        str(r["experiment"]),
+                        r.get("label", NA),
+                        r.get("duration_s"),
+                        r.get("cpu_power_w"),
+                        r.get("gpu_power_w"),
+                        r.get("ram_power_w"),
+                        r.get("energy_kwh"),
+                        r.get("emissions_kg"),
+                        r.get("kwh_per_1000_images"),
+                        r.get("power_method", NA),
+                    ],
+                    strict=True,
+                )
+            )
+        )
+    return _typed(pd.DataFrame(rows, columns=columns), floats=columns[2:-1])
+
+
+def _typed(frame: pd.DataFrame, ints: Sequence[str] = (), floats: Sequence[str] = ()) -> pd.DataFrame:
+    """Nullable Int64 / float64 display columns, so missing cells print as '–' and numbers align right."""
+    for column in ints:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").round().astype("Int64")
+    for column in floats:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
+
+
+DISPLAY_FORMATS: dict[str, str] = {
+    "Params (M)": ".2f",
+    "Torch MB": ".2f",
+    "ONNX MB": ".2f",
+    "Wall s": ".2f",
+    "Images/s": ",.0f",
+    "p50 ms": ".1f",
+    "p95 ms": ".1f",
+    "Duration s": ".1f",
+    "CPU W": ".1f",
+    "GPU W": ".1f",
+    "RAM W": ".1f",
+    "Energy kWh": ".3g",
+    "CO2e kg": ".3g",
+    "kWh / 1000 images": ".3g",
+}
+
+
+def display_tables(
+    per_group: pd.DataFrame,
+    performance: pd.DataFrame | None = None,
+    energy: pd.DataFrame | None = None,
+    summary: pd.DataFrame | None = None,
+) -> dict[str, pd.DataFrame]:
+    """The report's tables as DataFrames: per_group, summary, performance, energy (for artifacts and the CLI)."""
+    return {
+        "per_group": per_group_display(per_group),
+        "summary": summary_display(per_group, summary),
+        "performance": performance_display(performance),
+        "energy": energy_display(energy),
+    }
+
+
+def render_tables(console: Console, tables: Mapping[str, pd.DataFrame], title_prefix: str = "") -> None:
+    """Print display tables (from :func:`display_tables`) as rich tables on ``console``."""
+    from rich.table import Table
+
+    for name, frame in tables.items():
+        table = Table(title=f"{title_prefix}{name.replace('_', ' ')}", show_lines=False)
+        for column in frame.columns:
+            numeric = pd.api.types.is_numeric_dtype(frame[column])
+            table.add_column(str(column), justify="right" if numeric else "left")
+        for values in frame.itertuples(index=False, name=None):
+            table.add_row(
+                *(
+                    _cell(v, DISPLAY_FORMATS.get(str(c), ".3f"))
+                    for c, v in zip(frame.columns, values, strict=True)
+                )
+            )
+        console.print(table)
+
+
+def _require(frame: pd.DataFrame, name: str, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{name} table: missing column(s) {missing}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of an experiment name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "unnamed"
+
+
+def build_run_report(
+    run_id: str,
+    per_group: pd.DataFrame,
+    performance: pd.DataFrame | None = None,
+    energy: pd.DataFrame | None = None,
+    confusion: pd.DataFrame | None = None,
+    pr_curves: pd.DataFrame | Mapping[str, pd.DataFrame] | None = None,
+    histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    worst_one_piece: Sequence[tuple[np.ndarray, int, np.ndarray]] | None = None,
+    gradcam_pngs: Mapping[str, bytes] | None = None,
+    summary: pd.DataFrame | None = None,
+    label_group: Mapping[str, np.ndarray] | None = None,
+    champion: str | None = None,
+    created_at: datetime | None = None,
+) -> dict[str, bytes]:
+    """Markdown report plus PNGs of one run, as {file name: bytes}; see the module docstring.
+
+    Inputs are the lake's metric tables over all experiments of the run (``experiment`` column), PR curves
+    from ``zalando.evaluate.pr_curves`` (a dict per experiment, or one frame with an ``experiment``
+    column), histories per experiment (list of per-epoch dicts), the worst One piece mistakes as
+    (image uint8 28x28, true label id, group probs (5,)), and Grad-CAM PNGs by name.
+    """
+    if per_group is None or per_group.empty:
+        raise DataError("per_group table: is empty, there is nothing to report")
+    files: dict[str, bytes] = {}
+    experiments = _experiments(per_group, performance, energy, confusion)
+    tables = display_tables(per_group, performance, energy, summary)
+    when = (created_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
+
+    md: list[str] = [
+        f"# Run report `{run_id}`\n",
+        f"Generated {when}. Experiments: " + ", ".join(f"`{e}`" for e in experiments) + ".\n",
+    ]
+    if champion:
+        md.append(f"Champion after this run: **`{champion}`**.\n")
+
+    md.append("## Classical metrics per group (test split)\n")
+    md.append(
+        "Recall = TP/(TP+FN), precision = TP/(TP+FP), NPV = TN/(TN+FN), one group against the rest. "
+        f"'{NA}' means undefined (a group never predicted or never present). The first row of each "
+        "group is the study's best model.\n"
+    )
+    md.append(markdown_table(tables["per_group"], DISPLAY_FORMATS))
+    md.append("\n### Summary\n")
+    md.append(markdown_table(tables["summary"], DISPLAY_FORMATS))
+
+    if label_group:
+        md.append("\n### Original labels by predicted group\n")
+        for experiment, matrix in label_group.items():
+            frame = pd.DataFrame(np.asarray(matrix), columns=list(GROUP_NAMES))
+            frame.insert(0, "Label", list(LABEL_NAMES))
+            md.append(f"\n`{experiment}`\n\n" + markdown_table(frame))
+
+    md.append("\n## Performance\n")
+    md.append(
+        "Scoring of the test split after warm-up batches; wall time, throughput and per-batch latency. "
+        "Sizes in MiB. Our machines are shared 2-core CPUs: speed numbers are disturbed by other work. "
+        f"The reference row is the study's {STUDY_SCORING['n_images']:,} images in "
+        f"{STUDY_SCORING['wall_s']} s on a {STUDY_SCORING['device']}.\n"
+    )
+    md.append(markdown_table(tables["performance"], DISPLAY_FORMATS))
+
+    md.append("\n## Energy\n")
+    if tables["energy"].empty:
+        md.append("_No energy was measured in this run._\n")
+    else:
+        md.append(markdown_table(tables["energy"], DISPLAY_FORMATS))
+        methods = sorted(set(tables["energy"]["Power method"].astype(str)))
+        md.append(
+            "\nPower method: " + "; ".join(f"`{m}`" for m in methods) + ". Machines without power counters "
+            "(no RAPL, as on our VMs) only get estimates from codecarbon: CPU power = TDP x load, RAM power "
+            "a constant from the installed memory; GPU power is read from NVML when a GPU is present.\n"
+        )
+
+    md.append("\n## Figures\n")
+    if confusion is not None and not confusion.empty:
+        md.append("\n### Confusion matrices (test split)\n")
+        conf = _test_split(confusion)
+        for experiment in _experiments(conf):
+            cm = _confusion_matrix_of(conf[conf["experiment"].astype(str) == experiment])
+            name = f"confusion_{safe_name(experiment)}.png"
+            files[name] = confusion_png(cm, f"{experiment}: confusion (test)")
+            md.append(f"![Confusion matrix of {experiment}]({name})\n")
+    for experiment, curves in _pr_by_experiment(pr_curves).items():
+        if not any(k.startswith("pr_") for k in files):
+            md.append("\n### Precision-recall curves (test split)\n")
+        name = f"pr_{safe_name(experiment)}.png"
+        files[name] = pr_png(curves, f"{experiment}: precision-recall (test)")
+        md.append(f"![Precision-recall curves of {experiment}]({name})\n")
+    if histories and any(histories.values()):
+        files["training_curves.png"] = training_curves_png(histories)
+        md.append("\n### Training curves\n\n![Training curves](training_curves.png)\n")
+    md.append("\n### Worst One piece mistakes\n")
+    if worst_one_piece:
+        files["worst_one_piece.png"] = gallery_png(
+            list(worst_one_piece), "Most confident mistakes involving One piece (missed or wrongly predicted)"
+        )
+        md.append(
+            "The study's first future line: the One piece group's errors, with their probabilities.\n\n"
+            "![Worst One piece mistakes](worst_one_piece.png)\n"
+        )
+    else:
+        md.append("_No One piece mistakes to show._\n")
+    md.append("\n### Grad-CAM: where the model looked\n")
+    if gradcam_pngs:
+        for raw_name, data in gradcam_pngs.items():
+            name = safe_name(raw_name.removesuffix(".png"))
+            name = name if name.startswith("gradcam_") else f"gradcam_{name}"
+            files[f"{name}.png"] = data
+            md.append(f"![{name}]({name}.png)\n")
+    else:
+        md.append("_No Grad-CAM maps in this run._\n")
+
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(md)).rstrip() + "\n"
+    files["report.md"] = text.encode("utf-8")
+    return files
+
+
+def _confusion_matrix_of(rows: pd.DataFrame) -> np.ndarray:
+    _require(rows, "confusion", ["true_group", "pred_group", "count"])
+    cm = np.zeros((NUM_GROUPS, NUM_GROUPS), dtype=np.int64)
+    np.add.at(
+        cm, (rows["true_group"].to_numpy(int), rows["pred_group"].to_numpy(int)), rows["count"].to_numpy(int)
+    )
+    return cm
+
+
+def _pr_by_experiment(pr_curves: pd.DataFrame | Mapping[str, pd.DataFrame] | None) -> dict[str, pd.DataFrame]:
+    if pr_curves is None:
+        return {}
+    if isinstance(pr_curves, pd.DataFrame):
+        if pr_curves.empty:
+            return {}
+        _require(pr_curves, "pr_curves", ["experiment", "group", "threshold", "precision", "recall"])
+        return {e: pr_curves[pr_curves["experiment"].astype(str) == e] for e in _experiments(pr_curves)}
+    return {str(e): c for e, c in pr_curves.items() if c is not None and not c.empty}
+
+
+def worst_one_piece_items(
+    images: np.ndarray, y_true_label: np.ndarray, group_probs: np.ndarray, indices: np.ndarray
+) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """The ``worst_one_piece`` argument of :func:`build_run_report` from arrays and chosen indices
+    (e.g. ``zalando.evaluate.worst_mistakes(group_of(y), probs, group=2)``)."""
+    return [
+        (images[i], int(y_true_label[i]), np.asarray(group_probs[i])) for i in np.asarray(indices, dtype=int)
+    ]
