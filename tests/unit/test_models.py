@@ -1,0 +1,179 @@
+"""Architecture registry, experiment specs/profiles/files and weights handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zalando.errors import ConfigError, ModelError
+from zalando.models import ARCHITECTURES, build_model, count_macs, load_catalog, resolve_spec
+from zalando.models.experiments import NUMERIC_FIELDS, ExperimentSpec, get_experiment
+from zalando.models.weights import imagenet_weights_file, init_weights
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("size", [28, 40])
+def test_every_architecture_gives_logits_and_embedding(arch: str, size: int) -> None:
+    torch.manual_seed(0)
+    net = build_model(arch, num_classes=10, input_size=size).eval()
+    with torch.no_grad():
+        logits, emb = net.forward_both(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 10)
+    assert emb.ndim == 2 and emb.shape[0] == 3 and emb.shape[1] >= 16
+    assert torch.isfinite(logits).all()
+
+
+def test_input_size_out_of_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="input_size"):
+        build_model("fashion_cnn", 10, 300)
+
+
+def test_unknown_architecture_lists_choices() -> None:
+    with pytest.raises(ConfigError, match="mobilenet_v2.*resnet18"):
+        build_model("vgg99", 10, 28)
+
+
+def test_count_macs_of_a_known_net() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 28 * 28, 10)
+    )
+    assert count_macs(net) == 28 * 28 * 4 * 9 + 4 * 28 * 28 * 10
+
+
+def test_builtin_catalogue_has_the_study_and_ours() -> None:
+    cat = load_catalog()
+    for name in (
+        "mobilenet_v2_frozen",
+        "mobilenet_v2_frozen_aug",
+        "mobilenet_v2_full",
+        "squeezenet1_1_full",
+        "resnet18_full",
+    ):
+        spec = cat.experiment(name)
+        assert spec.weights == "imagenet" and spec.input_size == 224 and spec.batch_size == 16
+        assert spec.optimizer == "adam" and spec.lr == 5e-5 and spec.weight_decay == 0.01
+        assert (spec.scheduler, spec.plateau_patience, spec.plateau_factor) == ("plateau", 3, 0.3)
+        assert (spec.early_stopping_patience, spec.min_delta, spec.epochs) == (3, 1e-4, 15)
+        assert spec.class_weighting == "balanced"
+    assert cat.experiment("mobilenet_v2_frozen").freeze == "backbone"
+    assert cat.experiment("mobilenet_v2_frozen_aug").augmentation.active
+    assert any(s.architecture == "fashion_cnn" for s in cat.experiments.values())
+    assert set(cat.profiles) == {"paper", "cpu", "quick"}
+
+
+def test_unknown_experiment_lists_valid_choices() -> None:
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'.*mobilenet_v2_full"):
+        get_experiment("nope")
+    with pytest.raises(ConfigError, match="unknown profile.*paper, cpu, quick"):
+        load_catalog().profile("gpu")
+
+
+def test_profiles_change_only_numbers() -> None:
+    cat = load_catalog()
+    for name, spec in cat.experiments.items():
+        resolved = [resolve_spec(spec, p).model_dump() for p in cat.profiles.values()]
+        for r in resolved:
+            for k, v in r.items():
+                if k not in NUMERIC_FIELDS and k != "profile":
+                    assert v == spec.model_dump()[k], (name, k)
+    quick = cat.resolved("mobilenet_v2_full", "quick")
+    assert quick.input_size <= 32 and quick.epochs == 1
+    assert cat.resolved("mobilenet_v2_full", "paper").input_size == 224
+
+
+def test_experiments_file_adds_specs_and_profiles(tmp_path: Path) -> None:
+    f = tmp_path / "extra.yaml"
+    f.write_text(
+        "experiments:\n"
+        "  - name: my_cnn\n    extends: fashion_cnn\n    lr: 0.001\n    augmentation: strong\n"
+        "  - name: my_sq\n    architecture: squeezenet1_1\n    input_size: 64\n"
+        "profiles:\n  cpu:\n    add_experiments: [my_cnn]\n    max_epochs: 3\n"
+    )
+    cat = load_catalog(f)
+    assert cat.experiment("my_cnn").lr == 0.001 and cat.experiment("my_cnn").architecture == "fashion_cnn"
+    assert cat.experiment("my_cnn").augmentation.erase > 0
+    assert "my_cnn" in cat.profile("cpu").experiments
+    assert cat.resolved("my_cnn", "cpu").epochs == 3
+    j = tmp_path / "extra.json"
+    j.write_text(json.dumps([{"name": "j1", "architecture": "resnet18"}]))
+    assert load_catalog(j).experiment("j1").architecture == "resnet18"
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (
+            "experiments:\n  - name: x\n    architecture: vgg\n",
+            "architecture.*valid choices: fashion_cnn, mobilenet_v2",
+        ),
+        (
+            "experiments:\n  - name: x\n    architecture: resnet18\n    augmentation: wild\n",
+            "valid choices: none, flip",
+        ),
+        ("experiments:\n  - name: x\n    architecture: resnet18\n    optimizer: lbfgs\n", "optimizer"),
+        ("experiments:\n  - name: x\n    architecture: resnet18\n    weights: http://x\n", "weights must be"),
+        ("experiments:\n  - name: x\n    architecture: resnet18\n    lr: -1\n", "lr"),
+        ("experiments:\n  - name: x\n    architecture: resnet18\n    colour: red\n", "colour"),
+        ("profiles:\n  cpu:\n    add_experiments: [ghost]\n", "unknown experiment 'ghost'"),
+        ("profiles:\n  cpu:\n    overrides: {fashion_cnn: {optimizer: 1}}\n", "non-numeric"),
+        ("experiments: [\n", "cannot be parsed"),
+    ],
+)
+def test_bad_experiments_file_is_a_config_error(tmp_path: Path, body: str, match: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        load_catalog(f)
+
+
+def test_missing_experiments_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_catalog(tmp_path / "missing.yaml")
+
+
+def _imagenet_spec(fallback: str | None) -> ExperimentSpec:
+    return ExperimentSpec(
+        name="sq",
+        architecture="squeezenet1_1",
+        weights="imagenet",
+        weights_fallback=fallback,
+        input_size=32,
+        profile="paper",
+    )
+
+
+def test_imagenet_offline_fails_fast_naming_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _, fname = imagenet_weights_file("squeezenet1_1")
+    net = build_model("squeezenet1_1", 10, 32)
+    with pytest.raises(ModelError) as err:
+        init_weights(net, _imagenet_spec(None), allow_download=False)
+    assert fname in str(err.value) and str(tmp_path / "hub" / "checkpoints") in str(err.value)
+    info = init_weights(net, _imagenet_spec("none"), allow_download=False)
+    assert info.used == "none" and "fallback" in info.note and fname in info.note
+
+
+def test_imagenet_weights_load_from_torch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.models import squeezenet1_1
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _, fname = imagenet_weights_file("squeezenet1_1")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(3)
+    tv = squeezenet1_1(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "hub" / "checkpoints" / fname)
+    net = build_model("squeezenet1_1", 10, 32)
+    info = init_weights(net, _imagenet_spec(None), allow_download=False)
+    assert info.used == "imagenet"
+    assert torch.equal(net.body[0].weight, tv.features[0].weight)
+
+
+def test_profile_without_pretrained_records_none() -> None:
+    spec = load_catalog().resolved("mobilenet_v2_full", "cpu")
+    info = init_weights(build_model("mobilenet_v2", 10, 32), spec, pretrained_allowed=False)
+    assert info.requested == "imagenet" and info.used == "none" and "cpu" in info.note

@@ -1,0 +1,266 @@
+"""The training engine on tiny data: every experiment, early stopping, schedulers, weights, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zalando.data.idx import read_idx_images, read_idx_labels
+from zalando.errors import ConfigError, DataError
+from zalando.lake import Lake
+from zalando.models import (
+    build_bundle,
+    load_bundle,
+    load_catalog,
+    load_onnx_bytes,
+    make_predictor,
+    save_bundle,
+)
+from zalando.models.experiments import AUGMENT_PRESETS, ExperimentSpec, ProfileParams
+from zalando.train import (
+    EarlyStopping,
+    TrainingLoss,
+    augment_batch,
+    balanced_class_weights,
+    make_scheduler,
+    stratified_subset,
+    train_experiment,
+)
+
+MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fashion-mnist-mini"
+MEAN, STD = 0.286, 0.353
+
+
+@pytest.fixture(scope="module")
+def mini() -> dict[str, np.ndarray]:
+    x = read_idx_images(str(MINI / "train-images-idx3-ubyte.gz"))
+    y = read_idx_labels(str(MINI / "train-labels-idx1-ubyte.gz"))
+    return {"x_train": x[:1500], "y_train": y[:1500], "x_val": x[1500:], "y_val": y[1500:]}
+
+
+@pytest.fixture(scope="module")
+def tiny(mini: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "x_train": mini["x_train"][:200],
+        "y_train": mini["y_train"][:200],
+        "x_val": mini["x_val"][:100],
+        "y_val": mini["y_val"][:100],
+    }
+
+
+TINY_PROFILE = ProfileParams(
+    name="tiny", experiments=("t",), max_train_images=200, max_val_images=100, pretrained=False
+)
+
+
+def tiny_spec(**kw: object) -> ExperimentSpec:
+    base = dict(
+        name="t", architecture="fashion_cnn", arch_params={"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8},
+        input_size=28, batch_size=50, epochs=2, lr=1e-3, scheduler="none", early_stopping_patience=5,
+    )  # fmt: skip
+    base.update(kw)
+    return ExperimentSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def quick_lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
+    return Lake.local(tmp_path_factory.mktemp("lake"))
+
+
+@pytest.mark.parametrize("name", load_catalog().profile("quick").experiments)
+def test_every_experiment_trains_a_quick_epoch_into_a_loadable_bundle(
+    name: str, mini: dict[str, np.ndarray], quick_lake: Lake
+) -> None:
+    torch.set_num_threads(1)
+    cat = load_catalog()
+    res = train_experiment(cat.experiment(name), cat.profile("quick"), mini, MEAN, STD, seed=0, threads=1)
+    assert res.epochs_run == 1 and len(res.history) == 1 and res.n_train <= 256
+    h = res.history[0]
+    assert {"train_loss", "val_loss", "val_acc", "val_group_acc", "lr", "images_per_s"} <= set(h)
+    bundle = build_bundle(res, mean=MEAN, std=STD, dataset_version="dv-test")
+    key = save_bundle(quick_lake, bundle)
+    assert key == f"models/{name}/{bundle.model_version}" and quick_lake.is_committed(key)
+    loaded = load_bundle(quick_lake, name, bundle.model_version)
+    assert loaded.spec == res.spec and loaded.mean == MEAN and loaded.dataset_version == "dv-test"
+    assert loaded.history == bundle.history and loaded.card["weights"]["used"] == "none"
+    images = mini["x_val"][:40]
+    p_onnx, e_onnx = make_predictor(loaded, load_onnx_bytes(quick_lake, name, bundle.model_version)).predict(
+        images
+    )
+    p_torch, e_torch = make_predictor(loaded, runtime="torch").predict(images)
+    assert p_onnx.shape == (40, 5) and e_onnx.shape[0] == 40
+    np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
+    np.testing.assert_allclose(p_onnx.sum(1), 1.0, atol=1e-5)
+    scale = max(1.0, float(np.abs(e_torch).max()))
+    assert np.abs(e_onnx - e_torch).max() / scale < 1e-4
+
+
+def test_loading_a_missing_bundle_is_a_model_error(tmp_path: Path) -> None:
+    from zalando.errors import ModelError
+
+    with pytest.raises(ModelError, match="no committed model bundle"):
+        load_bundle(Lake.local(tmp_path), "fashion_cnn", "v0")
+
+
+def test_early_stopping_counts_epochs_without_min_delta_improvement() -> None:
+    es = EarlyStopping(patience=2, min_delta=0.1)
+    assert [es.step(v) for v in (1.0, 0.95, 0.5, 0.45, 0.44)] == [False, False, False, False, True]
+
+
+def test_training_stops_early(tiny: dict[str, np.ndarray]) -> None:
+    spec = tiny_spec(epochs=6, early_stopping_patience=1, min_delta=100.0)
+    res = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    assert res.stopped_early and res.epochs_run == 2 and res.best_epoch in (1, 2)
+
+
+def test_best_checkpoint_is_the_lowest_val_loss(tiny: dict[str, np.ndarray]) -> None:
+    res = train_experiment(tiny_spec(epochs=3, lr=3e-2), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    losses = [h["val_loss"] for h in res.history]
+    assert res.best_epoch == int(np.argmin(losses)) + 1
+    assert math.isclose(res.best_val_loss, min(losses))
+    assert math.isclose(res.val_metrics["val_loss"], min(losses), rel_tol=1e-4)
+
+
+def test_plateau_scheduler_cuts_the_learning_rate() -> None:
+    spec = tiny_spec(scheduler="plateau", plateau_patience=1, plateau_factor=0.3, lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sch, when = make_scheduler(spec, opt, steps_per_epoch=10)
+    assert when == "epoch"
+    for v in (1.0, 1.0, 1.0):
+        sch.step(v)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle"])
+def test_step_schedulers_end_low(name: str) -> None:
+    spec = tiny_spec(scheduler=name, epochs=2, lr=0.1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sch, when = make_scheduler(spec, opt, steps_per_epoch=5)
+    assert when == "step"
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sch.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) <= 0.1 + 1e-9 and lrs[-1] < 0.01
+
+
+def test_balanced_class_weights_and_weighted_loss() -> None:
+    w = balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
+    logits = torch.randn(4, 3)
+    y = torch.tensor([0, 0, 0, 1])
+    loss = TrainingLoss("labels", w, None, 0.0, 0.0)(logits, y)
+    per = F.cross_entropy(logits, y, reduction="none")
+    expected = (per * w[y]).sum() / w[y].sum()
+    assert torch.allclose(loss, expected)
+    # balanced weighting: the rare class counts as much as the frequent one
+    assert torch.allclose(w[y][:3].sum(), w[y][3:].sum())
+
+
+def test_group_loss_term_adds_to_label_loss() -> None:
+    logits, y = torch.randn(6, 10), torch.tensor([0, 3, 5, 8, 2, 6])
+    plain = TrainingLoss("labels", None, None, 0.0, 0.0)(logits, y)
+    both = TrainingLoss("labels", None, None, 0.0, 1.0)(logits, y)
+    assert both > plain
+
+
+def test_augment_batch_is_seeded_and_keeps_range() -> None:
+    x = torch.rand(8, 1, 28, 28)
+    pol = AUGMENT_PRESETS["strong"]
+    a = augment_batch(x, pol, torch.Generator().manual_seed(1))
+    b = augment_batch(x, pol, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    assert a.min() >= 0 and a.max() <= 1 + 1e-6
+
+
+def test_stratified_subset_keeps_the_class_mix() -> None:
+    y = np.repeat(np.arange(10), 100)
+    idx = stratified_subset(y, 200, seed=0)
+    assert len(idx) == 200 and len(set(idx)) == 200
+    assert np.all(np.bincount(y[idx], minlength=10) == 20)
+
+
+def test_training_is_repeatable_with_a_seed(tiny: dict[str, np.ndarray]) -> None:
+    spec = tiny_spec(augmentation="standard", epochs=1)
+    a = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=5, threads=1)
+    b = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=5, threads=1)
+    assert a.history[0]["val_loss"] == b.history[0]["val_loss"]
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_a_killed_run_resumes_from_its_epoch_checkpoint(tiny: dict[str, np.ndarray], tmp_path: Path) -> None:
+    spec = tiny_spec(epochs=3, scheduler="onecycle", augmentation="light")
+    full = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=3, threads=1)
+
+    def kill_in_epoch_2(info: dict) -> None:
+        if info["event"] == "batch" and info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_experiment(
+            spec,
+            TINY_PROFILE,
+            tiny,
+            MEAN,
+            STD,
+            seed=3,
+            threads=1,
+            checkpoint_dir=tmp_path,
+            progress=kill_in_epoch_2,
+        )
+    assert (tmp_path / "last.pt").is_file()
+    resumed = train_experiment(
+        spec, TINY_PROFILE, tiny, MEAN, STD, seed=3, threads=1, checkpoint_dir=tmp_path
+    )
+    assert resumed.resumed_from_epoch == 0 and resumed.epochs_run == 3
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx(
+        [h["val_loss"] for h in full.history], rel=1e-5
+    )
+    for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5)
+
+
+def test_group_target_and_frozen_backbone(tiny: dict[str, np.ndarray]) -> None:
+    spec = tiny_spec(target="groups", freeze="backbone", epochs=1)
+    before = None
+    res = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    assert res.model.head[-1].out_features == 5
+    torch.manual_seed(0)
+    from zalando.models import build_model
+
+    before = build_model("fashion_cnn", 5, 28, spec.arch_params)
+    assert torch.equal(before.body[0][0].weight, res.model.body[0][0].weight)  # frozen: untouched
+    assert not torch.equal(before.head[-1].weight, res.model.head[-1].weight)
+
+
+def test_tta_auto_is_decided_on_validation(tiny: dict[str, np.ndarray]) -> None:
+    res = train_experiment(tiny_spec(tta="auto", epochs=1), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    assert res.spec.tta in ("none", "hflip") and set(res.tta_scores) == {"none", "hflip"}
+    assert res.spec.tta == min(res.tta_scores, key=res.tta_scores.get)
+
+
+@pytest.mark.parametrize(
+    ("patch", "match"),
+    [
+        ({"x_train": np.zeros((10, 28, 28), np.float32)}, "x_train must be uint8"),
+        ({"y_val": np.full(100, 12)}, "y_val labels must be in 0..9"),
+        ({"y_train": np.zeros(3, np.int64)}, "one label per image"),
+    ],
+)
+def test_bad_training_data_is_a_data_error(tiny: dict[str, np.ndarray], patch: dict, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        train_experiment(tiny_spec(), TINY_PROFILE, {**tiny, **patch}, MEAN, STD, seed=0)
+
+
+def test_bad_statistics_and_profile_mismatch(tiny: dict[str, np.ndarray]) -> None:
+    with pytest.raises(DataError, match="std > 0"):
+        train_experiment(tiny_spec(), TINY_PROFILE, tiny, MEAN, 0.0, seed=0)
+    with pytest.raises(ConfigError, match="resolved for profile"):
+        train_experiment(tiny_spec(profile="paper"), TINY_PROFILE, tiny, MEAN, STD, seed=0)

@@ -1,0 +1,375 @@
+"""The model bundle: weights + spec + normalisation + label maps + history + ONNX + model card.
+
+Stored in the lake at ``models/<experiment>/<model_version>/`` as one committed partition:
+``weights.pt`` (state_dict), ``bundle.json``, ``model.onnx`` (self-contained scoring graph) and
+``model_card.json``. :class:`ScoringModel` is the scoring graph: raw 0..255 pixels in, group
+probabilities and the penultimate embedding out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import subprocess
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zalando
+from zalando.errors import ModelError, NotCommittedError
+from zalando.labels import GROUP_NAMES, LABEL_NAMES, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
+from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
+from zalando.models.experiments import ExperimentSpec
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+FILES = ("weights.pt", "bundle.json", "model.onnx", "model_card.json")
+ONNX_INPUT = "pixels"
+ONNX_OUTPUTS = ("group_probs", "embedding")
+ONNX_ATOL = 1e-4
+ONNX_OPSET = 17
+
+
+class ScoringModel(nn.Module):
+    """Raw pixels (N, 1, 28, 28) float 0..255 -> (group_probs (N, 5), embedding (N, D))."""
+
+    def __init__(
+        self,
+        net: ClassifierNet,
+        mean: float,
+        std: float,
+        target: str,
+        temperature: float = 1.0,
+        tta: str = "none",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.mean = float(mean)
+        self.std = float(std)
+        self.temperature = float(temperature)
+        self.hflip = tta == "hflip"
+        if target == "labels":
+            to_group = torch.zeros(NUM_LABELS, NUM_GROUPS)
+            to_group[torch.arange(NUM_LABELS), torch.tensor(np.array(LABEL_TO_GROUP))] = 1.0
+        else:
+            to_group = torch.eye(NUM_GROUPS)
+        self.register_buffer("to_group", to_group, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (pixels / 255.0 - self.mean) / self.std
+        logits, emb = self.net.forward_both(x)
+        probs = F.softmax(logits / self.temperature, dim=1)
+        if self.hflip:
+            logits2, emb2 = self.net.forward_both(torch.flip(x, dims=[3]))
+            probs = (probs + F.softmax(logits2 / self.temperature, dim=1)) * 0.5
+            emb = (emb + emb2) * 0.5
+        return probs @ self.to_group, emb
+
+
+@dataclass
+class ModelBundle:
+    """A trained model and everything needed to score with it and to explain where it came from."""
+
+    spec: ExperimentSpec
+    model: ClassifierNet
+    mean: float
+    std: float
+    model_version: str
+    dataset_version: str
+    temperature: float = 1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.name
+
+    @property
+    def key(self) -> str:
+        return bundle_key(self.spec.name, self.model_version)
+
+    def scoring_model(self) -> ScoringModel:
+        """The eval-mode scoring graph (shares the net's weights)."""
+        self.model.eval()
+        return ScoringModel(
+            self.model, self.mean, self.std, self.spec.target, self.temperature, self.spec.tta
+        ).eval()
+
+
+def bundle_key(experiment: str, model_version: str) -> str:
+    return f"models/{experiment}/{model_version}"
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    version = zalando.__version__
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(zalando.__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            version += f"+g{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def new_model_version(
+    spec: ExperimentSpec, dataset_version: str, seed: int, now: datetime | None = None
+) -> str:
+    """Sortable and unique per spec/data/seed: ``20260101T020000Z-1a2b3c4d``."""
+    now = now or datetime.now(UTC)
+    h = hashlib.sha256(
+        json.dumps([spec.model_dump(mode="json"), dataset_version, seed], sort_keys=True).encode()
+    ).hexdigest()[:8]
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{h}"
+
+
+def build_bundle(
+    result: Any,
+    *,
+    mean: float,
+    std: float,
+    dataset_version: str,
+    model_version: str | None = None,
+    temperature: float = 1.0,
+    extra_card: dict[str, Any] | None = None,
+) -> ModelBundle:
+    """A bundle from a :class:`zalando.train.TrainResult`, with its model card filled in."""
+    spec: ExperimentSpec = result.spec
+    version = model_version or new_model_version(spec, dataset_version, result.seed)
+    card = {
+        "model": spec.name,
+        "model_version": version,
+        "architecture": spec.architecture,
+        "description": spec.description,
+        "profile": spec.profile,
+        "target": spec.target,
+        "input_size": spec.input_size,
+        "tta": spec.tta,
+        "weights": result.weights.to_dict(),
+        "params": result.params,
+        "macs_per_image": result.macs,
+        "mflops_per_image": round(2 * result.macs / 1e6, 3),
+        "dataset_version": dataset_version,
+        "normalisation": {"mean": mean, "std": std},
+        "training": {
+            "images": result.n_train,
+            "val_images": result.n_val,
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss,
+            "stopped_early": result.stopped_early,
+            "wall_s": round(result.wall_s, 2),
+            "seed": result.seed,
+            "resumed_from_epoch": result.resumed_from_epoch,
+        },
+        "validation": result.val_metrics,
+        "tta_validation_group_nll": result.tta_scores,
+        "intended_use": "Nightly batch scoring of 28x28 grayscale article images into 5 groups.",
+        "limitations": "Trained on Fashion-MNIST; images must look like it (light article on dark background).",
+        "created_at": datetime.now(UTC).isoformat(),
+        "code_version": code_version(),
+    }
+    card.update(extra_card or {})
+    return ModelBundle(
+        spec=spec,
+        model=result.model,
+        mean=float(mean),
+        std=float(std),
+        model_version=version,
+        dataset_version=dataset_version,
+        temperature=float(temperature),
+        history=list(result.history),
+        card=card,
+        code_version=card["code_version"],
+    )
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(bundle: ModelBundle) -> bytes:
+    """The scoring graph as one self-contained ONNX blob (dynamic batch)."""
+    import onnx
+
+    scoring = bundle.scoring_model()
+    net = bundle.model
+    net.to(memory_format=torch.contiguous_format)  # a plain NCHW graph; restored below
+    dummy = torch.zeros(2, 1, 28, 28)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                scoring,
+                (dummy,),
+                buf,
+                input_names=[ONNX_INPUT],
+                output_names=list(ONNX_OUTPUTS),
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, **{o: {0: "batch"} for o in ONNX_OUTPUTS}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"ONNX export of {bundle.experiment} failed: {exc}".splitlines()[0]) from exc
+    finally:
+        net.to(memory_format=torch.channels_last)
+    model = onnx.load_from_string(buf.getvalue())
+    model.producer_name = "zalando"
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def check_onnx(bundle: ModelBundle, onnx_bytes: bytes, atol: float = ONNX_ATOL, seed: int = 0) -> float:
+    """Max |onnx - torch| over both outputs on random images; ModelError above ``atol``."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(7, 1, 28, 28)).astype(np.float32)
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    o_probs, o_emb = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x})
+    with torch.no_grad():
+        t_probs, t_emb = bundle.scoring_model()(torch.from_numpy(x))
+    d_probs = float(np.max(np.abs(o_probs - t_probs.numpy())))
+    scale = max(1.0, float(np.max(np.abs(t_emb.numpy()))))
+    d_emb = float(np.max(np.abs(o_emb - t_emb.numpy()))) / scale
+    diff = max(d_probs, d_emb)
+    if not diff <= atol:
+        raise ModelError(
+            f"ONNX export of {bundle.experiment} disagrees with torch: max diff {diff:.2e} > {atol:.0e}"
+        )
+    return diff
+
+
+# ----------------------------------------------------------------------------- lake I/O
+
+
+def _bundle_json(bundle: ModelBundle) -> dict[str, Any]:
+    return {
+        "format": BUNDLE_FORMAT,
+        "experiment": bundle.experiment,
+        "model_version": bundle.model_version,
+        "dataset_version": bundle.dataset_version,
+        "spec": bundle.spec.model_dump(mode="json"),
+        "mean": bundle.mean,
+        "std": bundle.std,
+        "temperature": bundle.temperature,
+        "label_names": list(LABEL_NAMES),
+        "group_names": list(GROUP_NAMES),
+        "label_to_group": [int(g) for g in LABEL_TO_GROUP],
+        "onnx": {"input": ONNX_INPUT, "outputs": list(ONNX_OUTPUTS), "opset": ONNX_OPSET},
+        "history": bundle.history,
+        "code_version": bundle.code_version,
+    }
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode("utf-8")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def bundle_files(bundle: ModelBundle) -> dict[str, bytes]:
+    """The four files of a bundle (ONNX exported and checked against torch)."""
+    buf = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in bundle.model.state_dict().items()}, buf)
+    onnx_bytes = export_onnx(bundle)
+    diff = check_onnx(bundle, onnx_bytes)
+    card = dict(bundle.card)
+    card.setdefault("params", count_parameters(bundle.model))
+    card.setdefault("macs_per_image", count_macs(bundle.model))
+    card["onnx_max_abs_diff_vs_torch"] = diff
+    card["size_mb"] = {"torch": round(buf.tell() / 1e6, 3), "onnx": round(len(onnx_bytes) / 1e6, 3)}
+    bundle.card = card
+    return {
+        "weights.pt": buf.getvalue(),
+        "bundle.json": _json_bytes(_bundle_json(bundle)),
+        "model.onnx": onnx_bytes,
+        "model_card.json": _json_bytes(card),
+    }
+
+
+def save_bundle(lake: Any, bundle: ModelBundle, *, run_id: str | None = None) -> str:
+    """Commit the bundle to ``models/<experiment>/<model_version>/``; returns the key."""
+    files = bundle_files(bundle)
+    key = bundle.key
+    lake.commit_files(
+        key,
+        files,
+        run_id or bundle.model_version,
+        extra={
+            "experiment": bundle.experiment,
+            "model_version": bundle.model_version,
+            "dataset_version": bundle.dataset_version,
+            "architecture": bundle.spec.architecture,
+        },
+    )
+    log.info("saved model bundle %s", lake.uri(key))
+    return key
+
+
+def _read(lake: Any, key: str, name: str) -> bytes:
+    try:
+        return lake.read_file(key, name)
+    except NotCommittedError:
+        raise ModelError(f"no committed model bundle at {lake.uri(key)}") from None
+
+
+def load_bundle(lake: Any, experiment: str, model_version: str) -> ModelBundle:
+    """Rebuild a bundle by architecture name; weights loaded with ``weights_only=True``."""
+    key = bundle_key(experiment, model_version)
+    meta = json.loads(_read(lake, key, "bundle.json"))
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ModelError(f"model bundle {key} has format {meta.get('format')!r}, expected {BUNDLE_FORMAT}")
+    if meta.get("label_to_group") != [int(g) for g in LABEL_TO_GROUP]:
+        raise ModelError(f"model bundle {key} was trained with another label->group map")
+    spec = ExperimentSpec.model_validate(meta["spec"])
+    model = build_model(spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params)
+    state = torch.load(io.BytesIO(_read(lake, key, "weights.pt")), map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"weights of {key} do not fit {spec.architecture}: {exc}".splitlines()[0]) from None
+    model.eval()
+    card = json.loads(_read(lake, key, "model_card.json"))
+    return ModelBundle(
+        spec=spec,
+        model=model,
+        mean=float(meta["mean"]),
+        std=float(meta["std"]),
+        model_version=meta["model_version"],
+        dataset_version=meta["dataset_version"],
+        temperature=float(meta.get("temperature", 1.0)),
+        history=list(meta.get("history", [])),
+        card=card,
+        code_version=meta.get("code_version", ""),
+    )
+
+
+def load_onnx_bytes(lake: Any, experiment: str, model_version: str) -> bytes:
+    """The bundle's ``model.onnx`` (checksum-verified)."""
+    return _read(lake, bundle_key(experiment, model_version), "model.onnx")
