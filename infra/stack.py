@@ -1,0 +1,419 @@
+"""The local stack without Docker: Prefect server, embedded S3 (SeaweedFS) and a process worker.
+
+    python infra/stack.py up        # start what is not running yet, in the background
+    python infra/stack.py deploy    # work pool + every deployment of prefect.yaml (+ the drift automation)
+    python infra/stack.py trigger   # run the `nightly` deployment now and wait for its end
+    python infra/stack.py status
+    python infra/stack.py down      # stop exactly what `up` started, nothing else
+
+State lives under the work folder (``ZALANDO_WORK_DIR``, default ``.zalando/``): ``prefect/`` is
+PREFECT_HOME (database, results, profiles: ~/.prefect is never touched), ``stack/`` holds logs,
+PID files and ``stack.json`` (what `up` started). Every server binds to 127.0.0.1.
+
+Ports: ``ZALANDO_PREFECT_PORT`` (default 4200) and ``ZALANDO_S3_PORT`` (default 8333). An S3
+endpoint given in ``ZALANDO_S3_ENDPOINT`` (MinIO, AWS) is used as is and no S3 server is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POOL = "zalando"
+SERVER_TIMEOUT_S = 120.0
+WORKER_TIMEOUT_S = 90.0
+
+
+class StackError(RuntimeError):
+    """A component could not be started or stopped; the message says which and why."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+@dataclass
+class Stack:
+    """The processes `make up` manages, all derived from the environment and the work folder."""
+
+    work_dir: Path
+    prefect_port: int
+    env: dict[str, str]
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Stack:
+        environ = dict(os.environ if environ is None else environ)
+        work = Path(environ.get("ZALANDO_WORK_DIR", ".zalando"))
+        if not work.is_absolute():
+            work = (REPO / work).resolve()
+        port = int(environ.get("ZALANDO_PREFECT_PORT", "4200"))
+        return cls(work_dir=work, prefect_port=port, env=environ)
+
+    # ------------------------------------------------------------------ paths and environment
+    @property
+    def state_dir(self) -> Path:
+        return self.work_dir / "stack"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.work_dir / "prefect"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}"
+
+    def prefect_env(self) -> dict[str, str]:
+        """Environment for every Prefect process of the stack (server, worker, CLI calls)."""
+        env = dict(self.env)
+        env.update(
+            PREFECT_HOME=str(self.prefect_home),
+            PREFECT_API_URL=self.api_url,
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(self.prefect_port),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_CLI_PROMPT="false",
+            PREFECT_CLI_COLORS="false",
+            PREFECT_WORKER_QUERY_SECONDS=env.get("PREFECT_WORKER_QUERY_SECONDS", "5"),
+            ZALANDO_WORK_DIR=str(self.work_dir),
+            # where the deployments' pull step (set_working_directory) finds the code
+            ZALANDO_HOME=str(REPO),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def settings(self):  # -> zalando.settings.Settings (imported lazily: no work at import time)
+        from zalando.settings import Settings
+
+        with _patched_environ(self.prefect_env()):
+            return Settings()
+
+    def _prefect(self) -> list[str]:
+        return [str(Path(sys.executable).parent / "prefect")]
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _pid_file(self, name: str) -> Path:
+        return self.state_dir / f"{name}.pid"
+
+    def _log_file(self, name: str) -> Path:
+        return self.state_dir / f"{name}.log"
+
+    def _read_pid(self, name: str) -> int | None:
+        try:
+            return int(json.loads(self._pid_file(name).read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _running(self, name: str) -> int | None:
+        """PID of our process `name` when it is alive and still the program we started."""
+        pid = self._read_pid(name)
+        if pid is not None and _pid_alive(pid) and "prefect" in _cmdline(pid):
+            return pid
+        return None
+
+    def _load_started(self) -> list[str]:
+        try:
+            return list(json.loads((self.state_dir / "stack.json").read_text())["started"])
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def _save_started(self, started: list[str]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "stack.json").write_text(json.dumps({"started": started}, indent=2))
+
+    def _spawn(self, name: str, args: list[str]) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._log_file(name), "ab") as logf:
+            proc = subprocess.Popen(
+                args,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.prefect_env(),
+                cwd=REPO,
+                start_new_session=True,  # its own process group: `down` stops it and its children
+            )
+        self._pid_file(name).write_text(json.dumps({"pid": proc.pid, "cmd": args, "started_at": time.time()}))
+        return proc.pid
+
+    def _stop(self, name: str, timeout: float = 20.0) -> bool:
+        pid = self._running(name)
+        if pid is None:
+            self._pid_file(name).unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        self._pid_file(name).unlink(missing_ok=True)
+        return True
+
+    def _log_tail(self, name: str, lines: int = 5) -> str:
+        try:
+            text = self._log_file(name).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])
+
+    # ------------------------------------------------------------------ components
+    def start_s3(self) -> bool:
+        """Start the embedded S3 server when the settings call for one. True when this call started it."""
+        from zalando.lake import Lake
+        from zalando.s3server import server_for
+
+        settings = self.settings()
+        if not settings.embedded_s3:
+            return False
+        server = server_for(settings)
+        server.state_dir.mkdir(parents=True, exist_ok=True)
+        started = server.start()
+        Lake.from_settings(settings).ensure_ready()  # bucket exists before any flow runs
+        return started
+
+    def stop_s3(self) -> bool:
+        from zalando.s3server import server_for
+
+        return server_for(self.settings()).stop()
+
+    def start_server(self) -> bool:
+        if self._running("prefect-server"):
+            self._wait_server()
+            return False
+        if _http_ok(f"{self.api_url}/health") or not _port_free(self.prefect_port):
+            raise StackError(
+                f"Prefect server: port {self.prefect_port} is already used by another program; "
+                "set ZALANDO_PREFECT_PORT to a free port"
+            )
+        self.prefect_home.mkdir(parents=True, exist_ok=True)
+        self._spawn(
+            "prefect-server",
+            [*self._prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)],
+        )
+        self._wait_server()
+        return True
+
+    def _wait_server(self) -> None:
+        deadline = time.monotonic() + SERVER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if _http_ok(f"{self.api_url}/health"):
+                return
+            if self._running("prefect-server") is None:
+                raise StackError(f"Prefect server exited at start: {self._log_tail('prefect-server')}")
+            time.sleep(0.5)
+        raise StackError(
+            f"Prefect server did not answer on {self.api_url} within {SERVER_TIMEOUT_S:.0f}s; "
+            f"see {self._log_file('prefect-server')}"
+        )
+
+    def start_worker(self) -> bool:
+        if self._running("worker"):
+            return False
+        self._spawn(
+            "worker",
+            [
+                *self._prefect(),
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--type",
+                "process",
+                "--name",
+                f"zalando-local-{self.prefect_port}",
+                "--limit",
+                "1",
+            ],
+        )
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._worker_online():
+                return True
+            if self._running("worker") is None:
+                raise StackError(f"Prefect worker exited at start: {self._log_tail('worker')}")
+            time.sleep(1.0)
+        raise StackError(
+            f"Prefect worker did not come online within {WORKER_TIMEOUT_S:.0f}s; see {self._log_file('worker')}"
+        )
+
+    def _worker_online(self) -> bool:
+        req = urllib.request.Request(
+            f"{self.api_url}/work_pools/{POOL}/workers/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=3) as r:
+                workers = json.loads(r.read())
+        except (OSError, ValueError):
+            return False
+        return any(w.get("status") == "ONLINE" for w in workers)
+
+    # ------------------------------------------------------------------ commands
+    def up(self) -> None:
+        started = self._load_started()
+        steps = [("s3", self.start_s3), ("prefect-server", self.start_server), ("worker", self.start_worker)]
+        for name, start in steps:
+            if start() and name not in started:
+                started.append(name)
+            self._save_started(started)
+        print(f"stack up: Prefect UI {self.ui_url}  API {self.api_url}")
+        print(f"          S3 {self.settings().effective_s3_endpoint}  lake {self.settings().lake_uri}")
+        print(f"          logs and PID files in {self.state_dir}")
+
+    def down(self) -> None:
+        started = self._load_started()
+        for name in ("worker", "prefect-server", "s3"):
+            if name not in started:
+                continue
+            stopped = self.stop_s3() if name == "s3" else self._stop(name)
+            print(f"{name}: {'stopped' if stopped else 'was not running'}")
+            started.remove(name)
+            self._save_started(started)
+        if not started:
+            (self.state_dir / "stack.json").unlink(missing_ok=True)
+
+    def status(self) -> int:
+        from zalando.s3server import server_for
+
+        settings = self.settings()
+        s3 = server_for(settings).status() if settings.embedded_s3 else f"external {settings.s3_endpoint}"
+        server = "running" if self._running("prefect-server") else "stopped"
+        if server == "running" and not _http_ok(f"{self.api_url}/health"):
+            server = "starting"
+        worker = "running" if self._running("worker") else "stopped"
+        print(f"s3:             {s3}")
+        print(f"prefect-server: {server} ({self.ui_url})")
+        print(f"worker:         {worker} (pool {POOL})")
+        return 0 if server == "running" and worker == "running" else 1
+
+    def run_cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> int:
+        rc = subprocess.call([*self._prefect(), *args], env=env or self.prefect_env(), cwd=REPO)
+        if check and rc != 0:
+            raise StackError(f"`prefect {' '.join(args)}` failed with exit code {rc}")
+        return rc
+
+    def deploy(self) -> None:
+        if not _http_ok(f"{self.api_url}/health"):
+            raise StackError(f"no Prefect server answers on {self.api_url}; run `make up` first")
+        self.run_cli("work-pool", "create", POOL, "--type", "process", check=False)
+        env = self.prefect_env()
+        # Leave ZALANDO_HOME unresolved in the pull step: the worker's own value is used at run time,
+        # so the deployments work from wherever the checkout (or the container) is.
+        env.pop("ZALANDO_HOME", None)
+        self.run_cli("--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml"), env=env)
+
+    def trigger(self, deployment: str, params: list[str], timeout: int) -> int:
+        args = ["deployment", "run", deployment, "--watch", "--watch-timeout", str(timeout)]
+        for p in params:
+            args += ["--param", p]
+        return self.run_cli(*args, check=False)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def _patched_environ(env: dict[str, str]):
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infra/stack.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start S3, the Prefect server and a process worker in the background")
+    sub.add_parser("down", help="stop what `up` started")
+    sub.add_parser("status", help="show what runs")
+    sub.add_parser("deploy", help="register the deployments of prefect.yaml")
+    trig = sub.add_parser("trigger", help="run a deployment now and wait for it")
+    trig.add_argument(
+        "--deployment", default="nightly/nightly", help="FLOW/DEPLOYMENT (default nightly/nightly)"
+    )
+    trig.add_argument("--param", action="append", default=[], help="KEY=VALUE, repeatable")
+    trig.add_argument("--timeout", type=int, default=3600, help="seconds to wait (default 3600)")
+    args = parser.parse_args(argv)
+
+    stack = Stack.from_env()
+    try:
+        if args.command == "up":
+            stack.up()
+        elif args.command == "down":
+            stack.down()
+        elif args.command == "status":
+            return stack.status()
+        elif args.command == "deploy":
+            stack.deploy()
+        elif args.command == "trigger":
+            return stack.trigger(args.deployment, args.param, args.timeout)
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a ZalandoError from the S3 server or the lake: one line, no trace
+        if type(e).__module__.startswith("zalando"):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

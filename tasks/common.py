@@ -1,0 +1,123 @@
+"""What every task shares: the run's small configuration, the lake, retries and cache keys.
+
+Tasks receive a :class:`RunConfig` (a few strings and numbers, no secrets) and rebuild the
+settings and the lake from it plus the environment. So nothing big or secret is ever a task input:
+Prefect hashes and records inputs, and credentials must never reach its database or the UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from pydantic import BaseModel, ConfigDict
+
+from zalando.errors import LakeError, NotCommittedError, SourceError, ZalandoError
+from zalando.lake import Lake
+from zalando.settings import Profile, Settings, load_settings
+
+# exponential back-off for storage and network tasks: 2 s, 4 s, 8 s (with jitter)
+IO_RETRIES = 3
+IO_RETRY_DELAYS = [2, 4, 8]
+IO_RETRY_JITTER = 0.5
+
+# lasting problems: retrying cannot help, the run must fail at once with the message
+_PERMANENT_HINTS = ("access denied", "credentials", "does not exist", "sha256", "not allowed", "must ")
+
+
+class RunConfig(BaseModel):
+    """The settings a flow run chose, as small plain values (hashable, shown in the UI, no secret)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    profile: Profile
+    seed: int
+    lake_uri: str
+    data_source: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings, run_id: str) -> RunConfig:
+        return cls(
+            run_id=run_id,
+            profile=settings.profile,
+            seed=settings.seed,
+            lake_uri=settings.lake_uri,
+            data_source=settings.data_source,
+        )
+
+    def settings(self) -> Settings:
+        """Full settings: the environment (endpoint, credentials, work dir) plus this run's choices."""
+        return load_settings(
+            profile=self.profile, seed=self.seed, lake_uri=self.lake_uri, data_source=self.data_source
+        )
+
+    def lake(self) -> Lake:
+        return Lake.from_settings(self.settings())
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for faults a retry can fix: the storage or a network peer was down, slow or erroring.
+
+    Bad data, bad configuration, missing partitions and refused credentials are permanent.
+    """
+    if exc is None:
+        return False
+    if isinstance(exc, NotCommittedError):
+        return False
+    if isinstance(exc, LakeError | SourceError):
+        text = str(exc).lower()
+        return not any(hint in text for hint in _PERMANENT_HINTS)
+    if isinstance(exc, ZalandoError):
+        return False
+    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only transient storage / network faults."""
+    try:
+        state.result()
+    except Exception as exc:  # the task's exception, re-raised by result()
+        return is_transient(exc)
+    return False
+
+
+def io_task_options() -> dict[str, Any]:
+    """Retry options for tasks that touch storage or the network (and only those)."""
+    return {
+        "retries": IO_RETRIES,
+        "retry_delay_seconds": IO_RETRY_DELAYS,
+        "retry_jitter_factor": IO_RETRY_JITTER,
+        "retry_condition_fn": retry_if_transient,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+def cache_on(*names: str) -> CachePolicy:
+    """A cache policy keyed on the named task inputs (small references only) and the task's code.
+
+    For example ``cache_on("source_digest", "cfg.lake_uri")`` reuses an ingest result while the
+    source bytes, the lake and the task's source code are unchanged, whatever the run. A dotted name
+    reads a field of a :class:`RunConfig` input.
+    """
+
+    def key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        picked: dict[str, Any] = {}
+        for name in names:
+            head, _, field = name.partition(".")
+            value = _plain(parameters.get(head))
+            if field:
+                value = value.get(field) if isinstance(value, dict) else getattr(value, field, None)
+            picked[name] = value
+        blob = json.dumps(picked, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    return CachePolicy.from_cache_key_fn(key_fn) + TASK_SOURCE
