@@ -158,7 +158,72 @@ def _per_group_map(per_group: Any, who: str) -> dict[int, Mapping[str, Any]]:
         gid = next((rec[c] for c in ("group_name", "group", "group_key") if c in rec), None)
         if gid is None:
             raise DataError(f"{who} per_group record {rec!r}: needs a group_name, group or group_key field")
-        out[group_index(gid if not isinstance(gid, float) else int(gid))] = rec
+        g = group_index(gid if not isinstance(gid, float) else int(gid))
+        if g in out:
+            raise DataError(
+                f"{who} per_group: group {GROUP_NAMES[g]!r} appears twice (filter one split, e.g. 'val')"
+            )
+        out[g] = rec
+    return out
+
+
+def gate_metrics(
+    per_group: pd.DataFrame,
+    summary: pd.DataFrame,
+    performance: pd.DataFrame | None = None,
+    *,
+    model_version: str,
+    dataset_version: str,
+    canary_accuracy: float | None = None,
+    split: str = "val",
+) -> dict[str, Any]:
+    """Build the metric dict :func:`evaluate_gates` reads from ``zalando.evaluate``'s frames.
+
+    ``per_group`` and ``summary`` rows are filtered to ``split`` when they have a split column.
+    Latency is that of the fastest runtime in ``performance`` (ms per 1,000 images =
+    1e6 / images_per_s); size is that runtime's file (size_mb_onnx for "onnx", else size_mb_torch).
+    """
+
+    def pick(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+        if "split" in frame.columns:
+            frame = frame[frame["split"] == split]
+        if frame.empty:
+            raise DataError(f"{name}: no rows for split {split!r}")
+        return frame
+
+    pg = pick(per_group, "per_group")
+    sm = pick(summary, "summary")
+    if len(sm) != 1 or "macro_f1" not in sm.columns:
+        raise DataError(f"summary: expected one row with macro_f1 for split {split!r}, got {len(sm)} rows")
+    out: dict[str, Any] = {
+        "model_version": model_version,
+        "dataset_version": dataset_version,
+        "split": split,
+        "per_group": {
+            GROUP_NAMES[group_index(r["group_name"])]: {
+                k: _num(r.get(k)) for k in ("recall", "precision", "npv", "f1", "support")
+            }
+            for r in pg.to_dict("records")
+        },
+        "macro_f1": _num(sm["macro_f1"].iloc[0]),
+        "accuracy": _num(sm["accuracy"].iloc[0]) if "accuracy" in sm.columns else None,
+        "latency_ms_per_1000": None,
+        "size_mb": None,
+        "runtime": None,
+        "canary_accuracy": canary_accuracy,
+    }
+    if performance is not None and len(performance) and "images_per_s" in performance.columns:
+        perf = performance[performance["images_per_s"].astype(float) > 0]
+        if len(perf):
+            best = perf.loc[perf["images_per_s"].astype(float).idxmax()].to_dict()
+            out["runtime"] = best.get("runtime")
+            out["latency_ms_per_1000"] = 1e6 / float(best["images_per_s"])
+            size_cols = (
+                ("size_mb_onnx", "size_mb_torch") if best.get("runtime") == "onnx" else ("size_mb_torch",)
+            )
+            out["size_mb"] = next(
+                (_num(best.get(c)) for c in size_cols if _num(best.get(c)) is not None), None
+            )
     return out
 
 

@@ -9,6 +9,9 @@ Lake keys (all under ``registry/``):
 * ``registry/decisions/<UTC timestamp>-<uuid>.json`` — the append-only log: one object per
   decision (promote, reject, rollback), never rewritten. Concurrent writers each add their own object,
   so none can clobber another's history; names sort in time order.
+* ``registry/canary/`` — the canary set (committed partition, ``canary.parquet``), chosen once.
+* ``registry/references/model_version=<v>/`` — each model's drift reference profile
+  (committed partition, ``reference.parquet``, one row; see ``zalando.monitor.reference_to_table``).
 
 Order of writes: the decision first, then the pointer. A crash in between leaves a logged decision
 whose pointer update is missing; re-running the promotion (same version) finishes it.
@@ -25,9 +28,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
-from zalando.errors import LakeError, ModelError
+from zalando.errors import LakeError, ModelError, NotCommittedError
 from zalando.lake import Lake
+from zalando.monitor import reference_from_table, reference_to_table
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ REGISTRY = "registry"
 MODELS_PREFIX = f"{REGISTRY}/models"
 DECISIONS_PREFIX = f"{REGISTRY}/decisions"
 CHAMPION_KEY = f"{REGISTRY}/champion.json"
+CANARY_KEY = f"{REGISTRY}/canary"
+REFERENCES_PREFIX = f"{REGISTRY}/references"
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@,-]{0,127}$")
 _TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
@@ -396,3 +403,59 @@ def rollback(lake: Lake, *, actor: str, reason: str) -> dict[str, Any]:
     pointer = _set_champion(lake, record, model)
     log.info("rolled back from %s to %s by %s: %s", cur, target, actor, reason)
     return pointer
+
+
+# ---------------------------------------------------------------------------------------------- canary, references
+
+
+def save_canary_set(lake: Lake, table: pa.Table, *, run_id: str, force: bool = False) -> str:
+    """Commit the canary set (from ``monitor.select_canary_set``) once; later calls keep the first
+    one unless ``force``, so every night scores the same images. Returns the partition key."""
+    if lake.is_committed(CANARY_KEY) and not force:
+        log.info("canary set already in %s; keeping it", lake.uri(CANARY_KEY))
+        return CANARY_KEY
+    lake.commit_partition(
+        CANARY_KEY,
+        {"canary": table},
+        run_id,
+        extra={"method": table.column("method")[0].as_py() if len(table) else None},
+    )
+    log.info("canary set of %d images committed to %s", table.num_rows, lake.uri(CANARY_KEY))
+    return CANARY_KEY
+
+
+def has_canary_set(lake: Lake) -> bool:
+    return lake.is_committed(CANARY_KEY)
+
+
+def load_canary_set(lake: Lake) -> pa.Table:
+    """The committed canary set (raw-table schema plus val_index, margin, method)."""
+    try:
+        return lake.read_partition(CANARY_KEY)
+    except NotCommittedError:
+        raise RegistryError(
+            f"no canary set in {lake.uri(CANARY_KEY)}: the training flow selects one from the validation split"
+        ) from None
+
+
+def reference_key(model_version: str) -> str:
+    return f"{REFERENCES_PREFIX}/model_version={_check_version(model_version)}"
+
+
+def save_reference(lake: Lake, model_version: str, reference: Mapping[str, Any], *, run_id: str) -> str:
+    """Commit a model's drift reference profile (``monitor.reference_profile``); returns its key."""
+    key = reference_key(model_version)
+    lake.commit_partition(key, {"reference": reference_to_table(reference)}, run_id)
+    return key
+
+
+def load_reference(lake: Lake, model_version: str) -> dict[str, Any]:
+    """The drift reference profile of ``model_version`` (for ``monitor.drift_report``)."""
+    key = reference_key(model_version)
+    try:
+        return reference_from_table(lake.read_partition(key))
+    except NotCommittedError:
+        raise RegistryError(
+            f"no drift reference for model {model_version} in {lake.uri(key)}: "
+            "the training flow writes one per model (monitor.reference_profile + registry.save_reference)"
+        ) from None

@@ -26,6 +26,7 @@ from zalando.monitor import (
     chi2_sf,
     drift_report,
     evaluate_gates,
+    gate_metrics,
     ks_2samp,
     labelled_kpis,
     mmd2_rbf,
@@ -365,3 +366,33 @@ def test_labelled_kpis_thresholds_and_support() -> None:
     assert df.loc["One piece", "alarm"]
     with pytest.raises(DataError, match="y_pred_group: expected integer group ids"):
         labelled_kpis(truth, pred + 5)
+
+
+def test_gate_metrics_from_evaluation_frames() -> None:
+    rows = [
+        {"split": s, "group": g, "group_name": n, "recall": r, "precision": 0.999, "npv": 0.999, "f1": 0.99}
+        for s, r in (("val", 0.999), ("test", 0.5))
+        for g, n in enumerate(GROUP_NAMES)
+    ]
+    summary = pd.DataFrame(
+        [{"split": "val", "accuracy": 0.99, "macro_f1": 0.97}, {"split": "test", "macro_f1": 0.5}]
+    )
+    perf = pd.DataFrame(
+        [
+            {"runtime": "torch", "images_per_s": 2000.0, "size_mb_torch": 2.0, "size_mb_onnx": 2.1},
+            {"runtime": "onnx", "images_per_s": 4000.0, "size_mb_torch": 2.0, "size_mb_onnx": 2.1},
+        ]
+    )
+    m = gate_metrics(
+        pd.DataFrame(rows), summary, perf, model_version="v1", dataset_version="ds1", canary_accuracy=0.9
+    )
+    assert m["macro_f1"] == 0.97 and m["runtime"] == "onnx"
+    assert m["latency_ms_per_1000"] == pytest.approx(250.0) and m["size_mb"] == 2.1
+    assert m["per_group"]["One piece"]["recall"] == 0.999  # the val split, not test
+    assert evaluate_gates(m, None).promote
+    with pytest.raises(DataError, match="appears twice"):
+        evaluate_gates({**m, "per_group": rows}, None)
+    with pytest.raises(DataError, match="no rows for split 'train'"):
+        gate_metrics(
+            pd.DataFrame(rows), summary, perf, model_version="v1", dataset_version="d", split="train"
+        )

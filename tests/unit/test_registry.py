@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from zalando.errors import ModelError, ZalandoError
 from zalando.lake import Lake
-from zalando.monitor import evaluate_gates
+from zalando.monitor import evaluate_gates, reference_profile, select_canary_set
 from zalando.registry import (
     CHAMPION_KEY,
     DECISIONS_PREFIX,
@@ -22,12 +24,17 @@ from zalando.registry import (
     decision_log,
     get_champion,
     get_model,
+    has_canary_set,
     list_models,
+    load_canary_set,
+    load_reference,
     promote,
     register_model,
     reject,
     require_champion,
     rollback,
+    save_canary_set,
+    save_reference,
 )
 
 
@@ -182,3 +189,41 @@ def test_reject_keeps_champion(lake: Lake) -> None:
     promote(lake, "v1", reason="first", actor="a")
     rec = reject(lake, "v2", reason="failed canary", actor="flow", decision={"promote": False})
     assert rec["champion_after"] == "v1" and get_champion(lake)["model_version"] == "v1"
+
+
+def test_canary_set_is_chosen_once(lake: Lake) -> None:
+    images = np.zeros((6, 28, 28), np.uint8)
+    images[:, 5:20, 8:20] = np.arange(6, dtype=np.uint8)[:, None, None] * 40
+    labels = np.array([0, 3, 2, 3, 4, 6])
+    first = select_canary_set(images, labels, None, n=4)
+    with pytest.raises(RegistryError, match="no canary set"):
+        load_canary_set(lake)
+    assert not has_canary_set(lake)
+    save_canary_set(lake, first, run_id="r1")
+    other = select_canary_set(images, labels, None, n=2)
+    save_canary_set(lake, other, run_id="r2")  # kept: the first one stays
+    assert load_canary_set(lake).equals(first)
+    save_canary_set(lake, other, run_id="r3", force=True)
+    assert load_canary_set(lake).num_rows == 2
+
+
+def test_reference_round_trip(lake: Lake) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(5), 40)
+    ref = reference_profile(images, probs, rng.normal(size=(40, 8)), np.array([4, 1, 1, 3, 1]), 30, 0)
+    key = save_reference(lake, "v1", ref, run_id="r1")
+    assert key == "registry/references/model_version=v1" and lake.is_committed(key)
+    back = load_reference(lake, "v1")
+    np.testing.assert_array_equal(back["embedding_sample"], ref["embedding_sample"])
+    assert back["mmd_bandwidth"] == ref["mmd_bandwidth"]
+    with pytest.raises(RegistryError, match="no drift reference for model v2"):
+        load_reference(lake, "v2")
+
+
+def test_concurrent_decisions_are_all_kept(lake: Lake) -> None:
+    _register(lake, "v1")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda i: reject(lake, "v1", reason=f"r{i}", actor=f"w{i}"), range(16)))
+    log = decision_log(lake)
+    assert sorted(log["reason"]) == sorted(f"r{i}" for i in range(16)) and log["decision_id"].is_unique
