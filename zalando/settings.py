@@ -58,6 +58,11 @@ class Settings(BaseSettings):
             raise ValueError("ZALANDO_LAKE_URI needs a bucket name: s3://BUCKET[/prefix]")
         return v.rstrip("/")
 
+    @field_validator("data_source")
+    @classmethod
+    def _default_source(cls, v: str) -> str:
+        return v.strip() or OFFICIAL_MIRROR
+
     @property
     def uses_s3(self) -> bool:
         return self.lake_uri.startswith("s3://")
