@@ -191,6 +191,82 @@ def eda(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     console.print(f"EDA report: {out['uri']}/eda.md ({len(out['files'])} files)")
 
 
+# --------------------------------------------------------------------------- registry
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return "cli"
+
+
+@app.command()
+@handle_errors
+def models(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """List registered model versions with their headline metrics; the champion is starred."""
+    from zalando.registry import list_models
+
+    setup_logging(verbose)
+    with lake_session(settings_from()) as lake:
+        df = list_models(lake)
+    if df.empty:
+        console.print("no model registered yet: run `zalando train` (or `make run`)")
+        return
+    table = Table(title="Registered models")
+    metric_cols = [
+        c
+        for c in ("metrics.accuracy", "metrics.macro_f1", "metrics.latency_ms_per_1000", "metrics.size_mb")
+        if c in df.columns
+    ]
+    short = {
+        "metrics.accuracy": "acc",
+        "metrics.macro_f1": "macro F1",
+        "metrics.latency_ms_per_1000": "ms/1k",
+        "metrics.size_mb": "MB",
+    }
+    for col in ["", "version", "experiment", "dataset", "registered", *metric_cols]:
+        table.add_column(short.get(col, col), no_wrap=col in ("version", "registered"))
+    for rec in df.sort_values("registered_at").to_dict("records"):
+        cells = [
+            "*" if rec.get("is_champion") else "",
+            rec["model_version"],
+            rec["experiment"],
+            str(rec.get("dataset_version", "")),
+            str(rec.get("registered_at", ""))[:16],
+        ]
+        cells += [f"{rec[c]:.4g}" if isinstance(rec[c], float) else str(rec[c]) for c in metric_cols]
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def promote(
+    model_version: str = typer.Argument(..., help="The version to make champion (see `zalando models`)"),
+    reason: str = typer.Option("manual promotion", help="Recorded in the decision log"),
+) -> None:
+    """Make a registered model version the champion, by hand (recorded in the decision log)."""
+    from zalando.registry import promote as do_promote
+
+    setup_logging(False)
+    with lake_session(settings_from()) as lake:
+        pointer = do_promote(lake, model_version, reason=reason, actor=_actor())
+    console.print(f"champion is now {pointer['model_version']} ({pointer['experiment']})")
+
+
+@app.command()
+@handle_errors
+def rollback(reason: str = typer.Option("manual rollback", help="Recorded in the decision log")) -> None:
+    """Put the previous champion back (recorded in the decision log)."""
+    from zalando.registry import rollback as do_rollback
+
+    setup_logging(False)
+    with lake_session(settings_from()) as lake:
+        pointer = do_rollback(lake, actor=_actor(), reason=reason)
+    console.print(f"champion rolled back to {pointer['model_version']} ({pointer['experiment']})")
+
+
 # --------------------------------------------------------------------------- stack
 @stack_app.command("up")
 @handle_errors
