@@ -80,6 +80,7 @@ def gradcam(
     def keep_activation(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         captured.append(output)
 
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handle = layer.register_forward_hook(keep_activation)
     was_training = model.training
     model.eval()
@@ -88,7 +89,7 @@ def gradcam(
         with torch.enable_grad():
             for start in range(0, n, batch_size):
                 captured.clear()
-                x = preprocess(images[start : start + batch_size]).detach().requires_grad_(True)
+                x = preprocess(images[start : start + batch_size]).detach().to(device).requires_grad_(True)
                 output = model(x)
                 if isinstance(output, tuple | list):
                     output = output[0]
@@ -102,7 +103,7 @@ def gradcam(
                     )
                 if not captured:
                     raise ModelError("grad-cam: the target layer was not used in the forward pass")
-                activation = captured[-1]
+                activation = captured[0]  # the first call: with test-time flips, the unflipped view
                 (grads,) = torch.autograd.grad(score(output, t).sum(), activation)
                 weights = grads.mean(dim=(2, 3), keepdim=True)
                 cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
