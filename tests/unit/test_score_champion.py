@@ -1,0 +1,108 @@
+"""Champion loading: a real (tiny) bundle, both runtimes, and the bundles it must refuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.scoring_support import make_champion, mnist_like
+from zalando.errors import ModelError
+from zalando.lake import Lake
+from zalando.scoring import NoChampionModelError, clear_predictor_cache, load_champion_predictor
+
+
+@pytest.fixture(scope="module")
+def champion_lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, str]:
+    import torch
+
+    torch.set_num_threads(1)
+    lake = Lake.local(tmp_path_factory.mktemp("champ") / "lake")
+    return lake, make_champion(lake)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    clear_predictor_cache()
+
+
+def _recommit(lake: Lake, key: str, **changes: bytes) -> None:
+    """Re-commit a bundle with some files replaced (valid checksums: a consistent but wrong bundle)."""
+    files = {n: lake.read_file(key, n) for n in lake.read_manifest(key)["files"]}
+    files.update(changes)
+    lake.commit_files(key, files, "tamper")
+
+
+def test_loads_champion_with_both_runtimes_and_they_agree(champion_lake: tuple[Lake, str]) -> None:
+    lake, version = champion_lake
+    imgs = mnist_like(50)
+    onnx = load_champion_predictor(lake, "onnx", threads=1)
+    torch_p = load_champion_predictor(lake, "torch", threads=1)
+    auto = load_champion_predictor(lake, "auto", threads=1)
+    assert (onnx.runtime, torch_p.runtime, onnx.model_version) == ("onnx", "torch", version)
+    assert auto.runtime in ("onnx", "torch") and set(auto.timings) == {"onnx", "torch"}
+    assert auto.checks["manifest_sha256"] == "ok" and auto.checks["registry_record"] == "ok"
+    p1, e1 = onnx.predict(imgs)
+    p2, e2 = torch_p.predict(imgs)
+    assert p1.shape == (50, 5) and e1.shape[0] == 50
+    np.testing.assert_allclose(p1, p2, atol=1e-4)
+    assert load_champion_predictor(lake, "onnx", threads=1) is onnx  # cached per process
+
+
+def test_missing_champion_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(NoChampionModelError, match="promote"):
+        load_champion_predictor(Lake.local(tmp_path / "empty"))
+
+
+def test_refuses_corrupt_or_inconsistent_bundles(tmp_path: Path) -> None:
+    lake = Lake.local(tmp_path / "lake")
+    version = make_champion(lake)
+    key = f"models/tiny_cnn/{version}"
+    onnx_ok = lake.read_file(key, "model.onnx")
+    meta_ok = json.loads(lake.read_file(key, "bundle.json"))
+
+    # bytes changed after commit: the manifest checksum no longer matches
+    lake.write_bytes(f"{key}/model.onnx", onnx_ok[:-10] + b"0123456789")
+    with pytest.raises(ModelError, match="sha256"):
+        load_champion_predictor(lake, "onnx", threads=1)
+    lake.write_bytes(f"{key}/model.onnx", onnx_ok)
+
+    # normalisation statistics missing
+    _recommit(lake, key, **{"bundle.json": json.dumps({**meta_ok, "mean": None}).encode()})
+    with pytest.raises(ModelError, match="mean missing"):
+        load_champion_predictor(lake, "onnx", threads=1)
+
+    # bundle.json for another version
+    _recommit(lake, key, **{"bundle.json": json.dumps({**meta_ok, "model_version": "other"}).encode()})
+    with pytest.raises(ModelError, match="model_version"):
+        load_champion_predictor(lake, "onnx", threads=1)
+    _recommit(lake, key, **{"bundle.json": json.dumps(meta_ok).encode()})
+
+    # an ONNX graph from other weights than weights.pt
+    other_version = make_champion(lake, seed=7, name="tiny_cnn", promote=False)
+    other_onnx = lake.read_file(f"models/tiny_cnn/{other_version}", "model.onnx")
+    _recommit(lake, key, **{"model.onnx": other_onnx})
+    with pytest.raises(ModelError, match=r"model\.onnx does not match weights\.pt"):
+        load_champion_predictor(lake, "onnx", threads=1)
+    _recommit(lake, key, **{"model.onnx": onnx_ok})
+
+    # statistics that differ from the dataset version the bundle names
+    stats = {
+        "dataset_version": "dv-test", "mean": 0.5, "std": 0.353, "n_train": 1, "n_val": 1, "n_test": 1,
+        "seed": 0, "val_fraction": 0.2, "source_digest": "x",
+    }  # fmt: skip
+    lake.commit_partition(
+        "datasets/dv-test", {"split": pa.table({"image_id": ["a"]})}, "t", extra={"stats": stats}
+    )
+    with pytest.raises(ModelError, match="differs from dataset version"):
+        load_champion_predictor(lake, "onnx", threads=1)
+    lake.commit_partition(
+        "datasets/dv-test",
+        {"split": pa.table({"image_id": ["a"]})},
+        "t",
+        extra={"stats": {**stats, "mean": 0.286}},
+    )
+    assert load_champion_predictor(lake, "onnx", threads=1).checks["dataset_stats"] == "ok"

@@ -1,0 +1,271 @@
+"""The scoring engine on a local lake with a fake predictor: outputs, exactly-once, bad input, backfill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.scoring_support import (
+    FakePredictor,
+    huge_png_header,
+    jpeg_bytes,
+    mnist_like,
+    png_bytes,
+    raw_parquet,
+    table_parquet,
+    write_files,
+)
+from zalando.labels import GROUP_KEYS
+from zalando.lake import Lake
+from zalando.scoring import (
+    PREDICTION_SCHEMA,
+    ScoringError,
+    ScoringOptions,
+    backfill,
+    finalize_batch,
+    layout,
+    prepare_batch,
+    score_batch,
+    score_shard,
+)
+
+V = "v-test"
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Lake:
+    return Lake.local(tmp_path / "lake")
+
+
+def _good_batch(root: Path, n: int = 40, files: int = 2, seed: int = 0) -> tuple[Path, list[str]]:
+    imgs = mnist_like(n, seed)
+    ids = [f"id-{seed}-{i:04d}" for i in range(n)]
+    per = n // files
+    write_files(
+        root,
+        {
+            f"part-{k}.parquet": raw_parquet(
+                ids[k * per : (k + 1) * per], imgs[k * per : (k + 1) * per], row_group_size=7
+            )
+            for k in range(files)
+        },
+    )
+    return root, ids
+
+
+def test_score_batch_writes_predictions_views_and_manifest_last(lake: Lake, tmp_path: Path) -> None:
+    src, ids = _good_batch(tmp_path / "in")
+    opts = ScoringOptions(sub_batch=8, confidence_threshold=0.5)
+    r = score_batch(
+        lake,
+        src.as_uri(),
+        predictor=FakePredictor(),
+        model_version=V,
+        batch_date="2026-03-01",
+        source="shop",
+        shard_size=10,
+        options=opts,
+    )
+    assert (r.records, r.scored, r.quarantined, r.skipped) == (40, 40, 0, False)
+    key = layout.predictions_key("2026-03-01", V, r.batch_id)
+    assert key == f"predictions/batch_date=2026-03-01/model_version={V}/batch_id=2026-03-01-shop"
+    table = lake.read_partition(key)
+    assert table.schema.equals(PREDICTION_SCHEMA)
+    assert sorted(table.column("image_id").to_pylist()) == sorted(ids)
+    assert set(table.column("batch_id").to_pylist()) == {r.batch_id}
+    probs = np.stack([table.column(f"prob_{k}").to_numpy() for k in GROUP_KEYS], 1)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(table.column("pred_group").to_numpy(), probs.argmax(1))
+    manifest = lake.read_manifest(key)
+    assert manifest["extra"]["counts"] == {
+        "records": 40,
+        "scored": 40,
+        "quarantined": 0,
+        "low_confidence": r.low_confidence,
+    }
+    assert len(manifest["extra"]["inputs"]["files"]) == 2 and manifest["rows"] == 40
+    assert sorted(manifest["files"]) == [layout.part_name(i) for i in range(r.shards)]
+    # one folder per predicted group, holding exactly the rows predicted as that group
+    by_group = lake.read_dataset("predictions_by_group/batch_date=2026-03-01")
+    assert by_group.num_rows == 40
+    for g, gkey in enumerate(GROUP_KEYS):
+        rows = [
+            p
+            for p, gg in zip(
+                by_group.column("pred_group").to_pylist(), by_group.column("group").to_pylist(), strict=True
+            )
+            if gg == gkey
+        ]
+        assert all(p == g for p in rows)
+    review = lake.read_partition(layout.review_key("2026-03-01", V, r.batch_id))
+    assert review.num_rows == r.low_confidence and all(
+        c < 0.5 for c in review.column("confidence").to_pylist()
+    )
+    emb = lake.read_partition(layout.embeddings_key("2026-03-01", V, r.batch_id))
+    assert emb.num_rows > 0 and emb.column("embedding").type.list_size == 4
+    # the whole day reads as one table, with the hive keys as columns
+    day = lake.read_dataset("predictions")
+    assert day.num_rows == 40 and set(day.column("batch_date").to_pylist()) == {"2026-03-01"}
+
+
+def test_committed_batch_is_skipped_unless_forced(lake: Lake, tmp_path: Path) -> None:
+    src, _ = _good_batch(tmp_path / "in", n=20)
+    first = FakePredictor()
+    score_batch(lake, src.as_uri(), predictor=first, model_version=V, batch_date="2026-03-02", shard_size=10)
+    again = FakePredictor()
+    r = score_batch(
+        lake, src.as_uri(), predictor=again, model_version=V, batch_date="2026-03-02", shard_size=10
+    )
+    assert r.skipped and again.calls == 0 and r.scored == 20
+    forced = FakePredictor()
+    r = score_batch(
+        lake,
+        src.as_uri(),
+        predictor=forced,
+        model_version=V,
+        batch_date="2026-03-02",
+        shard_size=10,
+        force=True,
+    )
+    assert not r.skipped and forced.calls > 0 and r.shards_skipped == 0
+    assert lake.read_partition(r.predictions_key).num_rows == 20
+
+
+def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
+    lake: Lake, tmp_path: Path
+) -> None:
+    src, ids = _good_batch(tmp_path / "in", n=60, files=3)
+    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7)
+    assert len(plan.shards) >= 6
+    flaky = FakePredictor(fail_on_call=4)  # the 4th shard "crashes"
+    done, failed = [], []
+    for s in plan.shards:
+        try:
+            done.append(score_shard(lake, s, flaky, V))
+        except RuntimeError:
+            failed.append(s.shard_id)
+    assert failed == [3]
+    with pytest.raises(ScoringError, match=r"1 of \d+ shards not committed \(ids \[3\]\)"):
+        finalize_batch(lake, plan.batch, plan.shards, V)
+    assert not lake.is_committed(layout.predictions_key("2026-03-03", V, plan.batch_id))
+    # the re-run (same plan, as a retry or a new process would make it) scores only shard 3
+    plan2 = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7)
+    counter = FakePredictor()
+    results = [score_shard(lake, s, counter, V) for s in plan2.shards]
+    assert [r.shard_id for r in results if not r.skipped] == [3] and counter.calls == 1
+    r = finalize_batch(lake, plan2.batch, plan2.shards, V, results=results)
+    assert r.shards_skipped == len(plan2.shards) - 1
+    table = lake.read_partition(r.predictions_key)
+    assert sorted(table.column("image_id").to_pylist()) == sorted(ids)  # one row per image
+
+
+def test_half_written_shard_is_overwritten_not_duplicated(lake: Lake, tmp_path: Path) -> None:
+    src, ids = _good_batch(tmp_path / "in", n=20)
+    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-04", shard_size=10)
+    score_shard(lake, plan.shards[0], FakePredictor(), V)
+    # a crash after the part file but before the marker: delete the marker, keep the part
+    marker = layout.shard_marker_key(plan.batch_date, V, plan.batch_id, 0)
+    lake.delete(marker)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    assert not any(r.skipped for r in results)
+    r = finalize_batch(lake, plan.batch, plan.shards, V)
+    assert lake.read_partition(r.predictions_key).num_rows == 20
+
+
+def test_bad_inputs_are_quarantined_and_counts_reconcile(lake: Lake, tmp_path: Path) -> None:
+    imgs = mnist_like(12, seed=3)
+    good_ids = [f"g{i}" for i in range(10)]
+    nan_table = pa.table(
+        {
+            "image_id": ["f-ok", "f-nan", "f-big", None, "f-short"],
+            "image": pa.array(
+                [
+                    imgs[0].ravel().tolist(),
+                    [float("nan")] * 784,
+                    [999.0] * 784,
+                    imgs[1].ravel().tolist(),
+                    [1.0] * 5,
+                ],
+                pa.list_(pa.float32()),
+            ),
+        }
+    )
+    src = write_files(
+        tmp_path / "bad",
+        {
+            "good.parquet": raw_parquet(good_ids, imgs[:10]),
+            "dups.parquet": raw_parquet(["g0", "g1", "new-1"], imgs[:3]),  # two ids seen in good.parquet
+            "floats.parquet": table_parquet(nan_table),
+            "wrong_schema.parquet": table_parquet(pa.table({"id": ["a"], "pixels": [1]})),
+            "corrupt.parquet": b"PAR1\x00\x01garbage",
+            "empty.parquet": b"",
+            "odd_bytes.parquet": table_parquet(
+                pa.table({"image_id": ["w1"], "image": pa.array([b"\x00" * 100], pa.binary())})
+            ),
+            "imgs/dark.png": png_bytes(imgs[11]),
+            "imgs/zero.png": b"",
+            "imgs/notes.txt": b"just text, not an image\n",
+            "imgs/tiny.png": png_bytes(np.zeros((1, 1), np.uint8)),
+            "imgs/huge.png": huge_png_header(10_000, 10_000),
+            "imgs/light.jpg": jpeg_bytes(255 - imgs[5]),
+        },
+    )
+    r = score_batch(
+        lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-05", shard_size=4
+    )
+    # good: 10 + new-1 + f-ok + dark.png + light.jpg
+    assert r.scored == 14
+    assert r.reasons == {
+        "corrupt_parquet": 1,
+        "duplicate_id": 2,
+        "empty_file": 2,
+        "missing_id": 1,
+        "nan_values": 1,
+        "not_an_image": 1,
+        "out_of_range": 1,
+        "too_large": 1,
+        "too_small": 1,
+        "wrong_schema": 1,
+        "wrong_shape": 2,
+    }
+    assert r.records == r.scored + r.quarantined == 14 + 14
+    q = lake.read_partition(layout.quarantine_key(r.batch_id, V))
+    assert q.num_rows == r.quarantined
+    assert all(q.column("detail").to_pylist()) and all(q.column("source").to_pylist())
+    preds = lake.read_partition(r.predictions_key)
+    assert preds.column("image_id").null_count == 0
+    assert len(set(preds.column("image_id").to_pylist())) == preds.num_rows
+    assert {"g0", "g1", "new-1", "imgs/dark", "imgs/light"} <= set(preds.column("image_id").to_pylist())
+
+
+def test_empty_batch_commits_an_empty_table(lake: Lake, tmp_path: Path) -> None:
+    src = tmp_path / "empty"
+    src.mkdir()
+    r = score_batch(lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-06")
+    assert (r.records, r.scored, r.quarantined, r.shards) == (0, 0, 0, 0)
+    assert lake.read_partition(r.predictions_key).num_rows == 0
+    assert lake.read_dataset("predictions/batch_date=2026-03-06").num_rows == 0
+
+
+def test_backfill_over_dates_skips_committed_and_reports_missing_days(lake: Lake, tmp_path: Path) -> None:
+    imgs = mnist_like(6)
+    for day in ("2026-04-01", "2026-04-03"):
+        lake.write_bytes(
+            f"inbox/batch_date={day}/a.parquet", raw_parquet([f"{day}-{i}" for i in range(6)], imgs)
+        )
+    entries = backfill(
+        lake, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
+    )
+    assert [(str(e.batch_date), e.status) for e in entries] == [
+        ("2026-04-01", "scored"),
+        ("2026-04-02", "no_input"),
+        ("2026-04-03", "scored"),
+    ]
+    assert entries[0].result is not None and entries[0].result.batch_id == "2026-04-01-inbox"
+    again = backfill(
+        lake, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
+    )
+    assert [e.status for e in again] == ["skipped", "no_input", "skipped"]

@@ -1,0 +1,81 @@
+"""Batch scoring: shard-parallel, exactly-once, streaming, through the fastest runtime.
+
+Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
+
+* :func:`prepare_batch` -> :class:`BatchPlan` (describe + pin model version + skip committed + shards)
+* :func:`run_shard` / :func:`score_shard` -> :class:`ShardResult` (one shard, exactly once)
+* :func:`finalize_batch` -> :class:`BatchResult` (reconcile, commit the batch manifest last)
+* :func:`score_batch` (all three in one call), :func:`backfill`
+* :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process)
+
+Lake keys: see :mod:`zalando.scoring.layout`.
+"""
+
+from zalando.scoring.batch import (
+    DEMO_BATCH_LOCATION,
+    Batch,
+    InputFile,
+    ScoringInputError,
+    ShardRef,
+    describe_batch,
+    find_demo_batch,
+    make_batch_id,
+    plan_shards,
+)
+from zalando.scoring.champion import (
+    ChampionPredictor,
+    NoChampionModelError,
+    Predictor,
+    clear_predictor_cache,
+    load_champion_predictor,
+    resolve_model_version,
+)
+from zalando.scoring.engine import (
+    PREDICTION_SCHEMA,
+    QUARANTINE_SCHEMA,
+    BatchResult,
+    ScoringError,
+    ScoringOptions,
+    ShardResult,
+    batch_summary,
+    finalize_batch,
+    is_batch_committed,
+    reset_batch,
+    score_shard,
+)
+from zalando.scoring.run import BackfillEntry, BatchPlan, backfill, prepare_batch, run_shard, score_batch
+
+__all__ = [
+    "DEMO_BATCH_LOCATION",
+    "PREDICTION_SCHEMA",
+    "QUARANTINE_SCHEMA",
+    "BackfillEntry",
+    "Batch",
+    "BatchPlan",
+    "BatchResult",
+    "ChampionPredictor",
+    "InputFile",
+    "NoChampionModelError",
+    "Predictor",
+    "ScoringError",
+    "ScoringInputError",
+    "ScoringOptions",
+    "ShardRef",
+    "ShardResult",
+    "backfill",
+    "batch_summary",
+    "clear_predictor_cache",
+    "describe_batch",
+    "find_demo_batch",
+    "finalize_batch",
+    "is_batch_committed",
+    "load_champion_predictor",
+    "make_batch_id",
+    "plan_shards",
+    "prepare_batch",
+    "reset_batch",
+    "resolve_model_version",
+    "run_shard",
+    "score_batch",
+    "score_shard",
+]

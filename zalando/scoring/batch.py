@@ -1,0 +1,550 @@
+"""Batches and shards: what is to be scored, cut into small serialisable references.
+
+A *batch* is a location (a lake key, or an ``s3://`` / ``file://`` URI) holding Parquet files
+(``image_id`` + ``image``) and/or image files (PNG, JPEG, ...). :func:`describe_batch` lists its
+inputs once (sizes, sha256, Parquet row counts and row groups, file-level problems) and decides
+the duplicate image ids (first occurrence in input order wins). :func:`plan_shards` cuts it into
+:class:`ShardRef` objects: a few hundred bytes each (file URI + row range), never images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from zalando.errors import DataError, LakeError, NotCommittedError
+from zalando.lake import MANIFEST, Lake, validate_key
+
+log = logging.getLogger(__name__)
+
+DEMO_BATCH_LOCATION = "raw/fashion-mnist/split=test"
+DEMO_SOURCE = "fashion-mnist-test"
+
+# reason codes of whole files (row-level ones live in zalando.scoring.engine and zalando.images)
+CORRUPT_PARQUET = "corrupt_parquet"
+WRONG_SCHEMA = "wrong_schema"
+EMPTY_FILE = "empty_file"
+DUPLICATE_ID = "duplicate_id"
+
+ID_COLUMN = "image_id"
+IMAGE_COLUMN = "image"
+
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+class ScoringInputError(DataError):
+    """A batch location that cannot be scored at all (missing, unreadable, not a batch)."""
+
+
+# ------------------------------------------------------------------------------------ locations
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place files are read from: a pyarrow filesystem, a root path in it, and its URI."""
+
+    fs: pafs.FileSystem
+    root: str
+    uri: str
+    lake_key: str | None = None  # set when the location is a key of the lake
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def file_uri(self, name: str) -> str:
+        return f"{self.uri}/{name}" if name else self.uri
+
+
+def resolve_location(lake: Lake, location: str) -> Location:
+    """A lake key, an ``s3://bucket/prefix`` URI (same endpoint and credentials as the lake) or ``file://``."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        path = unquote(parsed.path).rstrip("/") or "/"
+        return Location(pafs.LocalFileSystem(), path, f"file://{path}")
+    if parsed.scheme == "s3":
+        if lake.s3 is None:
+            raise ScoringInputError(
+                f"batch location {location!r}: an s3:// batch needs an S3 lake (the lake is {lake.uri_root})"
+            )
+        root = (parsed.netloc + parsed.path).rstrip("/")
+        lake_root = lake.root.rstrip("/")
+        key = root[len(lake_root) + 1 :] if root.startswith(lake_root + "/") else None
+        return Location(lake.fs, root, f"s3://{root}", key)
+    if parsed.scheme:
+        raise ScoringInputError(
+            f"batch location {location!r}: scheme must be s3://, file:// or none (a lake key)"
+        )
+    try:
+        key = validate_key(location)
+    except LakeError as e:
+        raise ScoringInputError(f"batch location {location!r}: {e}") from None
+    return Location(lake.fs, f"{lake.root}/{key}", lake.uri(key), key)
+
+
+def open_input(uri: str, lake: Lake) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of one input file URI (as recorded in a shard reference)."""
+    if uri.startswith("file://"):
+        return pafs.LocalFileSystem(), unquote(urlparse(uri).path)
+    if uri.startswith("s3://"):
+        if lake.s3 is None:
+            raise ScoringInputError(f"input {uri}: an s3:// input needs an S3 lake")
+        return lake.fs, uri[len("s3://") :]
+    raise ScoringInputError(f"input {uri!r}: not an s3:// or file:// URI")
+
+
+# ------------------------------------------------------------------------------------ batch model
+
+
+class InputFile(BaseModel):
+    """One file of a batch, as found when the batch was described."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # path relative to the batch location
+    uri: str
+    kind: Literal["parquet", "image"]
+    size: int
+    sha256: str | None = None
+    rows: int | None = None  # Parquet rows (None when the footer is unreadable); 1 for an image file
+    row_groups: tuple[int, ...] = ()  # rows per row group (Parquet)
+    error: str | None = None  # reason code when the whole file is unusable
+    error_detail: str | None = None
+
+    @property
+    def records(self) -> int:
+        """Input records this file counts for: its rows, or 1 when the whole file is unusable."""
+        if self.error is not None or self.kind == "image":
+            return 1
+        return int(self.rows or 0)
+
+
+class Batch(BaseModel):
+    """A described batch: id, date, source and every input file (the batch's input manifest)."""
+
+    batch_id: str
+    batch_date: date
+    source: str  # the slug in the id
+    location: str  # as given
+    location_uri: str
+    inputs: list[InputFile]
+    # input index -> rows in that file whose image_id appeared earlier in the batch
+    duplicates: dict[int, list[int]] = Field(default_factory=dict)
+    described_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.inputs)
+
+    @property
+    def duplicate_count(self) -> int:
+        return sum(len(v) for v in self.duplicates.values())
+
+    def input_manifest(self) -> dict:
+        """The manifest of inputs recorded in the batch manifest: files, sizes, sha256, rows."""
+        return {
+            "location": self.location_uri,
+            "files": [
+                {k: v for k, v in f.model_dump().items() if k not in ("row_groups",) and v is not None}
+                for f in self.inputs
+            ],
+            "records": self.records,
+            "duplicates": self.duplicate_count,
+        }
+
+
+class ShardRef(BaseModel):
+    """A small, serialisable reference to a slice of a batch: what a worker is handed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    batch_id: str
+    batch_date: date
+    shard_id: int
+    num_shards: int
+    kind: Literal["parquet", "images", "bad_file"]
+    # parquet: one file and a row range; images: a list of files; bad_file: the file and its problem
+    uri: str | None = None
+    name: str | None = None
+    sha256: str | None = None
+    row_start: int = 0
+    row_end: int = 0
+    files: tuple[tuple[str, str, str | None], ...] = ()  # images: (name, uri, sha256)
+    duplicate_rows: tuple[int, ...] = ()  # parquet: absolute row numbers; images: indices into files
+    error: str | None = None
+    error_detail: str | None = None
+    embedding_sample: int = 0  # rows of embeddings to keep for drift monitoring
+
+    @property
+    def records(self) -> int:
+        if self.kind == "parquet":
+            return self.row_end - self.row_start
+        if self.kind == "images":
+            return len(self.files)
+        return 1
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever what this shard covers changes (inputs, rows, duplicates)."""
+        payload = self.model_dump(mode="json", exclude={"num_shards", "embedding_sample"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------ ids
+
+
+def slugify(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:60].strip("-") or "batch"
+
+
+def default_source_slug(location: str) -> str:
+    """The last meaningful segments of a location: 'raw/fashion-mnist/split=test' -> 'fashion-mnist-test'."""
+    path = urlparse(location).path if "://" in location else location
+    segs = [s.split("=", 1)[-1] for s in path.strip("/").split("/") if s]
+    segs = [s for s in segs if s not in ("raw", "lake", "batches", "incoming")]
+    return slugify("-".join(segs[-2:]) if segs else "batch")
+
+
+def make_batch_id(batch_date: date, source: str) -> str:
+    """``<YYYY-MM-DD>-<source slug>``: the same date and source always give the same id."""
+    return f"{batch_date.isoformat()}-{slugify(source)}"
+
+
+# ------------------------------------------------------------------------------------ describe
+
+
+def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _list_files(lake: Lake, loc: Location) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """(name, size) of the batch's files, and sha256 known from a lake manifest."""
+    known: dict[str, str] = {}
+    if loc.lake_key is not None and lake.is_committed(loc.lake_key):
+        # a committed lake partition: only the files its manifest lists, with their checksums
+        manifest = lake.read_manifest(loc.lake_key)
+        out = []
+        for name, entry in sorted(manifest["files"].items()):
+            out.append((name, int(entry["bytes"])))
+            known[name] = entry["sha256"]
+        return out, known
+    info = loc.fs.get_file_info(loc.root)
+    if info.type == pafs.FileType.NotFound and loc.uri.startswith("file://"):
+        raise ScoringInputError(f"batch location {loc.uri}: does not exist")
+    sel = pafs.FileSelector(loc.root, recursive=True, allow_not_found=True)
+    try:
+        infos = loc.fs.get_file_info(sel)
+    except OSError as e:
+        raise ScoringInputError(f"batch location {loc.uri}: cannot list ({e})") from None
+    n = len(loc.root) + 1
+    out = []
+    for i in infos:
+        if i.type != pafs.FileType.File:
+            continue
+        name = i.path[n:]
+        if any(seg.startswith((".", "_")) for seg in name.split("/")):
+            continue  # hidden files, manifests, markers
+        out.append((name, int(i.size or 0)))
+    return sorted(out), known
+
+
+def _describe_parquet(
+    fs: pafs.FileSystem, path: str, name: str, uri: str, size: int, sha: str | None
+) -> tuple[InputFile, pa.Array | None]:
+    """The InputFile of a Parquet file, and its image_id column (for duplicate detection)."""
+    base = {"name": name, "uri": uri, "kind": "parquet", "size": size, "sha256": sha}
+    if size == 0:
+        return InputFile(**base, error=EMPTY_FILE, error_detail=f"{name}: zero bytes"), None
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            schema = pf.schema_arrow
+            row_groups = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+            problem = _schema_problem(schema)
+            if problem:
+                return InputFile(
+                    **base,
+                    rows=md.num_rows,
+                    row_groups=row_groups,
+                    error=WRONG_SCHEMA,
+                    error_detail=f"{name}: {problem}",
+                ), None
+            ids = pf.read(columns=[ID_COLUMN]).column(ID_COLUMN)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        return InputFile(**base, error=CORRUPT_PARQUET, error_detail=f"{name}: {detail[:300]}"), None
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if not pa.types.is_string(ids.type):
+        ids = ids.cast(pa.string())
+    return InputFile(**base, rows=md.num_rows, row_groups=row_groups), ids
+
+
+def _schema_problem(schema: pa.Schema) -> str | None:
+    names = schema.names
+    if ID_COLUMN not in names or IMAGE_COLUMN not in names:
+        return f"needs columns {ID_COLUMN!r} and {IMAGE_COLUMN!r}, has {names}"
+    id_type = schema.field(ID_COLUMN).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+        return f"column {ID_COLUMN!r} must be a string (or integer), is {id_type}"
+    t = schema.field(IMAGE_COLUMN).type
+    ok_binary = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+    ok_list = (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and (
+        pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
+    )
+    if not (ok_binary or ok_list):
+        return (
+            f"column {IMAGE_COLUMN!r} must be binary (784 pixels or image bytes) or a list of numbers, is {t}"
+        )
+    return None
+
+
+def describe_batch(
+    lake: Lake,
+    location: str,
+    *,
+    batch_date: date | str | None = None,
+    source: str | None = None,
+    hash_inputs: bool = True,
+) -> Batch:
+    """List a batch's inputs (sizes, sha256, row counts, file problems) and pick its duplicate ids.
+
+    Reads Parquet footers and ``image_id`` columns only. ``source`` defaults to the location's
+    last segments (the demo batch: ``fashion-mnist-test``); ``batch_date`` to today (UTC).
+    """
+    loc = resolve_location(lake, location)
+    if loc.fs.get_file_info(loc.root).type == pafs.FileType.File:  # a single file: its folder, one input
+        parent, _, base = loc.root.rpartition("/")
+        loc = Location(loc.fs, parent, loc.uri.rsplit("/", 1)[0], None)
+        only: str | None = base
+    else:
+        only = None
+    bdate = _as_date(batch_date)
+    slug = slugify(source) if source else default_source_slug(location)
+    if only is not None:
+        files, known_sha = [(only, int(loc.fs.get_file_info(loc.path(only)).size or 0))], {}
+    else:
+        files, known_sha = _list_files(lake, loc)
+    inputs: list[InputFile] = []
+    id_arrays: list[tuple[int, pa.Array]] = []
+    for name, size in files:
+        path, uri = loc.path(name), loc.file_uri(name)
+        sha = known_sha.get(name)
+        if sha is None and hash_inputs and size > 0:
+            try:
+                sha = _sha256_of(loc.fs, path)
+            except OSError as e:
+                raise ScoringInputError(f"batch input {uri}: cannot read ({e})") from None
+        if name.lower().endswith(".parquet"):
+            f, ids = _describe_parquet(loc.fs, path, name, uri, size, sha)
+            if ids is not None:
+                id_arrays.append((len(inputs), ids))
+        else:
+            f = InputFile(name=name, uri=uri, kind="image", size=size, sha256=sha, rows=1)
+            id_arrays.append((len(inputs), pa.array([image_id_for_file(name)], pa.string())))
+        inputs.append(f)
+    duplicates = _find_duplicates(id_arrays)
+    batch = Batch(
+        batch_id=make_batch_id(bdate, slug),
+        batch_date=bdate,
+        source=slug,
+        location=location,
+        location_uri=loc.uri,
+        inputs=inputs,
+        duplicates=duplicates,
+    )
+    log.info(
+        "batch %s: %d files, %d records, %d duplicate ids, %d unusable files",
+        batch.batch_id,
+        len(inputs),
+        batch.records,
+        batch.duplicate_count,
+        sum(f.error is not None for f in inputs),
+    )
+    return batch
+
+
+def image_id_for_file(name: str) -> str:
+    """An image file's id: its path in the batch without the extension ('shoes/a.png' -> 'shoes/a')."""
+    stem, dot, ext = name.rpartition(".")
+    return stem if dot and "/" not in ext else name
+
+
+def _find_duplicates(id_arrays: list[tuple[int, pa.Array]]) -> dict[int, list[int]]:
+    """Rows whose (non-null) id appeared earlier in input order, per input index."""
+    if not id_arrays:
+        return {}
+    lengths = np.array([len(a) for _, a in id_arrays], dtype=np.int64)
+    if lengths.sum() == 0:
+        return {}
+    all_ids = pa.chunked_array([a for _, a in id_arrays], type=pa.string()).combine_chunks()
+    import pandas as pd
+
+    s = pd.Series(all_ids.to_numpy(zero_copy_only=False), dtype=object)
+    dup = s.duplicated(keep="first").to_numpy() & s.notna().to_numpy()
+    if not dup.any():
+        return {}
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    out: dict[int, list[int]] = {}
+    for (idx, _), start, n in zip(id_arrays, starts, lengths, strict=True):
+        rows = np.flatnonzero(dup[start : start + n])
+        if rows.size:
+            out[idx] = [int(r) for r in rows]
+    return out
+
+
+def _as_date(value: date | str | None) -> date:
+    if value is None:
+        return datetime.now(UTC).date()
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise ScoringInputError(f"batch date {value!r}: expected YYYY-MM-DD") from None
+
+
+# ------------------------------------------------------------------------------------ shards
+
+
+def plan_shards(
+    batch: Batch,
+    shard_size: int = 10_000,
+    *,
+    image_shard_size: int | None = None,
+    embedding_sample: int = 2048,
+) -> list[ShardRef]:
+    """Cut a batch into shards of at most ``shard_size`` rows (images files: ``image_shard_size`` files).
+
+    Parquet shards follow row-group boundaries when they can, so a shard reads whole row groups
+    only. Deterministic: the same batch and sizes always give the same shards (ids 0..n-1).
+    """
+    if shard_size < 1:
+        raise ScoringInputError(f"shard size must be >= 1, got {shard_size}")
+    img_size = image_shard_size or min(shard_size, 256)
+    specs: list[dict] = []
+    pending_images: list[tuple[str, str, str | None]] = []
+    pending_dups: list[int] = []
+
+    def flush_images() -> None:
+        if pending_images:
+            specs.append(
+                {"kind": "images", "files": tuple(pending_images), "duplicate_rows": tuple(pending_dups)}
+            )
+            pending_images.clear()
+            pending_dups.clear()
+
+    for idx, f in enumerate(batch.inputs):
+        dups = batch.duplicates.get(idx, [])
+        if f.kind == "image":
+            if dups:
+                pending_dups.append(len(pending_images))
+            pending_images.append((f.name, f.uri, f.sha256))
+            if len(pending_images) >= img_size:
+                flush_images()
+            continue
+        if f.error is not None:
+            specs.append(
+                {
+                    "kind": "bad_file",
+                    "uri": f.uri,
+                    "name": f.name,
+                    "sha256": f.sha256,
+                    "error": f.error,
+                    "error_detail": f.error_detail,
+                }
+            )
+            continue
+        dup_arr = np.asarray(dups, dtype=np.int64)
+        for start, end in _row_ranges(f.row_groups or ((f.rows or 0),), shard_size):
+            in_range = dup_arr[(dup_arr >= start) & (dup_arr < end)]
+            specs.append(
+                {
+                    "kind": "parquet",
+                    "uri": f.uri,
+                    "name": f.name,
+                    "sha256": f.sha256,
+                    "row_start": start,
+                    "row_end": end,
+                    "duplicate_rows": tuple(int(r) for r in in_range),
+                }
+            )
+    flush_images()
+    n = len(specs)
+    per_shard = -(-embedding_sample // n) if n and embedding_sample > 0 else 0
+    return [
+        ShardRef(
+            batch_id=batch.batch_id,
+            batch_date=batch.batch_date,
+            shard_id=i,
+            num_shards=n,
+            embedding_sample=per_shard,
+            **spec,
+        )
+        for i, spec in enumerate(specs)
+    ]
+
+
+def _row_ranges(row_groups: tuple[int, ...], shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most shard_size rows, cut at row-group boundaries where possible."""
+    ranges: list[tuple[int, int]] = []
+    start = pos = 0
+    for rg in row_groups:
+        if rg == 0:
+            continue
+        if pos + rg - start > shard_size and pos > start:
+            ranges.append((start, pos))
+            start = pos
+        end_rg = pos + rg
+        while end_rg - start > shard_size:  # a row group bigger than a shard: split it
+            ranges.append((start, start + shard_size))
+            start += shard_size
+        pos = end_rg
+    if pos > start:
+        ranges.append((start, pos))
+    return ranges
+
+
+def find_demo_batch(lake: Lake) -> str:
+    """The demo batch location (the Fashion-MNIST test split), checked to be ingested."""
+    try:
+        lake.read_manifest(DEMO_BATCH_LOCATION)
+    except NotCommittedError:
+        raise ScoringInputError(
+            f"demo batch {lake.uri(DEMO_BATCH_LOCATION)} is not ingested: run `zalando ingest` (or `make run`) first"
+        ) from None
+    return DEMO_BATCH_LOCATION
+
+
+__all__ = [
+    "Batch",
+    "DEMO_BATCH_LOCATION",
+    "InputFile",
+    "Location",
+    "MANIFEST",
+    "ScoringInputError",
+    "ShardRef",
+    "describe_batch",
+    "find_demo_batch",
+    "make_batch_id",
+    "plan_shards",
+    "resolve_location",
+]

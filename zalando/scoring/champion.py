@@ -1,0 +1,332 @@
+"""Load the champion model for scoring, refusing a bundle that does not hold together.
+
+The registry pointer ``registry/champion.json`` names the model version, its experiment and its
+bundle key. The bundle (``zalando.models.bundle``) is read checksum-verified and checked before
+any image is scored: the pointer, ``bundle.json``, the registry record and the model card agree on
+the version, experiment and spec; the normalisation statistics are present, finite and equal to
+the dataset version's; the ONNX graph has the contract's inputs and outputs and gives the same
+probabilities as the torch weights. The chosen runtime is ONNX Runtime or torch, whichever is
+faster on a warm-up batch (``runtime="auto"``). Loaded predictors are cached per process, so a
+worker scoring many shards builds its ONNX Runtime session once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from zalando.errors import LakeError, ModelError, NotCommittedError
+from zalando.lake import Lake
+
+log = logging.getLogger(__name__)
+
+Runtime = Literal["auto", "onnx", "torch"]
+CHAMPION_KEY = "registry/champion.json"
+WARMUP_IMAGES = 256
+STATS_RTOL = 1e-6
+
+
+class Predictor(Protocol):
+    """What scoring needs: uint8 (N, 28, 28) -> (group probabilities (N, 5), embeddings (N, D))."""
+
+    runtime: str
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class NoChampionModelError(ModelError):
+    """The registry has no champion to score with."""
+
+
+@dataclass
+class ChampionPredictor:
+    """A checked predictor of one model version (what :func:`score_shard` is given)."""
+
+    predictor: Predictor
+    model_version: str
+    experiment: str
+    bundle_key: str
+    runtime: str
+    macs_per_image: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # warm-up seconds per runtime tried
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.predictor.predict(images)
+
+
+_CACHE: dict[tuple[str, str, str, int], ChampionPredictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_predictor_cache() -> None:
+    """Forget the per-process predictors (tests; a new champion is picked up by version anyway)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def champion_pointer(lake: Lake) -> dict[str, Any] | None:
+    """The registry's champion pointer, or None when none was promoted."""
+    try:
+        from zalando.registry import get_champion
+    except ImportError:  # pragma: no cover - the registry module is part of the package
+        return lake.read_json(CHAMPION_KEY) if lake.exists(CHAMPION_KEY) else None
+    return get_champion(lake)
+
+
+def _no_champion(lake: Lake) -> NoChampionModelError:
+    return NoChampionModelError(
+        f"no champion model in {lake.uri(CHAMPION_KEY)}: train and promote one with `make run` "
+        "(or `zalando train` then `zalando promote MODEL_VERSION`), or pass --model-version"
+    )
+
+
+def resolve_model(lake: Lake, model_version: str | None = None) -> dict[str, Any]:
+    """{model_version, experiment, bundle_key} of the champion, or of ``model_version`` when given."""
+    pointer = champion_pointer(lake)
+    if model_version is None:
+        if not pointer or not pointer.get("model_version"):
+            raise _no_champion(lake)
+        return _pointer_fields(lake, pointer)
+    if pointer and pointer.get("model_version") == model_version:
+        return _pointer_fields(lake, pointer)
+    try:
+        from zalando.registry import get_model
+
+        record = get_model(lake, model_version)
+        return _pointer_fields(lake, record)
+    except (ImportError, ModelError, LakeError):
+        pass
+    # not registered: look for a committed bundle of that version under models/
+    found = [p for p in lake.list_partitions("models") if p.rsplit("/", 1)[-1] == model_version]
+    if len(found) != 1:
+        raise ModelError(
+            f"model version {model_version!r}: {'not found' if not found else 'ambiguous'} under "
+            f"{lake.uri('models')} (see `zalando models`)"
+        )
+    experiment = found[0].split("/")[1]
+    return {"model_version": model_version, "experiment": experiment, "bundle_key": found[0]}
+
+
+def _pointer_fields(lake: Lake, pointer: dict[str, Any]) -> dict[str, Any]:
+    version, experiment = pointer.get("model_version"), pointer.get("experiment")
+    if not version or not experiment:
+        raise ModelError(f"registry entry {pointer!r} lacks model_version or experiment")
+    key = pointer.get("bundle_key") or f"models/{experiment}/{version}"
+    return {"model_version": str(version), "experiment": str(experiment), "bundle_key": str(key)}
+
+
+def resolve_model_version(lake: Lake, model_version: str | None = None) -> str:
+    """Pin the model version once per batch (the champion now, unless one is given)."""
+    return resolve_model(lake, model_version)["model_version"]
+
+
+def load_champion_predictor(
+    lake: Lake,
+    runtime: Runtime = "auto",
+    *,
+    model_version: str | None = None,
+    threads: int | None = None,
+    use_cache: bool = True,
+) -> ChampionPredictor:
+    """The champion's (or ``model_version``'s) checked predictor, cached per process.
+
+    ``runtime``: ``auto`` measures ONNX Runtime and torch on a warm-up batch and keeps the faster;
+    ``onnx`` / ``torch`` force one. ``threads``: intra-op threads (default: ZALANDO_TORCH_THREADS or
+    all cores). Raises :class:`ModelError` for a missing champion or a bundle that fails a check.
+    """
+    if runtime not in ("auto", "onnx", "torch"):
+        raise ModelError(f"unknown runtime {runtime!r}; valid choices: auto, onnx, torch")
+    info = resolve_model(lake, model_version)
+    n_threads = int(threads or _default_threads())
+    cache_key = (lake.uri_root, info["model_version"], runtime, n_threads)
+    if use_cache:
+        with _CACHE_LOCK:
+            hit = _CACHE.get(cache_key)
+        if hit is not None:
+            return hit
+    loaded = _load_checked(lake, info, runtime, n_threads)
+    if use_cache:
+        with _CACHE_LOCK:
+            _CACHE[cache_key] = loaded
+    return loaded
+
+
+def _default_threads() -> int:
+    env = os.environ.get("ZALANDO_TORCH_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _load_checked(lake: Lake, info: dict[str, Any], runtime: Runtime, threads: int) -> ChampionPredictor:
+    from zalando.models.bundle import check_onnx, load_bundle
+    from zalando.models.predictor import OnnxPredictor, TorchPredictor
+
+    t0 = time.perf_counter()
+    version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
+    where = f"model bundle {lake.uri(key)}"
+    expected_key = f"models/{experiment}/{version}"
+    if key != expected_key:
+        raise ModelError(f"{where}: the registry's bundle_key should be {expected_key!r}")
+    try:
+        manifest = lake.read_manifest(key)
+        meta = json.loads(lake.read_file(key, "bundle.json"))
+        onnx_bytes = lake.read_file(key, "model.onnx")
+    except NotCommittedError:
+        raise ModelError(
+            f"{where} is not committed (no _MANIFEST.json): re-train or promote another version"
+        ) from None
+    except LakeError as e:  # a checksum mismatch or a missing file
+        raise ModelError(f"{where}: {e}; the bundle is corrupt or was changed after commit") from None
+    missing = [n for n in ("weights.pt", "bundle.json", "model.onnx") if n not in manifest.get("files", {})]
+    if missing:
+        raise ModelError(f"{where}: files {missing} missing from its manifest")
+    checks: dict[str, Any] = {"manifest_sha256": "ok"}
+    _check_meta(lake, where, meta, version, experiment, checks)
+    try:
+        bundle = load_bundle(lake, experiment, version)
+    except LakeError as e:
+        raise ModelError(f"{where}: {e}") from None
+    if bundle.model_version != version or bundle.experiment != experiment:
+        raise ModelError(
+            f"{where}: holds {bundle.experiment}/{bundle.model_version}, not {experiment}/{version}"
+        )
+    _check_onnx_graph(where, onnx_bytes, version)
+    try:
+        checks["onnx_vs_torch_max_diff"] = check_onnx(bundle, onnx_bytes)
+    except ModelError as e:
+        raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
+    onnx_pred = OnnxPredictor(onnx_bytes, threads=threads, batch_size=1024)
+    torch_pred = TorchPredictor(bundle, threads=threads, batch_size=256) if runtime != "onnx" else None
+    warm = _warmup_images()
+    timings: dict[str, float] = {}
+    candidates: list[tuple[str, Predictor]] = []
+    if runtime in ("auto", "onnx"):
+        candidates.append(("onnx", onnx_pred))
+    if runtime in ("auto", "torch") and torch_pred is not None:
+        candidates.append(("torch", torch_pred))
+    for name, pred in candidates:
+        probs, _ = pred.predict(warm[:16])  # first call allocates
+        if probs.shape != (16, 5) or not np.all(np.isfinite(probs)) or np.abs(probs.sum(1) - 1).max() > 1e-3:
+            raise ModelError(f"{where}: {name} runtime gives invalid probabilities on the warm-up batch")
+        t = time.perf_counter()
+        pred.predict(warm)
+        timings[name] = time.perf_counter() - t
+    chosen = min(timings, key=timings.__getitem__)
+    predictor = dict(candidates)[chosen]
+    macs = bundle.card.get("macs_per_image")
+    log.info(
+        "champion %s/%s loaded in %.2fs: runtime %s (warm-up %s), %d threads",
+        experiment,
+        version,
+        time.perf_counter() - t0,
+        chosen,
+        ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
+        threads,
+    )
+    return ChampionPredictor(
+        predictor=predictor,
+        model_version=version,
+        experiment=experiment,
+        bundle_key=key,
+        runtime=chosen,
+        macs_per_image=int(macs) if isinstance(macs, int | float) else None,
+        timings=timings,
+        checks=checks,
+    )
+
+
+def _check_meta(
+    lake: Lake, where: str, meta: dict[str, Any], version: str, experiment: str, checks: dict[str, Any]
+) -> None:
+    """bundle.json against the pointer, the registry record and the dataset version's statistics."""
+    if meta.get("model_version") != version:
+        raise ModelError(
+            f"{where}: bundle.json says model_version {meta.get('model_version')!r}, expected {version!r}"
+        )
+    if meta.get("experiment") != experiment:
+        raise ModelError(
+            f"{where}: bundle.json says experiment {meta.get('experiment')!r}, expected {experiment!r}"
+        )
+    spec = meta.get("spec") or {}
+    if spec.get("name") != experiment:
+        raise ModelError(f"{where}: spec name {spec.get('name')!r} does not match experiment {experiment!r}")
+    for stat in ("mean", "std"):
+        value = meta.get(stat)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ModelError(f"{where}: normalisation {stat} missing or not a finite number ({value!r})")
+    if not (0.0 <= meta["mean"] <= 1.0) or not (0.0 < meta["std"] <= 1.0):
+        raise ModelError(
+            f"{where}: normalisation mean {meta['mean']} / std {meta['std']} out of range for pixels/255"
+        )
+    checks["stats"] = {"mean": meta["mean"], "std": meta["std"]}
+    try:
+        from zalando.registry import get_model
+
+        record = get_model(lake, version)
+    except (ImportError, ModelError, LakeError):
+        record = None
+    if record is not None:
+        if record.get("experiment") != experiment:
+            raise ModelError(
+                f"{where}: registry records experiment {record.get('experiment')!r}, bundle has {experiment!r}"
+            )
+        if record.get("spec") and record["spec"] != spec:
+            raise ModelError(f"{where}: spec in bundle.json differs from the spec registered for {version}")
+        checks["registry_record"] = "ok"
+    dataset_version = meta.get("dataset_version")
+    if dataset_version:
+        try:
+            from zalando.data.split import read_dataset_version
+
+            dv = read_dataset_version(lake, dataset_version)
+        except (NotCommittedError, LakeError, ImportError):
+            log.warning(
+                "%s: dataset version %s not in the lake; statistics not cross-checked", where, dataset_version
+            )
+            checks["dataset_stats"] = "dataset version not found"
+            return
+        for stat in ("mean", "std"):
+            ref = float(getattr(dv, stat))
+            if not math.isclose(float(meta[stat]), ref, rel_tol=STATS_RTOL, abs_tol=1e-9):
+                raise ModelError(
+                    f"{where}: normalisation {stat} {meta[stat]} differs from dataset version "
+                    f"{dataset_version}'s {ref}: the bundle was trained on other statistics"
+                )
+        checks["dataset_stats"] = "ok"
+
+
+def _check_onnx_graph(where: str, onnx_bytes: bytes, version: str) -> None:
+    import onnx
+
+    from zalando.models.bundle import ONNX_INPUT, ONNX_OUTPUTS
+
+    try:
+        model = onnx.load_from_string(onnx_bytes)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several kinds
+        raise ModelError(f"{where}: model.onnx is not a valid ONNX model ({e.__class__.__name__})") from None
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if ONNX_INPUT not in inputs or list(ONNX_OUTPUTS) != outputs[: len(ONNX_OUTPUTS)]:
+        raise ModelError(
+            f"{where}: model.onnx has inputs {inputs} / outputs {outputs}, expected {ONNX_INPUT} -> {list(ONNX_OUTPUTS)}"
+        )
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "model_version" in meta and meta["model_version"] != version:
+        raise ModelError(
+            f"{where}: model.onnx was exported for version {meta['model_version']}, not {version}"
+        )
+
+
+def _warmup_images(n: int = WARMUP_IMAGES) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)

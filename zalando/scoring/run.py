@@ -1,0 +1,290 @@
+"""Drivers: plan a batch, score its shards (here, or through any map function), finalize; backfill.
+
+The Prefect flow ``batch_scoring`` does the same with tasks::
+
+    plan = prepare_batch(lake, location, model_version=..., shard_size=..., force=...)
+    if not plan.committed:
+        results = score_shard_task.map(plan.shards, unmapped(plan.model_version), unmapped(options))
+        finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=options, results=...)
+
+where ``score_shard_task`` is ``run_shard(shard, model_version, options=options)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import date, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from zalando.errors import ZalandoError
+from zalando.lake import Lake
+from zalando.scoring.batch import (
+    Batch,
+    ScoringInputError,
+    ShardRef,
+    _as_date,
+    default_source_slug,
+    describe_batch,
+    make_batch_id,
+    plan_shards,
+    slugify,
+)
+from zalando.scoring.champion import Predictor, Runtime, load_champion_predictor, resolve_model_version
+from zalando.scoring.engine import (
+    BatchResult,
+    ScoringOptions,
+    ShardResult,
+    batch_summary,
+    finalize_batch,
+    is_batch_committed,
+    reset_batch,
+    score_shard,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 10_000
+INBOX_TEMPLATE = "inbox/batch_date={date}"
+
+
+class BatchPlan(BaseModel):
+    """A batch ready to score: its shards and the pinned model version (or: already committed)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    batch_id: str
+    batch_date: date
+    model_version: str
+    committed: bool  # already committed and not forced: nothing to do
+    batch: Batch | None = None
+    shards: list[ShardRef] = []
+
+
+def prepare_batch(
+    lake: Lake,
+    location: str,
+    *,
+    model_version: str | None = None,
+    batch_date: date | str | None = None,
+    source: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    embedding_sample: int = 2048,
+    hash_inputs: bool = True,
+) -> BatchPlan:
+    """Pin the model version, skip a committed batch (unless ``force``), describe and shard the rest."""
+    bdate = _as_date(batch_date)
+    slug = slugify(source) if source else default_source_slug(location)
+    batch_id = make_batch_id(bdate, slug)
+    version = model_version or resolve_model_version(lake)
+    if is_batch_committed(lake, bdate, batch_id, version):
+        if not force:
+            log.info(
+                "batch %s (model %s) is already committed: skipped (force=True re-scores it)",
+                batch_id,
+                version,
+            )
+            return BatchPlan(batch_id=batch_id, batch_date=bdate, model_version=version, committed=True)
+    batch = describe_batch(lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs)
+    if force:
+        reset_batch(lake, batch, version)
+    shards = plan_shards(batch, shard_size, embedding_sample=embedding_sample)
+    return BatchPlan(
+        batch_id=batch_id,
+        batch_date=bdate,
+        model_version=version,
+        committed=False,
+        batch=batch,
+        shards=shards,
+    )
+
+
+# ------------------------------------------------------------------------------------ per process
+
+_LAKES: dict[str, Lake] = {}
+_LAKES_LOCK = threading.Lock()
+
+
+def _lake_for(settings: Any) -> Lake:
+    key = settings.model_dump_json()
+    with _LAKES_LOCK:
+        lake = _LAKES.get(key)
+        if lake is None:
+            lake = _LAKES[key] = Lake.from_settings(settings)
+    return lake
+
+
+def run_shard(
+    shard: ShardRef,
+    model_version: str,
+    *,
+    options: ScoringOptions | None = None,
+    settings: Any = None,
+    lake: Lake | None = None,
+    runtime: Runtime = "auto",
+    threads: int | None = None,
+) -> ShardResult:
+    """Score one shard in this process: the lake and the checked predictor are built once per process.
+
+    This is the whole body of a Prefect ``score_shard`` task or a Dask ``client.map`` function.
+    ``settings`` default: :func:`zalando.settings.load_settings` (the environment).
+    """
+    if lake is None:
+        if settings is None:
+            from zalando.settings import load_settings
+
+            settings = load_settings()
+        lake = _lake_for(settings)
+        if threads is None and getattr(settings, "torch_threads", None):
+            threads = settings.torch_threads
+    predictor = load_champion_predictor(lake, runtime, model_version=model_version, threads=threads)
+    return score_shard(lake, shard, predictor, model_version, options)
+
+
+# ------------------------------------------------------------------------------------ whole batches
+
+MapShards = Callable[[list[ShardRef]], Iterable[ShardResult]]
+
+
+def score_batch(
+    lake: Lake,
+    location: str,
+    *,
+    model_version: str | None = None,
+    batch_date: date | str | None = None,
+    source: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    options: ScoringOptions | None = None,
+    force: bool = False,
+    runtime: Runtime = "auto",
+    threads: int | None = None,
+    map_shards: MapShards | None = None,
+    progress: Callable[[ShardResult], None] | None = None,
+    predictor: Predictor | None = None,
+) -> BatchResult:
+    """Score a batch end to end with the champion (or ``model_version``); skip it when committed.
+
+    Shards run one after the other in this process unless ``map_shards`` is given (e.g. a Dask
+    ``client.map`` over :func:`run_shard`); ``progress`` is called after every shard.
+    ``predictor`` (with ``model_version``) replaces the registry's champion, e.g. in tests.
+    """
+    if predictor is not None and model_version is None:
+        raise ScoringInputError("score_batch: a predictor needs its model_version")
+    t0 = time.perf_counter()
+    opts = options or ScoringOptions()
+    plan = prepare_batch(
+        lake,
+        location,
+        model_version=model_version,
+        batch_date=batch_date,
+        source=source,
+        shard_size=shard_size,
+        force=force,
+    )
+    if plan.committed:
+        return batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
+    assert plan.batch is not None
+    results: list[ShardResult] = []
+    if map_shards is None:
+        if predictor is None:
+            predictor = load_champion_predictor(
+                lake, runtime, model_version=plan.model_version, threads=threads
+            )
+        for shard in plan.shards:
+            r = score_shard(lake, shard, predictor, plan.model_version, opts)
+            results.append(r)
+            if progress:
+                progress(r)
+    else:
+        for r in map_shards(plan.shards):
+            results.append(r)
+            if progress:
+                progress(r)
+    result = finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
+    result.seconds = time.perf_counter() - t0
+    result.images_per_s = result.records / result.seconds if result.seconds > 0 else 0.0
+    return result
+
+
+# ------------------------------------------------------------------------------------ backfill
+
+
+class BackfillEntry(BaseModel):
+    location: str
+    batch_date: date | None = None
+    status: Literal["scored", "skipped", "no_input", "failed"]
+    result: BatchResult | None = None
+    error: str | None = None
+
+
+def date_range(date_from: date | str, date_to: date | str) -> list[date]:
+    start, end = _as_date(date_from), _as_date(date_to)
+    if end < start:
+        raise ScoringInputError(f"backfill: --to {end} is before --from {start}")
+    return [start + timedelta(days=i) for i in range((end - start).days + 1)]
+
+
+def backfill(
+    lake: Lake,
+    batches: Sequence[str] | None = None,
+    *,
+    date_from: date | str | None = None,
+    date_to: date | str | None = None,
+    location_template: str = INBOX_TEMPLATE,
+    source: str | None = "inbox",
+    stop_on_error: bool = False,
+    **score_kwargs: Any,
+) -> list[BackfillEntry]:
+    """Score each batch in turn (a list of locations, or one per day from a date range), skipping committed ones.
+
+    A date's batch lives at ``location_template.format(date=YYYY-MM-DD)`` (default
+    ``inbox/batch_date=YYYY-MM-DD``); days with no input files are reported as ``no_input``.
+    The model version is pinned once for the whole backfill (the champion at its start).
+    """
+    if batches is None and (date_from is None or date_to is None):
+        raise ScoringInputError("backfill needs a list of batches or both a start and an end date")
+    version = score_kwargs.pop("model_version", None) or resolve_model_version(lake)
+    todo: list[tuple[str, date | None, str | None]] = []
+    if batches is not None:
+        todo += [(loc, score_kwargs.get("batch_date"), None) for loc in batches]
+    else:
+        todo += [
+            (location_template.format(date=d.isoformat()), d, source) for d in date_range(date_from, date_to)
+        ]  # type: ignore[arg-type]
+    score_kwargs.pop("batch_date", None)
+    out: list[BackfillEntry] = []
+    for loc, d, src in todo:
+        try:
+            if d is not None and not _has_inputs(lake, loc):
+                out.append(BackfillEntry(location=loc, batch_date=d, status="no_input"))
+                continue
+            r = score_batch(lake, loc, model_version=version, batch_date=d, source=src, **score_kwargs)
+            out.append(
+                BackfillEntry(
+                    location=loc,
+                    batch_date=r.batch_date,
+                    status="skipped" if r.skipped else "scored",
+                    result=r,
+                )
+            )
+        except ZalandoError as e:
+            log.error("backfill: batch %s failed: %s", loc, e)
+            out.append(BackfillEntry(location=loc, batch_date=d, status="failed", error=str(e)))
+            if stop_on_error:
+                raise
+    return out
+
+
+def _has_inputs(lake: Lake, location: str) -> bool:
+    from zalando.scoring.batch import resolve_location
+
+    loc = resolve_location(lake, location)
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(loc.root, recursive=True, allow_not_found=True)
+    return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))
