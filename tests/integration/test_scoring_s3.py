@@ -1,0 +1,270 @@
+"""Batch scoring against a real SeaweedFS S3 server with a real (tiny) champion bundle.
+
+The demo batch (mini test split) end to end, identical rows through Dask, every bad input
+reconciled, image-file batches, and a scoring process killed mid-batch then finished exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.conftest import MINI_DIR
+from tests.scoring_support import (
+    article,
+    huge_png_header,
+    jpeg_bytes,
+    make_champion,
+    mnist_like,
+    png_bytes,
+    raw_parquet,
+    table_parquet,
+)
+from zalando.data.arrays import raw_table
+from zalando.data.idx import read_idx_images, read_idx_labels
+from zalando.lake import Lake
+from zalando.scoring import (
+    DEMO_BATCH_LOCATION,
+    ScoringOptions,
+    clear_predictor_cache,
+    layout,
+    load_champion_predictor,
+    run_shard,
+    score_batch,
+)
+from zalando.settings import Settings
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def scored_lake(s3_lake: Lake) -> tuple[Lake, str]:
+    import torch
+
+    torch.set_num_threads(1)
+    clear_predictor_cache()
+    return s3_lake, make_champion(s3_lake)
+
+
+def _ingest_mini_test(lake: Lake) -> int:
+    images = read_idx_images(str(MINI_DIR / "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx_labels(str(MINI_DIR / "t10k-labels-idx1-ubyte.gz"))
+    ids = [f"test-{i:05d}" for i in range(len(images))]
+    lake.commit_partition(DEMO_BATCH_LOCATION, {"part-00000": raw_table(ids, images, labels)}, "ingest-mini")
+    return len(images)
+
+
+def _without_time(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["scored_at"]).sort_by("image_id")
+
+
+def test_demo_batch_on_s3_and_identical_rows_through_dask(
+    scored_lake: tuple[Lake, str], s3_settings: Settings
+) -> None:
+    lake, version = scored_lake
+    n = _ingest_mini_test(lake)
+    r = score_batch(
+        lake, DEMO_BATCH_LOCATION, batch_date="2026-05-01", shard_size=128, runtime="onnx", threads=1
+    )
+    assert r.batch_id == "2026-05-01-fashion-mnist-test" and r.model_version == version
+    assert (r.records, r.scored, r.quarantined) == (n, n, 0)
+    assert r.predictions_key.startswith("predictions/batch_date=2026-05-01/model_version=")
+    manifest = lake.read_manifest(r.predictions_key)
+    assert (
+        manifest["extra"]["inputs"]["files"][0]["sha256"]
+        == lake.read_manifest(DEMO_BATCH_LOCATION)["files"]["part-00000.parquet"]["sha256"]
+    )
+    assert manifest["extra"]["reconciled"] and manifest["extra"]["runtimes"] == ["onnx"]
+    local = lake.read_partition(r.predictions_key)
+    assert local.num_rows == n and len(set(local.column("image_id").to_pylist())) == n
+    assert sum(r.group_counts.values()) == n
+    assert lake.read_dataset("predictions_by_group/batch_date=2026-05-01").num_rows == n
+
+    # the same batch through a Dask cluster (threads), forced: identical rows but for scored_at
+    from dask.distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+
+        def on_dask(shards: list) -> list:
+            futures = client.map(
+                run_shard,
+                shards,
+                model_version=version,
+                settings=s3_settings,
+                runtime="onnx",
+                threads=1,
+                pure=False,
+            )
+            return client.gather(futures)
+
+        r2 = score_batch(
+            lake, DEMO_BATCH_LOCATION, batch_date="2026-05-01", shard_size=128, force=True, map_shards=on_dask
+        )
+    assert (r2.records, r2.scored, r2.shards_skipped) == (n, n, 0)
+    dask_rows = lake.read_partition(r2.predictions_key)
+    assert _without_time(dask_rows).equals(_without_time(local))
+
+
+def test_bad_inputs_on_s3_reconcile(scored_lake: tuple[Lake, str]) -> None:
+    lake, version = scored_lake
+    imgs = mnist_like(8, seed=5)
+    files = {
+        "good.parquet": raw_parquet([f"g{i}" for i in range(6)], imgs[:6]),
+        "dup.parquet": raw_parquet(["g5", "g6"], imgs[6:8]),  # g5 again: a duplicate id across shards
+        "values.parquet": table_parquet(
+            pa.table(
+                {
+                    "image_id": ["nan", "range"],
+                    "image": pa.array([[float("nan")] * 784, [-1.0] * 784], pa.list_(pa.float32())),
+                }
+            )
+        ),
+        "schema.parquet": table_parquet(pa.table({"image_id": ["s"], "img": [b"x"]})),
+        "corrupt.parquet": b"PAR1" + os.urandom(64),
+        "shape.parquet": table_parquet(
+            pa.table({"image_id": ["short"], "image": pa.array([b"\x01" * 50], pa.binary())})
+        ),
+        "zero.png": b"",
+        "readme.txt": b"not an image",
+        "one.png": png_bytes(np.zeros((1, 1), np.uint8)),
+        "huge.png": huge_png_header(),
+    }
+    for name, data in files.items():
+        lake.write_bytes(f"incoming/bad/{name}", data)
+    opts = ScoringOptions(sub_batch=4)
+    r = score_batch(
+        lake, "incoming/bad", batch_date="2026-05-02", shard_size=3, options=opts, runtime="onnx", threads=1
+    )
+    assert r.scored == 7  # g0..g6
+    assert r.reasons == {
+        "corrupt_parquet": 1,
+        "duplicate_id": 1,
+        "empty_file": 1,
+        "nan_values": 1,
+        "not_an_image": 1,
+        "out_of_range": 1,
+        "too_large": 1,
+        "too_small": 1,
+        "wrong_schema": 1,
+        "wrong_shape": 1,
+    }
+    assert r.records == r.scored + r.quarantined == 17
+    q = lake.read_partition(layout.quarantine_key(r.batch_id, version))
+    assert sorted(q.column("reason").to_pylist()) == sorted(k for k, v in r.reasons.items() for _ in range(v))
+    assert lake.read_manifest(r.predictions_key)["extra"]["counts"]["quarantined"] == 10
+
+
+def test_image_file_batch_png_and_jpeg_light_and_dark(scored_lake: tuple[Lake, str]) -> None:
+    lake, _ = scored_lake
+    for i, (fmt, light) in enumerate([("png", True), ("png", False), ("jpg", True), ("jpg", False)]):
+        a = article((60 + 10 * i, 40), light_background=light, seed=i)
+        data = png_bytes(a) if fmt == "png" else jpeg_bytes(a)
+        lake.write_bytes(f"incoming/photos/item-{i}.{fmt}", data)
+    r = score_batch(lake, "incoming/photos", batch_date="2026-05-03", runtime="onnx", threads=1)
+    assert (r.records, r.scored, r.quarantined) == (4, 4, 0)
+    ids = sorted(lake.read_partition(r.predictions_key).column("image_id").to_pylist())
+    assert ids == [f"item-{i}" for i in range(4)]
+    stats = lake.read_manifest(r.predictions_key)["extra"]["pixel_stats"]
+    assert stats["mean"] < 0.45  # every picture ends up light-on-dark, the light ones inverted
+
+
+_KILLED_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from zalando.lake import Lake
+    from zalando.scoring import load_champion_predictor, score_batch
+    from zalando.settings import load_settings
+
+    lake = Lake.from_settings(load_settings())
+    champion = load_champion_predictor(lake, "onnx", threads=1)
+
+    class Slow:
+        runtime = "onnx"
+        def predict(self, images):
+            time.sleep(0.25)
+            return champion.predict(images)
+
+    print("started", flush=True)
+    score_batch(lake, "incoming/big", predictor=Slow(), model_version=champion.model_version,
+                batch_date="2026-05-04", shard_size=20)
+    print("finished", flush=True)
+    """
+)
+
+
+def test_killed_mid_batch_rerun_completes_only_missing_shards(
+    scored_lake: tuple[Lake, str], s3_settings: Settings
+) -> None:
+    lake, version = scored_lake
+    n = 400
+    imgs = mnist_like(n, seed=9)
+    ids = [f"k{i:04d}" for i in range(n)]
+    lake.write_bytes("incoming/big/a.parquet", raw_parquet(ids[:200], imgs[:200], row_group_size=20))
+    lake.write_bytes("incoming/big/b.parquet", raw_parquet(ids[200:], imgs[200:], row_group_size=20))
+    env = {
+        **os.environ,
+        "ZALANDO_LAKE_URI": s3_settings.lake_uri,
+        "ZALANDO_S3_ENDPOINT": s3_settings.s3_endpoint or "",
+        "ZALANDO_S3_ACCESS_KEY": s3_settings.s3_access_key,
+        "ZALANDO_S3_SECRET_KEY": s3_settings.s3_secret_key.get_secret_value(),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    batch_id = "2026-05-04-big"
+    markers = f"{layout.predictions_key('2026-05-04', version, batch_id)}/_shards"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and len(lake.list_keys(markers)) < 4:
+            assert proc.poll() is None, (
+                proc.stdout.read().decode() if proc.stdout else "scoring process exited"
+            )
+            time.sleep(0.1)
+        done_before = len(lake.list_keys(markers))
+        assert 4 <= done_before < 20, f"{done_before} shards committed before the kill"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    assert not lake.is_committed(layout.predictions_key("2026-05-04", version, batch_id))
+
+    calls = []
+    champion = load_champion_predictor(lake, "onnx", threads=1)
+
+    class Counting:
+        runtime = "onnx"
+
+        def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            calls.append(len(images))
+            return champion.predict(images)
+
+    r = score_batch(
+        lake,
+        "incoming/big",
+        predictor=Counting(),
+        model_version=version,
+        batch_date="2026-05-04",
+        shard_size=20,
+    )
+    assert r.shards == 20 and r.shards_skipped >= done_before
+    assert sum(calls) == (20 - r.shards_skipped) * 20  # only the missing shards were scored
+    table = lake.read_partition(r.predictions_key)
+    assert table.num_rows == n and sorted(table.column("image_id").to_pylist()) == ids  # one row per image
