@@ -1,0 +1,112 @@
+"""The `batch_scoring` flow: score one batch with the champion, shard by shard, exactly once.
+
+Deployed as `batch_scoring/score` (by hand) and run inside `nightly`. Shards are scored by the
+`score-shards` subflow, whose task runner is chosen per run: Prefect's thread pool (`local`) or
+prefect-dask's DaskTaskRunner (`dask`: a local cluster, or the scheduler at `dask_address`).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from tasks.common import RunConfig
+from tasks.lake import prepare_lake
+from tasks.scoring import commit_batch, plan_batch, score_shard
+from zalando.lake import new_run_id
+from zalando.s3server import embedded_s3
+from zalando.scoring.batch import ShardRef
+from zalando.scoring.engine import ScoringOptions, ShardResult
+from zalando.scoring.run import DEFAULT_SHARD_SIZE
+from zalando.settings import Profile, load_settings
+
+Runner = Literal["local", "dask"]
+
+
+@flow(name="score-shards", flow_run_name="score-shards-{model_version}")
+def score_shards(
+    cfg: RunConfig, shards: list[ShardRef], model_version: str, options: ScoringOptions
+) -> list[ShardResult]:
+    """Fan `score-shard` out over shard references (never over images)."""
+    futures = score_shard.map(unmapped(cfg), shards, unmapped(model_version), unmapped(options))
+    return [f.result() for f in futures]
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"batch-scoring-{flow_run.parameters.get('batch_date') or date.today().isoformat()}"
+
+
+def _shard_runner(runner: Runner, workers: int, dask_address: str | None) -> Any:
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner  # imported only when asked for: dask is heavy
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@flow(name="batch_scoring", flow_run_name=_run_name)
+def batch_scoring(
+    batch_uri: str | None = None,
+    batch_date: date | None = None,
+    model_version: str | None = None,
+    shard_size: Annotated[int, Field(ge=1)] = DEFAULT_SHARD_SIZE,
+    runner: Runner = "local",
+    workers: Annotated[int, Field(ge=1, le=64)] = 1,
+    dask_address: str | None = None,
+    confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.6,
+    force: bool = False,
+    profile: Profile | None = None,
+) -> dict[str, Any]:
+    """Score the batch at `batch_uri` with the champion model; commit predictions exactly once.
+
+    Args:
+        batch_uri: lake key or s3:// / file:// location of Parquet or image files (default: the
+            Fashion-MNIST test split, the built-in demo batch).
+        batch_date: the batch's date (default: today, UTC); with the source it names the batch.
+        model_version: score with this registered version instead of the champion.
+        shard_size: rows per shard.
+        runner: `local` (Prefect's thread pool) or `dask` (prefect-dask's DaskTaskRunner).
+        workers: shard tasks at a time (threads, or Dask worker processes).
+        dask_address: an existing Dask scheduler (runner `dask`); default: a local cluster.
+        confidence_threshold: predictions below it also go to needs_review.
+        force: score again even when this batch is already committed for this model.
+        profile: the profile of the run this batch belongs to (passed on with the drift alarm).
+    """
+    log = get_run_logger()
+    settings = load_settings(profile=profile)
+    cfg = RunConfig.from_settings(settings, run_id=new_run_id())
+    options = ScoringOptions(confidence_threshold=confidence_threshold)
+    with embedded_s3(settings):
+        prepare_lake(cfg)
+        plan = plan_batch(cfg, batch_uri, model_version, batch_date, shard_size, force)
+        results = None
+        if not plan.committed:
+            runner_impl = _shard_runner(runner, workers, dask_address)
+            results = score_shards.with_options(task_runner=runner_impl)(
+                cfg, plan.shards, plan.model_version, options
+            )
+        summary = commit_batch(cfg, plan, options, results)
+    log.info(
+        "batch %s: %d scored, %d quarantined, model %s -> %s",
+        summary["batch_id"],
+        summary["scored"],
+        summary["quarantined"],
+        summary["model_version"],
+        summary["predictions_uri"],
+    )
+    return summary

@@ -1,0 +1,54 @@
+"""The `nightly` flow: `training` then `batch_scoring`, as subflows (each with its own page in the UI).
+
+Deployed as `nightly/nightly` on the cron `0 2 * * *` (UTC) with the `cpu` profile.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from flows.batch_scoring import Runner, batch_scoring
+from flows.training import training
+from zalando.scoring.run import DEFAULT_SHARD_SIZE
+from zalando.settings import Profile
+
+
+@flow(name="nightly", flow_run_name="nightly-{profile}")
+def nightly(
+    profile: Profile = "cpu",
+    experiments: list[str] | None = None,
+    batch_uri: str | None = None,
+    batch_date: date | None = None,
+    shard_size: Annotated[int, Field(ge=1)] = DEFAULT_SHARD_SIZE,
+    runner: Runner = "local",
+    workers: Annotated[int, Field(ge=1, le=64)] = 1,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Retrain (cached steps skip when nothing changed), promote a champion, score the night's batch.
+
+    Args:
+        profile: paper, cpu (the nightly default) or quick (tests and demos).
+        experiments: train only these experiments (default: every experiment of the profile).
+        batch_uri: the night's batch (default: the Fashion-MNIST test split, the demo batch).
+        batch_date: the batch's date (default: today, UTC).
+        shard_size: rows per scoring shard.
+        runner: `local` or `dask` for the scoring shards.
+        workers: shard tasks at a time.
+        force: redo cached steps and re-score a committed batch.
+    """
+    trained = training(profile=profile, experiments=experiments, force=force, reason="nightly")
+    scored = batch_scoring(
+        batch_uri=batch_uri,
+        batch_date=batch_date,
+        shard_size=shard_size,
+        runner=runner,
+        workers=workers,
+        force=force,
+        profile=profile,
+    )
+    get_run_logger().info("nightly done: run %s, batch %s", trained["run_id"], scored["batch_id"])
+    return {"training": trained, "scoring": scored}

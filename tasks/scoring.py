@@ -1,0 +1,108 @@
+"""Batch-scoring tasks: plan a batch into shard references, score one shard, commit the batch.
+
+Exactly-once lives in the library (deterministic shard outputs and markers, the batch manifest
+committed last), so these tasks are never cached: a retry or a re-run scores only what is missing.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import RunConfig, io_task_options
+from zalando.scoring.batch import ShardRef, find_demo_batch
+from zalando.scoring.engine import ScoringOptions, ShardResult, batch_summary, finalize_batch
+from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
+
+
+@task(name="plan-batch", cache_policy=NO_CACHE, **io_task_options())
+def plan_batch(
+    cfg: RunConfig,
+    location: str | None,
+    model_version: str | None,
+    batch_date: date | None,
+    shard_size: int,
+    force: bool,
+) -> BatchPlan:
+    """Pin the model version (the champion unless given), list the batch's inputs, cut shards."""
+    lake = cfg.lake()
+    plan = prepare_batch(
+        lake,
+        location or find_demo_batch(lake),
+        model_version=model_version,
+        batch_date=batch_date,
+        shard_size=shard_size,
+        force=force,
+    )
+    get_run_logger().info(
+        "batch %s with model %s: %s",
+        plan.batch_id,
+        plan.model_version,
+        "already committed, skipped" if plan.committed else f"{len(plan.shards)} shard(s)",
+    )
+    return plan
+
+
+@task(name="score-shard", cache_policy=NO_CACHE, **io_task_options())
+def score_shard(cfg: RunConfig, shard: ShardRef, model_version: str, options: ScoringOptions) -> ShardResult:
+    """Score one shard (skipped when an earlier attempt committed it)."""
+    result = run_shard(shard, model_version, options=options, settings=cfg.settings())
+    get_run_logger().info(
+        "shard %d/%d: %d scored, %d quarantined%s in %.2fs (%s)",
+        shard.shard_id + 1,
+        shard.num_shards,
+        result.scored,
+        result.quarantined,
+        " (already committed)" if result.skipped else "",
+        result.seconds,
+        result.runtime or "-",
+    )
+    return result
+
+
+@task(name="finalize-batch", cache_policy=NO_CACHE, **io_task_options())
+def commit_batch(
+    cfg: RunConfig, plan: BatchPlan, options: ScoringOptions, results: list[ShardResult] | None
+) -> dict[str, Any]:
+    """Reconcile the shards and commit the batch manifest last; publish the batch summary artifact."""
+    lake = cfg.lake()
+    if plan.committed:
+        result = batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
+    else:
+        assert plan.batch is not None
+        result = finalize_batch(
+            lake, plan.batch, plan.shards, plan.model_version, options=options, results=results
+        )
+    summary = result.model_dump(mode="json")
+    summary["predictions_uri"] = lake.uri(result.predictions_key)
+    _batch_artifacts(summary)
+    return summary
+
+
+def _batch_artifacts(s: dict[str, Any]) -> None:
+    rows = [{"group": g, "predicted": n} for g, n in s["group_counts"].items()]
+    create_table_artifact(
+        key="batch-group-counts",
+        table=rows,
+        description=f"Predicted group counts of batch {s['batch_id']} (model {s['model_version']})",
+    )
+    reasons = ", ".join(f"{k}: {v}" for k, v in s["reasons"].items()) or "none"
+    create_markdown_artifact(
+        key="batch-summary",
+        markdown=(
+            f"# Batch {s['batch_id']}\n\n"
+            f"| | |\n|---|---|\n"
+            f"| model version | `{s['model_version']}` |\n"
+            f"| records | {s['records']} |\n| scored | {s['scored']} |\n"
+            f"| quarantined | {s['quarantined']} ({reasons}) |\n"
+            f"| low confidence (needs review) | {s['low_confidence']} |\n"
+            f"| shards | {s['shards']} ({s['shards_skipped']} already committed) |\n"
+            f"| skipped (batch already committed) | {s['skipped']} |\n\n"
+            f"Predictions: `{s['predictions_uri']}`\n"
+        ),
+        description=f"Batch {s['batch_id']} scored with {s['model_version']}",
+    )

@@ -1,0 +1,112 @@
+"""The whole loop for real: Prefect server + process worker on free ports, `prefect deploy` from
+prefect.yaml, `retrain` triggered with `prefect deployment run`, then the lake and the Prefect API
+are checked. See conftest.py for the stack fixtures."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.e2e.conftest import RETRAIN_EXPERIMENTS, FlowRunResult, LiveStack
+from zalando.lake import Lake
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _deployments(stack: LiveStack) -> dict[str, dict]:
+    flows = {f["id"]: f["name"] for f in stack.post("/flows/filter", {})}
+    return {f"{flows[d['flow_id']]}/{d['name']}": d for d in stack.post("/deployments/filter", {})}
+
+
+def test_prefect_yaml_registers_the_three_deployments(deployed: LiveStack) -> None:
+    deps = _deployments(deployed)
+    assert {"nightly/nightly", "training/retrain", "batch_scoring/score"} <= set(deps), sorted(deps)
+
+    nightly = deps["nightly/nightly"]
+    crons = [(s["schedule"].get("cron"), s["schedule"].get("timezone")) for s in nightly["schedules"]]
+    assert crons == [("0 2 * * *", "UTC")]
+    assert nightly["parameters"] == {"profile": "cpu"}
+    for d in deps.values():
+        assert d["work_pool_name"] == "zalando"
+        # the pull step points at the worker's ZALANDO_HOME, not at this checkout's absolute path
+        assert d["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ZALANDO_HOME }}"}}
+        ]
+    # typed parameters: the UI shows and validates them from this schema
+    props = deps["training/retrain"]["parameter_openapi_schema"]["properties"]
+    assert props["profile"]["enum"] == ["paper", "cpu", "quick"]
+    assert props["experiments"]["anyOf"][0]["type"] == "array"
+
+    pools = deployed.post("/work_pools/filter", {})
+    assert [p["type"] for p in pools if p["name"] == "zalando"] == ["process"]
+
+
+def test_drift_alarm_automation_targets_retrain(deployed: LiveStack) -> None:
+    deps = _deployments(deployed)
+    retrain_id = deps["training/retrain"]["id"]
+    autos = deployed.post("/automations/filter", {})
+    drift = [a for a in autos if a["name"] == "zalando-drift-alarm-retrain"]
+    assert len(drift) == 1, [a["name"] for a in autos]
+    auto = drift[0]
+    assert auto["enabled"]
+    assert auto["trigger"]["expect"] == ["zalando.drift.alarm"]
+    assert [(a["type"], a.get("deployment_id")) for a in auto["actions"]] == [("run-deployment", retrain_id)]
+
+
+def test_retrain_run_completes_and_fills_the_lake(deployed: LiveStack, retrain_run: FlowRunResult) -> None:
+    assert retrain_run.state == "COMPLETED", retrain_run.trigger_output
+    lake = Lake.from_settings(deployed.settings())
+    assert lake.is_committed("raw/fashion-mnist/split=train")
+    assert lake.is_committed("raw/fashion-mnist/split=test")
+    assert lake.list_partitions("datasets"), "no dataset version committed"
+
+    tasks = deployed.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [retrain_run.id]}}})
+    names = {t["task_key"].split("-")[0] for t in tasks}
+    assert {"ingest", "preprocess"} <= {t["name"].rsplit("-", 1)[0] for t in tasks}, names
+    assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
+    assert RETRAIN_EXPERIMENTS
+
+
+def test_drift_alarm_event_schedules_a_retrain_run(deployed: LiveStack) -> None:
+    """A `zalando.drift.alarm` event makes the automation create a `retrain` flow run.
+
+    The work pool is paused first, so the triggered run is only scheduled, then cancelled.
+    """
+    deps = _deployments(deployed)
+    retrain_id = deps["training/retrain"]["id"]
+    deployed.patch("/work_pools/zalando", {"is_paused": True})
+    try:
+        batch = f"zalando.batch.e2e-{uuid.uuid4().hex[:6]}"
+        deployed.post(
+            "/events",
+            [
+                {
+                    "id": str(uuid.uuid4()),
+                    "occurred": datetime.now(UTC).isoformat(),
+                    "event": "zalando.drift.alarm",
+                    "resource": {"prefect.resource.id": batch},
+                    "payload": {"profile": "quick", "statistics": ["embedding_mmd2"]},
+                }
+            ],
+        )
+        deadline = time.monotonic() + 90
+        runs: list[dict] = []
+        while time.monotonic() < deadline and not runs:
+            time.sleep(2)
+            runs = [
+                r
+                for r in deployed.post("/flow_runs/filter", {"deployments": {"id": {"any_": [retrain_id]}}})
+                if r["parameters"].get("reason") == f"drift alarm on {batch}"
+            ]
+        assert runs, "the drift alarm automation did not create a retrain flow run within 90 s"
+        run = runs[0]
+        assert run["parameters"]["profile"] == "quick"
+        deployed.post(
+            f"/flow_runs/{run['id']}/set_state",
+            {"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True},
+        )
+    finally:
+        deployed.patch("/work_pools/zalando", {"is_paused": False})
