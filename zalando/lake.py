@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from zalando.errors import LakeError, NotCommittedError
 log = logging.getLogger(__name__)
 
 MANIFEST = "_MANIFEST.json"
+_SINGLE_PUT_BYTES = 10 * 1024 * 1024  # pyarrow's S3 part size: bigger objects go up in parts
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=:+@,-]+$")
 
 
@@ -67,7 +68,7 @@ def _sha256(data: bytes) -> str:
 class S3Config:
     endpoint: str
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in a repr, a log line or a traceback
     region: str = "us-east-1"
     connect_timeout: float = 3.0
     request_timeout: float = 20.0
@@ -99,6 +100,9 @@ class Lake:
             raise LakeError(f"lake URI {uri!r}: scheme must be s3:// or file://")
         if s3 is None:
             raise LakeError(f"lake URI {uri!r}: an S3 endpoint and credentials are needed")
+        if parsed.path.strip("/") and any(seg in (".", "..") for seg in parsed.path.split("/")):
+            # a lake never escapes its prefix (SeaweedFS resolves '..' in object paths)
+            raise LakeError(f"lake URI {uri!r}: '.' and '..' segments are not allowed")
         ep = urlparse(s3.endpoint if "://" in s3.endpoint else f"http://{s3.endpoint}")
         fs = pafs.S3FileSystem(
             access_key=s3.access_key,
@@ -110,6 +114,9 @@ class Lake:
             request_timeout=s3.request_timeout,
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
             allow_bucket_creation=False,
+            # objects below the part size (10 MB) go up in one PutObject: one request instead of
+            # three, and a failed write leaves no half-finished multipart upload behind
+            allow_delayed_open=True,
         )
         root = (parsed.netloc + parsed.path).rstrip("/")
         return cls(fs, root, uri, s3)
@@ -224,7 +231,24 @@ class Lake:
                 with self.fs.open_output_stream(path) as out:
                     out.write(data)
 
-        self._io("write", key, _write)
+        try:
+            self._io("write", key, _write)
+        except LakeError:
+            if self.s3 is not None and len(data) > _SINGLE_PUT_BYTES:
+                self._abort_uploads(path)
+            raise
+
+    def _abort_uploads(self, path: str) -> None:
+        """Best effort: abort the multipart uploads a failed write of path left (they hold storage)."""
+        bucket, _, key = path.partition("/")
+        try:
+            client = self._boto_client()
+            for upload in client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", []):
+                if upload["Key"] == key:
+                    client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                    log.info("aborted the unfinished upload of %s/%s", bucket, key)
+        except Exception as e:  # noqa: BLE001 - cleanup must not hide the write's own error
+            log.warning("could not abort unfinished uploads of %s/%s: %s", bucket, key, _first_line(e))
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
