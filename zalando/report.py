@@ -136,7 +136,7 @@ def training_curves_png(histories: Mapping[str, Sequence[Mapping[str, Any]]]) ->
             if column in skip or not pd.api.types.is_numeric_dtype(frame[column]):
                 continue
             values = frame[column].to_numpy(dtype=float)
-            style = "--" if column.startswith(("train", "loss")) else "-"
+            style = "--" if column.startswith(("train", "loss")) else ":" if "group" in column else "-"
             if "loss" in column or "nll" in column:
                 ax_loss.plot(x, values, style, color=color, label=f"{experiment}: {column}", linewidth=1.1)
             elif np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0:
@@ -150,8 +150,8 @@ def training_curves_png(histories: Mapping[str, Sequence[Mapping[str, Any]]]) ->
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=6)
-    ax_loss.set_title("Loss per epoch (dashed: training)", fontsize=10)
-    ax_metric.set_title("Accuracy and other metrics per epoch (dashed: training)", fontsize=10)
+    ax_loss.set_title("Loss per epoch (dashed: training, dotted: group level)", fontsize=10)
+    ax_metric.set_title("Accuracy per epoch (dashed: training, dotted: group level)", fontsize=10)
     return figure_png(fig)
 
 
