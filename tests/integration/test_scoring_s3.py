@@ -34,6 +34,7 @@ from zalando.data.idx import read_idx_images, read_idx_labels
 from zalando.lake import Lake
 from zalando.scoring import (
     DEMO_BATCH_LOCATION,
+    BatchPlan,
     ScoringOptions,
     clear_predictor_cache,
     layout,
@@ -98,13 +99,13 @@ def test_demo_batch_on_s3_and_identical_rows_through_dask(
         Client(cluster) as client,
     ):
 
-        def on_dask(shards: list) -> list:
+        def on_dask(plan: BatchPlan) -> list:
             futures = client.map(
                 run_shard,
-                shards,
-                model_version=version,
+                plan.shards,
+                model_version=plan.model_version,
                 settings=s3_settings,
-                runtime="onnx",
+                runtime=plan.runtime,
                 threads=1,
                 pure=False,
             )

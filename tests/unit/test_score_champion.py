@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,22 @@ def test_loads_champion_with_both_runtimes_and_they_agree(champion_lake: tuple[L
     assert load_champion_predictor(lake, "onnx", threads=1) is onnx  # cached per process
 
 
+def test_onnx_worker_does_not_import_torch(champion_lake: tuple[Lake, str]) -> None:
+    lake, version = champion_lake
+    code = (
+        "import sys; from zalando.lake import Lake; from zalando.scoring import load_champion_predictor\n"
+        f"p = load_champion_predictor(Lake.local({lake.root!r}), 'onnx', threads=1)\n"
+        "assert p.checks['verify'] == 'light' and p.runtime == 'onnx', p.checks\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(p.model_version)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == version
+
+
 def test_missing_champion_says_how_to_get_one(tmp_path: Path) -> None:
     with pytest.raises(NoChampionModelError, match="promote"):
         load_champion_predictor(Lake.local(tmp_path / "empty"))
@@ -86,7 +104,9 @@ def test_refuses_corrupt_or_inconsistent_bundles(tmp_path: Path) -> None:
     other_onnx = lake.read_file(f"models/tiny_cnn/{other_version}", "model.onnx")
     _recommit(lake, key, **{"model.onnx": other_onnx})
     with pytest.raises(ModelError, match=r"model\.onnx does not match weights\.pt"):
-        load_champion_predictor(lake, "onnx", threads=1)
+        load_champion_predictor(lake, "onnx", threads=1, verify="full")
+    with pytest.raises(ModelError, match=r"model\.onnx does not match weights\.pt"):
+        load_champion_predictor(lake, "auto", threads=1)
     _recommit(lake, key, **{"model.onnx": onnx_ok})
 
     # statistics that differ from the dataset version the bundle names

@@ -25,10 +25,12 @@ import numpy as np
 
 from zalando.errors import LakeError, ModelError, NotCommittedError
 from zalando.lake import Lake
+from zalando.scoring.runtime import DEFAULT_INPUT, DEFAULT_OUTPUTS, OrtPredictor, onnxruntime_available
 
 log = logging.getLogger(__name__)
 
 Runtime = Literal["auto", "onnx", "torch"]
+Verify = Literal["auto", "full", "light"]
 CHAMPION_KEY = "registry/champion.json"
 WARMUP_IMAGES = 256
 STATS_RTOL = 1e-6
@@ -135,29 +137,42 @@ def load_champion_predictor(
     *,
     model_version: str | None = None,
     threads: int | None = None,
+    verify: Verify = "auto",
     use_cache: bool = True,
 ) -> ChampionPredictor:
     """The champion's (or ``model_version``'s) checked predictor, cached per process.
 
-    ``runtime``: ``auto`` measures ONNX Runtime and torch on a warm-up batch and keeps the faster;
-    ``onnx`` / ``torch`` force one. ``threads``: intra-op threads (default: ZALANDO_TORCH_THREADS or
-    all cores). Raises :class:`ModelError` for a missing champion or a bundle that fails a check.
+    ``runtime``: ``auto`` measures ONNX Runtime and torch on a warm-up batch once and keeps the
+    faster (torch alone when onnxruntime is not installed); ``onnx`` / ``torch`` force one.
+    ``verify``: ``full`` also rebuilds the torch model and checks that model.onnx gives the same
+    outputs as weights.pt; ``light`` checks checksums, bundle.json, statistics and the ONNX graph
+    without importing torch (600 MB less per worker); ``auto`` = full unless runtime is ``onnx``.
+    ``threads``: intra-op threads (default: ZALANDO_TORCH_THREADS or all cores).
+    Raises :class:`ModelError` for a missing champion or a bundle that fails a check.
     """
     if runtime not in ("auto", "onnx", "torch"):
         raise ModelError(f"unknown runtime {runtime!r}; valid choices: auto, onnx, torch")
     info = resolve_model(lake, model_version)
     n_threads = int(threads or _default_threads())
+    full = verify == "full" or (verify == "auto" and runtime != "onnx")
     cache_key = (lake.uri_root, info["model_version"], runtime, n_threads)
     if use_cache:
         with _CACHE_LOCK:
             hit = _CACHE.get(cache_key)
-        if hit is not None:
+        if hit is not None and (not full or hit.checks.get("verify") == "full"):
             return hit
-    loaded = _load_checked(lake, info, runtime, n_threads)
+    loaded = _load_checked(lake, info, runtime, n_threads, full)
     if use_cache:
         with _CACHE_LOCK:
             _CACHE[cache_key] = loaded
+            # the measured choice also serves later requests for that runtime by name
+            _CACHE.setdefault((lake.uri_root, info["model_version"], loaded.runtime, n_threads), loaded)
     return loaded
+
+
+def choose_runtime(lake: Lake, model_version: str, threads: int | None = None) -> str:
+    """Measure once (fully verified) which runtime is faster for this model: 'onnx' or 'torch'."""
+    return load_champion_predictor(lake, "auto", model_version=model_version, threads=threads).runtime
 
 
 def _default_threads() -> int:
@@ -167,10 +182,9 @@ def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _load_checked(lake: Lake, info: dict[str, Any], runtime: Runtime, threads: int) -> ChampionPredictor:
-    from zalando.models.bundle import check_onnx, load_bundle
-    from zalando.models.predictor import OnnxPredictor, TorchPredictor
-
+def _load_checked(
+    lake: Lake, info: dict[str, Any], runtime: Runtime, threads: int, full: bool
+) -> ChampionPredictor:
     t0 = time.perf_counter()
     version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
     where = f"model bundle {lake.uri(key)}"
@@ -190,30 +204,46 @@ def _load_checked(lake: Lake, info: dict[str, Any], runtime: Runtime, threads: i
     missing = [n for n in ("weights.pt", "bundle.json", "model.onnx") if n not in manifest.get("files", {})]
     if missing:
         raise ModelError(f"{where}: files {missing} missing from its manifest")
-    checks: dict[str, Any] = {"manifest_sha256": "ok"}
+    checks: dict[str, Any] = {"manifest_sha256": "ok", "verify": "full" if full else "light"}
     _check_meta(lake, where, meta, version, experiment, checks)
-    try:
-        bundle = load_bundle(lake, experiment, version)
-    except LakeError as e:
-        raise ModelError(f"{where}: {e}") from None
-    if bundle.model_version != version or bundle.experiment != experiment:
+    onnx_io = meta.get("onnx") or {}
+    input_name = str(onnx_io.get("input", DEFAULT_INPUT))
+    output_names = tuple(onnx_io.get("outputs", DEFAULT_OUTPUTS))
+    _check_onnx_graph(where, onnx_bytes, version, input_name, output_names)
+    has_ort = onnxruntime_available()
+    if runtime == "onnx" and not has_ort:
         raise ModelError(
-            f"{where}: holds {bundle.experiment}/{bundle.model_version}, not {experiment}/{version}"
+            "runtime 'onnx' asked for, but onnxruntime is not installed (pip install onnxruntime)"
         )
-    _check_onnx_graph(where, onnx_bytes, version)
-    try:
-        checks["onnx_vs_torch_max_diff"] = check_onnx(bundle, onnx_bytes)
-    except ModelError as e:
-        raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
-    onnx_pred = OnnxPredictor(onnx_bytes, threads=threads, batch_size=1024)
-    torch_pred = TorchPredictor(bundle, threads=threads, batch_size=256) if runtime != "onnx" else None
-    warm = _warmup_images()
-    timings: dict[str, float] = {}
+    if runtime == "auto" and not has_ort:
+        log.warning("onnxruntime is not installed: scoring with torch")
+        runtime = "torch"
     candidates: list[tuple[str, Predictor]] = []
     if runtime in ("auto", "onnx"):
-        candidates.append(("onnx", onnx_pred))
-    if runtime in ("auto", "torch") and torch_pred is not None:
-        candidates.append(("torch", torch_pred))
+        candidates.append(("onnx", OrtPredictor(onnx_bytes, threads, input_name, output_names)))
+    macs = None
+    if full or runtime in ("auto", "torch"):
+        from zalando.models.bundle import check_onnx, load_bundle
+        from zalando.models.predictor import TorchPredictor
+
+        try:
+            bundle = load_bundle(lake, experiment, version)
+        except LakeError as e:
+            raise ModelError(f"{where}: {e}") from None
+        if bundle.model_version != version or bundle.experiment != experiment:
+            raise ModelError(
+                f"{where}: holds {bundle.experiment}/{bundle.model_version}, not {experiment}/{version}"
+            )
+        if has_ort:
+            try:
+                checks["onnx_vs_torch_max_diff"] = check_onnx(bundle, onnx_bytes)
+            except ModelError as e:
+                raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
+        if runtime in ("auto", "torch"):
+            candidates.append(("torch", TorchPredictor(bundle, threads=threads, batch_size=256)))
+        macs = bundle.card.get("macs_per_image")
+    warm = _warmup_images()
+    timings: dict[str, float] = {}
     for name, pred in candidates:
         probs, _ = pred.predict(warm[:16])  # first call allocates
         if probs.shape != (16, 5) or not np.all(np.isfinite(probs)) or np.abs(probs.sum(1) - 1).max() > 1e-3:
@@ -223,12 +253,12 @@ def _load_checked(lake: Lake, info: dict[str, Any], runtime: Runtime, threads: i
         timings[name] = time.perf_counter() - t
     chosen = min(timings, key=timings.__getitem__)
     predictor = dict(candidates)[chosen]
-    macs = bundle.card.get("macs_per_image")
     log.info(
-        "champion %s/%s loaded in %.2fs: runtime %s (warm-up %s), %d threads",
+        "champion %s/%s loaded in %.2fs (%s checks): runtime %s (warm-up %s), %d threads",
         experiment,
         version,
         time.perf_counter() - t0,
+        checks["verify"],
         chosen,
         ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
         threads,
@@ -305,10 +335,10 @@ def _check_meta(
         checks["dataset_stats"] = "ok"
 
 
-def _check_onnx_graph(where: str, onnx_bytes: bytes, version: str) -> None:
+def _check_onnx_graph(
+    where: str, onnx_bytes: bytes, version: str, input_name: str, output_names: tuple[str, ...]
+) -> None:
     import onnx
-
-    from zalando.models.bundle import ONNX_INPUT, ONNX_OUTPUTS
 
     try:
         model = onnx.load_from_string(onnx_bytes)
@@ -316,9 +346,9 @@ def _check_onnx_graph(where: str, onnx_bytes: bytes, version: str) -> None:
         raise ModelError(f"{where}: model.onnx is not a valid ONNX model ({e.__class__.__name__})") from None
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    if ONNX_INPUT not in inputs or list(ONNX_OUTPUTS) != outputs[: len(ONNX_OUTPUTS)]:
+    if input_name not in inputs or list(output_names) != outputs[: len(output_names)]:
         raise ModelError(
-            f"{where}: model.onnx has inputs {inputs} / outputs {outputs}, expected {ONNX_INPUT} -> {list(ONNX_OUTPUTS)}"
+            f"{where}: model.onnx has inputs {inputs} / outputs {outputs}, expected {input_name} -> {list(output_names)}"
         )
     meta = {p.key: p.value for p in model.metadata_props}
     if "model_version" in meta and meta["model_version"] != version:

@@ -141,6 +141,7 @@ class BatchResult(BaseModel):
     skipped: bool = False  # the batch was already committed and not forced
     seconds: float = 0.0
     images_per_s: float = 0.0
+    timings: dict[str, float] = Field(default_factory=dict)  # plan / shards / finalize seconds
 
 
 # ------------------------------------------------------------------------------------ decoding

@@ -61,6 +61,7 @@ class BatchPlan(BaseModel):
     batch_date: date
     model_version: str
     committed: bool  # already committed and not forced: nothing to do
+    runtime: str = "onnx"  # the runtime measured fastest for this model (pass it to run_shard)
     batch: Batch | None = None
     shards: list[ShardRef] = []
 
@@ -76,8 +77,16 @@ def prepare_batch(
     force: bool = False,
     embedding_sample: int = 2048,
     hash_inputs: bool = True,
+    runtime: Runtime = "auto",
+    threads: int | None = None,
+    check_model: bool = True,
 ) -> BatchPlan:
-    """Pin the model version, skip a committed batch (unless ``force``), describe and shard the rest."""
+    """Pin the model version, skip a committed batch (unless ``force``), describe and shard the rest.
+
+    With ``check_model`` the model is loaded and fully checked here, once, before any shard runs
+    (a bad champion fails the batch at planning), and ``runtime="auto"`` is measured into the
+    concrete runtime the workers should use (``plan.runtime``).
+    """
     bdate = _as_date(batch_date)
     slug = slugify(source) if source else default_source_slug(location)
     batch_id = make_batch_id(bdate, slug)
@@ -126,13 +135,15 @@ def run_shard(
     options: ScoringOptions | None = None,
     settings: Any = None,
     lake: Lake | None = None,
-    runtime: Runtime = "auto",
+    runtime: Runtime = "onnx",
     threads: int | None = None,
 ) -> ShardResult:
     """Score one shard in this process: the lake and the checked predictor are built once per process.
 
     This is the whole body of a Prefect ``score_shard`` task or a Dask ``client.map`` function.
-    ``settings`` default: :func:`zalando.settings.load_settings` (the environment).
+    ``settings`` default: :func:`zalando.settings.load_settings` (the environment). ``runtime``:
+    pass ``plan.runtime``; with ``onnx`` the worker never imports torch (light checks: checksums,
+    metadata, statistics, graph; the full ONNX-vs-weights check ran once in :func:`prepare_batch`).
     """
     if lake is None:
         if settings is None:
@@ -148,7 +159,7 @@ def run_shard(
 
 # ------------------------------------------------------------------------------------ whole batches
 
-MapShards = Callable[[list[ShardRef]], Iterable[ShardResult]]
+MapShards = Callable[[BatchPlan], Iterable[ShardResult]]
 
 
 def score_batch(
@@ -169,8 +180,10 @@ def score_batch(
 ) -> BatchResult:
     """Score a batch end to end with the champion (or ``model_version``); skip it when committed.
 
-    Shards run one after the other in this process unless ``map_shards`` is given (e.g. a Dask
-    ``client.map`` over :func:`run_shard`); ``progress`` is called after every shard.
+    Shards run one after the other in this process unless ``map_shards`` is given: a function of
+    the :class:`BatchPlan` returning the shard results, e.g. a Dask ``client.map(run_shard,
+    plan.shards, model_version=plan.model_version, runtime=plan.runtime)``; ``progress`` is called
+    after every shard.
     ``predictor`` (with ``model_version``) replaces the registry's champion, e.g. in tests.
     """
     if predictor is not None and model_version is None:
@@ -189,6 +202,7 @@ def score_batch(
     if plan.committed:
         return batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
     assert plan.batch is not None
+    t_plan = time.perf_counter() - t0
     results: list[ShardResult] = []
     if map_shards is None:
         if predictor is None:
@@ -201,11 +215,19 @@ def score_batch(
             if progress:
                 progress(r)
     else:
-        for r in map_shards(plan.shards):
+        for r in map_shards(plan):
             results.append(r)
             if progress:
                 progress(r)
+    t_shards = time.perf_counter() - t0 - t_plan
     result = finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
+    result.timings = {
+        "plan": round(t_plan, 4),
+        "shards": round(t_shards, 4),
+        "finalize": round(result.seconds, 4),
+    }
+    for key in ("read_decode", "predict", "write"):
+        result.timings[f"shard_{key}"] = round(sum(r.timings.get(key, 0.0) for r in results), 4)
     result.seconds = time.perf_counter() - t0
     result.images_per_s = result.records / result.seconds if result.seconds > 0 else 0.0
     return result
