@@ -1,0 +1,174 @@
+"""Load: ten scoring runs at once against one S3 server (and one Prefect server) all complete, each
+with exactly its own rows.
+
+* library level: ten separate OS processes, each scoring its own batch into the same lake under the
+  same batch date (a deterministic torch-free predictor: this is about the storage, and ten torch
+  imports would cost a minute of our two shared cores);
+* Prefect level: ten ``batch_scoring`` flow runs at once, with the real (tiny) champion, against
+  one Prefect server (the session's test server) and the same S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scoring_support import make_champion, mnist_like, raw_parquet
+from zalando.lake import Lake
+from zalando.scoring import layout
+from zalando.settings import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = 10
+ROWS = 120  # per batch: two input files, three shards of 40 (big enough to interleave, small and fast)
+BATCH_DATE = "2026-07-01"
+
+
+def write_batches(lake: Lake, prefix: str) -> dict[str, list[str]]:
+    """RUNS batches of ROWS distinct images, ids unique across batches; location -> ids."""
+    batches = {}
+    for i in range(RUNS):
+        ids = [f"{prefix}{i:02d}-{j:04d}" for j in range(ROWS)]
+        imgs = mnist_like(ROWS, seed=100 + i)
+        loc = f"inbox/{prefix}{i:02d}"
+        lake.write_bytes(f"{loc}/a.parquet", raw_parquet(ids[: ROWS // 2], imgs[: ROWS // 2]))
+        lake.write_bytes(f"{loc}/b.parquet", raw_parquet(ids[ROWS // 2 :], imgs[ROWS // 2 :]))
+        batches[loc] = ids
+    return batches
+
+
+def assert_each_run_has_exactly_its_rows(
+    lake: Lake, version: str, batches: dict[str, list[str]], batch_ids: dict[str, str]
+) -> None:
+    for loc, ids in batches.items():
+        key = layout.predictions_key(BATCH_DATE, version, batch_ids[loc])
+        table = lake.read_partition(key)
+        got = table.column("image_id").to_pylist()
+        assert sorted(got) == sorted(ids), f"{loc}: {len(got)} rows, {len(set(got) - set(ids))} foreign"
+        assert set(table.column("batch_id").to_pylist()) == {batch_ids[loc]}
+        assert lake.read_manifest(key)["extra"]["reconciled"]
+    everything = lake.read_dataset(layout.batch_prefix(BATCH_DATE)).column("image_id").to_pylist()
+    assert len(everything) == len(set(everything)) == RUNS * ROWS  # nothing lost, nothing duplicated
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from tests.scoring_support import FakePredictor
+    from zalando.lake import Lake
+    from zalando.scoring import score_batch
+    from zalando.settings import load_settings
+
+    location, version, batch_date = sys.argv[1], sys.argv[2], sys.argv[3]
+    lake = Lake.from_settings(load_settings())
+    r = score_batch(lake, location, model_version=version, batch_date=batch_date, shard_size=40,
+                    predictor=FakePredictor())
+    assert "torch" not in sys.modules
+    print(json.dumps({"batch_id": r.batch_id, "scored": r.scored, "key": r.predictions_key}))
+    """
+)
+
+
+def test_ten_scoring_processes_at_once_into_one_lake(s3_lake: Lake, s3_settings: Settings) -> None:
+    version = "20260101T000000Z-fake"
+    batches = write_batches(s3_lake, "p")
+    env = {
+        **os.environ,
+        "ZALANDO_LAKE_URI": s3_settings.lake_uri,
+        "ZALANDO_S3_ENDPOINT": s3_settings.s3_endpoint or "",
+        "ZALANDO_S3_ACCESS_KEY": s3_settings.s3_access_key,
+        "ZALANDO_S3_SECRET_KEY": s3_settings.s3_secret_key.get_secret_value(),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = {
+        loc: subprocess.Popen(
+            [sys.executable, "-c", _WORKER, loc, version, BATCH_DATE],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for loc in batches
+    }
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for loc, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"{loc}: exit {proc.returncode}: {err[-2000:]}"
+            results[loc] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(r["scored"] == ROWS for r in results.values())
+    assert_each_run_has_exactly_its_rows(
+        s3_lake, version, batches, {loc: r["batch_id"] for loc, r in results.items()}
+    )
+
+
+def test_ten_batch_scoring_flow_runs_at_once_on_one_prefect_server(
+    prefect_harness: None, flow_env: dict[str, str]
+) -> None:
+    """Ten flow runs started together (threads of this process), one Prefect server, one S3 server."""
+    import torch
+    from prefect import tags
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags
+
+    from flows.batch_scoring import batch_scoring
+
+    torch.set_num_threads(1)
+    lake = Lake.from_settings(load_settings())
+    lake.ensure_ready()
+    version = make_champion(lake, seed=7)
+    batches = write_batches(lake, "f")
+    tag = f"load-{uuid.uuid4().hex[:8]}"
+    results: dict[str, dict[str, Any]] = {}
+    errors: dict[str, BaseException] = {}
+    start = threading.Barrier(RUNS)
+
+    def one_run(loc: str) -> None:
+        try:
+            start.wait(timeout=60)
+            with tags(tag):
+                results[loc] = batch_scoring(
+                    batch_uri=loc, batch_date=BATCH_DATE, model_version=version, shard_size=40
+                )
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors[loc] = e
+
+    threads = [threading.Thread(target=one_run, args=(loc,)) for loc in batches]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, {k: repr(v) for k, v in errors.items()}
+    assert len(results) == RUNS and all(r["scored"] == ROWS for r in results.values())
+    assert_each_run_has_exactly_its_rows(
+        lake, version, batches, {k: r["batch_id"] for k, r in results.items()}
+    )
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["batch_scoring"])),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+        )
+    assert len(runs) == RUNS and all(r.state and r.state.is_completed() for r in runs)
+    spans = [(r.start_time, r.end_time) for r in runs]
+    overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert overlap >= RUNS // 2, f"at most {overlap} of the runs were running at the same moment"
+    print(f"{RUNS} flow runs in {time.monotonic() - t0:.1f}s, up to {overlap} at the same moment")
