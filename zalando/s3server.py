@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zalando.errors import LakeError
@@ -109,7 +109,7 @@ class S3Server:
     state_dir: Path
     port: int
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in a repr, a log line or a traceback
 
     @property
     def pid_file(self) -> Path:
@@ -194,6 +194,8 @@ class S3Server:
                 f"embedded S3: ports {busy} (needed beside S3 port {self.port}) are in use; set ZALANDO_S3_PORT"
             )
         (self.state_dir / "data").mkdir(parents=True, exist_ok=True)
+        # the objects on disk bypass S3 authentication: only this user may read them
+        self.state_dir.chmod(0o700)
         self._write_identities()
         logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
