@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import subprocess
 import warnings
 from dataclasses import dataclass, field
@@ -349,7 +350,13 @@ def load_bundle(lake: Any, experiment: str, model_version: str) -> ModelBundle:
         raise ModelError(f"model bundle {key} was trained with another label->group map")
     spec = ExperimentSpec.model_validate(meta["spec"])
     model = build_model(spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params)
-    state = torch.load(io.BytesIO(_read(lake, key, "weights.pt")), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(_read(lake, key, "weights.pt")), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # a pickle that is not plain tensors (it could run code) or a torn file: refused, one line
+        raise ModelError(
+            f"weights of {key} refused: not a plain tensor state dict ({type(exc).__name__})"
+        ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,7 +113,12 @@ def load_lake_state(lake: Any, ref: str) -> dict[str, torch.Tensor]:
         raw = lake.read_bytes(f"{key}/weights.pt")
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot read weights of {key!r} from the lake: {exc}".splitlines()[0]) from None
-    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ModelError(
+            f"weights of {key!r} refused: not a plain tensor state dict ({type(exc).__name__})"
+        ) from None
 
 
 def init_weights(
