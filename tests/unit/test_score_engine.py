@@ -138,7 +138,9 @@ def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
     lake: Lake, tmp_path: Path
 ) -> None:
     src, ids = _good_batch(tmp_path / "in", n=60, files=3)
-    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7)
+    plan = prepare_batch(
+        lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7, check_model=False
+    )
     assert len(plan.shards) >= 6
     flaky = FakePredictor(fail_on_call=4)  # the 4th shard "crashes"
     done, failed = [], []
@@ -152,7 +154,9 @@ def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
         finalize_batch(lake, plan.batch, plan.shards, V)
     assert not lake.is_committed(layout.predictions_key("2026-03-03", V, plan.batch_id))
     # the re-run (same plan, as a retry or a new process would make it) scores only shard 3
-    plan2 = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7)
+    plan2 = prepare_batch(
+        lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7, check_model=False
+    )
     counter = FakePredictor()
     results = [score_shard(lake, s, counter, V) for s in plan2.shards]
     assert [r.shard_id for r in results if not r.skipped] == [3] and counter.calls == 1
@@ -164,7 +168,9 @@ def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
 
 def test_half_written_shard_is_overwritten_not_duplicated(lake: Lake, tmp_path: Path) -> None:
     src, ids = _good_batch(tmp_path / "in", n=20)
-    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-04", shard_size=10)
+    plan = prepare_batch(
+        lake, src.as_uri(), model_version=V, batch_date="2026-03-04", shard_size=10, check_model=False
+    )
     score_shard(lake, plan.shards[0], FakePredictor(), V)
     # a crash after the part file but before the marker: delete the marker, keep the part
     marker = layout.shard_marker_key(plan.batch_date, V, plan.batch_id, 0)
@@ -269,3 +275,19 @@ def test_backfill_over_dates_skips_committed_and_reports_missing_days(lake: Lake
         lake, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
     )
     assert [e.status for e in again] == ["skipped", "no_input", "skipped"]
+
+
+def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
+    from zalando.scoring.engine import _predict
+
+    imgs = mnist_like(70)
+
+    class Parallel(FakePredictor):
+        parallelism = 3
+
+    p1, e1 = _predict(FakePredictor(), imgs, sub_batch=8, n_embed=20)
+    p3, e3 = _predict(Parallel(), imgs, sub_batch=8, n_embed=20)
+    np.testing.assert_array_equal(p1, p3)
+    np.testing.assert_array_equal(e1, e3)
+    assert e1.shape == (20, 4)
+    np.testing.assert_array_equal(e1, FakePredictor().predict(imgs[:20])[1])

@@ -64,6 +64,11 @@ class ChampionPredictor:
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.predictor.predict(images)
 
+    @property
+    def parallelism(self) -> int:
+        """How many predict calls may run at once (thread-safe ONNX Runtime sessions)."""
+        return int(getattr(self.predictor, "parallelism", 1))
+
 
 _CACHE: dict[tuple[str, str, str, int], ChampionPredictor] = {}
 _CACHE_LOCK = threading.Lock()

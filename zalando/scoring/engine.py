@@ -649,26 +649,37 @@ def score_shard(
 def _predict(
     predictor: Predictor, images: np.ndarray, sub_batch: int, n_embed: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities of every image, sub-batch by sub-batch (``predictor.parallelism`` at once)."""
     n = len(images)
     if n == 0:
         return np.zeros((0, NUM_GROUPS), np.float32), None
     probs = np.empty((n, NUM_GROUPS), np.float32)
-    emb_parts: list[np.ndarray] = []
-    kept = 0
-    for i in range(0, n, sub_batch):
+    starts = list(range(0, n, sub_batch))
+    par = max(1, int(getattr(predictor, "parallelism", 1)))
+
+    def run(i: int) -> tuple[int, np.ndarray, np.ndarray | None]:
         p, e = predictor.predict(images[i : i + sub_batch])
         if p.shape != (min(sub_batch, n - i), NUM_GROUPS):
             raise ModelError(
                 f"predictor returned probabilities of shape {p.shape}, expected (*, {NUM_GROUPS})"
             )
         probs[i : i + len(p)] = p
-        if kept < n_embed and e is not None and e.size:
-            take = e[: n_embed - kept]
-            emb_parts.append(np.array(take, dtype=np.float32))
-            kept += len(take)
+        return (
+            i,
+            p,
+            (np.array(e[:n_embed], dtype=np.float32) if i < n_embed and e is not None and e.size else None),
+        )
+
+    if par > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=min(par, len(starts))) as ex:
+            outs = list(ex.map(run, starts))
+    else:
+        outs = [run(i) for i in starts]
     if not np.isfinite(probs).all():
         raise ModelError("predictor returned NaN or infinite probabilities: the model is broken")
-    return probs, (np.concatenate(emb_parts) if emb_parts else None)
+    emb_parts = [e for _, _, e in outs if e is not None]
+    emb = np.concatenate(emb_parts)[:n_embed] if emb_parts else None
+    return probs, emb
 
 
 def _result_from_marker(marker: dict[str, Any], *, skipped: bool) -> ShardResult:

@@ -99,6 +99,11 @@ def prepare_batch(
                 version,
             )
             return BatchPlan(batch_id=batch_id, batch_date=bdate, model_version=version, committed=True)
+    chosen = runtime if runtime != "auto" else "onnx"
+    if check_model:
+        chosen = load_champion_predictor(
+            lake, runtime, model_version=version, threads=threads, verify="full"
+        ).runtime
     batch = describe_batch(lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs)
     if force:
         reset_batch(lake, batch, version)
@@ -108,6 +113,7 @@ def prepare_batch(
         batch_date=bdate,
         model_version=version,
         committed=False,
+        runtime=chosen,
         batch=batch,
         shards=shards,
     )
@@ -198,6 +204,9 @@ def score_batch(
         source=source,
         shard_size=shard_size,
         force=force,
+        runtime=runtime,
+        threads=threads,
+        check_model=predictor is None,
     )
     if plan.committed:
         return batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
@@ -206,8 +215,9 @@ def score_batch(
     results: list[ShardResult] = []
     if map_shards is None:
         if predictor is None:
+            # checked and cached by prepare_batch; plan.runtime is the measured choice
             predictor = load_champion_predictor(
-                lake, runtime, model_version=plan.model_version, threads=threads
+                lake, plan.runtime, model_version=plan.model_version, threads=threads
             )
         for shard in plan.shards:
             r = score_shard(lake, shard, predictor, plan.model_version, opts)

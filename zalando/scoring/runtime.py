@@ -24,7 +24,13 @@ def onnxruntime_available() -> bool:
 
 
 class OrtPredictor:
-    """uint8 (N, 28, 28) -> (group probabilities (N, 5), embeddings (N, D)) through one ORT session."""
+    """uint8 (N, 28, 28) -> (group probabilities (N, 5), embeddings (N, D)) through one ORT session.
+
+    ``threads`` cores are used as ``threads`` concurrent single-threaded runs of one session
+    (``parallelism``; the scoring engine hands it that many sub-batches at once) rather than one
+    run split across threads: no intra-op synchronisation, and on our shared 2-core machines it
+    measured 1.2-1.7x faster. ``mode="intra"`` gives the classic intra-op threading instead.
+    """
 
     runtime = "onnx"
 
@@ -34,11 +40,13 @@ class OrtPredictor:
         threads: int = 1,
         input_name: str = DEFAULT_INPUT,
         output_names: tuple[str, ...] = DEFAULT_OUTPUTS,
+        mode: str = "streams",
     ) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads)
+        streams = mode == "streams"
+        so.intra_op_num_threads = 1 if streams else int(threads)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -50,6 +58,7 @@ class OrtPredictor:
         self.input_name = input_name
         self.output_names = list(output_names)
         self.threads = int(threads)
+        self.parallelism = int(threads) if streams else 1  # session.run is thread-safe and frees the GIL
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):

@@ -1,0 +1,199 @@
+"""Shared by the scoring benchmarks: a throw-away S3 lake, the benchmark champion, FLOPs and peak.
+
+The benchmark champion is the built-in ``fashion_cnn`` experiment (the custom CNN the ``cpu``
+profile trains), quick-trained on a few thousand Fashion-MNIST training images for one epoch:
+scoring speed depends on the architecture, not on accuracy. It is trained once and cached in
+``.zalando/bench/champion-lake`` (a file lake); each run copies it into the S3 lake and promotes it.
+``--use-champion`` scores with the lake's own champion instead (a real trained one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zalando.lake import Lake, S3Config  # noqa: E402
+
+FULL_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
+BENCH_DIR = ROOT / ".zalando" / "bench"
+ACCESS, SECRET = "bench", "bench-secret-7c1e"
+log = logging.getLogger("bench")
+
+
+@contextlib.contextmanager
+def s3_lake(keep: bool = False) -> Iterator[tuple[Lake, object]]:
+    """A SeaweedFS server on free ports with an empty lake; stopped (and its data removed) after."""
+    from zalando.s3server import S3Server, free_port_block
+    from zalando.settings import Settings
+
+    with tempfile.TemporaryDirectory(prefix="zalando-bench-s3-") as tmp:
+        server = S3Server(Path(tmp), free_port_block(), ACCESS, SECRET)
+        server.start(timeout=90)
+        try:
+            settings = Settings(
+                lake_uri="s3://bench/lake",
+                s3_endpoint=server.endpoint,
+                s3_access_key=ACCESS,
+                s3_secret_key=SECRET,
+                work_dir=Path(tmp) / "work",
+            )
+            lake = Lake.from_uri(settings.lake_uri, S3Config(server.endpoint, ACCESS, SECRET))
+            lake.ensure_ready()
+            yield lake, settings
+        finally:
+            server.stop()
+
+
+def test_split() -> tuple[np.ndarray, np.ndarray]:
+    from zalando.data.idx import read_idx_images, read_idx_labels
+
+    return (
+        read_idx_images(str(FULL_DATA / "t10k-images-idx3-ubyte.gz")),
+        read_idx_labels(str(FULL_DATA / "t10k-labels-idx1-ubyte.gz")),
+    )
+
+
+def put_test_split(lake: Lake) -> int:
+    """The Fashion-MNIST test split as the raw table ingest writes (the built-in demo batch)."""
+    from zalando.data.arrays import raw_table
+    from zalando.scoring import DEMO_BATCH_LOCATION
+
+    images, labels = test_split()
+    ids = [f"test-{i:05d}" for i in range(len(images))]
+    lake.commit_partition(DEMO_BATCH_LOCATION, {"part-00000": raw_table(ids, images, labels)}, "bench-ingest")
+    return len(images)
+
+
+def _train_bench_champion(cache: Lake) -> str:
+    import torch
+
+    from zalando.data.idx import read_idx_images, read_idx_labels
+    from zalando.models.bundle import build_bundle, save_bundle
+    from zalando.models.experiments import get_experiment, get_profile
+    from zalando.train import train_experiment
+
+    torch.set_num_threads(2)
+    x = read_idx_images(str(FULL_DATA / "train-images-idx3-ubyte.gz"))
+    y = read_idx_labels(str(FULL_DATA / "train-labels-idx1-ubyte.gz")).astype(np.int64)
+    data = {"x_train": x[:54000], "y_train": y[:54000], "x_val": x[54000:], "y_val": y[54000:]}
+    xf = x[:54000].astype(np.float64) / 255.0
+    mean, std = float(xf.mean()), float(xf.std())
+    profile = get_profile("quick").model_copy(update={"max_train_images": 4000, "max_val_images": 1000})
+    spec = get_experiment("fashion_cnn")
+    log.info("quick-training the benchmark champion (fashion_cnn, 4,000 images, 1 epoch)")
+    result = train_experiment(spec, profile, data, mean, std, seed=0, threads=2)
+    bundle = build_bundle(result, mean=mean, std=std, dataset_version="bench-fashion-mnist")
+    save_bundle(cache, bundle)
+    return bundle.model_version
+
+
+def install_champion(lake: Lake) -> dict:
+    """Copy the cached benchmark champion into ``lake``, register and promote it; returns its pointer."""
+    from zalando import registry
+
+    cache = Lake.local(BENCH_DIR / "champion-lake")
+    parts = cache.list_partitions("models")
+    if not parts:
+        _train_bench_champion(cache)
+        parts = cache.list_partitions("models")
+    key = parts[-1]
+    manifest = cache.read_manifest(key)
+    files = {name: cache.read_file(key, name) for name in manifest["files"]}
+    lake.commit_files(key, files, manifest["run_id"], manifest["extra"])
+    _, experiment, version = key.split("/")
+    import json
+
+    meta = json.loads(files["bundle.json"])
+    registry.register_model(
+        lake,
+        model_version=version,
+        experiment=experiment,
+        metrics={},
+        spec=meta["spec"],
+        dataset_version=meta["dataset_version"],
+        code_version=meta.get("code_version", ""),
+        bundle_key=key,
+    )
+    return registry.promote(lake, version, reason="benchmark champion", actor="benchmark")
+
+
+def onnx_flops_per_image(onnx_bytes: bytes) -> int:
+    """FLOPs (2 x multiply-accumulates) of Conv/Gemm/MatMul for one image, from the ONNX graph."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load_from_string(onnx_bytes)
+    inp = model.graph.input[0]
+    inp.type.tensor_type.shape.dim[0].dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int]] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            out = shapes.get(node.output[0])
+            w = shapes.get(node.input[1])
+            if out and w:
+                total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if a and b:
+                m = int(np.prod(a[:-1])) if len(a) > 1 else 1
+                k = a[-1]
+                n = (
+                    b[0]
+                    if node.op_type == "Gemm" and any(at.name == "transB" and at.i for at in node.attribute)
+                    else b[-1]
+                )
+                total += 2 * m * k * n
+    return total
+
+
+def matmul_peak_gflops(threads: int = 2, n: int = 1024, seconds: float = 1.5) -> float:
+    """Best fp32 GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch / oneDNN-MKL)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        best, t_end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_avg() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) / {five:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
+    log.setLevel(logging.INFO)
