@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import struct
 import zlib
 
@@ -14,6 +13,7 @@ IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
+MAX_DECOMPRESSED_BYTES = 256 * 2**20  # the full training images are 47 MB: 5x headroom
 
 
 def decompress(name: str, data: bytes) -> bytes:
@@ -23,13 +23,33 @@ def decompress(name: str, data: bytes) -> bytes:
             raise DataError(f"{name}: not a gzip file (bad header bytes {data[:2].hex() or 'empty'})")
         return data
     try:
-        return gzip.decompress(data)
+        return _gunzip_capped(name, data, MAX_DECOMPRESSED_BYTES)
     except EOFError:
         raise DataError(
             f"{name}: truncated gzip stream (file ends before the end-of-stream marker)"
         ) from None
     except (OSError, zlib.error) as e:
         raise DataError(f"{name}: corrupt gzip stream ({e})") from None
+
+
+def _gunzip_capped(name: str, data: bytes, limit: int) -> bytes:
+    """gunzip (every member) but never more than limit bytes: a gzip bomb cannot fill the memory."""
+    out = bytearray()
+    rest = data
+    while rest:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += d.decompress(rest, limit + 1 - len(out))
+        if len(out) > limit:
+            raise DataError(
+                f"{name}: decompresses to more than {limit / 2**20:g} MiB "
+                "(Fashion-MNIST's largest file is 45 MiB): refused before reading the rest"
+            )
+        if not d.eof:
+            raise EOFError
+        rest = d.unused_data
+        if not rest.strip(b"\x00"):  # gzip allows zero padding after the last member
+            break
+    return bytes(out)
 
 
 def parse_images(name: str, raw: bytes) -> np.ndarray:
