@@ -119,6 +119,7 @@ def test_ten_scoring_processes_at_once_into_one_lake(s3_lake: Lake, s3_settings:
     )
 
 
+@pytest.mark.slow
 def test_ten_batch_scoring_flow_runs_at_once_on_one_prefect_server(
     prefect_harness: None, flow_env: dict[str, str]
 ) -> None:
