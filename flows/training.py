@@ -7,16 +7,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.common import RunConfig
 from tasks.data import ingest_source, make_dataset_version, verify_source, write_eda_report
 from tasks.lake import prepare_lake
-from tasks.training import plan_experiments
+from tasks.training import (
+    decide_champion,
+    evaluate_model,
+    plan_experiments,
+    promote_champion,
+    publish_report,
+    train_model,
+)
 from zalando.lake import new_run_id
 from zalando.s3server import embedded_s3
 from zalando.settings import Profile, load_settings
+
+
+class PromotionApproval(RunInput):
+    """What the approver answers in the UI when a challenger passed every gate."""
+
+    approve: bool = False
+    comment: str = ""
 
 
 @flow(
@@ -32,6 +50,9 @@ def training(
     seed: int | None = None,
     force: bool = False,
     reason: str = "manual",
+    require_approval: bool = False,
+    approval_timeout_s: int = 3600,
+    gates: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and gate every experiment of a profile; promote the best challenger that passes.
 
@@ -42,6 +63,10 @@ def training(
         seed: random seed for the split and training (default: ZALANDO_SEED).
         force: re-ingest, re-split and retrain even when the cache says nothing changed.
         reason: why this run happens (manual, schedule, drift alarm ...); recorded in the decision log.
+        require_approval: pause before promoting a challenger that passed the gates, until someone
+            approves (or refuses) it in the UI.
+        approval_timeout_s: how long to wait for the approval; no answer means refused.
+        gates: quality gate settings overriding the profile's (zalando.monitor.GateConfig fields).
     """
     log = get_run_logger()
     settings = load_settings(profile=profile, data_source=data_source, seed=seed)
@@ -54,11 +79,49 @@ def training(
         dataset = make_dataset_version.with_options(refresh_cache=force)(cfg, digest, force=force)
         eda = write_eda_report(cfg, digest)
         plan = plan_experiments(cfg, experiments)
+        trained = train_model.with_options(refresh_cache=force).map(
+            unmapped(cfg),
+            [p["experiment"] for p in plan],
+            [p["spec_digest"] for p in plan],
+            unmapped(dataset["dataset_version"]),
+        )
+        evaluated = evaluate_model.with_options(refresh_cache=force).map(unmapped(cfg), trained)
+        evaluations = [f.result() for f in evaluated]
+        decision = decide_champion(cfg, evaluations, gates)
+        approved, comment, actor = True, "", f"prefect:{flow_run.get_name() or 'training'} ({reason})"
+        if require_approval and decision["winner"]:
+            approved, comment, actor = _ask_approval(decision, approval_timeout_s)
+        promotion = promote_champion(cfg, decision, approved, comment, actor)
+        report = publish_report(cfg, evaluations, promotion["champion"])
     return {
         "run_id": cfg.run_id,
         "profile": profile,
         "source_digest": digest,
         "dataset_version": dataset["dataset_version"],
         "eda": eda["uri"],
-        "experiments": [p["experiment"] for p in plan],
+        "models": {e["experiment"]: e["model_version"] for e in evaluations},
+        "champion": promotion["champion"],
+        "promoted": promotion["promoted"],
+        "report": report["report_uri"],
     }
+
+
+def _ask_approval(decision: dict[str, Any], timeout_s: int) -> tuple[bool, str, str]:
+    """Pause the run until someone answers in the UI; returns (approved, comment, actor)."""
+    log = get_run_logger()
+    winner = decision["winner"]
+    log.info("challenger %s passed every gate: waiting for approval in the UI", winner)
+    description = (
+        f"Promote **{winner}** ({decision['winner_experiment']}) over "
+        f"`{decision['champion_before']}`? See the gate checks of this run."
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=PromotionApproval.with_initial_data(description=description),
+            timeout=timeout_s,
+            key="approve-" + "".join(c if c.isalnum() else "-" for c in winner.lower()),
+        )
+    except FlowPauseTimeout as exc:  # nobody answered
+        log.warning("no approval for %s within %ss (%s): not promoted", winner, timeout_s, type(exc).__name__)
+        return False, "no answer before the approval timeout", "approval-timeout"
+    return answer.approve, answer.comment, "human approver (Prefect UI)"

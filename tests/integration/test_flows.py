@@ -1,0 +1,217 @@
+"""The flows on the mini data set with the `quick` profile, under the session's Prefect test harness,
+against a real SeaweedFS server: the whole nightly loop, the cache on a re-run, typed parameters,
+human approval, and the Dask runner for scoring shards."""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.exceptions import NotPausedError, ParameterTypeError
+
+from flows.batch_scoring import batch_scoring
+from flows.nightly import nightly
+from flows.training import training
+from zalando.lake import Lake
+from zalando.registry import decision_log, get_champion
+from zalando.scoring import layout
+from zalando.settings import load_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+EXPERIMENTS = ["fashion_cnn", "squeezenet1_1_full"]
+
+
+@pytest.fixture(scope="module")
+def flows_lake(prefect_harness: None, flow_env: dict[str, str]) -> Iterator[Lake]:
+    """A lake prefix of this module's own (other modules share the session's S3 server)."""
+    import os
+
+    old = os.environ["ZALANDO_LAKE_URI"]
+    os.environ["ZALANDO_LAKE_URI"] = f"s3://zalando-flows/{uuid.uuid4().hex[:10]}"
+    try:
+        yield Lake.from_settings(load_settings())
+    finally:
+        os.environ["ZALANDO_LAKE_URI"] = old
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    """Task runs of a flow run and of its subflow runs."""
+    with get_client(sync_client=True) as client:
+        ids = [flow_run_id]
+        todo = [flow_run_id]
+        while todo:
+            parent = todo.pop()
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [parent]})  # type: ignore[arg-type]
+            )
+            todo += [c.id for c in children]
+            ids += [c.id for c in children]
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+
+def _base_name(task_run_name: str) -> str:
+    """'ingest-5b4' -> 'ingest' (Prefect's generated suffix); custom names stay as they are."""
+    return re.sub(r"-[0-9a-f]{3}$", "", task_run_name)
+
+
+def _artifact_keys(flow_run_ids: list[Any]) -> set[str]:
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids))
+        )
+        return {a.key for a in arts if a.key}
+
+
+@pytest.fixture(scope="module")
+def nightly_run(flows_lake: Lake) -> dict[str, Any]:
+    t0 = time.monotonic()
+    state = nightly(profile="quick", experiments=EXPERIMENTS, return_state=True)
+    seconds = time.monotonic() - t0
+    assert state.is_completed(), state.message
+    return {"result": state.result(), "flow_run_id": state.state_details.flow_run_id, "seconds": seconds}
+
+
+def test_nightly_trains_promotes_scores_and_reports(flows_lake: Lake, nightly_run: dict[str, Any]) -> None:
+    out = nightly_run["result"]
+    trained, scored = out["training"], out["scoring"]
+    assert set(trained["models"]) == set(EXPERIMENTS)
+
+    # the lake holds every stage's output, committed
+    assert flows_lake.is_committed("raw/fashion-mnist/split=train")
+    assert flows_lake.is_committed(f"datasets/{trained['dataset_version']}")
+    for experiment, version in trained["models"].items():
+        assert flows_lake.is_committed(f"models/{experiment}/{version}")
+        assert flows_lake.is_committed(f"metrics/run_id={trained['run_id']}/experiment={experiment}")
+    champion = get_champion(flows_lake)
+    assert champion is not None and champion["model_version"] == trained["champion"]
+    assert set(decision_log(flows_lake)["model_version"]) == set(trained["models"].values())
+    assert flows_lake.exists(f"reports/run_id={trained['run_id']}/report.md")
+
+    key = layout.predictions_key(scored["batch_date"], champion["model_version"], scored["batch_id"])
+    assert flows_lake.is_committed(key)
+    assert flows_lake.read_partition(key, columns=["image_id"]).num_rows == scored["scored"] == 500
+
+    # one task run per experiment (fanned out), all completed
+    tasks = _task_runs(nightly_run["flow_run_id"])
+    names = [t.name for t in tasks]
+    assert sorted(n for n in names if n.startswith("train-")) == sorted(f"train-{e}" for e in EXPERIMENTS)
+    assert sorted(n for n in names if n.startswith("evaluate-")) == sorted(
+        f"evaluate-{e}" for e in EXPERIMENTS
+    )
+    assert all(t.state.is_completed() for t in tasks), [(t.name, t.state.name) for t in tasks]
+
+    # artifacts: per-group tables, the champion decision, the report links, the batch summary
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [nightly_run["flow_run_id"]]})  # type: ignore[arg-type]
+        )
+    keys = _artifact_keys([nightly_run["flow_run_id"], *[f.id for f in subflows]])
+    expected = {"per-group-fashion-cnn", "per-group-squeezenet1-1-full", "champion-decision", "gate-checks"}
+    assert expected | {"run-report", "run-per-group", "batch-summary", "batch-group-counts"} <= keys, keys
+
+
+def test_rerun_skips_ingest_preprocess_and_training(flows_lake: Lake, nightly_run: dict[str, Any]) -> None:
+    t0 = time.monotonic()
+    state = training(profile="quick", experiments=EXPERIMENTS, return_state=True)
+    seconds = time.monotonic() - t0
+    assert state.is_completed(), state.message
+    states = {_base_name(t.name): t.state.name for t in _task_runs(state.state_details.flow_run_id)}
+    for name in ("ingest", "preprocess", "eda", "train-fashion_cnn", "evaluate-fashion_cnn"):
+        assert states[name] == "Cached", states
+    out = state.result()
+    assert out["champion"] == nightly_run["result"]["training"]["champion"]
+    assert out["promoted"] is None  # nothing new to promote
+    assert seconds < nightly_run["seconds"] / 2, (seconds, nightly_run["seconds"])
+
+
+def test_typed_parameters_are_validated(prefect_harness: None) -> None:
+    with pytest.raises(ParameterTypeError, match="profile"):
+        training(profile="gpu-please")  # type: ignore[arg-type]
+    with pytest.raises(ParameterTypeError, match="shard_size"):
+        batch_scoring(shard_size=0)
+
+
+def test_approval_pauses_until_someone_answers(flows_lake: Lake, nightly_run: dict[str, Any]) -> None:
+    """With require_approval, a challenger that passes waits for input in the UI; here a thread
+    answers like a person would (resume_flow_run with the typed input)."""
+    from prefect.flow_runs import resume_flow_run
+
+    before = get_champion(flows_lake)["model_version"]
+    answered: dict[str, Any] = {}
+
+    def approver() -> None:
+        deadline = time.monotonic() + 240
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                paused = [
+                    r
+                    for r in client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(state={"name": {"any_": ["Paused"]}})
+                    )  # type: ignore[arg-type]
+                ]
+                for run in paused:
+                    try:
+                        resume_flow_run(run.id, run_input={"approve": True, "comment": "looks good"})
+                    except NotPausedError:  # seen between two state changes: look again
+                        continue
+                    answered["run"] = run.id
+                    return
+                time.sleep(1)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(approver,), daemon=True)
+    thread.start()
+    # force: retrain the same spec (a new version); margin 0 so the identical model passes the gates
+    state = training(
+        profile="quick",
+        experiments=["fashion_cnn"],
+        force=True,
+        require_approval=True,
+        approval_timeout_s=240,
+        gates={"min_f1_margin": 0.0},
+        return_state=True,
+    )
+    thread.join(timeout=10)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert answered.get("run") == state.state_details.flow_run_id
+    assert out["promoted"] == out["models"]["fashion_cnn"] != before
+    log = decision_log(flows_lake)
+    last = log[log["model_version"] == out["promoted"]].iloc[-1]
+    assert last["action"] == "promote" and last["actor"] == "human approver (Prefect UI)"
+
+
+def test_scoring_with_the_dask_runner(flows_lake: Lake, nightly_run: dict[str, Any]) -> None:
+    """Shards through prefect-dask's DaskTaskRunner give the same rows as the local runner."""
+    local = nightly_run["result"]["scoring"]
+    champion = nightly_run["result"]["training"]["champion"]  # pinned: another test may promote a new one
+    state = batch_scoring(
+        batch_date="2026-01-02",
+        model_version=champion,
+        shard_size=200,
+        runner="dask",
+        workers=2,
+        profile="quick",
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    dask = state.result()
+    assert dask["shards"] == 3 and dask["scored"] == local["scored"] == 500
+    rows = {}
+    for res in (local, dask):
+        key = layout.predictions_key(res["batch_date"], champion, res["batch_id"])
+        t = flows_lake.read_partition(key, columns=["image_id", "pred_group"]).to_pandas()
+        rows[res["batch_id"]] = t.sort_values("image_id").reset_index(drop=True)
+    a, b = rows.values()
+    assert a.equals(b)
+    tasks = _task_runs(state.state_details.flow_run_id)
+    assert sum(t.name.startswith("score-shard-") for t in tasks) == 3, [t.name for t in tasks]
