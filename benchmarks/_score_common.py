@@ -164,8 +164,8 @@ def onnx_flops_per_image(onnx_bytes: bytes) -> int:
     return total
 
 
-def matmul_peak_gflops(threads: int = 2, n: int = 1024, seconds: float = 1.5) -> float:
-    """Best fp32 GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch / oneDNN-MKL)."""
+def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0) -> float:
+    """Best fp32 GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch's BLAS), best of repeats."""
     import torch
 
     old = torch.get_num_threads()

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -393,7 +394,11 @@ def _find_duplicates(id_arrays: list[tuple[int, pa.Array]]) -> dict[int, list[in
     lengths = np.array([len(a) for _, a in id_arrays], dtype=np.int64)
     if lengths.sum() == 0:
         return {}
-    all_ids = pa.chunked_array([a for _, a in id_arrays], type=pa.string()).combine_chunks()
+    all_ids = pa.chunked_array([a for _, a in id_arrays], type=pa.string())
+    valid = len(all_ids) - all_ids.null_count
+    if pc.count_distinct(all_ids, mode="only_valid").as_py() == valid:
+        return {}  # the usual case, decided without leaving Arrow
+    all_ids = all_ids.combine_chunks()
     import pandas as pd
 
     s = pd.Series(all_ids.to_numpy(zero_copy_only=False), dtype=object)

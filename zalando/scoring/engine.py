@@ -571,27 +571,23 @@ def score_shard(
     t = time.perf_counter()
     scored_at = datetime.now(UTC).replace(microsecond=0)
     table = prediction_table(good_ids, probs, model_version, shard.batch_id, scored_at)
-    files: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, pa.Table] = {}  # lake key -> table; written concurrently below
     d, b, v, sid = shard.batch_date, shard.batch_id, model_version, shard.shard_id
     part = layout.part_name(sid)
     if table.num_rows:
-        files[f"{layout.predictions_key(d, v, b)}/{part}"] = _put(
-            lake, f"{layout.predictions_key(d, v, b)}/{part}", table, opts.compression
-        )
+        outputs[f"{layout.predictions_key(d, v, b)}/{part}"] = table
         pred = table.column("pred_group").to_numpy()
         for g in range(NUM_GROUPS):
             idx = np.flatnonzero(pred == g)
             if idx.size:
-                key = f"{layout.group_key(d, g, v, b)}/{part}"
-                files[key] = _put(lake, key, table.take(pa.array(idx)), opts.compression)
+                outputs[f"{layout.group_key(d, g, v, b)}/{part}"] = table.take(pa.array(idx))
         conf = table.column("confidence").to_numpy()
         low = np.flatnonzero(conf < opts.confidence_threshold)
         if low.size:
-            key = f"{layout.review_key(d, v, b)}/{part}"
-            files[key] = _put(lake, key, table.take(pa.array(low)), opts.compression)
+            outputs[f"{layout.review_key(d, v, b)}/{part}"] = table.take(pa.array(low))
         if emb_sample is not None and len(emb_sample):
             k = len(emb_sample)
-            emb_table = pa.table(
+            outputs[f"{layout.embeddings_key(d, v, b)}/{part}"] = pa.table(
                 {
                     "image_id": good_ids.slice(0, k),
                     "embedding": pa.FixedSizeListArray.from_arrays(
@@ -599,14 +595,14 @@ def score_shard(
                     ),
                 }
             )
-            key = f"{layout.embeddings_key(d, v, b)}/{part}"
-            files[key] = _put(lake, key, emb_table, opts.compression)
     else:
         conf = np.zeros(0, np.float32)
         pred = np.zeros(0, np.int8)
     if data.quarantine:
-        key = f"{layout.quarantine_key(b, v)}/{part}"
-        files[key] = _put(lake, key, _quarantine_table(data.quarantine, b, sid), opts.compression)
+        outputs[f"{layout.quarantine_key(b, v)}/{part}"] = _quarantine_table(data.quarantine, b, sid)
+    with ThreadPoolExecutor(max_workers=max(1, len(outputs))) as ex:  # object stores answer in parallel
+        written = list(ex.map(lambda kv: _put(lake, kv[0], kv[1], opts.compression), outputs.items()))
+    files: dict[str, dict[str, Any]] = dict(zip(outputs, written, strict=True))
     timings["write"] = time.perf_counter() - t
 
     reasons = Counter(r["reason"] for r in data.quarantine)
@@ -623,7 +619,7 @@ def score_shard(
         "low_confidence": int((conf < opts.confidence_threshold).sum()),
         "group_counts": np.bincount(pred.astype(np.int64), minlength=NUM_GROUPS).tolist(),
         "confidence_hist": np.histogram(conf, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].tolist(),
-        "pixel_hist": np.bincount(images.reshape(-1), minlength=256).tolist() if images.size else [0] * 256,
+        "pixel_hist": _pixel_hist(images).tolist(),
         "runtime": getattr(predictor, "runtime", ""),
         "files": files,
         "timings": {k: round(x, 4) for k, x in timings.items()},
@@ -644,6 +640,15 @@ def score_shard(
         marker["seconds"],
     )
     return _result_from_marker(marker, skipped=False)
+
+
+def _pixel_hist(images: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """256-bin histogram of the pixels (for drift monitoring), in chunks to bound temporaries."""
+    flat = images.reshape(-1)
+    hist = np.zeros(256, dtype=np.int64)
+    for i in range(0, flat.size, chunk):
+        hist += np.bincount(flat[i : i + chunk], minlength=256)
+    return hist
 
 
 def _predict(
@@ -822,36 +827,39 @@ def finalize_batch(
     low = sum(m["low_confidence"] for m in done)
     common = {"batch_id": b, "batch_date": d.isoformat(), "model_version": v}
 
-    # side partitions first (each one's manifest is its commit), stale ones removed
-    for g in range(NUM_GROUPS):
-        key = layout.group_key(d, g, v, b)
-        if key in by_prefix:
-            _commit_existing(
-                lake, key, dict(sorted(by_prefix[key].items())), run_id, {**common, "group": GROUP_KEYS[g]}
-            )
-        else:
-            lake.delete_prefix(key)
+    # side partitions first (each one's manifest is its commit; independent, so in parallel),
+    # stale ones from an earlier plan removed; the batch manifest below is the last write
     review = layout.review_key(d, v, b)
     review_files = dict(sorted(by_prefix.get(review, {}).items()))
     if not review_files:
         review_files[layout.EMPTY_PART] = _put(
             lake, f"{review}/{layout.EMPTY_PART}", PREDICTION_SCHEMA.empty_table(), opts.compression
         )
-    _commit_existing(
-        lake, review, review_files, run_id, {**common, "confidence_threshold": opts.confidence_threshold}
-    )
     emb = layout.embeddings_key(d, v, b)
-    if emb in by_prefix:
-        _commit_existing(lake, emb, dict(sorted(by_prefix[emb].items())), run_id, common)
-    else:
-        lake.delete_prefix(emb)
     qkey = layout.quarantine_key(b, v)
-    if qkey in by_prefix:
-        _commit_existing(
-            lake, qkey, dict(sorted(by_prefix[qkey].items())), run_id, {**common, "reasons": dict(reasons)}
+    side: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
+        (
+            layout.group_key(d, g, v, b),
+            by_prefix.get(layout.group_key(d, g, v, b)),
+            {**common, "group": GROUP_KEYS[g]},
         )
-    else:
-        lake.delete_prefix(qkey)
+        for g in range(NUM_GROUPS)
+    ]
+    side += [
+        (review, review_files, {**common, "confidence_threshold": opts.confidence_threshold}),
+        (emb, by_prefix.get(emb), common),
+        (qkey, by_prefix.get(qkey), {**common, "reasons": dict(reasons)}),
+    ]
+
+    def commit_side(item: tuple[str, dict[str, Any] | None, dict[str, Any]]) -> None:
+        key, entries, side_extra = item
+        if entries:
+            _commit_existing(lake, key, dict(sorted(entries.items())), run_id, side_extra)
+        else:
+            lake.delete_prefix(key)
+
+    with ThreadPoolExecutor(max_workers=len(side)) as ex:
+        list(ex.map(commit_side, side))
     _remove_stale_parts(lake, pred_key, set(pred_files))
 
     total_px = int(pixel_hist.sum())
