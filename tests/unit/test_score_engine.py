@@ -291,3 +291,18 @@ def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
     np.testing.assert_array_equal(e1, e3)
     assert e1.shape == (20, 4)
     np.testing.assert_array_equal(e1, FakePredictor().predict(imgs[:20])[1])
+
+
+def test_predictions_preview_and_progress(lake: Lake, tmp_path: Path) -> None:
+    from zalando.scoring import predictions_preview, scored_versions
+
+    src, _ = _good_batch(tmp_path / "in", n=20)
+    seen, plans = [], []
+    r = score_batch(
+        lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-09", source="shop",
+        shard_size=5, progress=seen.append, on_plan=plans.append,
+    )  # fmt: skip
+    assert plans[0].batch.records == 20 and [s.shard_id for s in seen] == [0, 1, 2, 3]
+    assert scored_versions(lake, r.batch_id) == [V]
+    p = predictions_preview(lake, r.batch_id, rows=3)
+    assert p["model_version"] == V and len(p["rows"]) == 3 and sum(p["group_counts"].values()) == 20

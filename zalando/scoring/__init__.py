@@ -43,6 +43,7 @@ from zalando.scoring.engine import (
     reset_batch,
     score_shard,
 )
+from zalando.scoring.query import predictions_preview, scored_versions
 from zalando.scoring.run import BackfillEntry, BatchPlan, backfill, prepare_batch, run_shard, score_batch
 
 __all__ = [
@@ -72,6 +73,8 @@ __all__ = [
     "load_champion_predictor",
     "make_batch_id",
     "plan_shards",
+    "predictions_preview",
+    "scored_versions",
     "prepare_batch",
     "reset_batch",
     "resolve_model_version",

@@ -183,6 +183,7 @@ def score_batch(
     map_shards: MapShards | None = None,
     progress: Callable[[ShardResult], None] | None = None,
     predictor: Predictor | None = None,
+    on_plan: Callable[[BatchPlan], None] | None = None,
 ) -> BatchResult:
     """Score a batch end to end with the champion (or ``model_version``); skip it when committed.
 
@@ -190,6 +191,7 @@ def score_batch(
     the :class:`BatchPlan` returning the shard results, e.g. a Dask ``client.map(run_shard,
     plan.shards, model_version=plan.model_version, runtime=plan.runtime)``; ``progress`` is called
     after every shard.
+    ``on_plan`` sees the plan first (its ``batch.records``: the total for a progress bar's ETA).
     ``predictor`` (with ``model_version``) replaces the registry's champion, e.g. in tests.
     """
     if predictor is not None and model_version is None:
@@ -211,6 +213,8 @@ def score_batch(
     if plan.committed:
         return batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
     assert plan.batch is not None
+    if on_plan:
+        on_plan(plan)
     t_plan = time.perf_counter() - t0
     results: list[ShardResult] = []
     if map_shards is None:
