@@ -306,3 +306,24 @@ def test_predictions_preview_and_progress(lake: Lake, tmp_path: Path) -> None:
     assert scored_versions(lake, r.batch_id) == [V]
     p = predictions_preview(lake, r.batch_id, rows=3)
     assert p["model_version"] == V and len(p["rows"]) == 3 and sum(p["group_counts"].values()) == 20
+
+
+def test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored(
+    lake: Lake, tmp_path: Path
+) -> None:
+    src, ids = _good_batch(tmp_path / "in", n=20)
+    plan = prepare_batch(
+        lake, src.as_uri(), model_version=V, batch_date="2026-03-10", shard_size=10, check_model=False
+    )
+    for s in plan.shards:
+        score_shard(lake, s, FakePredictor(), V)
+    # another run rewrote shard 1's group file with other bytes after shard 1 committed
+    marker = lake.read_json(layout.shard_marker_key(plan.batch_date, V, plan.batch_id, 1))
+    group_file = next(k for k in marker["files"] if k.startswith("predictions_by_group/"))
+    lake.write_bytes(group_file, lake.read_bytes(group_file) + b"x")
+    with pytest.raises(ScoringError, match=r"shards \[1\] changed"):
+        finalize_batch(lake, plan.batch, plan.shards, V)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    assert [r.skipped for r in results] == [True, False]
+    r = finalize_batch(lake, plan.batch, plan.shards, V, results=results)
+    assert sorted(lake.read_partition(r.predictions_key).column("image_id").to_pylist()) == sorted(ids)

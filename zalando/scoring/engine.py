@@ -806,7 +806,7 @@ def finalize_batch(
             lake, f"{pred_key}/{layout.EMPTY_PART}", PREDICTION_SCHEMA.empty_table(), opts.compression
         )
     if verify_ids:
-        _verify_unique_ids(lake, pred_key, pred_files, b)
+        _verify_shard_files(lake, done, pred_key, b)
     schema_text = str(PREDICTION_SCHEMA)
     for entry in pred_files.values():
         entry["schema"] = schema_text
@@ -931,16 +931,40 @@ def finalize_batch(
     return result
 
 
-def _verify_unique_ids(lake: Lake, key: str, files: dict[str, dict[str, Any]], batch_id: str) -> None:
-    def ids_of(name: str) -> pa.Array:
-        data = lake.read_bytes(f"{key}/{name}")
-        if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
-            raise ScoringError(f"batch {batch_id}: part file {name} changed after its shard committed")
-        return pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").combine_chunks()
+def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], pred_key: str, batch_id: str) -> None:
+    """Every file a marker lists still has its checksum, and the part files hold each image id once.
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as ex:
-        arrays = list(ex.map(ids_of, list(files)))
-    all_ids = pa.chunked_array(arrays, type=pa.string())
+    A mismatch means two runs scored the same shard at the same time (same names, other bytes):
+    that shard's marker is removed, so the next run scores it again, and the batch is not committed.
+    """
+    jobs = [(m, key, entry) for m in markers for key, entry in m["files"].items()]
+
+    def check(job: tuple[dict[str, Any], str, dict[str, Any]]) -> tuple[int | None, pa.Array | None]:
+        marker, key, entry = job
+        data = lake.read_bytes(key)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            return int(marker["shard_id"]), None
+        if key.rsplit("/", 1)[0] == pred_key:
+            return None, pq.read_table(io.BytesIO(data), columns=["image_id"]).column(
+                "image_id"
+            ).combine_chunks()
+        return None, None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(jobs)))) as ex:
+        outcomes = list(ex.map(check, jobs))
+    broken = sorted({sid for sid, _ in outcomes if sid is not None})
+    if broken:
+        for m in markers:
+            if int(m["shard_id"]) in broken:
+                lake.delete(
+                    layout.shard_marker_key(m["batch_date"], m["model_version"], batch_id, m["shard_id"])
+                )
+        raise ScoringError(
+            f"batch {batch_id}: files of shards {broken} changed after they committed (another run scoring "
+            "the same batch at once?); their markers were removed: run the batch again to rescore them"
+        )
+    arrays = [a for _, a in outcomes if a is not None]
+    all_ids = pa.chunked_array(arrays, type=pa.string()) if arrays else pa.chunked_array([], pa.string())
     n_distinct = pc.count_distinct(all_ids).as_py()
     if n_distinct != len(all_ids) or all_ids.null_count:
         raise ScoringError(
