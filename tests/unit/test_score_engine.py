@@ -327,3 +327,38 @@ def test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored(
     assert [r.skipped for r in results] == [True, False]
     r = finalize_batch(lake, plan.batch, plan.shards, V, results=results)
     assert sorted(lake.read_partition(r.predictions_key).column("image_id").to_pylist()) == sorted(ids)
+
+
+def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
+    lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zalando.scoring.engine as engine
+    from zalando.errors import LakeError
+
+    imgs = mnist_like(30)
+    good = raw_parquet([f"c{i}" for i in range(30)], imgs)
+    # garble the data pages but keep the footer: planning succeeds, reading rows fails
+    bad = bytearray(good)
+    mid = len(bad) // 2  # inside the image column's pages (the id column comes first and is small)
+    for i in range(mid, mid + 64):
+        bad[i] ^= 0x5A
+    src = write_files(tmp_path / "in", {"a.parquet": good, "b.parquet": bytes(bad)})
+    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-11", check_model=False)
+
+    class DownFS:
+        def open_input_file(self, path: str) -> None:
+            raise OSError("connection refused")
+
+        def get_file_info(self, path: str) -> None:
+            raise OSError("connection refused")
+
+    real = engine.open_input
+    monkeypatch.setattr(engine, "open_input", lambda uri, lk: (DownFS(), "x"))
+    with pytest.raises(LakeError, match="storage fault"):
+        score_shard(lake, plan.shards[0], FakePredictor(), V)
+    monkeypatch.setattr(engine, "open_input", real)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    assert [(r.scored, r.quarantined) for r in results] == [(30, 0), (0, 30)]
+    assert results[1].reasons == {"corrupt_parquet": 30}
+    r = finalize_batch(lake, plan.batch, plan.shards, V, results=results)
+    assert (r.records, r.scored, r.quarantined) == (60, 30, 30)

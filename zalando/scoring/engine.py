@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from zalando.errors import DataError, ModelError, ZalandoError
+from zalando.errors import DataError, LakeError, ModelError, ZalandoError
 from zalando.images import ImagePrepConfig, ImageRejected, decode_image, sniff_format
 from zalando.labels import GROUP_KEYS, GROUP_NAMES, NUM_GROUPS
 from zalando.lake import MANIFEST, Lake
@@ -315,13 +316,44 @@ class _ShardInput:
         )
 
 
+class _Unreadable(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _read_or_classify(read: Callable[[], Any], fs: Any, path: str, uri: str) -> Any:
+    """Run ``read``; tell a storage fault (raised as LakeError: the task retries) from a bad file.
+
+    A failed read is retried once. When the storage itself does not answer, or the file is gone,
+    this is not the input's fault and must not quarantine good rows: LakeError. When the file is
+    there and fails twice the same way, it is corrupt: :class:`_Unreadable` (quarantine).
+    """
+    err: BaseException | None = None
+    for _attempt in range(2):
+        try:
+            return read()
+        except (OSError, pa.ArrowException, ValueError, DataError) as e:
+            err = e
+            try:
+                info = fs.get_file_info(path)
+            except OSError as e2:
+                raise LakeError(f"input {uri}: storage fault while reading ({_detail(e2)})") from None
+            if info.type != pafs.FileType.File:
+                raise _Unreadable(INPUT_CHANGED, "the file is gone since the batch was planned") from None
+    assert err is not None
+    raise _Unreadable(CORRUPT_PARQUET, _detail(err))
+
+
 def _read_parquet_shard(lake: Lake, ref: ShardRef, opts: ScoringOptions) -> _ShardInput:
     n = ref.records
     out = _ShardInput(n)
     out.rows = np.arange(ref.row_start, ref.row_end, dtype=np.int64)
     assert ref.uri is not None
     fs, path = open_input(ref.uri, lake)
-    try:
+
+    def read_rows() -> pa.Table:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f, pre_buffer=True)
             md = pf.metadata
@@ -335,14 +367,17 @@ def _read_parquet_shard(lake: Lake, ref: ShardRef, opts: ScoringOptions) -> _Sha
             if pos < ref.row_end:
                 raise DataError(f"has {pos} rows, the plan expected at least {ref.row_end} (file changed?)")
             table = pf.read_row_groups(groups, columns=[ID_COLUMN, IMAGE_COLUMN], use_threads=True)
-        table = table.slice(ref.row_start - (first_row or 0), n)
-    except (OSError, pa.ArrowException, ValueError, DataError) as e:
-        # unreadable pages: every row of the shard goes to quarantine, ids when they can be had
-        detail = f"{ref.name} rows {ref.row_start}..{ref.row_end}: {_detail(e)}"
+        return table.slice(ref.row_start - (first_row or 0), n)
+
+    try:
+        table = _read_or_classify(read_rows, fs, path, ref.uri)
+    except _Unreadable as e:
+        # corrupt pages (read twice, the file still there): every row of the shard goes to quarantine
+        detail = f"{ref.name} rows {ref.row_start}..{ref.row_end}: {e.detail}"
         ids = _try_ids(fs, path, ref)
         out.ids = ids
         for i in range(n):
-            out.reject(i, ids[i], ref.uri, int(out.rows[i]), CORRUPT_PARQUET, detail, None)
+            out.reject(i, ids[i], ref.uri, int(out.rows[i]), e.reason, detail, None)
         return out
     ids_col = table.column(ID_COLUMN).combine_chunks()
     if not pa.types.is_string(ids_col.type):
@@ -418,24 +453,42 @@ def _read_image_shard(lake: Lake, ref: ShardRef, opts: ScoringOptions) -> _Shard
                 None,
             )
             continue
+        fs, path = open_input(uri, lake)
         try:
-            fs, path = open_input(uri, lake)
-            size = fs.get_file_info(path).size or 0
-            if size > cfg.max_bytes:
-                out.reject(
-                    i,
-                    image_id,
-                    uri,
-                    0,
-                    "too_large",
-                    f"{name}: {size} bytes > max_bytes {cfg.max_bytes}",
-                    None,
-                )
-                continue
+            info = fs.get_file_info(path)
+        except OSError as e:  # the storage, not the file: let the task retry
+            raise LakeError(f"input {uri}: storage fault ({_detail(e)})") from None
+        if info.type != pafs.FileType.File:
+            out.reject(i, image_id, uri, 0, INPUT_CHANGED, f"{name}: gone since the batch was planned", None)
+            continue
+        if (info.size or 0) > cfg.max_bytes:
+            out.reject(
+                i,
+                image_id,
+                uri,
+                0,
+                "too_large",
+                f"{name}: {info.size} bytes > max_bytes {cfg.max_bytes}",
+                None,
+            )
+            continue
+
+        def read_all(fs: Any = fs, path: str = path) -> bytes:
             with fs.open_input_stream(path) as f:
-                blob = f.read()
-        except OSError as e:
-            out.reject(i, image_id, uri, 0, UNREADABLE, f"{name}: {_detail(e)}", None)
+                return f.read()
+
+        try:
+            blob = _read_or_classify(read_all, fs, path, uri)
+        except _Unreadable as e:
+            out.reject(
+                i,
+                image_id,
+                uri,
+                0,
+                e.reason if e.reason != CORRUPT_PARQUET else UNREADABLE,
+                f"{name}: {e.detail}",
+                None,
+            )
             continue
         if sha is not None and hashlib.sha256(blob).hexdigest() != sha:
             out.reject(
