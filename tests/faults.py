@@ -19,6 +19,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
@@ -242,3 +243,29 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+RecordProperty = Callable[[str, object], None]  # pytest's built-in ``record_property`` fixture
+
+
+def record_case(
+    record_property: RecordProperty,
+    case: str,
+    happened: str,
+    *,
+    retried: str = "-",
+    lost: str = "nothing",
+    leaked: str = "nothing",
+) -> None:
+    """Note one row of the reliability report (benchmarks/reliability_report.py) for this test.
+
+    Call it at the END of a test, after the assertions: a row exists only when the case held.
+    """
+    for name, value in (
+        ("case", case),
+        ("happened", happened),
+        ("retried", retried),
+        ("lost", lost),
+        ("leaked", leaked),
+    ):
+        record_property(f"reliability_{name}", value)

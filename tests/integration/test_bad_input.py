@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TEST_ACCESS_KEY, TEST_SECRET_KEY, make_images, write_idx_folder
+from tests.faults import RecordProperty, record_case
 from zalando.data import idx
 from zalando.data.idx import encode_images
 from zalando.data.ingest import ingest
@@ -58,7 +59,7 @@ def committed_lake(local_lake: Lake, idx_folder) -> Lake:  # noqa: ANN001 - fact
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_file_is_one_line_and_changes_nothing_committed(
-    case: str, committed_lake: Lake, tmp_path: Path
+    case: str, committed_lake: Lake, tmp_path: Path, record_property: RecordProperty
 ) -> None:
     data, name, expected = CASES[case]
     before = snapshot(committed_lake)
@@ -71,25 +72,47 @@ def test_bad_file_is_one_line_and_changes_nothing_committed(
     message = str(e.value)
     assert "\n" not in message and message.startswith(name) and expected in message, message
     assert snapshot(committed_lake) == before
+    record_case(
+        record_property,
+        f"ingest: {case.replace('_', ' ')} ({name})",
+        f"one-line DataError: {message}",
+        lost="nothing: the committed lake is byte-identical",
+    )
 
 
-def test_zero_byte_file_without_sums_fails_the_official_checksum(tmp_path: Path) -> None:
+def test_zero_byte_file_without_sums_fails_the_official_checksum(
+    tmp_path: Path, record_property: RecordProperty
+) -> None:
     folder = write_idx_folder(
         tmp_path / "nosums", make_images(10, 1), make_images(5, 2), raw_overrides={IMAGES: b""}, sums=False
     )
     with pytest.raises(DataError, match=rf"{IMAGES}: md5 checksum mismatch: expected 8d4f\w+, got d41d8cd9"):
         fetch_source(str(folder), cache_dir=tmp_path)
+    record_case(
+        record_property,
+        "ingest: zero-byte file, no SHA256SUMS",
+        "one-line DataError: md5 checksum mismatch naming the file and both sums",
+        lost="nothing (fails before parsing)",
+    )
 
 
-def test_garbage_sums_file_falls_back_to_the_official_checksums(tmp_path: Path) -> None:
+def test_garbage_sums_file_falls_back_to_the_official_checksums(
+    tmp_path: Path, record_property: RecordProperty
+) -> None:
     folder = write_idx_folder(tmp_path / "g", make_images(10, 1), make_images(5, 2))
     (folder / "SHA256SUMS").write_bytes(os.urandom(300))
     with pytest.raises(DataError, match="md5 checksum mismatch"):
         fetch_source(str(folder), cache_dir=tmp_path)
+    record_case(
+        record_property,
+        "ingest: SHA256SUMS full of random bytes",
+        "ignored; official md5s checked: one-line checksum mismatch",
+        lost="nothing (fails before parsing)",
+    )
 
 
 def test_gzip_bomb_is_refused_before_it_is_inflated(
-    committed_lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    committed_lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: RecordProperty
 ) -> None:
     import tracemalloc
 
@@ -111,9 +134,17 @@ def test_gzip_bomb_is_refused_before_it_is_inflated(
     assert "\n" not in str(e.value)
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB while refusing a 64 MiB bomb"
     assert snapshot(committed_lake) == before
+    record_case(
+        record_property,
+        "ingest: gzip bomb (64 KiB -> 64 MiB) that passes its own SHA256SUMS",
+        f"one-line DataError before inflating; peak Python memory {peak / 2**20:.1f} MiB",
+        lost="nothing: the committed lake is byte-identical",
+    )
 
 
-def test_cli_text_file_in_place_of_gz_one_line_nothing_written(s3_server: S3Server, tmp_path: Path) -> None:
+def test_cli_text_file_in_place_of_gz_one_line_nothing_written(
+    s3_server: S3Server, tmp_path: Path, record_property: RecordProperty
+) -> None:
     folder = write_idx_folder(
         tmp_path / "html", make_images(10, 1), make_images(5, 2), raw_overrides={IMAGES: HTML}
     )
@@ -141,3 +172,9 @@ def test_cli_text_file_in_place_of_gz_one_line_nothing_written(s3_server: S3Serv
     from tests.conftest import s3_config
 
     assert Lake.from_uri("s3://zalando-bad/html", s3_config(s3_server)).list_keys() == []
+    record_case(
+        record_property,
+        "zalando ingest: an HTML page where a .gz should be",
+        f"exit 2, stderr: {errors[0]}",
+        lost="nothing written to the lake",
+    )

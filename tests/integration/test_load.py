@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults import RecordProperty, record_case
 from tests.scoring_support import make_champion, mnist_like, raw_parquet
 from zalando.lake import Lake
 from zalando.scoring import layout
@@ -80,7 +81,9 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_ten_scoring_processes_at_once_into_one_lake(s3_lake: Lake, s3_settings: Settings) -> None:
+def test_ten_scoring_processes_at_once_into_one_lake(
+    s3_lake: Lake, s3_settings: Settings, record_property: RecordProperty
+) -> None:
     version = "20260101T000000Z-fake"
     batches = write_batches(s3_lake, "p")
     env = {
@@ -117,11 +120,17 @@ def test_ten_scoring_processes_at_once_into_one_lake(s3_lake: Lake, s3_settings:
     assert_each_run_has_exactly_its_rows(
         s3_lake, version, batches, {loc: r["batch_id"] for loc, r in results.items()}
     )
+    record_case(
+        record_property,
+        f"{RUNS} scoring processes at once, one S3 server, one batch date",
+        f"all {RUNS} completed",
+        lost=f"nothing: each batch exactly its own {ROWS} rows, {RUNS * ROWS} unique in all",
+    )
 
 
 @pytest.mark.slow
 def test_ten_batch_scoring_flow_runs_at_once_on_one_prefect_server(
-    prefect_harness: None, flow_env: dict[str, str]
+    prefect_harness: None, flow_env: dict[str, str], record_property: RecordProperty
 ) -> None:
     """Ten flow runs started together (threads of this process), one Prefect server, one S3 server."""
     import torch
@@ -173,3 +182,9 @@ def test_ten_batch_scoring_flow_runs_at_once_on_one_prefect_server(
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert overlap >= RUNS // 2, f"at most {overlap} of the runs were running at the same moment"
     print(f"{RUNS} flow runs in {time.monotonic() - t0:.1f}s, up to {overlap} at the same moment")
+    record_case(
+        record_property,
+        f"{RUNS} batch_scoring flow runs at once, one Prefect server, one S3 server",
+        f"all {RUNS} Completed in {time.monotonic() - t0:.0f}s, up to {overlap} running at the same moment",
+        lost=f"nothing: each run exactly its own {ROWS} rows, {RUNS * ROWS} unique in all",
+    )

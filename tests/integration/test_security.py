@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import MINI_DIR, REPO, TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.faults import RecordProperty, record_case
 from zalando.errors import LakeError, ModelError, ZalandoError
 from zalando.lake import Lake, S3Config, validate_key
 from zalando.s3server import S3Server, free_port_block
@@ -117,7 +118,9 @@ def command_lines(pid: int) -> list[str]:
     return [" ".join(p.cmdline()) for p in procs]
 
 
-def test_the_scanners_find_a_planted_secret(s3_lake: Lake, tmp_path: Path) -> None:
+def test_the_scanners_find_a_planted_secret(
+    s3_lake: Lake, tmp_path: Path, record_property: RecordProperty
+) -> None:
     """The leak checks below can fail: a secret hidden in a zstd Parquet column, a torch zip or a
     log file is found."""
     import torch
@@ -140,12 +143,19 @@ def test_the_scanners_find_a_planted_secret(s3_lake: Lake, tmp_path: Path) -> No
     assert sorted(k.split("/", 2)[-1] for k in found) == sorted(planted)
     _, found_files = leaks_in_files(tmp_path, secret)
     assert len(found_files) == 3
+    record_case(
+        record_property,
+        "leak scanners, self-check",
+        "a planted secret was found in a zstd Parquet column, a torch zip and a log file (S3 and disk)",
+        lost="-",
+        leaked="- (planted on purpose: proves the scans below can fail)",
+    )
 
 
 # ------------------------------------------------------------------------------ reprs and settings
 
 
-def test_secret_is_never_in_a_repr_or_a_serialised_setting() -> None:
+def test_secret_is_never_in_a_repr_or_a_serialised_setting(record_property: RecordProperty) -> None:
     from tasks.common import RunConfig
 
     secret = canary()
@@ -169,10 +179,16 @@ def test_secret_is_never_in_a_repr_or_a_serialised_setting() -> None:
     for text in shown:
         assert secret not in text, text
     assert settings.s3_secret_key.get_secret_value() == secret  # it is there, only hidden
+    record_case(
+        record_property,
+        "secret in Settings / S3Config / Lake / S3Server / RunConfig reprs and JSON",
+        f"{len(shown)} renderings checked: masked (SecretStr) or left out",
+        lost="-",
+    )
 
 
 def test_credentials_come_only_from_settings_not_from_aws_variables(
-    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, record_property: RecordProperty
 ) -> None:
     """The right keys in AWS_* variables do not rescue wrong ZALANDO_* settings: no hidden fallback."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
@@ -191,6 +207,12 @@ def test_credentials_come_only_from_settings_not_from_aws_variables(
     with pytest.raises(LakeError) as e2:  # the pyarrow path too
         lake.write_bytes("x.json", b"{}")
     assert wrong not in str(e2.value) and TEST_SECRET_KEY not in str(e2.value)
+    record_case(
+        record_property,
+        "right keys in AWS_* variables, wrong ZALANDO_S3_SECRET_KEY",
+        "access denied, one line: credentials come only from the settings (no AWS_* / ~/.aws fallback)",
+        lost="-",
+    )
 
 
 # ------------------------------------------------------------------------------ keys and weights
@@ -201,7 +223,7 @@ BAD_KEYS = ["../escape", "a/../../b", "/etc/passwd", "a//b", "./a", "a\\b", "a b
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_object_keys_with_dots_or_absolute_paths_are_refused(
-    kind: str, request: pytest.FixtureRequest
+    kind: str, request: pytest.FixtureRequest, record_property: RecordProperty
 ) -> None:
     lake: Lake = request.getfixturevalue("local_lake" if kind == "local" else "s3_lake")
     lake.write_bytes("inside/ok.json", b"{}")
@@ -225,15 +247,27 @@ def test_object_keys_with_dots_or_absolute_paths_are_refused(
     assert lake.list_keys() == ["inside/ok.json"]  # nothing written, nothing deleted
     with pytest.raises(LakeError, match=r"'\.' and '\.\.' segments"):
         Lake.from_uri("s3://zalando-test/lake/../../other", S3Config("http://127.0.0.1:1", "a", "b"))
+    record_case(
+        record_property,
+        f"object keys with '..', absolute, '//', '\\', spaces, empty ({kind} lake)",
+        f"{len(ops)} lake operations x {len(BAD_KEYS)} keys: one-line LakeError; '..' in a lake URI refused",
+        lost="nothing written, nothing deleted",
+    )
 
 
-def test_batch_location_with_dots_is_refused(local_lake: Lake) -> None:
+def test_batch_location_with_dots_is_refused(local_lake: Lake, record_property: RecordProperty) -> None:
     from zalando.scoring.batch import resolve_location
 
     for location in ["inbox/../../etc", "../outside", "/abs/inbox"]:
         with pytest.raises(ZalandoError) as e:
             resolve_location(local_lake, location)
         assert "\n" not in str(e.value)
+    record_case(
+        record_property,
+        "scoring batch location with '..' or an absolute key",
+        "refused with a one-line error before anything is read",
+        lost="-",
+    )
 
 
 def _call_args(text: str, start: int) -> str:
@@ -254,7 +288,7 @@ class _Marker:
         return (Path(self.path).write_text, ("pwned",))
 
 
-def test_model_weights_load_with_weights_only(tmp_path: Path) -> None:
+def test_model_weights_load_with_weights_only(tmp_path: Path, record_property: RecordProperty) -> None:
     import torch
 
     from tests.scoring_support import make_champion
@@ -287,6 +321,13 @@ def test_model_weights_load_with_weights_only(tmp_path: Path) -> None:
         load_bundle(lake, "tiny_cnn", version)
     assert "\n" not in str(e.value)
     assert not marker.exists()
+    record_case(
+        record_property,
+        "weights.pt replaced by a code-running pickle",
+        f"{len(calls)} torch.load calls all weights_only=True; tampered: sha256 mismatch; "
+        "re-committed: refused (one-line ModelError); the code never ran",
+        lost="-",
+    )
 
 
 # ------------------------------------------------------------------------------ the CLI, embedded S3
@@ -303,7 +344,9 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
     )
 
 
-def test_cli_pipeline_with_a_canary_secret_leaks_nothing_and_binds_to_localhost(tmp_path: Path) -> None:
+def test_cli_pipeline_with_a_canary_secret_leaks_nothing_and_binds_to_localhost(
+    tmp_path: Path, record_property: RecordProperty
+) -> None:
     secret = canary()
     work = tmp_path / "work"
     port = free_port_block()
@@ -342,6 +385,13 @@ def test_cli_pipeline_with_a_canary_secret_leaks_nothing_and_binds_to_localhost(
     assert not any(secret in out for out in outputs)
     n_files, in_files = leaks_in_files(work, secret, allowed={identities.resolve()})
     assert n_files > 3 and in_files == []  # weed.log, PID file, caches, the S3 data files
+    record_case(
+        record_property,
+        "CLI stack up + ingest + failing ingest with a canary secret (embedded S3)",
+        "S3 listens on 127.0.0.1 only; identities 0600, state folder 0700; no secret in any argv",
+        lost="-",
+        leaked=f"nothing ({n_objects} objects, {n_files} files, {len(outputs)} stdout/stderr streams scanned)",
+    )
 
 
 # ------------------------------------------------------------------------------ a whole Prefect flow
@@ -371,14 +421,22 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.mark.slow
-def test_prefect_server_binds_to_localhost_only(prefect_server: Any) -> None:
+def test_prefect_server_binds_to_localhost_only(prefect_server: Any, record_property: RecordProperty) -> None:
     pid = prefect_server._running("prefect-server")
     assert pid is not None
     assert listening_addresses(pid) == {"127.0.0.1"}
+    record_case(
+        record_property,
+        "Prefect server started by infra/stack.py",
+        "listens on 127.0.0.1 only",
+        lost="-",
+    )
 
 
 @pytest.mark.slow
-def test_whole_nightly_flow_with_a_canary_secret_leaks_nothing(prefect_server: Any, tmp_path: Path) -> None:
+def test_whole_nightly_flow_with_a_canary_secret_leaks_nothing(
+    prefect_server: Any, tmp_path: Path, record_property: RecordProperty
+) -> None:
     """`nightly` (quick profile, one experiment) in its own process against a real Prefect server
     and an S3 server whose secret is the canary; then every trace of the run is scanned."""
     secret = canary()
@@ -460,3 +518,11 @@ def test_whole_nightly_flow_with_a_canary_secret_leaks_nothing(prefect_server: A
         n, found = leaks_in_files(root, secret, allowed)
         assert found == [], (root, found)
     print(f"nightly + failing run in {wall:.0f}s: {n_objects} objects, {len(logs)} API log lines scanned")
+    record_case(
+        record_property,
+        "whole nightly flow + a failing run with a canary secret (real Prefect server)",
+        f"completed in {wall:.0f}s (the failing run failed with its error)",
+        lost="-",
+        leaked=f"nothing ({n_objects} objects, {len(log_lines)} output lines, {len(logs)} API logs, "
+        f"{len(artifacts)} artifacts, {len(runs)} flow runs, server DB and all files scanned)",
+    )
