@@ -526,3 +526,41 @@ def test_whole_nightly_flow_with_a_canary_secret_leaks_nothing(
         leaked=f"nothing ({n_objects} objects, {len(log_lines)} output lines, {len(logs)} API logs, "
         f"{len(artifacts)} artifacts, {len(runs)} flow runs, server DB and all files scanned)",
     )
+
+
+# ------------------------------------------------------------------------------ the Docker stack
+
+
+def test_compose_gives_the_worker_a_user_limited_to_the_project_bucket(
+    record_property: RecordProperty,
+) -> None:
+    """infra/docker-compose.yml cannot run here: its security properties are checked as data."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
+    policy = json.loads((REPO / "infra" / "minio-worker-policy.json").read_text())
+    services = compose["services"]
+    bucket = services["worker"]["environment"]["ZALANDO_LAKE_URI"].removeprefix("s3://").split("/")[0]
+    resources, actions = set(), set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        resources |= set(statement["Resource"])
+        actions |= set(statement["Action"])
+    assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}  # one bucket, nothing else
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+    assert not actions & {"s3:CreateBucket", "s3:DeleteBucket", "s3:PutBucketPolicy", "s3:PutBucketAcl"}
+    worker_env = json.dumps(services["worker"]["environment"])
+    assert "MINIO_ROOT" not in worker_env  # the worker never sees the admin credentials
+    assert "WORKER_ACCESS_KEY" in services["worker"]["environment"]["ZALANDO_S3_ACCESS_KEY"]
+    setup = "\n".join(services["minio-setup"]["command"])
+    assert "policy attach" in setup and "zalando-bucket-rw" in setup
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
+    assert "ports" not in services["postgres"]
+    record_case(
+        record_property,
+        "docker-compose: the worker's S3 user and the published ports",
+        f"worker policy: {len(actions)} object/list actions on bucket {bucket!r} only, no bucket "
+        "admin; worker never gets MinIO root keys; every port published on 127.0.0.1; Postgres unpublished",
+        lost="-",
+    )
