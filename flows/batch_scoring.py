@@ -1,4 +1,5 @@
-"""The `batch_scoring` flow: score one batch with the champion, shard by shard, exactly once.
+"""The `batch_scoring` flow: score one batch with the champion, shard by shard, exactly once, then
+measure its drift (an alarm emits `zalando.drift.alarm`, and the automation in prefect.yaml retrains).
 
 Deployed as `batch_scoring/score` (by hand) and run inside `nightly`. Shards are scored by the
 `score-shards` subflow, whose task runner is chosen per run: Prefect's thread pool (`local`) or
@@ -16,7 +17,7 @@ from pydantic import Field
 
 from tasks.common import RunConfig
 from tasks.lake import prepare_lake
-from tasks.scoring import commit_batch, plan_batch, score_shard
+from tasks.scoring import commit_batch, monitor_drift, plan_batch, score_shard
 from zalando.lake import new_run_id
 from zalando.s3server import embedded_s3
 from zalando.scoring.batch import ShardRef
@@ -70,6 +71,7 @@ def batch_scoring(
     dask_address: str | None = None,
     confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.6,
     force: bool = False,
+    monitor: bool = True,
     profile: Profile | None = None,
 ) -> dict[str, Any]:
     """Score the batch at `batch_uri` with the champion model; commit predictions exactly once.
@@ -85,6 +87,8 @@ def batch_scoring(
         dask_address: an existing Dask scheduler (runner `dask`); default: a local cluster.
         confidence_threshold: predictions below it also go to needs_review.
         force: score again even when this batch is already committed for this model.
+        monitor: measure label-free drift against the model's reference; an alarm emits the
+            `zalando.drift.alarm` event, which runs the `retrain` deployment.
         profile: the profile of the run this batch belongs to (passed on with the drift alarm).
     """
     log = get_run_logger()
@@ -101,6 +105,7 @@ def batch_scoring(
                 cfg, plan.shards, plan.model_version, options
             )
         summary = commit_batch(cfg, plan, options, results)
+        summary["drift"] = monitor_drift(cfg, plan, options) if monitor else None
     log.info(
         "batch %s: %d scored, %d quarantined, model %s -> %s",
         summary["batch_id"],

@@ -339,7 +339,8 @@ class Stack:
     def deploy(self) -> None:
         if not _http_ok(f"{self.api_url}/health"):
             raise StackError(f"no Prefect server answers on {self.api_url}; run `make up` first")
-        self.run_cli("work-pool", "create", POOL, "--type", "process", check=False)
+        if not _http_ok(f"{self.api_url}/work_pools/{POOL}"):
+            self.run_cli("work-pool", "create", POOL, "--type", "process")
         env = self.prefect_env()
         # Leave ZALANDO_HOME unresolved in the pull step: the worker's own value is used at run time,
         # so the deployments work from wherever the checkout (or the container) is.

@@ -1,4 +1,5 @@
-"""Batch-scoring tasks: plan a batch into shard references, score one shard, commit the batch.
+"""Batch-scoring tasks: plan a batch into shard references, score one shard, commit the batch,
+measure its drift (and raise the alarm that retrains).
 
 Exactly-once lives in the library (deterministic shard outputs and markers, the batch manifest
 committed last), so these tasks are never cached: a retry or a re-run scores only what is missing.
@@ -12,8 +13,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from tasks.common import RunConfig, io_task_options
+from zalando import steps
 from zalando.scoring.batch import ShardRef, find_demo_batch
 from zalando.scoring.engine import ScoringOptions, ShardResult, batch_summary, finalize_batch
 from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
@@ -106,3 +109,58 @@ def _batch_artifacts(s: dict[str, Any]) -> None:
         ),
         description=f"Batch {s['batch_id']} scored with {s['model_version']}",
     )
+
+
+DRIFT_EVENT = "zalando.drift.alarm"
+
+
+@task(name="monitor-drift", cache_policy=NO_CACHE, **io_task_options())
+def monitor_drift(cfg: RunConfig, plan: BatchPlan, options: ScoringOptions) -> dict[str, Any]:
+    """Label-free drift of the scored batch; on an alarm, emit the event that triggers `retrain`."""
+    log = get_run_logger()
+    if plan.batch is None:  # the batch was committed (and monitored) by an earlier run
+        log.info("batch %s already committed: drift was measured when it was scored", plan.batch_id)
+        return {"alarm": False, "skipped": True}
+    out = steps.monitor_batch(
+        cfg.lake(), cfg.settings(), plan.batch, plan.model_version, cfg.run_id, image_prep=options.image_prep
+    )
+    create_table_artifact(
+        key="drift",
+        table=[
+            {k: r.get(k) for k in ("statistic", "value", "threshold", "p_value", "alarm")}
+            for r in out["table"]
+        ],
+        description=(
+            f"Drift of batch {plan.batch_id} against the reference of model {plan.model_version} "
+            f"({out['rows']} sampled rows): {'ALARM: ' + ', '.join(out['alarms']) if out['alarm'] else 'no alarm'}. "
+            f"Lake: {out['uri']}"
+        ),
+    )
+    if out["alarm"]:
+        emit_event(
+            event=DRIFT_EVENT,
+            resource={
+                "prefect.resource.id": f"zalando.batch.{plan.batch_id}",
+                "prefect.resource.name": plan.batch_id,
+            },
+            related=[
+                {
+                    "prefect.resource.id": f"zalando.model.{plan.model_version}",
+                    "prefect.resource.role": "model",
+                }
+            ],
+            payload={
+                "profile": cfg.profile,
+                "batch_id": plan.batch_id,
+                "model_version": plan.model_version,
+                "statistics": out["alarms"],
+                "monitoring_uri": out["uri"],
+            },
+        )
+        log.warning(
+            "drift alarm on batch %s (%s): event %s emitted",
+            plan.batch_id,
+            ", ".join(out["alarms"]),
+            DRIFT_EVENT,
+        )
+    return {k: out[k] for k in ("alarm", "alarms", "uri", "rows")}

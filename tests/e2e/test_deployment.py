@@ -4,6 +4,7 @@ are checked. See conftest.py for the stack fixtures."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -11,7 +12,9 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.e2e.conftest import RETRAIN_EXPERIMENTS, FlowRunResult, LiveStack
+from zalando.labels import GROUP_NAMES
 from zalando.lake import Lake
+from zalando.registry import get_champion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -58,16 +61,44 @@ def test_drift_alarm_automation_targets_retrain(deployed: LiveStack) -> None:
 
 def test_retrain_run_completes_and_fills_the_lake(deployed: LiveStack, retrain_run: FlowRunResult) -> None:
     assert retrain_run.state == "COMPLETED", retrain_run.trigger_output
+    run = deployed.get(f"/flow_runs/{retrain_run.id}")
+    assert run["parameters"]["experiments"] == RETRAIN_EXPERIMENTS
+
+    # the lake: raw tables, a dataset version, the model bundle, metrics, the champion, the report
     lake = Lake.from_settings(deployed.settings())
     assert lake.is_committed("raw/fashion-mnist/split=train")
-    assert lake.is_committed("raw/fashion-mnist/split=test")
     assert lake.list_partitions("datasets"), "no dataset version committed"
+    champion = get_champion(lake)
+    assert champion is not None and champion["experiment"] == RETRAIN_EXPERIMENTS[0]
+    assert lake.is_committed(champion["bundle_key"])
+    reports = [k for k in lake.list_keys("reports") if k.endswith("/report.md")]
+    assert len(reports) == 1, reports
+    run_id = reports[0].split("/")[1].removeprefix("run_id=")
+    assert lake.is_committed(f"metrics/run_id={run_id}/experiment={RETRAIN_EXPERIMENTS[0]}")
 
+    # the flow run's task runs and artifacts, through the Prefect API
     tasks = deployed.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [retrain_run.id]}}})
-    names = {t["task_key"].split("-")[0] for t in tasks}
-    assert {"ingest", "preprocess"} <= {t["name"].rsplit("-", 1)[0] for t in tasks}, names
-    assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
-    assert RETRAIN_EXPERIMENTS
+    names = {t["name"] for t in tasks}
+    assert {f"train-{e}" for e in RETRAIN_EXPERIMENTS} | {
+        f"evaluate-{e}" for e in RETRAIN_EXPERIMENTS
+    } <= names
+    assert all(t["state"]["type"] == "COMPLETED" for t in tasks), [
+        (t["name"], t["state"]["type"]) for t in tasks
+    ]
+    arts = deployed.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [retrain_run.id]}}})
+    by_key = {a["key"]: a for a in arts if a.get("key")}
+    assert {
+        "per-group-fashion-cnn",
+        "champion-decision",
+        "gate-checks",
+        "run-report",
+        "run-per-group",
+    } <= set(by_key)
+    decision = json.loads(by_key["champion-decision"]["data"])
+    assert decision[0]["decision"] == "promoted" and decision[0]["model_version"] == champion["model_version"]
+    per_group = json.loads(by_key["per-group-fashion-cnn"]["data"])
+    assert sorted(r["group_name"] for r in per_group) == sorted(GROUP_NAMES)
+    assert lake.uri(f"reports/run_id={run_id}/report.md") in by_key["run-report"]["data"]
 
 
 def test_drift_alarm_event_schedules_a_retrain_run(deployed: LiveStack) -> None:

@@ -1,4 +1,4 @@
-"""The Prefect UI renders the retrain flow run of test_deployment.py: headless Chromium (Debian's
+"""The Prefect UI renders the retrain flow run (logs, task runs, artifacts) of test_deployment.py: headless Chromium (Debian's
 `chromium`, installed by .ci/setup-system.sh) loads the flow run page and we read its DOM.
 
 The v2 UI (the server's default) renders logs, task runs and artifacts as DOM text; the task graph
@@ -55,20 +55,23 @@ def test_flow_run_page_renders_run_tasks_and_artifacts(
     assert retrain_run.state == "COMPLETED", retrain_run.trigger_output
     page = f"{deployed.ui}/v2/runs/flow-run/{retrain_run.id}"
 
-    logs = _render(page, tmp_path / "p1", "--dump-dom")
+    shot = tmp_path / "flow-run.png"
+    logs = _render(page, tmp_path / "p1", "--window-size=1400,1000", f"--screenshot={shot}", "--dump-dom")
     assert logs.returncode == 0, logs.stderr[-2000:]
     text = _text(logs.stdout)
     assert f"Flow Run: {retrain_run.name}" in text  # the page title names the run
     assert "Completed" in text
     assert "Beginning flow run" in text  # the Logs tab shows the run's logs
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
     task_runs = deployed.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [retrain_run.id]}}})
     expected = {t["name"] for t in task_runs}
     tab = _render(f"{page}?tab=TaskRuns", tmp_path / "p2", "--dump-dom")
     shown = {name for name in expected if name in tab.stdout}
-    assert {n for n in expected if n.startswith(("ingest-", "preprocess-"))} <= shown, (expected, shown)
+    wanted = {
+        n for n in expected if n.startswith(("ingest-", "preprocess-", "train-", "evaluate-", "promote-"))
+    }
+    assert len(wanted) >= 5 and wanted <= shown, (expected, shown)
 
-    shot = tmp_path / "flow-run.png"
-    res = _render(page, tmp_path / "p3", "--window-size=1400,1000", f"--screenshot={shot}")
-    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    arts = _render(f"{page}?tab=Artifacts", tmp_path / "p4", "--dump-dom")
+    assert "champion-decision" in arts.stdout and "run-report" in arts.stdout, _text(arts.stdout)[-3000:]

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -20,7 +22,7 @@ from prefect.exceptions import NotPausedError, ParameterTypeError
 from flows.batch_scoring import batch_scoring
 from flows.nightly import nightly
 from flows.training import training
-from zalando.lake import Lake
+from zalando.lake import Lake, table_to_parquet_bytes
 from zalando.registry import decision_log, get_champion
 from zalando.scoring import layout
 from zalando.settings import load_settings
@@ -215,3 +217,54 @@ def test_scoring_with_the_dask_runner(flows_lake: Lake, nightly_run: dict[str, A
     assert a.equals(b)
     tasks = _task_runs(state.state_details.flow_run_id)
     assert sum(t.name.startswith("score-shard-") for t in tasks) == 3, [t.name for t in tasks]
+
+
+def test_drifted_batch_raises_the_alarm_event(flows_lake: Lake, nightly_run: dict[str, Any]) -> None:
+    """The same images inverted (light background) drift in their pixels where the clean demo batch
+    does not, and the flow emits `zalando.drift.alarm` for the automation that retrains.
+
+    (The `quick` model is barely trained: its predicted group mix differs from the training prior
+    on any batch, so only the pixel statistics tell the clean batch from the drifted one.)"""
+    pixel_stats = {"pixel_mean", "pixel_std", "dark_fraction"}
+    clean = nightly_run["result"]["scoring"]["drift"]
+    assert clean["rows"] > 100 and not pixel_stats & set(clean["alarms"]), clean
+
+    test = flows_lake.read_partition("raw/fashion-mnist/split=test", columns=["image_id", "image"])
+    pixels = np.frombuffer(test.column("image").combine_chunks().buffers()[1], np.uint8)[
+        : test.num_rows * 784
+    ]
+    inverted = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(784), test.num_rows, [None, pa.py_buffer((255 - pixels).tobytes())]
+    )
+    drifted = pa.table({"image_id": test.column("image_id"), "image": inverted})
+    flows_lake.write_bytes("inbox/drifted/batch.parquet", table_to_parquet_bytes(drifted))
+    # image_prep: keep the light background as it is (no automatic inversion), like a broken camera feed
+    state = batch_scoring(
+        batch_uri="inbox/drifted",
+        batch_date="2026-01-03",
+        model_version=nightly_run["result"]["training"]["champion"],
+        profile="quick",
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    drift = state.result()["drift"]
+    assert drift["alarm"] is True and pixel_stats & set(drift["alarms"]), drift
+    assert flows_lake.is_committed(drift["uri"].split(flows_lake.uri() + "/", 1)[1])
+
+    batch_id = state.result()["batch_id"]
+    deadline, events = time.monotonic() + 30, []
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline and not events:
+            resp = client.request(
+                "POST",
+                "/events/filter",
+                json={"filter": {"event": {"name": ["zalando.drift.alarm"]}}, "limit": 50},
+            )
+            events = [
+                e
+                for e in resp.json()["events"]
+                if e["resource"]["prefect.resource.id"] == f"zalando.batch.{batch_id}"
+            ]
+            time.sleep(1)
+    assert events, "no zalando.drift.alarm event reached the Prefect server"
+    assert events[0]["payload"]["profile"] == "quick"
