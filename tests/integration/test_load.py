@@ -63,6 +63,21 @@ def assert_each_run_has_exactly_its_rows(
     assert len(everything) == len(set(everything)) == RUNS * ROWS  # nothing lost, nothing duplicated
 
 
+def save_drift_reference(lake: Lake, version: str) -> None:
+    """The model's label-free drift reference (the training flow writes one per model)."""
+    import numpy as np
+
+    from zalando.monitor import reference_profile
+    from zalando.registry import save_reference
+    from zalando.scoring import load_champion_predictor
+
+    predictor = load_champion_predictor(lake, "torch", model_version=version, threads=1)
+    images = mnist_like(200, seed=1)
+    probs, embeddings = predictor.predict(images)
+    reference = reference_profile(images, probs, embeddings, np.ones(5), sample_size=100, seed=0)
+    save_reference(lake, version, reference, run_id="load-test")
+
+
 _WORKER = textwrap.dedent(
     """
     import json, sys
@@ -144,6 +159,7 @@ def test_ten_batch_scoring_flow_runs_at_once_on_one_prefect_server(
     lake = Lake.from_settings(load_settings())
     lake.ensure_ready()
     version = make_champion(lake, seed=7)
+    save_drift_reference(lake, version)  # the flow also monitors drift, as a nightly run does
     batches = write_batches(lake, "f")
     tag = f"load-{uuid.uuid4().hex[:8]}"
     results: dict[str, dict[str, Any]] = {}
