@@ -47,7 +47,7 @@ export ZALANDO_PREFECT_PORT
 TRIGGER_ARGS ?=
 
 up: $(STAMP)
-	$(PY) infra/stack.py up
+	ZALANDO_DATA_SOURCE="$${ZALANDO_DATA_SOURCE:-$(RUN_SOURCE)}" $(PY) infra/stack.py up
 
 ## Register the deployments of prefect.yaml (nightly, retrain, score) and the drift -> retrain automation.
 deploy: $(STAMP)

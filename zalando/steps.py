@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ def train_model(
         extra_card={"energy_train": energy, "run_id": run_id},
     )
     key = save_bundle(lake, bundle, run_id=run_id)
+    if checkpoint_dir is not None:  # the bundle is committed: the epoch checkpoints are done with
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     # the label-free drift reference of this model (what a clean batch looks like)
     predictor = make_predictor(bundle, runtime="torch", threads=settings.torch_threads)

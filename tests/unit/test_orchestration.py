@@ -1,0 +1,146 @@
+"""Orchestration helpers without a Prefect server: which faults are retried, cache keys, what a
+task receives, the profile's gates, the stack's environment, prefect.yaml as data."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from tasks.common import RunConfig, cache_on, is_transient, retry_if_transient
+from zalando.errors import ConfigError, DataError, LakeError, NotCommittedError, SourceError
+from zalando.settings import Settings
+from zalando.steps import gate_config_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (LakeError("lake write s3://b/k: connection reset by peer"), True),
+        (
+            LakeError(
+                "S3 endpoint http://x bucket 'b': server not reachable (EndpointConnectionError); is it running?"
+            ),
+            True,
+        ),
+        (SourceError("data source https://x: timed out"), True),
+        (TimeoutError("read timed out"), True),
+        (ConnectionError("refused"), True),
+        (LakeError("S3 endpoint http://x bucket 'b': access denied: wrong S3 credentials"), False),
+        (LakeError("lake object s3://b/k does not exist"), False),
+        (LakeError("lake file s3://b/k: sha256 does not match its manifest"), False),
+        (NotCommittedError("lake partition s3://b/p is not committed"), False),
+        (DataError("train-images-idx3-ubyte.gz: sha256 checksum mismatch"), False),
+        (ConfigError("unknown experiment 'x'"), False),
+        (ValueError("a bug"), False),
+        (None, False),
+    ],
+)
+def test_only_transient_storage_and_network_faults_are_retried(
+    exc: BaseException | None, transient: bool
+) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_retry_condition_reads_the_exception_of_the_failed_state() -> None:
+    def failed(exc: BaseException) -> SimpleNamespace:
+        def result() -> None:
+            raise exc
+
+        return SimpleNamespace(result=result)
+
+    assert retry_if_transient(None, None, failed(TimeoutError("slow"))) is True
+    assert retry_if_transient(None, None, failed(DataError("bad bytes"))) is False
+    assert retry_if_transient(None, None, SimpleNamespace(result=lambda: 42)) is False
+
+
+def _cfg(**kw: object) -> RunConfig:
+    base = dict(run_id="r1", profile="quick", seed=1, lake_uri="s3://b/l", data_source="/data")
+    return RunConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_cache_keys_depend_only_on_the_named_references() -> None:
+    key_fn = cache_on("source_digest", "cfg.lake_uri").policies[0].cache_key_fn  # type: ignore[attr-defined]
+    base = key_fn(None, {"cfg": _cfg(), "source_digest": "abc", "force": False})
+    # another run, another seed, a different unrelated argument: same key (the cache hits)
+    assert key_fn(None, {"cfg": _cfg(run_id="r2", seed=7), "source_digest": "abc", "force": True}) == base
+    # other source bytes or another lake: another key
+    assert key_fn(None, {"cfg": _cfg(), "source_digest": "abd"}) != base
+    assert key_fn(None, {"cfg": _cfg(lake_uri="s3://b/other"), "source_digest": "abc"}) != base
+    # dict fields, as the evaluate task keys on trained["model_version"]
+    dict_key = cache_on("trained.model_version").policies[0].cache_key_fn  # type: ignore[attr-defined]
+    assert dict_key(None, {"trained": {"model_version": "v1", "wall_s": 1}}) == dict_key(
+        None, {"trained": {"model_version": "v1", "wall_s": 2}}
+    )
+
+
+def test_run_config_carries_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZALANDO_S3_SECRET_KEY", "very-secret-value-123")
+    settings = Settings(lake_uri="s3://b/l", profile="quick")
+    cfg = RunConfig.from_settings(settings, run_id="r1")
+    assert "very-secret-value-123" not in cfg.model_dump_json()
+    # ... and gets it back from the environment where the task runs
+    assert cfg.settings().s3_secret_key.get_secret_value() == "very-secret-value-123"
+    assert cfg.settings().profile == "quick"
+
+
+def test_quick_profile_only_has_to_beat_the_champion() -> None:
+    quick, cpu = gate_config_for("quick"), gate_config_for("cpu")
+    assert quick.floors == {} and quick.max_latency_ms_per_1000 is None and quick.canary_floor is None
+    assert len(cpu.floors) == 5 and cpu.max_latency_ms_per_1000 is not None
+    assert gate_config_for("cpu", {"min_f1_margin": 0.0}).min_f1_margin == 0.0
+    with pytest.raises(ConfigError, match="quality gate settings"):
+        gate_config_for("cpu", {"min_f1_margin": -1})
+
+
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("zalando_stack", REPO / "infra" / "stack.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stack_keeps_prefect_state_in_the_work_folder_and_binds_loopback(tmp_path: Path) -> None:
+    stack = _stack_module().Stack.from_env(
+        {"ZALANDO_WORK_DIR": str(tmp_path), "ZALANDO_PREFECT_PORT": "4321"}
+    )
+    env = stack.prefect_env()
+    assert env["PREFECT_HOME"] == str(tmp_path / "prefect")
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4321/api"
+    assert env["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert env["ZALANDO_HOME"] == str(REPO) and env["ZALANDO_WORK_DIR"] == str(tmp_path)
+    relative = _stack_module().Stack.from_env({"ZALANDO_WORK_DIR": ".zalando"})
+    assert relative.work_dir == REPO / ".zalando"
+
+
+def test_stack_down_without_up_stops_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stack = _stack_module().Stack.from_env({"ZALANDO_WORK_DIR": str(tmp_path)})
+    stack.down()
+    assert capsys.readouterr().out == ""
+
+
+def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> None:
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in doc["deployments"]}
+    assert set(deps) == {"nightly", "retrain", "score"}
+    assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
+    assert deps["nightly"]["parameters"] == {"profile": "cpu"}
+    assert {d["work_pool"]["name"] for d in deps.values()} == {"zalando"}
+    assert doc["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ZALANDO_HOME }}"}}
+    ]
+    (trigger,) = deps["retrain"]["triggers"]
+    assert trigger["expect"] == ["zalando.drift.alarm"]
+    for dep in deps.values():  # every entrypoint names a real flow
+        path, func = dep["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert hasattr(getattr(module, func), "deploy"), dep["entrypoint"]
