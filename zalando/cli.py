@@ -191,6 +191,395 @@ def eda(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     console.print(f"EDA report: {out['uri']}/eda.md ({len(out['files'])} files)")
 
 
+# --------------------------------------------------------------------------- pipelines (Prefect flows)
+def _flow_env(settings: Any) -> None:
+    """Prefect settings for a CLI run: no telemetry; a temporary server unless PREFECT_API_URL is set."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server migrates a fresh database first: 20 s (the default) is not enough on 2 busy cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if not os.environ.get("PREFECT_API_URL"):
+        home = Path(settings.work_dir).resolve() / "prefect-home"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("PREFECT_HOME", str(home))
+
+
+@app.command()
+@handle_errors
+def run(
+    profile: str = typer.Option(None, help="paper | cpu | quick (default: ZALANDO_PROFILE, cpu)"),
+    experiments: list[str] = typer.Option(None, "--experiment", "-e", help="Train only these (repeatable)"),
+    batch: str = typer.Option(None, help="The night's batch (default: the Fashion-MNIST test split)"),
+    force: bool = typer.Option(False, help="Redo cached steps and re-score a committed batch"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The nightly pipeline now: ingest → preprocess → train → evaluate → promote → score the batch."""
+    setup_logging(verbose)
+    settings = settings_from(profile=profile)
+    _flow_env(settings)
+    from flows.nightly import nightly
+
+    t0 = time.perf_counter()
+    with lake_session(settings):  # one S3 server for the whole run (the flows reuse it)
+        result = nightly(
+            profile=settings.profile, experiments=experiments or None, batch_uri=batch, force=force
+        )
+    _print_training(result["training"])
+    _print_scoring(result["scoring"])
+    console.print(f"nightly run finished in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+@handle_errors
+def train(
+    experiments: list[str] = typer.Option(None, "--experiment", "-e", help="Experiment name (repeatable)"),
+    all_experiments: bool = typer.Option(False, "--all", help="Every experiment of the profile"),
+    profile: str = typer.Option(None, help="paper | cpu | quick (default: ZALANDO_PROFILE, cpu)"),
+    force: bool = typer.Option(False, help="Retrain even when the cache says nothing changed"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train, evaluate and gate experiments (the `training` flow); the best passing one is promoted."""
+    from zalando.models.experiments import load_catalog
+
+    setup_logging(verbose)
+    settings = settings_from(profile=profile)
+    if not experiments and not all_experiments:
+        fail(
+            "name experiments with --experiment NAME (repeatable) or pass --all for the profile's experiments"
+        )
+    catalog = load_catalog(settings.experiments_file)
+    for name in experiments or []:
+        catalog.resolved(name, settings.profile)  # unknown names fail here, listing the valid ones
+    _flow_env(settings)
+    from flows.training import training
+
+    with lake_session(settings):
+        result = training(
+            profile=settings.profile, experiments=experiments or None, force=force, reason="cli"
+        )
+    _print_training(result)
+
+
+def _print_training(result: dict[str, Any]) -> None:
+    console.print(
+        f"training run {result['run_id']} (profile {result['profile']}, dataset {result['dataset_version']}): "
+        f"models {', '.join(f'{k}={v}' for k, v in result.get('models', {}).items())}"
+    )
+    champion = result.get("champion")
+    console.print(f"champion: {champion} ({'promoted tonight' if result.get('promoted') else 'unchanged'})")
+    if result.get("report"):
+        console.print(f"report: {result['report']}")
+
+
+def _print_scoring(summary: dict[str, Any]) -> None:
+    state = "already committed: skipped" if summary.get("skipped") else "scored"
+    table = Table(title=f"batch {summary['batch_id']} with model {summary['model_version']} ({state})")
+    cols = {
+        "records": "records",
+        "scored": "scored",
+        "quarantined": "quarantined",
+        "low_confidence": "needs review",
+        "seconds": "seconds",
+    }
+    for title in cols.values():
+        table.add_column(title, justify="right")
+    table.add_row(
+        *(f"{summary[c]:.2f}" if isinstance(summary.get(c), float) else str(summary.get(c, "")) for c in cols)
+    )
+    console.print(table)
+    if summary.get("group_counts"):
+        console.print(
+            "predicted groups: " + ", ".join(f"{k} {v}" for k, v in summary["group_counts"].items())
+        )
+    if summary.get("reasons"):
+        console.print(
+            "quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in summary["reasons"].items())
+        )
+    if summary.get("drift") is not None:
+        d = summary["drift"]
+        console.print(
+            f"drift alarm: {'[bold red]RAISED[/] (' + ', '.join(d.get('alarms', [])) + ')' if d.get('alarm') else 'no'}"
+        )
+    console.print(f"predictions: {summary.get('predictions_uri', '')}")
+
+
+def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
+    """Progress bar fed by the shard commit markers the scoring tasks write (images/s, ETA)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    seen: dict[str, int] = {}
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("score", total=total, rate="")
+        while True:
+            done = stop.wait(0.5)
+            try:
+                for k in lake.list_keys(f"{key}/_shards"):
+                    if k not in seen:
+                        marker = lake.read_json(k)
+                        seen[k] = int(marker.get("records", marker.get("scored", 0)) or 0)
+            except Exception:  # noqa: BLE001 - a progress bar never fails the run
+                pass
+            n = sum(seen.values())
+            rate = n / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=n, rate=f"{rate:,.0f} img/s")
+            if done:
+                return
+
+
+def _score_one(
+    lake: Any,
+    settings: Any,
+    location: str,
+    *,
+    batch_date: Any,
+    model_version: str | None,
+    runner: str,
+    shard_size: int,
+    workers: int,
+    force: bool,
+    dask_address: str | None,
+) -> dict[str, Any]:
+    import threading
+
+    from flows.batch_scoring import batch_scoring
+    from zalando.scoring.batch import _as_date, default_source_slug, describe_batch, make_batch_id
+    from zalando.scoring.champion import resolve_model_version
+    from zalando.scoring.layout import predictions_key
+
+    bdate = _as_date(batch_date)
+    version = model_version or resolve_model_version(
+        lake
+    )  # no champion: a clear error, before Prefect starts
+    batch_id = make_batch_id(bdate, default_source_slug(location))
+    total = describe_batch(lake, location, batch_date=bdate, hash_inputs=False).records
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_shards, args=(lake, predictions_key(bdate, version, batch_id), total, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        return batch_scoring(
+            batch_uri=location,
+            batch_date=bdate,
+            model_version=model_version,
+            shard_size=shard_size,
+            runner=runner,
+            workers=workers,
+            dask_address=dask_address,
+            force=force,
+            profile=settings.profile,
+        )
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+
+
+@app.command()
+@handle_errors
+def score(
+    batch_uri: str = typer.Argument(
+        None, help="Lake key or s3:// / file:// location of Parquet or image files (default: the test split)"
+    ),
+    model_version: str = typer.Option(None, help="Score with this version instead of the champion"),
+    runner: str = typer.Option("local", help="local (Prefect's thread pool) or dask (DaskTaskRunner)"),
+    shard_size: int = typer.Option(10_000, min=1, help="Rows per shard"),
+    workers: int = typer.Option(1, min=1, max=64, help="Shards at a time"),
+    dask_address: str = typer.Option(None, help="An existing Dask scheduler (with --runner dask)"),
+    batch_date: str = typer.Option(None, "--date", help="The batch's date, YYYY-MM-DD (default: today)"),
+    date_from: str = typer.Option(
+        None, "--from", help="Backfill: first date (batches at inbox/batch_date=D, or BATCH_URI with {date})"
+    ),
+    date_to: str = typer.Option(None, "--to", help="Backfill: last date"),
+    force: bool = typer.Option(False, help="Score again even if this batch is committed"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Score a batch with the champion (the `batch_scoring` flow), or backfill a range of dates."""
+    from zalando.scoring.batch import find_demo_batch
+    from zalando.scoring.run import INBOX_TEMPLATE, _has_inputs, date_range
+
+    setup_logging(verbose)
+    if runner not in ("local", "dask"):
+        fail(f"--runner {runner!r}: use local or dask")
+    if (date_from is None) != (date_to is None):
+        fail("--from and --to go together")
+    settings = settings_from()
+    _flow_env(settings)
+    with lake_session(settings) as lake:
+        kw = dict(
+            model_version=model_version,
+            runner=runner,
+            shard_size=shard_size,
+            workers=workers,
+            force=force,
+            dask_address=dask_address,
+        )
+        if date_from is None:
+            location = batch_uri or find_demo_batch(lake)
+            _print_scoring(_score_one(lake, settings, location, batch_date=batch_date, **kw))
+            return
+        template = batch_uri if batch_uri and "{date}" in batch_uri else INBOX_TEMPLATE
+        for d in date_range(date_from, date_to):
+            location = template.format(date=d.isoformat())
+            if not _has_inputs(lake, location):
+                console.print(f"{d}: no input at {location}, skipped")
+                continue
+            _print_scoring(_score_one(lake, settings, location, batch_date=d, **kw))
+
+
+@app.command()
+@handle_errors
+def predictions(
+    batch_id: str = typer.Argument(..., help="e.g. 2026-11-29-fashion-mnist-test"),
+    model_version: str = typer.Option(None, help="Default: the newest version that scored this batch"),
+    rows: int = typer.Option(5, min=0, max=100),
+) -> None:
+    """Per-group counts, the reconciliation and a few rows of a scored batch."""
+    from zalando.scoring.query import predictions_preview
+
+    setup_logging(False)
+    with lake_session(settings_from()) as lake:
+        p = predictions_preview(lake, batch_id, model_version, rows)
+    console.print(f"batch {p['batch_id']} scored by {p['model_version']}: {p['predictions_uri']}")
+    if p["other_versions"]:
+        console.print(f"also scored by: {', '.join(p['other_versions'])}")
+    counts = Table(title="predicted group")
+    counts.add_column("group")
+    counts.add_column("images", justify="right")
+    for g, n in p["group_counts"].items():
+        counts.add_row(str(g), str(n))
+    console.print(counts)
+    console.print("reconciliation: " + ", ".join(f"{k} {v}" for k, v in p["counts"].items()))
+    if p["reasons"]:
+        console.print("quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in p["reasons"].items()))
+    if p["rows"]:
+        cols = [c for c in p["rows"][0] if c not in ("model_version", "batch_id")]
+        t = Table(title=f"first {len(p['rows'])} rows")
+        for c in cols:
+            t.add_column(c)
+        for r in p["rows"]:
+            t.add_row(*(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        console.print(t)
+
+
+# --------------------------------------------------------------------------- reports
+def _run_tables(lake: Any, run_id: str) -> dict[str, Any]:
+    import io
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from zalando.errors import NotCommittedError
+
+    parts = lake.list_partitions(f"metrics/run_id={run_id}")
+    if not parts:
+        raise NotCommittedError(f"run {run_id!r} has no metrics in {lake.uri('metrics')}; see `zalando runs`")
+    out = {}
+    for name in ("per_group", "performance", "energy", "summary"):
+        frames = [
+            pq.read_table(io.BytesIO(lake.read_file(p, f"{name}.parquet"))).to_pandas()
+            for p in parts
+            if f"{name}.parquet" in lake.read_manifest(p)["files"]
+        ]
+        out[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return out
+
+
+@app.command()
+@handle_errors
+def report(
+    run_id: str = typer.Option(..., "--run-id", help="A run id (see `zalando runs`)"),
+    out: Path = typer.Option(None, help="Where to write the Markdown report (default: report-<run id>.md)"),
+) -> None:
+    """Print a run's tables (per group × experiment, performance, energy) and write its Markdown report."""
+    from zalando.report import display_tables, render_tables
+
+    setup_logging(False)
+    with lake_session(settings_from()) as lake:
+        t = _run_tables(lake, run_id)
+        per_group = t["per_group"]
+        if "split" in per_group.columns:
+            per_group = per_group[per_group["split"] == "test"]
+        render_tables(
+            console,
+            display_tables(per_group, t["performance"], t["energy"], t["summary"]),
+            title_prefix=f"run {run_id}: ",
+        )
+        key = f"reports/run_id={run_id}"
+        if not lake.is_committed(key):
+            fail(f"run {run_id}: no committed report at {lake.uri(key)}")
+        md = lake.read_file(key, "report.md")
+        target = out or Path(f"report-{run_id}.md")
+        target.write_bytes(md)
+    console.print(f"Markdown report written to {target} (PNGs beside it in the lake: {lake.uri(key)})")
+
+
+@app.command()
+@handle_errors
+def runs(limit: int = typer.Option(10, min=1, help="How many recent runs")) -> None:
+    """Recent training runs with their headline numbers (test split)."""
+    import pandas as pd
+
+    setup_logging(False)
+    with lake_session(settings_from()) as lake:
+        parts = lake.list_partitions("metrics")
+        run_ids = sorted({p.split("run_id=", 1)[1].split("/", 1)[0] for p in parts}, reverse=True)[:limit]
+        rows = []
+        for rid in run_ids:
+            t = _run_tables(lake, rid)
+            s = t["summary"]
+            s = s[s["split"] == "test"] if "split" in s.columns else s
+            pg = t["per_group"]
+            pg = (
+                pg[(pg["split"] == "test") & (pg["group_name"] == "One piece")]
+                if "split" in pg.columns
+                else pg[pg["group_name"] == "One piece"]
+            )
+            for rec in s.to_dict("records"):
+                op = pg[pg["experiment"] == rec["experiment"]]
+                rows.append(
+                    {
+                        "run_id": rid,
+                        "experiment": rec["experiment"],
+                        "model_version": rec.get("model_version", ""),
+                        "accuracy": rec.get("accuracy"),
+                        "macro_f1": rec.get("macro_f1"),
+                        "one_piece_recall": op["recall"].iloc[0] if len(op) else None,
+                        "one_piece_precision": op["precision"].iloc[0] if len(op) else None,
+                    }
+                )
+    if not rows:
+        console.print("no runs yet: `zalando run` (or `make run`) makes one")
+        return
+    df = pd.DataFrame(rows)
+    table = Table(title="Recent runs (test split)")
+    for c in df.columns:
+        table.add_column(
+            c.replace("_", " "),
+            justify="right" if c not in ("run_id", "experiment", "model_version") else "left",
+        )
+    for rec in df.to_dict("records"):
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in rec.values()))
+    console.print(table)
+
+
 # --------------------------------------------------------------------------- registry
 def _actor() -> str:
     import getpass
