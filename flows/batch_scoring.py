@@ -105,7 +105,8 @@ def batch_scoring(
                 cfg, plan.shards, plan.model_version, options
             )
         summary = commit_batch(cfg, plan, options, results)
-        summary["drift"] = monitor_drift(cfg, plan, options) if monitor else None
+        # an empty batch (or one whose every input was quarantined) has nothing to measure
+        summary["drift"] = monitor_drift(cfg, plan, options) if monitor and summary["scored"] > 0 else None
     log.info(
         "batch %s: %d scored, %d quarantined, model %s -> %s",
         summary["batch_id"],

@@ -316,6 +316,10 @@ def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
     )
 
     seen: dict[str, int] = {}
+    try:  # markers of an earlier run (re-scored with --force): ignored until the reset removes them
+        old = set(lake.list_keys(f"{key}/_shards"))
+    except Exception:  # noqa: BLE001 - a progress bar never fails the run
+        old = set()
     t0 = time.perf_counter()
     with Progress(
         TextColumn("scoring"),
@@ -331,7 +335,9 @@ def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
         while True:
             done = stop.wait(0.5)
             try:
-                for k in lake.list_keys(f"{key}/_shards"):
+                keys = set(lake.list_keys(f"{key}/_shards"))
+                old &= keys
+                for k in sorted(keys - old):
                     if k not in seen:
                         marker = lake.read_json(k)
                         seen[k] = int(marker.get("records", marker.get("scored", 0)) or 0)
