@@ -341,6 +341,8 @@ def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
                     if k not in seen:
                         marker = lake.read_json(k)
                         seen[k] = int(marker.get("records", marker.get("scored", 0)) or 0)
+                        if len(seen) == 1:  # the clock starts with the first shard, not with Prefect's start-up
+                            t0 = time.perf_counter() - float(marker.get("seconds", 0.0) or 0.0)
             except Exception:  # noqa: BLE001 - a progress bar never fails the run
                 pass
             n = sum(seen.values())
