@@ -99,12 +99,35 @@ def _train_bench_champion(cache: Lake) -> str:
     return bundle.model_version
 
 
-def install_champion(lake: Lake) -> dict:
-    """Copy the cached benchmark champion into ``lake``, register and promote it; returns its pointer."""
+def _loads_with_this_code(cache: Lake, key: str) -> bool:
+    from zalando.errors import ZalandoError
+    from zalando.models.bundle import load_bundle
+    from zalando.models.experiments import get_experiment
+
+    _, experiment, version = key.split("/")
+    try:
+        bundle = load_bundle(cache, experiment, version)
+    except ZalandoError:
+        return False
+    return bundle.spec.arch_params == get_experiment("fashion_cnn").arch_params
+
+
+def install_champion(lake: Lake, check_code: bool = True) -> dict:
+    """Copy the cached benchmark champion into ``lake``, register and promote it; returns its pointer.
+
+    ``check_code``: retrain when the cached bundle no longer loads with the current model code
+    (pass False to score with its self-contained ONNX graph anyway, ``--runtime onnx``).
+    """
     from zalando import registry
 
     cache = Lake.local(BENCH_DIR / "champion-lake")
     parts = cache.list_partitions("models")
+    if parts and check_code and not _loads_with_this_code(cache, parts[-1]):
+        log.info("cached benchmark champion %s no longer fits the model code: training a new one", parts[-1])
+        stale = parts[-1]
+        _train_bench_champion(cache)  # a new version (sorts last); the stale one goes only after
+        cache.delete_prefix(stale)
+        parts = cache.list_partitions("models")
     if not parts:
         _train_bench_champion(cache)
         parts = cache.list_partitions("models")

@@ -50,7 +50,7 @@ def main() -> None:
         n = put_test_split(lake)
         t_upload = time.perf_counter() - t
         t = time.perf_counter()
-        pointer = install_champion(lake) if not args.use_champion else None
+        pointer = install_champion(lake, check_code=args.runtime != "onnx") if not args.use_champion else None
         t_champion = time.perf_counter() - t
         t = time.perf_counter()
         predictor = load_champion_predictor(lake, args.runtime, threads=args.threads)

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from zalando.errors import LakeError, ModelError, NotCommittedError
+from zalando.errors import LakeError, ModelError, NotCommittedError, ZalandoError
 from zalando.lake import Lake
 from zalando.scoring.runtime import DEFAULT_INPUT, DEFAULT_OUTPUTS, OrtPredictor, onnxruntime_available
 
@@ -233,8 +233,10 @@ def _load_checked(
 
         try:
             bundle = load_bundle(lake, experiment, version)
-        except LakeError as e:
-            raise ModelError(f"{where}: {e}") from None
+        except ModelError:
+            raise
+        except ZalandoError as e:  # e.g. arch_params this code's architecture no longer accepts
+            raise ModelError(f"{where} cannot be rebuilt by this code: {e}") from None
         if bundle.model_version != version or bundle.experiment != experiment:
             raise ModelError(
                 f"{where}: holds {bundle.experiment}/{bundle.model_version}, not {experiment}/{version}"
