@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -25,6 +26,7 @@ from tasks.training import (
     publish_report,
     train_model,
 )
+from zalando.errors import ModelError
 from zalando.lake import new_run_id
 from zalando.s3server import embedded_s3
 from zalando.settings import Profile, load_settings
@@ -86,7 +88,7 @@ def training(
             unmapped(dataset["dataset_version"]),
         )
         evaluated = evaluate_model.with_options(refresh_cache=force).map(unmapped(cfg), trained)
-        evaluations = [f.result() for f in evaluated]
+        evaluations, failed = _collect(plan, trained, evaluated)
         decision = decide_champion(cfg, evaluations, gates)
         approved, comment, actor = True, "", f"prefect:{flow_run.get_name() or 'training'} ({reason})"
         if require_approval and decision["winner"]:
@@ -103,7 +105,39 @@ def training(
         "champion": promotion["champion"],
         "promoted": promotion["promoted"],
         "report": report["report_uri"],
+        "failed": failed,
     }
+
+
+def _collect(
+    plan: list[dict[str, Any]], trained: Any, evaluated: Any
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Evaluations of the experiments that made it; one broken experiment does not lose the night.
+
+    The failures are logged, published as an artifact and returned; when every experiment failed
+    the run fails with each one's reason.
+    """
+    evaluations, failed = [], {}
+    for p, t, e in zip(plan, trained, evaluated, strict=True):
+        e.wait()
+        if e.state.is_completed():
+            evaluations.append(e.result())
+        else:
+            culprit = e.state if t.state.is_completed() else t.state
+            failed[p["experiment"]] = culprit.message or culprit.name
+    if failed:
+        lines = "\n".join(f"| `{name}` | {msg} |" for name, msg in failed.items())
+        create_markdown_artifact(
+            key="failed-experiments",
+            markdown=f"# Experiments that failed\n\n| experiment | reason |\n| --- | --- |\n{lines}\n",
+            description=f"{len(failed)} of {len(plan)} experiments failed",
+        )
+        get_run_logger().error(
+            "%d experiment(s) failed: %s", len(failed), "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
+    if not evaluations:
+        raise ModelError("every experiment failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return evaluations, failed
 
 
 def _ask_approval(decision: dict[str, Any], timeout_s: int) -> tuple[bool, str, str]:

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from prefect.exceptions import NotPausedError, ParameterTypeError
 from flows.batch_scoring import batch_scoring
 from flows.nightly import nightly
 from flows.training import training
+from zalando.errors import ModelError
 from zalando.lake import Lake, table_to_parquet_bytes
 from zalando.registry import decision_log, get_champion
 from zalando.scoring import layout
@@ -268,3 +270,30 @@ def test_drifted_batch_raises_the_alarm_event(flows_lake: Lake, nightly_run: dic
             time.sleep(1)
     assert events, "no zalando.drift.alarm event reached the Prefect server"
     assert events[0]["payload"]["profile"] == "quick"
+
+
+def test_a_broken_experiment_does_not_lose_the_night(
+    flows_lake: Lake, nightly_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One experiment fails (its start weights are missing: a permanent error, so no retry); the
+    others are still evaluated and gated, and the failure is in the result and an artifact."""
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(
+        "experiments:\n"
+        "  - name: broken_cnn\n"
+        "    extends: fashion_cnn\n"
+        "    weights: models/fashion_cnn/20000101T000000Z-00000000\n"
+    )
+    monkeypatch.setenv("ZALANDO_EXPERIMENTS_FILE", str(experiments))
+    state = training(profile="quick", experiments=["fashion_cnn", "broken_cnn"], return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert list(out["failed"]) == ["broken_cnn"] and "cannot read weights" in out["failed"]["broken_cnn"]
+    assert list(out["models"]) == ["fashion_cnn"]
+    runs = {t.name: t for t in _task_runs(state.state_details.flow_run_id)}
+    assert runs["train-broken_cnn"].state.is_failed()
+    assert runs["train-broken_cnn"].run_count == 1  # a permanent error is not retried
+    assert "failed-experiments" in _artifact_keys([state.state_details.flow_run_id])
+
+    with pytest.raises(ModelError, match="every experiment failed: broken_cnn"):
+        training(profile="quick", experiments=["broken_cnn"])
