@@ -177,3 +177,17 @@ def test_profile_without_pretrained_records_none() -> None:
     spec = load_catalog().resolved("mobilenet_v2_full", "cpu")
     info = init_weights(build_model("mobilenet_v2", 10, 32), spec, pretrained_allowed=False)
     assert info.requested == "imagenet" and info.used == "none" and "cpu" in info.note
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_fashion_cnn_spatial_head_exports_to_onnx(size: int) -> None:
+    from zalando.models import ModelBundle, export_onnx
+    from zalando.models.bundle import check_onnx
+
+    params = {"c1": 4, "c2": 8, "c3": 8, "pool_to": 3}
+    spec = ExperimentSpec(
+        name="x", architecture="fashion_cnn", arch_params=params, input_size=size, tta="hflip"
+    )
+    net = build_model("fashion_cnn", 10, size, params).eval()
+    bundle = ModelBundle(spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d")
+    assert check_onnx(bundle, export_onnx(bundle)) < 1e-4

@@ -60,7 +60,7 @@ TINY_PROFILE = ProfileParams(
 
 def tiny_spec(**kw: object) -> ExperimentSpec:
     base = dict(
-        name="t", architecture="fashion_cnn", arch_params={"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8},
+        name="t", architecture="fashion_cnn", arch_params={"c1": 4, "c2": 8, "c3": 8, "n2": 1, "n3": 1, "embed_dim": 8},
         input_size=28, batch_size=50, epochs=2, lr=1e-3, scheduler="none", early_stopping_patience=5,
     )  # fmt: skip
     base.update(kw)

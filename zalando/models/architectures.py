@@ -125,48 +125,72 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class FashionCNN(ClassifierNet):
-    """A small CNN for 28x28x1 images: cheap at full resolution, width where the map is small.
+    """A small VGG-style CNN for 28x28x1 images: few channels at full resolution, width where maps are small.
 
-    stem conv (c1) @28 -> strided conv (c2) @14 -> conv (c2) @14 -> pool -> conv (c3) @7 ->
-    conv (c3) @7 [if ``depth7 >= 2``] -> pooled to ``pool_to``x``pool_to`` -> flatten -> FC (embedding) -> FC.
+    stage 1 @28: ``n1`` 3x3 convs of ``c1`` -> max-pool -> stage 2 @14: ``n2`` convs of ``c2`` -> max-pool ->
+    stage 3 @7: ``n3`` convs of ``c3`` -> average-pool to ``pool_to`` x ``pool_to`` -> flatten ->
+    FC ``embed_dim`` (+BN, ReLU: the embedding) -> dropout -> FC to the classes. Every conv has BN + ReLU.
     """
 
     def __init__(
         self,
         num_classes: int,
         input_size: int = 28,
-        c1: int = 32,
-        c2: int = 64,
-        c3: int = 128,
-        depth7: int = 1,
+        c1: int = 16,
+        c2: int = 48,
+        c3: int = 96,
+        n1: int = 1,
+        n2: int = 2,
+        n3: int = 2,
         pool_to: int = 1,
         embed_dim: int = 128,
         dropout: float = 0.3,
     ) -> None:
         super().__init__(input_size, in_channels=1)
-        c1, c2, c3, depth7, pool_to, embed_dim = (int(v) for v in (c1, c2, c3, depth7, pool_to, embed_dim))
-        layers: list[nn.Module] = [
-            _conv_bn(1, c1),
-            _conv_bn(c1, c2, stride=2),
-            _conv_bn(c2, c2),
-            nn.MaxPool2d(2),
-            _conv_bn(c2, c3),
-        ]
-        layers += [_conv_bn(c3, c3) for _ in range(max(0, depth7 - 1))]
+        widths = [int(c1), int(c2), int(c3)]
+        depths = [int(n1), int(n2), int(n3)]
+        if min(widths) < 1 or min(depths) < 1:
+            raise ConfigError(f"fashion_cnn needs c1..c3 >= 1 and n1..n3 >= 1, got {widths} {depths}")
+        layers: list[nn.Module] = []
+        cin = 1
+        for stage, (width, depth) in enumerate(zip(widths, depths, strict=True)):
+            if stage > 0:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(depth):
+                layers.append(_conv_bn(cin, width))
+                cin = width
         self.body = nn.Sequential(*layers)
-        self.pool_to = pool_to
+        self.pool_to = int(pool_to)
+        self.pool = _fixed_pool(_map_size(self.input_size, stages=2), self.pool_to)
+        embed_dim = int(embed_dim)
         self.embed = nn.Sequential(
-            nn.Flatten(), nn.Linear(c3 * pool_to * pool_to, embed_dim), nn.BatchNorm1d(embed_dim), nn.ReLU()
+            nn.Flatten(), nn.Linear(cin * self.pool_to**2, embed_dim), nn.BatchNorm1d(embed_dim), nn.ReLU()
         )
         self.head = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(embed_dim, num_classes))
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.body(self.adapt(x))
-        emb = self.embed(F.adaptive_avg_pool2d(fmap, self.pool_to))
+        emb = self.embed(self.pool(fmap))
         return self.head(emb), emb
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
+
+
+def _map_size(size: int, stages: int) -> int:
+    for _ in range(stages):
+        size //= 2
+    return size
+
+
+def _fixed_pool(size: int, out: int) -> nn.Module:
+    """Average-pool a size x size map to out x out with a fixed kernel (ONNX has no general adaptive pool)."""
+    if out < 1 or out > size:
+        raise ConfigError(f"pool_to must be in 1..{size} for this input size, got {out}")
+    if out == 1:
+        return nn.AdaptiveAvgPool2d(1)
+    stride = size // out
+    return nn.AvgPool2d(kernel_size=size - (out - 1) * stride, stride=stride)
 
 
 @dataclass(frozen=True)
