@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_HOME ?= $(CURDIR)/.zalando/prefect-home
+export PREFECT_HOME ?= $(CURDIR)/.zalando/prefect
 
 .PHONY: venv run test test-fast lint bench clean-lake
 

@@ -200,7 +200,7 @@ def _flow_env(settings: Any) -> None:
     # the temporary server migrates a fresh database first: 20 s (the default) is not enough on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if not os.environ.get("PREFECT_API_URL"):
-        home = Path(settings.work_dir).resolve() / "prefect-home"
+        home = Path(settings.work_dir).resolve() / "prefect"  # the same home as `make up`: its UI shows these runs
         home.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("PREFECT_HOME", str(home))
 
