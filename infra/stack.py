@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from zalando.s3server import pid_alive  # noqa: E402
+
 POOL = "zalando"
 SERVER_TIMEOUT_S = 120.0
 WORKER_TIMEOUT_S = 90.0
@@ -37,20 +41,6 @@ WORKER_TIMEOUT_S = 90.0
 
 class StackError(RuntimeError):
     """A component could not be started or stopped; the message says which and why."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _cmdline(pid: int) -> str:
@@ -146,7 +136,7 @@ class Stack:
     def _running(self, name: str) -> int | None:
         """PID of our process `name` when it is alive and still the program we started."""
         pid = self._read_pid(name)
-        if pid is not None and _pid_alive(pid) and "prefect" in _cmdline(pid):
+        if pid is not None and pid_alive(pid) and "prefect" in _cmdline(pid):
             return pid
         return None
 
@@ -183,9 +173,9 @@ class Stack:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.2)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         self._pid_file(name).unlink(missing_ok=True)

@@ -87,7 +87,8 @@ def free_port_block(size: int = 11, start: int = 20000, end: int = 60000) -> int
     raise LakeError("embedded S3: no free block of ports found")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when the process exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,7 +134,7 @@ class S3Server:
     def status(self) -> str:
         """'running', 'stale' (PID file, process gone), 'foreign' (port taken by another process) or 'stopped'."""
         pid = self._read_pid()
-        if pid is not None and _pid_alive(pid):
+        if pid is not None and pid_alive(pid):
             return "running" if port_answers(self.port) else "starting"
         if pid is not None:
             return "stale"
@@ -232,17 +233,17 @@ class S3Server:
     def stop(self, timeout: float = 15.0) -> bool:
         """Stop our server (and only ours). Returns True when a process was stopped."""
         pid = self._read_pid()
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             self.pid_file.unlink(missing_ok=True)
             return False
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             time.sleep(0.1)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
