@@ -135,6 +135,9 @@ def main() -> None:
     ap.add_argument(
         "--probs", type=Path, default=None, help="also save val/test group probabilities (.npz) here"
     )
+    ap.add_argument(
+        "--checkpoints", type=Path, default=None, help="epoch checkpoints here: a killed run resumes"
+    )
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(
@@ -171,7 +174,16 @@ def main() -> None:
     test_probs: dict[str, np.ndarray] = {}
     for name in names:
         spec = cat.experiment(name)
-        res = train_experiment(spec, profile, data, mean, std, seed=args.seed, threads=args.threads)
+        res = train_experiment(
+            spec,
+            profile,
+            data,
+            mean,
+            std,
+            seed=args.seed,
+            threads=args.threads,
+            checkpoint_dir=args.checkpoints / name if args.checkpoints else None,
+        )
         bundle = build_bundle(res, mean=mean, std=std, dataset_version="bench")
         save_bundle(lake, bundle)
         onnx_bytes = bundle_files(bundle)["model.onnx"]

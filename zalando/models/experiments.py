@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zalando.errors import ConfigError
 from zalando.models.architectures import ARCHITECTURES, MAX_INPUT_SIZE, MIN_INPUT_SIZE
@@ -113,12 +113,6 @@ class ExperimentSpec(BaseModel):
         raise ValueError(
             f"weights must be 'imagenet', 'none' or a lake model 'models/<experiment>/<model_version>', got {v!r}"
         )
-
-    @model_validator(mode="after")
-    def _check_combo(self) -> ExperimentSpec:
-        if self.freeze == "backbone" and self.weights == "none" and self.weights_fallback is None:
-            log.debug("experiment %s freezes a randomly initialised backbone", self.name)
-        return self
 
     @property
     def num_outputs(self) -> int:
