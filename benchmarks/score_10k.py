@@ -17,6 +17,7 @@ import time
 T_PROCESS = time.perf_counter()
 
 from _score_common import (  # noqa: E402
+    copy_champion_from_settings,
     install_champion,
     load_avg,
     matmul_peak_gflops,
@@ -36,7 +37,9 @@ def main() -> None:
     ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--use-champion", action="store_true", help="score with the lake's champion (not the benchmark one)"
+        "--use-champion",
+        action="store_true",
+        help="score with the champion of the lake named by ZALANDO_* settings (e.g. after `make run`), copied in",
     )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
@@ -50,7 +53,10 @@ def main() -> None:
         n = put_test_split(lake)
         t_upload = time.perf_counter() - t
         t = time.perf_counter()
-        pointer = install_champion(lake, check_code=args.runtime != "onnx") if not args.use_champion else None
+        if args.use_champion:
+            copy_champion_from_settings(lake)
+        else:
+            install_champion(lake, check_code=args.runtime != "onnx")
         t_champion = time.perf_counter() - t
         t = time.perf_counter()
         predictor = load_champion_predictor(lake, args.runtime, threads=args.threads)
@@ -88,7 +94,7 @@ def main() -> None:
     print(f"## score_10k: {n:,} test images, Parquet in S3 (SeaweedFS) -> predictions committed to S3")
     print()
     print(
-        f"champion: {predictor.experiment} / {predictor.model_version} ({'benchmark champion, quick-trained' if pointer else 'the lake champion'})"
+        f"champion: {predictor.experiment} / {predictor.model_version} ({'the lake champion, copied in' if args.use_champion else 'benchmark champion, quick-trained'})"
     )
     print(
         f"runtime: {predictor.runtime} (warm-up: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in predictor.timings.items())}), {args.threads} threads, shard size {args.shard_size}, sub-batch {args.sub_batch}"
