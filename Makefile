@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# spinning OpenMP threads collapse on 2 shared cores (the worker and flow runs inherit this)
+export OMP_WAIT_POLICY ?= PASSIVE
 export PREFECT_HOME ?= $(CURDIR)/.zalando/prefect
 
 .PHONY: venv run test test-fast lint bench clean-lake

@@ -710,6 +710,11 @@ def stack_status() -> None:
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    import os
+
+    # OpenMP threads that spin while waiting collapse (~10x) when the 2 cores are shared with other
+    # processes (the S3 server, Prefect); sleeping instead costs nothing. Must precede torch's import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 
