@@ -27,7 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from _score_common import ROOT, install_champion, load_avg, s3_lake, setup_logging, test_split  # noqa: I001
+from _score_common import (
+    ROOT,
+    copy_champion_from_settings,
+    install_champion,
+    load_avg,
+    s3_lake,
+    setup_logging,
+    test_split,
+)  # noqa: I001
 
 FILE_ROWS = 50_000
 ROW_GROUP = 10_000
@@ -243,6 +251,11 @@ def main() -> None:
     ap.add_argument("--runner", default="local", help=argparse.SUPPRESS)
     ap.add_argument("--location", help=argparse.SUPPRESS)
     ap.add_argument("--source", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--use-champion",
+        action="store_true",
+        help="copy in the champion of the lake the ZALANDO_* settings name",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     setup_logging(args.verbose)
@@ -261,7 +274,7 @@ def main() -> None:
     common += ["--workers", str(args.workers)]
     rows = []
     with s3_lake() as (lake, settings):
-        pointer = install_champion(lake)
+        pointer = copy_champion_from_settings(lake) if args.use_champion else install_champion(lake)
         gen_small = write_replicated_batch(lake, "incoming/bench-small", args.small, seed=1)
         gen_big = write_replicated_batch(lake, "incoming/bench-big", args.n, seed=2)
         print(
