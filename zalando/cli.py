@@ -200,7 +200,8 @@ def _flow_env(settings: Any) -> None:
     # the temporary server migrates a fresh database first: 20 s (the default) is not enough on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if not os.environ.get("PREFECT_API_URL"):
-        home = Path(settings.work_dir).resolve() / "prefect"  # the same home as `make up`: its UI shows these runs
+        # the same home as `make up`: its UI shows these runs
+        home = Path(settings.work_dir).resolve() / "prefect"
         home.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("PREFECT_HOME", str(home))
 
@@ -341,7 +342,8 @@ def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
                     if k not in seen:
                         marker = lake.read_json(k)
                         seen[k] = int(marker.get("records", marker.get("scored", 0)) or 0)
-                        if len(seen) == 1:  # the clock starts with the first shard, not with Prefect's start-up
+                        # the clock starts with the first shard, not with Prefect's start-up
+                        if len(seen) == 1:
                             t0 = time.perf_counter() - float(marker.get("seconds", 0.0) or 0.0)
             except Exception:  # noqa: BLE001 - a progress bar never fails the run
                 pass

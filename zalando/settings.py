@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     )
     country_iso_code: str = Field(default="DEU", description="For codecarbon's offline emissions estimate")
     torch_threads: int | None = Field(default=None, description="torch intra-op threads (default: all cores)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="where training runs: 'auto' = a CUDA GPU when torch sees one, else the CPU",
+    )
 
     @field_validator("lake_uri")
     @classmethod

@@ -112,6 +112,7 @@ def train_model(
             threads=settings.torch_threads,
             checkpoint_dir=checkpoint_dir,
             lake=lake,
+            device=settings.device,
         )
         meter.images = result.n_train * max(result.epochs_run, 1)
     energy = meter.reading.as_row() if meter.reading else None

@@ -30,6 +30,7 @@ from zalando.errors import ConfigError, DataError
 from zalando.labels import GROUP_LABELS, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
 from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
 from zalando.models.experiments import AugmentPolicy, ExperimentSpec, ProfileParams, resolve_spec
+from zalando.models.hardware import resolve_device, resolve_precision
 from zalando.models.weights import WeightsInfo, init_weights
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class TrainResult:
     seed: int
     resumed_from_epoch: int | None = None
     tta_scores: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # where it trained
+    precision: str = "fp32"  # the arithmetic it trained in (bf16 = bfloat16 autocast)
 
 
 # ----------------------------------------------------------------------------- data helpers
@@ -172,12 +175,13 @@ class TrainingLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor, smoothing: bool = True) -> torch.Tensor:
         ls = self.label_smoothing if smoothing else 0.0
-        loss = F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=ls)
+        logits = logits.float()  # bf16 autocast output: the loss is computed in fp32
+        cw = None if self.class_weights is None else self.class_weights.to(logits.device)
+        loss = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls)
         if self.group_loss_weight > 0:
-            g = LABEL_TO_GROUP_T[y]
-            loss = loss + self.group_loss_weight * F.nll_loss(
-                group_log_probs(logits), g, weight=self.group_weights
-            )
+            g = LABEL_TO_GROUP_T.to(y.device)[y]
+            gw = None if self.group_weights is None else self.group_weights.to(logits.device)
+            loss = loss + self.group_loss_weight * F.nll_loss(group_log_probs(logits), g, weight=gw)
         return loss
 
 
@@ -254,17 +258,18 @@ def predict_logits(
 ) -> torch.Tensor:
     """Eval-mode logits for uint8 (N, 28, 28) images (or the mean probs' log when ``hflip``)."""
     model.eval()
+    device = next(model.parameters()).device
     xt = torch.as_tensor(x_u8)
     if xt.ndim == 3:
         xt = xt[:, None]
     out = []
     for i in range(0, len(xt), batch_size):
-        xb = _normalise(xt[i : i + batch_size].float().div_(255.0), mean, std)
+        xb = _normalise(xt[i : i + batch_size].to(device).float().div_(255.0), mean, std)
         logits = model(xb)
         if hflip:
             p = (F.softmax(logits, 1) + F.softmax(model(xb.flip(-1)), 1)) / 2
             logits = torch.log(p.clamp_min(1e-12))
-        out.append(logits)
+        out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
@@ -347,12 +352,15 @@ def train_experiment(
     progress: ProgressFn | None = None,
     lake: Any | None = None,
     allow_download: bool = True,
+    device: str = "auto",
 ) -> TrainResult:
     """Train ``spec`` as ``profile`` says on ``data`` (x_train, y_train, x_val, y_val: uint8 / int labels).
 
     ``mean``/``std`` are the dataset version's pixel/255 statistics. With ``checkpoint_dir``, an
     epoch checkpoint is written after each epoch and a run with the same spec, seed and data
     resumes from it. ``lake`` is only needed when the spec starts from weights in the lake.
+    ``device`` is 'auto' (a CUDA GPU when there is one), 'cpu' or 'cuda'; the returned model is
+    always on the CPU.
     """
     if spec.profile is None:
         spec = resolve_spec(spec, profile)
@@ -363,6 +371,7 @@ def train_experiment(
     if not (std > 0 and math.isfinite(mean) and math.isfinite(std)):
         raise DataError(f"normalisation statistics must be finite with std > 0, got mean={mean}, std={std}")
     _check_arrays(data)
+    dev = resolve_device(device)
     t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
     if threads:
@@ -380,6 +389,7 @@ def train_experiment(
             lake,
             allow_download,
             t_start,
+            dev,
         )
     finally:
         torch.set_num_threads(old_threads)
@@ -397,6 +407,7 @@ def _train(
     lake: Any | None,
     allow_download: bool,
     t_start: float,
+    device: torch.device,
 ) -> TrainResult:
     tr_idx = stratified_subset(data["y_train"], profile.max_train_images, seed)
     va_idx = stratified_subset(data["y_val"], profile.max_val_images, seed + 1)
@@ -414,8 +425,10 @@ def _train(
         model, spec, pretrained_allowed=profile.pretrained, allow_download=allow_download, lake=lake
     )
     _set_frozen(model, spec.freeze)
-    model = model.to(memory_format=torch.channels_last)
     params, macs = count_parameters(model), count_macs(model)
+    model = model.to(device=device, memory_format=torch.channels_last)
+    precision = resolve_precision(spec.precision, device)
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
     balanced = spec.class_weighting == "balanced"
     cw = balanced_class_weights(y_tr.numpy(), spec.num_outputs) if balanced else None
@@ -453,8 +466,10 @@ def _train(
             log.info("%s: resuming after epoch %d from %s", spec.name, resumed_from + 1, ck_path)
 
     log.info(
-        "%s: training %s (%d params, %.1f MMAC/img) on %d images, validating on %d, up to %d epochs, batch %d, %d threads",
-        spec.name, spec.architecture, params, macs / 1e6, n_train, n_val, spec.epochs, bs, torch.get_num_threads(),
+        "%s: training %s (%d params, %.1f MMAC/img) on %d images, validating on %d, up to %d epochs, batch %d, "
+        "%s %s, %d threads",
+        spec.name, spec.architecture, params, macs / 1e6, n_train, n_val, spec.epochs, bs, device.type, precision,
+        torch.get_num_threads(),
     )  # fmt: skip
     epoch_images = steps_per_epoch * bs
     for epoch in range(start_epoch, spec.epochs):
@@ -472,9 +487,10 @@ def _train(
             xb = x_tr[idx].float().div_(255.0)
             if spec.augmentation.active:
                 xb = augment_batch(xb, spec.augmentation, gen)
-            xb = _normalise(xb, mean, std)
-            yb = y_tr[idx]
-            logits = model(xb)
+            xb = _normalise(xb.to(device, non_blocking=True), mean, std)
+            yb = y_tr[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(xb)
             loss = loss_fn(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -482,7 +498,7 @@ def _train(
             if sched_when == "step":
                 scheduler.step()
             run_loss += float(loss.detach()) * len(idx)
-            run_correct += int((logits.argmax(1) == yb).sum())
+            run_correct += int((logits.detach().argmax(1) == yb).sum())
             seen += len(idx)
             now = time.perf_counter()
             if now - last_log > 15 or step == steps_per_epoch - 1:
@@ -546,6 +562,7 @@ def _train(
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    model = model.to("cpu")
     model.eval()
     tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va_lab, mean, std, loss_fn)
     spec = spec.model_copy(update={"tta": tta})
@@ -573,6 +590,8 @@ def _train(
         seed=seed,
         resumed_from_epoch=resumed_from,
         tta_scores=tta_scores,
+        device=device.type,
+        precision=precision,
     )
 
 

@@ -264,3 +264,38 @@ def test_bad_statistics_and_profile_mismatch(tiny: dict[str, np.ndarray]) -> Non
         train_experiment(tiny_spec(), TINY_PROFILE, tiny, MEAN, 0.0, seed=0)
     with pytest.raises(ConfigError, match="resolved for profile"):
         train_experiment(tiny_spec(profile="paper"), TINY_PROFILE, tiny, MEAN, STD, seed=0)
+
+
+def test_bf16_training_keeps_fp32_weights_and_learns(tiny: dict[str, np.ndarray]) -> None:
+    spec = tiny_spec(precision="bf16", epochs=3, lr=3e-2)
+    res = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1, device="cpu")
+    assert (res.precision, res.device) == ("bf16", "cpu")
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in res.model.parameters())
+    losses = [h["train_loss"] for h in res.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    bundle = build_bundle(res, mean=MEAN, std=STD, dataset_version="ds-test")
+    assert bundle.card["training"]["precision"] == "bf16"
+    again = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1, device="cpu")
+    for a, b in zip(res.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # bf16 training is as repeatable as fp32
+
+
+def test_precision_and_device_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zalando.models import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": False)
+    assert hardware.resolve_precision("auto", "cpu") == "fp32"
+    assert hardware.resolve_precision("bf16", "cpu") == "bf16"  # asked for by name: honoured
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": True)
+    assert hardware.resolve_precision("auto", "cpu") == "bf16"
+    assert hardware.resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="valid|one of"):
+        hardware.resolve_device("tpu")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        hardware.resolve_precision("fp8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        hardware.resolve_device("cuda")
+    with pytest.raises(ValueError, match="precision"):
+        tiny_spec(precision="fp16")

@@ -68,13 +68,17 @@ class ScoringModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (pixels / 255.0 - self.mean) / self.std
+        # .float(): under bf16 autocast the net returns bfloat16; the probabilities are made in fp32
+        # (a no-op, and no graph node, in fp32 and in the ONNX export)
         logits, emb = self.net.forward_both(x)
+        logits, emb = logits.float(), emb.float()
         probs = F.softmax(logits / self.temperature, dim=1)
         if self.hflip:
             logits2, emb2 = self.net.forward_both(torch.flip(x, dims=[3]))
-            probs = (probs + F.softmax(logits2 / self.temperature, dim=1)) * 0.5
-            emb = (emb + emb2) * 0.5
-        return probs @ self.to_group, emb
+            probs = (probs + F.softmax(logits2.float() / self.temperature, dim=1)) * 0.5
+            emb = (emb + emb2.float()) * 0.5
+        # labels -> groups as multiply-and-sum, not a matmul: autocast would run a matmul in bf16
+        return (probs[:, :, None] * self.to_group[None]).sum(1), emb
 
 
 @dataclass
@@ -180,6 +184,8 @@ def build_bundle(
             "wall_s": round(result.wall_s, 2),
             "seed": result.seed,
             "resumed_from_epoch": result.resumed_from_epoch,
+            "device": result.device,
+            "precision": result.precision,
         },
         "validation": result.val_metrics,
         "tta_validation_group_nll": result.tta_scores,

@@ -81,6 +81,11 @@ class ExperimentSpec(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     group_loss_weight: float = Field(0.0, ge=0, description="extra CE on summed group probabilities")
     tta: Literal["none", "hflip", "auto"] = "none"
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="training arithmetic: 'auto' = bfloat16 autocast where the hardware has it "
+        "(AMX / AVX512-BF16 CPUs, bf16 GPUs), else fp32; weights and inference stay fp32",
+    )
     profile: str | None = Field(None, description="set by resolve_spec: the profile applied")
 
     @field_validator("architecture")
