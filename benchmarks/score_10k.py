@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--sub-batch", type=int, default=256)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"])
+    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch", "torch-bf16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--use-champion",

@@ -45,13 +45,43 @@ def test_loads_champion_with_both_runtimes_and_they_agree(champion_lake: tuple[L
     torch_p = load_champion_predictor(lake, "torch", threads=1)
     auto = load_champion_predictor(lake, "auto", threads=1)
     assert (onnx.runtime, torch_p.runtime, onnx.model_version) == ("onnx", "torch", version)
-    assert auto.runtime in ("onnx", "torch") and set(auto.timings) == {"onnx", "torch"}
+    from zalando.models.hardware import native_bf16
+
+    expected = {"onnx", "torch"} | ({"torch-bf16"} if native_bf16("cpu") else set())
+    assert auto.runtime in expected and set(auto.timings) == expected
     assert auto.checks["manifest_sha256"] == "ok" and auto.checks["registry_record"] == "ok"
     p1, e1 = onnx.predict(imgs)
     p2, e2 = torch_p.predict(imgs)
     assert p1.shape == (50, 5) and e1.shape[0] == 50
     np.testing.assert_allclose(p1, p2, atol=1e-4)
     assert load_champion_predictor(lake, "onnx", threads=1) is onnx  # cached per process
+
+
+def test_bf16_runtime_agrees_with_fp32_or_is_refused(
+    champion_lake: tuple[Lake, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zalando.scoring import champion
+
+    lake, version = champion_lake
+    imgs = mnist_like(64)
+    bf16 = load_champion_predictor(lake, "torch-bf16", threads=1)
+    fp32 = load_champion_predictor(lake, "torch", threads=1)
+    assert (bf16.runtime, bf16.model_version) == ("torch-bf16", version)
+    assert 0 <= bf16.checks["bf16_vs_fp32_max_prob_diff"] <= champion.BF16_MAX_PROB_DIFF
+    p_bf16, e_bf16 = bf16.predict(imgs)
+    p_fp32, _ = fp32.predict(imgs)
+    assert p_bf16.dtype == np.float32 and e_bf16.dtype == np.float32
+    np.testing.assert_allclose(p_bf16.sum(1), 1.0, atol=1e-5)  # probabilities made in fp32
+    assert np.abs(p_bf16 - p_fp32).max() <= champion.BF16_MAX_PROB_DIFF
+    assert np.abs(p_bf16 - p_fp32).max() > 0  # really ran in bf16
+
+    clear_predictor_cache()
+    monkeypatch.setattr(champion, "BF16_MAX_PROB_DIFF", -1.0)  # nothing can pass
+    with pytest.raises(ModelError, match="torch-bf16 probabilities differ from fp32"):
+        load_champion_predictor(lake, "torch-bf16", threads=1)
+    monkeypatch.setattr(champion, "_native_bf16", lambda: True)
+    auto = load_champion_predictor(lake, "auto", threads=1)
+    assert "torch-bf16" not in auto.timings and auto.runtime in ("onnx", "torch")
 
 
 def test_onnx_worker_does_not_import_torch(champion_lake: tuple[Lake, str]) -> None:

@@ -13,7 +13,8 @@ from zalando.models.bundle import ONNX_INPUT, ONNX_OUTPUTS, ModelBundle
 
 log = logging.getLogger(__name__)
 
-Runtime = Literal["auto", "onnx", "torch"]
+Runtime = Literal["auto", "onnx", "torch", "torch-bf16"]
+RUNTIMES = ("auto", "onnx", "torch", "torch-bf16")
 DEFAULT_BATCH = 1024
 
 
@@ -66,15 +67,24 @@ class OnnxPredictor:
 
 
 class TorchPredictor:
-    """Eager torch, channels_last, no grad."""
+    """Eager torch, channels_last, no grad; ``precision='bf16'`` runs under bfloat16 autocast.
 
-    runtime = "torch"
+    bf16 is for CPUs that multiply bfloat16 natively (AMX / AVX512-BF16): the convolutions run 2-3x
+    faster, the weights stay fp32 and the probabilities differ from fp32 by about 1e-3; the
+    champion loader checks that difference before it lets this runtime score.
+    """
 
-    def __init__(self, bundle: ModelBundle, threads: int | None = None, batch_size: int = 256) -> None:
+    def __init__(
+        self, bundle: ModelBundle, threads: int | None = None, batch_size: int = 256, precision: str = "fp32"
+    ) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"unknown torch precision {precision!r}; valid choices: fp32, bf16")
         self.model = bundle.scoring_model()
         bundle.model.to(memory_format=torch.channels_last)
         self.threads = threads
         self.batch_size = batch_size
+        self.precision = precision
+        self.runtime = "torch" if precision == "fp32" else "torch-bf16"
 
     @torch.no_grad()
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +94,13 @@ class TorchPredictor:
             torch.set_num_threads(self.threads)
         try:
             probs, embs = [], []
+            bf16 = self.precision == "bf16"
             for i in range(0, len(x), self.batch_size):
                 xb = x[i : i + self.batch_size].contiguous(memory_format=torch.channels_last)
-                p, e = self.model(xb)
-                probs.append(p.numpy())
-                embs.append(e.numpy())
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    p, e = self.model(xb)
+                probs.append(p.float().numpy())
+                embs.append(e.float().numpy())
         finally:
             torch.set_num_threads(old)
         if not probs:
@@ -104,9 +116,14 @@ def make_predictor(
     threads: int | None = None,
     batch_size: int | None = None,
 ) -> Predictor:
-    """ONNX Runtime when ``onnx_bytes`` are given (or ``runtime='onnx'``: exported now), else torch."""
-    if runtime not in ("auto", "onnx", "torch"):
-        raise ConfigError(f"unknown runtime {runtime!r}; valid choices: auto, onnx, torch")
+    """ONNX Runtime when ``onnx_bytes`` are given (or ``runtime='onnx'``: exported now), else torch.
+
+    ``torch-bf16`` is torch under bfloat16 autocast (only chosen when asked for by name here).
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; valid choices: {', '.join(RUNTIMES)}")
+    if runtime == "torch-bf16":
+        return TorchPredictor(bundle, threads, batch_size or 256, precision="bf16")
     if runtime == "torch" or (runtime == "auto" and onnx_bytes is None):
         return TorchPredictor(bundle, threads, batch_size or 256)
     if onnx_bytes is None:

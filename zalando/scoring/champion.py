@@ -29,11 +29,14 @@ from zalando.scoring.runtime import DEFAULT_INPUT, DEFAULT_OUTPUTS, OrtPredictor
 
 log = logging.getLogger(__name__)
 
-Runtime = Literal["auto", "onnx", "torch"]
+Runtime = Literal["auto", "onnx", "torch", "torch-bf16"]
+RUNTIMES = ("auto", "onnx", "torch", "torch-bf16")
 Verify = Literal["auto", "full", "light"]
 CHAMPION_KEY = "registry/champion.json"
 WARMUP_IMAGES = 256
 STATS_RTOL = 1e-6
+# torch-bf16 may score only when its group probabilities stay this close to fp32 torch's (warm-up batch)
+BF16_MAX_PROB_DIFF = 0.02
 
 
 class Predictor(Protocol):
@@ -148,15 +151,17 @@ def load_champion_predictor(
     """The champion's (or ``model_version``'s) checked predictor, cached per process.
 
     ``runtime``: ``auto`` measures ONNX Runtime and torch on a warm-up batch once and keeps the
-    faster (torch alone when onnxruntime is not installed); ``onnx`` / ``torch`` force one.
+    faster (torch alone when onnxruntime is not installed), adding torch under bfloat16 autocast
+    (``torch-bf16``) on CPUs with native bf16 when its probabilities agree with fp32 torch's to
+    ``BF16_MAX_PROB_DIFF``; ``onnx`` / ``torch`` / ``torch-bf16`` force one.
     ``verify``: ``full`` also rebuilds the torch model and checks that model.onnx gives the same
     outputs as weights.pt; ``light`` checks checksums, bundle.json, statistics and the ONNX graph
     without importing torch (600 MB less per worker); ``auto`` = full unless runtime is ``onnx``.
     ``threads``: intra-op threads (default: ZALANDO_TORCH_THREADS or all cores).
     Raises :class:`ModelError` for a missing champion or a bundle that fails a check.
     """
-    if runtime not in ("auto", "onnx", "torch"):
-        raise ModelError(f"unknown runtime {runtime!r}; valid choices: auto, onnx, torch")
+    if runtime not in RUNTIMES:
+        raise ModelError(f"unknown runtime {runtime!r}; valid choices: {', '.join(RUNTIMES)}")
     info = resolve_model(lake, model_version)
     n_threads = int(threads or _default_threads())
     full = verify == "full" or (verify == "auto" and runtime != "onnx")
@@ -227,7 +232,7 @@ def _load_checked(
     if runtime in ("auto", "onnx"):
         candidates.append(("onnx", OrtPredictor(onnx_bytes, threads, input_name, output_names)))
     macs = None
-    if full or runtime in ("auto", "torch"):
+    if full or runtime in ("auto", "torch", "torch-bf16"):
         from zalando.models.bundle import check_onnx, load_bundle
         from zalando.models.predictor import TorchPredictor
 
@@ -248,6 +253,10 @@ def _load_checked(
                 raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
         if runtime in ("auto", "torch"):
             candidates.append(("torch", TorchPredictor(bundle, threads=threads, batch_size=256)))
+        if runtime == "torch-bf16" or (runtime == "auto" and _native_bf16()):
+            bf16 = _checked_bf16(where, bundle, threads, checks, required=runtime == "torch-bf16")
+            if bf16 is not None:
+                candidates.append(("torch-bf16", bf16))
         macs = bundle.card.get("macs_per_image")
     warm = _warmup_images()
     timings: dict[str, float] = {}
@@ -280,6 +289,33 @@ def _load_checked(
         timings=timings,
         checks=checks,
     )
+
+
+def _native_bf16() -> bool:
+    from zalando.models.hardware import native_bf16
+
+    return native_bf16("cpu")
+
+
+def _checked_bf16(where: str, bundle: Any, threads: int, checks: dict[str, Any], *, required: bool) -> Any:
+    """A bf16-autocast torch predictor, if its probabilities agree with fp32 torch's on the warm-up batch."""
+    from zalando.models.predictor import TorchPredictor
+
+    fp32 = TorchPredictor(bundle, threads=threads, batch_size=256)
+    bf16 = TorchPredictor(bundle, threads=threads, batch_size=256, precision="bf16")
+    warm = _warmup_images()
+    diff = float(np.abs(bf16.predict(warm)[0] - fp32.predict(warm)[0]).max())
+    checks["bf16_vs_fp32_max_prob_diff"] = round(diff, 6)
+    if diff <= BF16_MAX_PROB_DIFF:
+        return bf16
+    message = (
+        f"{where}: torch-bf16 probabilities differ from fp32 by {diff:.4f} (> {BF16_MAX_PROB_DIFF}) "
+        "on the warm-up batch"
+    )
+    if required:
+        raise ModelError(message + "; score with runtime onnx or torch")
+    log.warning("%s; not using torch-bf16", message)
+    return None
 
 
 def _check_meta(
