@@ -4,12 +4,19 @@ Temperature scaling divides a model's logits by one scalar T > 0 fitted on the v
 minimising the negative log-likelihood. It changes confidence, never the argmax, so accuracy and
 every per-group metric stay the same. The NLL is convex in 1/T, so a bounded golden-section search
 on beta = 1/T finds the optimum exactly enough without torch or scipy.
+
+The operating point (:func:`fit_group_weights`) is the one step here that may change decisions: per-group
+weights on the group probabilities, chosen on validation so each group's recall reaches a floor
+(the study's recall, which the quality gate also demands), at a bounded cost in accuracy.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -132,3 +139,99 @@ def needs_review_mask(group_probs: np.ndarray, threshold: float) -> np.ndarray:
     if p.shape[0] == 0:
         return np.zeros(0, dtype=bool)
     return p.max(axis=1) < threshold
+
+
+# ----------------------------------------------------------------------------- operating point
+
+# a floor of 1.00 at the study's two decimals means "at least 0.995" (as the quality gate reads it)
+_TWO_DP_ONE = 0.995
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Per-group weights on the group probabilities, chosen on validation (see :func:`fit_group_weights`)."""
+
+    weights: list[float]
+    floors: list[float]
+    recall_before: list[float]
+    recall_after: list[float]
+    acc_before: float
+    acc_after: float
+    met: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recall_floors(study_recall: Sequence[float]) -> list[float]:
+    """The study's per-group recall as floors: exact, except 1.00 (two decimals) means >= 0.995."""
+    return [min(float(r), _TWO_DP_ONE) for r in study_recall]
+
+
+def _recalls(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    hits = np.bincount(y[pred == y], minlength=k).astype(np.float64)
+    return np.where(counts > 0, hits / np.maximum(counts, 1), 1.0)
+
+
+def fit_group_weights(
+    probs: np.ndarray,
+    groups: np.ndarray,
+    floors: Sequence[float],
+    *,
+    step: float = 1.1,
+    max_weight: float = 4.0,
+    max_acc_drop: float = 0.005,
+) -> OperatingPoint:
+    """Weights w (one per group) so that argmax(probs * w) reaches every group's recall floor on validation.
+
+    Greedy and small: while some group is below its floor, multiply the weight of the group furthest
+    below by ``step``; stop when every floor is met, or when a weight would pass ``max_weight`` or the
+    validation accuracy would drop more than ``max_acc_drop`` (then the weights that met the most stay,
+    and ``met`` is False). Weights of 1 everywhere are plain argmax. Multiplying probabilities by w and
+    renormalising is a change of prior, so the probabilities stay a distribution.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(groups)
+    k = p.shape[1] if p.ndim == 2 else 0
+    f = np.asarray(floors, dtype=np.float64)
+    if p.ndim != 2 or len(p) == 0 or len(f) != k:
+        raise DataError(f"operating point: probs must be (N, {len(f)}) with N > 0, got shape {p.shape}")
+    if y.shape != (len(p),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k:
+        raise DataError(f"operating point: groups must be N integer ids in 0..{k - 1}")
+    if not np.isfinite(p).all():
+        raise DataError("operating point: probabilities contain NaN or infinite values")
+    w = np.ones(k)
+    pred = p.argmax(1)
+    rec0, acc0 = _recalls(pred, y, k), float((pred == y).mean())
+    rec, acc, reason = rec0, acc0, "floors met with plain argmax"
+    while True:
+        short = f - rec
+        if (short <= 1e-12).all():
+            if (w != 1).any():
+                reason = "floors met on validation"
+            met = True
+            break
+        g = int(np.argmax(short))
+        trial = w.copy()
+        trial[g] *= step
+        if trial[g] > max_weight:
+            met, reason = False, f"group {g} needs a weight above {max_weight}"
+            break
+        t_pred = (p * trial).argmax(1)
+        t_acc = float((t_pred == y).mean())
+        if acc0 - t_acc > max_acc_drop:
+            met, reason = False, f"meeting group {g}'s floor would cost more than {max_acc_drop:.3f} accuracy"
+            break
+        w, rec, acc = trial, _recalls(t_pred, y, k), t_acc
+    return OperatingPoint(
+        weights=[round(float(v), 6) for v in w],
+        floors=[float(v) for v in f],
+        recall_before=[float(v) for v in rec0],
+        recall_after=[float(v) for v in rec],
+        acc_before=acc0,
+        acc_after=acc,
+        met=met,
+        reason=reason,
+    )

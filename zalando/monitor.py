@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from zalando.errors import ConfigError, DataError
 from zalando.labels import GROUP_KEYS, GROUP_NAMES, LABEL_NAMES, NUM_GROUPS, group_of
+from zalando.study import STUDY_BEST
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,7 @@ class GroupFloors(BaseModel):
 
 
 # The study's best model (MobileNetV2 fully fine-tuned), per group, as printed with 2 decimals.
-STUDY_FLOORS: dict[str, dict[str, float]] = {
-    "Upper part": {"recall": 0.96, "precision": 0.99, "npv": 0.97},
-    "Bottom part": {"recall": 0.99, "precision": 0.99, "npv": 1.00},
-    "One piece": {"recall": 0.96, "precision": 0.86, "npv": 1.00},
-    "Footwear": {"recall": 1.00, "precision": 1.00, "npv": 1.00},
-    "Bags": {"recall": 0.99, "precision": 0.99, "npv": 1.00},
-}
+STUDY_FLOORS: dict[str, dict[str, float]] = STUDY_BEST
 
 
 def _default_floors() -> dict[str, GroupFloors]:

@@ -25,6 +25,7 @@ import pandas as pd
 from zalando.errors import DataError
 from zalando.evaluate import summary_from_counts
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, NUM_GROUPS
+from zalando.study import STUDY_BEST, STUDY_SCORING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,17 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STUDY_REFERENCE_NAME = "study best (reference)"
-STUDY_REFERENCE: dict[str, dict[str, float]] = {
-    "Upper part": {"recall": 0.96, "precision": 0.99, "npv": 0.97},
-    "Bottom part": {"recall": 0.99, "precision": 0.99, "npv": 1.00},
-    "One piece": {"recall": 0.96, "precision": 0.86, "npv": 1.00},
-    "Footwear": {"recall": 1.00, "precision": 1.00, "npv": 1.00},
-    "Bags": {"recall": 0.99, "precision": 0.99, "npv": 1.00},
-}
+STUDY_REFERENCE: dict[str, dict[str, float]] = STUDY_BEST
 """Per-group recall / precision / NPV of the study's best model on the test split (two decimals)."""
 
-STUDY_SCORING = {"n_images": 10_000, "wall_s": 37.3, "device": "GPU"}
-"""The study scored its 10,000 test images in 37.3 s on a GPU."""
 
 ONE_PIECE = GROUP_NAMES.index("One piece")
 NA = "–"

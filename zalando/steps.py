@@ -85,7 +85,6 @@ def train_model(
     wall_s, epochs_run, best_val_loss}``. With ``checkpoint_dir`` a killed run resumes from its last
     epoch (the training engine checks the checkpoint matches the spec, seed and data).
     """
-    from zalando.calibration import fit_temperature
     from zalando.data.split import load_dataset_arrays
     from zalando.energy import measure_energy
     from zalando.labels import NUM_GROUPS, group_of
@@ -94,7 +93,7 @@ def train_model(
     from zalando.models.predictor import make_predictor
     from zalando.monitor import reference_profile
     from zalando.registry import save_reference
-    from zalando.train import predict_logits, train_experiment
+    from zalando.train import train_experiment
 
     catalog = load_catalog(settings.experiments_file)
     profile = catalog.profile(settings.profile)
@@ -117,11 +116,8 @@ def train_model(
         meter.images = result.n_train * max(result.epochs_run, 1)
     energy = meter.reading.as_row() if meter.reading else None
 
-    # temperature scaling on the validation split (never the test split)
-    y_val = np.asarray(data["y_val"])
-    targets = y_val if result.spec.target == "labels" else group_of(y_val)
-    logits = predict_logits(result.model, data["x_val"], mean, std).numpy()
-    temperature = fit_temperature(logits, targets)
+    # temperature scaling and the operating point were fitted on the validation split (never the test split)
+    temperature = result.temperature
 
     bundle = build_bundle(
         result,

@@ -61,6 +61,8 @@ class TrainResult:
     seed: int
     resumed_from_epoch: int | None = None
     tta_scores: dict[str, float] = field(default_factory=dict)
+    temperature: float = 1.0  # fitted on validation (label or group logits, without TTA)
+    operating_point: dict[str, Any] | None = None  # per-group weights chosen on validation (decision_rule)
     device: str = "cpu"  # where it trained
     precision: str = "fp32"  # the arithmetic it trained in (bf16 = bfloat16 autocast)
 
@@ -566,6 +568,7 @@ def _train(
     model.eval()
     tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va_lab, mean, std, loss_fn)
     spec = spec.model_copy(update={"tta": tta})
+    temperature, operating_point = _calibrate(model, spec, x_va, y_va_lab, mean, std)
     wall = time.perf_counter() - t_start
     prior = sum(h["epoch_s"] for h in history[: (resumed_from + 1) if resumed_from is not None else 0])
     log.info(
@@ -590,9 +593,49 @@ def _train(
         seed=seed,
         resumed_from_epoch=resumed_from,
         tta_scores=tta_scores,
+        temperature=temperature,
+        operating_point=operating_point,
         device=device.type,
         precision=precision,
     )
+
+
+def _calibrate(
+    model: ClassifierNet, spec: ExperimentSpec, x_va: np.ndarray, y_va: np.ndarray, mean: float, std: float
+) -> tuple[float, dict[str, Any] | None]:
+    """Temperature scaling, then (``decision_rule='recall_floors'``) the operating point, both on VALIDATION.
+
+    The operating point is fitted on the group probabilities exactly as the scoring graph makes them
+    (TTA and temperature included), against the study's per-group recall as floors.
+    """
+    from zalando.calibration import fit_group_weights, fit_temperature, recall_floors
+    from zalando.labels import GROUP_NAMES
+    from zalando.models.bundle import ScoringModel
+    from zalando.study import STUDY_BEST
+
+    y_grp = np.asarray(LABEL_TO_GROUP)[y_va]
+    if len(y_va) == 0:
+        return 1.0, None
+    logits = predict_logits(model, x_va, mean, std).numpy()
+    temperature = fit_temperature(logits, y_va if spec.target == "labels" else y_grp)
+    if spec.decision_rule == "argmax":
+        return temperature, None
+    scoring = ScoringModel(model, mean, std, spec.target, temperature, spec.tta)
+    with torch.no_grad():
+        probs = torch.cat(
+            [
+                scoring(torch.as_tensor(x_va[i : i + EVAL_BATCH])[:, None].float())[0]
+                for i in range(0, len(x_va), EVAL_BATCH)
+            ]
+        ).numpy()
+    floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
+    op = fit_group_weights(probs, y_grp, floors)
+    log.info(
+        "%s: operating point %s on validation (%s): accuracy %.4f -> %.4f, recall %s -> %s",
+        spec.name, op.weights, op.reason, op.acc_before, op.acc_after,
+        [round(r, 4) for r in op.recall_before], [round(r, 4) for r in op.recall_after],
+    )  # fmt: skip
+    return temperature, op.as_dict()
 
 
 def _choose_tta(

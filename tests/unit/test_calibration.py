@@ -8,9 +8,11 @@ import pytest
 from zalando.calibration import (
     apply_temperature,
     expected_calibration_error,
+    fit_group_weights,
     fit_temperature,
     needs_review_mask,
     nll,
+    recall_floors,
 )
 from zalando.errors import DataError
 
@@ -70,3 +72,53 @@ def test_bad_inputs() -> None:
         fit_temperature(np.full((2, 10), np.nan), np.array([0, 1]))
     with pytest.raises(DataError, match="temperature: must be > 0"):
         nll(np.zeros((2, 10)), np.array([0, 1]), 0.0)
+
+
+def _two_group_case(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Group 1 is under-predicted: many of its images get slightly more mass on group 0."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    p = np.full((n, 3), 0.05)
+    p[np.arange(n), y] = 0.9
+    hard = (y == 1) & (rng.random(n) < 0.2)  # 20% of group 1 look like group 0, by a small margin
+    p[hard] = [0.5, 0.45, 0.05]
+    easy0 = (y == 0) & (rng.random(n) < 0.05)  # a few group-0 images that a large weight would steal
+    p[easy0] = [0.52, 0.43, 0.05]
+    return p / p.sum(1, keepdims=True), y
+
+
+def test_operating_point_meets_a_recall_floor_at_small_cost() -> None:
+    p, y = _two_group_case()
+    op = fit_group_weights(p, y, [0.9, 0.95, 0.9])
+    assert op.recall_before[1] < 0.85 and op.recall_after[1] >= 0.95 and op.met
+    assert op.weights[1] > 1 and op.weights[0] == op.weights[2] == 1.0
+    assert op.acc_after >= op.acc_before - 0.005
+    pred = (p * np.array(op.weights)).argmax(1)
+    assert float((pred[y == 1] == 1).mean()) == pytest.approx(op.recall_after[1])
+
+
+def test_operating_point_keeps_argmax_when_floors_hold_and_stops_when_too_costly() -> None:
+    p, y = _two_group_case()
+    plain = fit_group_weights(p, y, [0.5, 0.5, 0.5])
+    assert plain.weights == [1.0, 1.0, 1.0] and plain.met and plain.acc_after == plain.acc_before
+    conflicting = fit_group_weights(p, y, [0.99, 1.0, 0.99])  # raising group 1 costs group 0 its floor
+    assert not conflicting.met and max(conflicting.weights) <= 4.0
+    costly = p.copy()
+    costly[(y == 1) & (p[:, 1] < 0.5)] = [0.6, 0.35, 0.05]  # the hard ones now need a weight > 1.7 ...
+    costly[y == 0] = [0.52, 0.43, 0.05]  # ... but every group-0 image flips at 1.21
+    too_costly = fit_group_weights(costly, y, [0.0, 0.95, 0.0])
+    assert not too_costly.met and "accuracy" in too_costly.reason
+    assert too_costly.acc_after >= too_costly.acc_before - 0.005
+    capped = fit_group_weights(p, y, [0.0, 1.0, 0.0], max_weight=1.05)
+    assert not capped.met and "weight above" in capped.reason and capped.weights == [1.0, 1.0, 1.0]
+    assert recall_floors([0.96, 1.0]) == [0.96, 0.995]
+
+
+def test_operating_point_bad_inputs() -> None:
+    p, y = _two_group_case(20)
+    with pytest.raises(DataError, match="probs must be"):
+        fit_group_weights(p, y, [0.9, 0.9])
+    with pytest.raises(DataError, match="groups must be"):
+        fit_group_weights(p, y + 5, [0.9, 0.9, 0.9])
+    with pytest.raises(DataError, match="NaN"):
+        fit_group_weights(np.full_like(p, np.nan), y, [0.9, 0.9, 0.9])

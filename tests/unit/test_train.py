@@ -299,3 +299,53 @@ def test_precision_and_device_resolution(monkeypatch: pytest.MonkeyPatch) -> Non
         hardware.resolve_device("cuda")
     with pytest.raises(ValueError, match="precision"):
         tiny_spec(precision="fp16")
+
+
+def test_operating_point_is_fitted_on_validation_and_scored_everywhere(
+    tiny: dict[str, np.ndarray], quick_lake: Lake
+) -> None:
+    res = train_experiment(
+        tiny_spec(decision_rule="recall_floors"), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1
+    )
+    op = res.operating_point
+    assert op is not None and len(op["weights"]) == 5 and op["floors"][2] == 0.96 and op["floors"][3] == 0.995
+    assert res.temperature > 0
+    plain = train_experiment(tiny_spec(), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    assert plain.operating_point is None and plain.temperature == pytest.approx(res.temperature)
+
+    # a non-trivial operating point travels through the bundle, the lake and the ONNX graph
+    res.operating_point = {**op, "weights": [1.0, 1.0, 3.0, 1.0, 0.5]}
+    weighted = build_bundle(res, mean=MEAN, std=STD, dataset_version="dv-op")
+    unweighted = build_bundle(plain, mean=MEAN, std=STD, dataset_version="dv-op")
+    assert weighted.card["operating_point"]["weights"][2] == 3.0 and weighted.temperature == res.temperature
+    save_bundle(quick_lake, weighted)
+    loaded = load_bundle(quick_lake, "t", weighted.model_version)
+    assert loaded.group_weights == [1.0, 1.0, 3.0, 1.0, 0.5]
+    images = tiny["x_val"][:30]
+    p_w, _ = make_predictor(loaded, runtime="torch").predict(images)
+    p_onnx, _ = make_predictor(loaded, load_onnx_bytes(quick_lake, "t", weighted.model_version)).predict(
+        images
+    )
+    np.testing.assert_allclose(p_onnx, p_w, atol=1e-4)
+    unweighted.model = loaded.model  # same net and temperature, plain argmax
+    unweighted.temperature = loaded.temperature
+    p_plain, _ = make_predictor(unweighted, runtime="torch").predict(images)
+    expected = p_plain * np.array([1.0, 1.0, 3.0, 1.0, 0.5])
+    np.testing.assert_allclose(p_w, expected / expected.sum(1, keepdims=True), atol=1e-5)
+
+
+def test_bad_group_weights_in_a_bundle_are_refused(tiny: dict[str, np.ndarray], tmp_path: Path) -> None:
+    import json
+
+    from zalando.errors import ModelError
+
+    lake = Lake.local(tmp_path / "lake")
+    res = train_experiment(tiny_spec(epochs=1), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    bundle = build_bundle(res, mean=MEAN, std=STD, dataset_version="dv-bad")
+    key = save_bundle(lake, bundle)
+    files = {n: lake.read_file(key, n) for n in lake.read_manifest(key)["files"]}
+    meta = json.loads(files["bundle.json"])
+    meta["group_weights"] = [1.0, -2.0, 1.0, 1.0, 1.0]
+    lake.commit_files(key, {**files, "bundle.json": json.dumps(meta).encode()}, "tamper")
+    with pytest.raises(ModelError, match="group_weights must be 5 positive numbers"):
+        load_bundle(lake, "t", bundle.model_version)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 import subprocess
 import warnings
@@ -52,6 +53,7 @@ class ScoringModel(nn.Module):
         target: str,
         temperature: float = 1.0,
         tta: str = "none",
+        group_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -65,6 +67,10 @@ class ScoringModel(nn.Module):
         else:
             to_group = torch.eye(NUM_GROUPS)
         self.register_buffer("to_group", to_group, persistent=False)
+        # the operating point chosen on validation (None / all ones: plain argmax)
+        self.reweight = group_weights is not None and any(float(w) != 1.0 for w in group_weights)
+        gw = torch.tensor([float(w) for w in group_weights] if self.reweight else [1.0] * NUM_GROUPS)
+        self.register_buffer("group_weights", gw, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (pixels / 255.0 - self.mean) / self.std
@@ -78,7 +84,11 @@ class ScoringModel(nn.Module):
             probs = (probs + F.softmax(logits2.float() / self.temperature, dim=1)) * 0.5
             emb = (emb + emb2.float()) * 0.5
         # labels -> groups as multiply-and-sum, not a matmul: autocast would run a matmul in bf16
-        return (probs[:, :, None] * self.to_group[None]).sum(1), emb
+        groups = (probs[:, :, None] * self.to_group[None]).sum(1)
+        if self.reweight:  # a change of prior: weight, then renormalise
+            groups = groups * self.group_weights
+            groups = groups / groups.sum(1, keepdim=True)
+        return groups, emb
 
 
 @dataclass
@@ -92,6 +102,7 @@ class ModelBundle:
     model_version: str
     dataset_version: str
     temperature: float = 1.0
+    group_weights: list[float] | None = None  # operating point (None: plain argmax)
     history: list[dict[str, Any]] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
     code_version: str = ""
@@ -108,7 +119,13 @@ class ModelBundle:
         """The eval-mode scoring graph (shares the net's weights)."""
         self.model.eval()
         return ScoringModel(
-            self.model, self.mean, self.std, self.spec.target, self.temperature, self.spec.tta
+            self.model,
+            self.mean,
+            self.std,
+            self.spec.target,
+            self.temperature,
+            self.spec.tta,
+            self.group_weights,
         ).eval()
 
 
@@ -153,11 +170,18 @@ def build_bundle(
     std: float,
     dataset_version: str,
     model_version: str | None = None,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     extra_card: dict[str, Any] | None = None,
 ) -> ModelBundle:
-    """A bundle from a :class:`zalando.train.TrainResult`, with its model card filled in."""
+    """A bundle from a :class:`zalando.train.TrainResult`, with its model card filled in.
+
+    ``temperature`` defaults to the one the training run fitted on validation.
+    """
     spec: ExperimentSpec = result.spec
+    if temperature is None:
+        temperature = float(getattr(result, "temperature", 1.0))
+    op = getattr(result, "operating_point", None)
+    group_weights = list(op["weights"]) if op else None
     version = model_version or new_model_version(spec, dataset_version, result.seed)
     card = {
         "model": spec.name,
@@ -168,6 +192,8 @@ def build_bundle(
         "target": spec.target,
         "input_size": spec.input_size,
         "tta": spec.tta,
+        "temperature": float(temperature),
+        "operating_point": op,
         "weights": result.weights.to_dict(),
         "params": result.params,
         "macs_per_image": result.macs,
@@ -203,6 +229,7 @@ def build_bundle(
         model_version=version,
         dataset_version=dataset_version,
         temperature=float(temperature),
+        group_weights=group_weights,
         history=list(result.history),
         card=card,
         code_version=card["code_version"],
@@ -279,6 +306,7 @@ def _bundle_json(bundle: ModelBundle) -> dict[str, Any]:
         "mean": bundle.mean,
         "std": bundle.std,
         "temperature": bundle.temperature,
+        "group_weights": bundle.group_weights,
         "label_names": list(LABEL_NAMES),
         "group_names": list(GROUP_NAMES),
         "label_to_group": [int(g) for g in LABEL_TO_GROUP],
@@ -377,10 +405,23 @@ def load_bundle(lake: Any, experiment: str, model_version: str) -> ModelBundle:
         model_version=meta["model_version"],
         dataset_version=meta["dataset_version"],
         temperature=float(meta.get("temperature", 1.0)),
+        group_weights=_group_weights(meta.get("group_weights"), key),
         history=list(meta.get("history", [])),
         card=card,
         code_version=meta.get("code_version", ""),
     )
+
+
+def _group_weights(value: Any, key: str) -> list[float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == NUM_GROUPS
+    ok = ok and all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in value)
+    if not ok:
+        raise ModelError(
+            f"{key}/bundle.json: group_weights must be {NUM_GROUPS} positive numbers, got {value!r}"
+        )
+    return [float(v) for v in value]
 
 
 def load_onnx_bytes(lake: Any, experiment: str, model_version: str) -> bytes:
