@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-# spinning OpenMP threads collapse on 2 shared cores (the worker and flow runs inherit this)
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP threads spin at most 10k iterations, then sleep: 40% faster training than never spinning
+# (OMP_WAIT_POLICY=PASSIVE) on 2 free cores, and no collapse when the cores are shared (see README)
+export GOMP_SPINCOUNT ?= 10000
 export PREFECT_HOME ?= $(CURDIR)/.zalando/prefect
 
 .PHONY: venv run test test-fast lint bench clean-lake
