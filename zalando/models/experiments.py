@@ -302,8 +302,10 @@ def _builtin_profiles() -> list[ProfileParams]:
         ),
         ProfileParams(
             name="cpu",
+            # fashion_cnn's 60 epochs take about 23 of the 25 minutes; fashion_cnn_small (about 6 more)
+            # is one `zalando train --experiment fashion_cnn_small` or an `add_experiments` away
             description="Nightly default on 2 CPU cores (<= 25 min): from scratch, small inputs",
-            experiments=("fashion_cnn", "fashion_cnn_small"),
+            experiments=("fashion_cnn",),
             max_input_size=32,
             pretrained=False,
             overrides={
