@@ -107,7 +107,7 @@ PERFORMANCE_SCHEMA = pa.schema(
         _CREATED_AT,
     ]
 )
-"""One row per scoring runtime ("torch", "onnx"): size in MiB, wall time after warm-up, batch latencies."""
+"""One row per scoring runtime ("torch", "onnx", and "torch-bf16" on CPUs with native bf16): size in MiB, wall time after warm-up, batch latencies."""
 
 ENERGY_SCHEMA = pa.schema(
     [

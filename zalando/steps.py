@@ -185,6 +185,7 @@ def evaluate_model(
     )
     from zalando.labels import group_of
     from zalando.models.bundle import load_bundle, load_onnx_bytes
+    from zalando.models.hardware import native_bf16
     from zalando.models.predictor import make_predictor
     from zalando.monitor import gate_metrics
     from zalando.registry import register_model
@@ -209,7 +210,10 @@ def evaluate_model(
         "size_mb_onnx": model_size_mb(onnx),
     }
     performance = []
-    for runtime, pred in (("torch", torch_pred), ("onnx", onnx_pred)):
+    runtimes = [("torch", torch_pred), ("onnx", onnx_pred)]
+    if native_bf16("cpu"):  # what the champion loader may also score with here
+        runtimes.append(("torch-bf16", make_predictor(bundle, None, "torch-bf16", threads=threads)))
+    for runtime, pred in runtimes:
         timing = time_scoring(pred.predict, x_test, batch_size=TIMING_BATCH)
         performance.append({"runtime": runtime, "params": params, **sizes, **timing})
     energy = [dict(train_energy)] if train_energy else []
