@@ -30,8 +30,10 @@ def plan_batch(
     batch_date: date | None,
     shard_size: int,
     force: bool,
+    runtime: str = "auto",
 ) -> BatchPlan:
-    """Pin the model version (the champion unless given), list the batch's inputs, cut shards."""
+    """Pin the model version (the champion unless given), list the batch's inputs, cut shards,
+    and check the model once (``auto``: measuring which runtime the shards should use)."""
     lake = cfg.lake()
     plan = prepare_batch(
         lake,
@@ -40,6 +42,7 @@ def plan_batch(
         batch_date=batch_date,
         shard_size=shard_size,
         force=force,
+        runtime=runtime,
     )
     get_run_logger().info(
         "batch %s with model %s: %s",
@@ -51,9 +54,11 @@ def plan_batch(
 
 
 @task(name="score-shard", cache_policy=NO_CACHE, **io_task_options())
-def score_shard(cfg: RunConfig, shard: ShardRef, model_version: str, options: ScoringOptions) -> ShardResult:
-    """Score one shard (skipped when an earlier attempt committed it)."""
-    result = run_shard(shard, model_version, options=options, settings=cfg.settings())
+def score_shard(
+    cfg: RunConfig, shard: ShardRef, model_version: str, options: ScoringOptions, runtime: str = "onnx"
+) -> ShardResult:
+    """Score one shard (skipped when an earlier attempt committed it) with the planned runtime."""
+    result = run_shard(shard, model_version, options=options, settings=cfg.settings(), runtime=runtime)
     get_run_logger().info(
         "shard %d/%d: %d scored, %d quarantined%s in %.2fs (%s)",
         shard.shard_id + 1,

@@ -195,9 +195,15 @@ def test_approval_pauses_until_someone_answers(flows_lake: Lake, nightly_run: di
 
 
 def test_scoring_with_the_dask_runner(flows_lake: Lake, nightly_run: dict[str, Any]) -> None:
-    """Shards through prefect-dask's DaskTaskRunner give the same rows as the local runner."""
-    local = nightly_run["result"]["scoring"]
+    """Shards through prefect-dask's DaskTaskRunner give the same rows as the local runner (same runtime)."""
+    nightly = nightly_run["result"]["scoring"]
+    # the nightly's shards ran with the runtime measured fastest at planning
+    assert nightly["shard_runtimes"] == [nightly["planned_runtime"]], nightly
     champion = nightly_run["result"]["training"]["champion"]  # pinned: another test may promote a new one
+    local = batch_scoring(
+        batch_date="2026-01-03", model_version=champion, shard_size=200, runtime="onnx", profile="quick"
+    )
+    assert local["shard_runtimes"] == ["onnx"] and local["shards"] == 3
     state = batch_scoring(
         batch_date="2026-01-02",
         model_version=champion,
@@ -210,6 +216,7 @@ def test_scoring_with_the_dask_runner(flows_lake: Lake, nightly_run: dict[str, A
     assert state.is_completed(), state.message
     dask = state.result()
     assert dask["shards"] == 3 and dask["scored"] == local["scored"] == 500
+    assert dask["shard_runtimes"] == ["onnx"], dask  # auto: Dask workers stay torch-free
     rows = {}
     for res in (local, dask):
         key = layout.predictions_key(res["batch_date"], champion, res["batch_id"])
