@@ -187,14 +187,16 @@ def onnx_flops_per_image(onnx_bytes: bytes) -> int:
     return total
 
 
-def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch's BLAS), best of repeats."""
+def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0, dtype: str = "fp32") -> float:
+    """Best GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch's BLAS / oneDNN), best of
+    repeats; ``dtype='bf16'`` multiplies bfloat16 (AMX where the CPU has it)."""
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        a, b = torch.randn(n, n, dtype=tdtype), torch.randn(n, n, dtype=tdtype)
         torch.mm(a, b)
         best, t_end = 0.0, time.perf_counter() + seconds
         while time.perf_counter() < t_end:
