@@ -229,10 +229,16 @@ def copy_champion_from_settings(lake: Lake) -> dict:
     just filled; its S3 server must be running) into ``lake``: bundle, registry record, pointer,
     dataset version. Returns the pointer."""
     from zalando import registry
+    from zalando.errors import ZalandoError
     from zalando.settings import load_settings
 
     src = Lake.from_settings(load_settings())
-    pointer = registry.require_champion(src)
+    try:
+        pointer = registry.require_champion(src)
+    except ZalandoError as e:
+        raise SystemExit(
+            f"error: --use-champion: {str(e).splitlines()[0]} (is its S3 server up? `.venv/bin/zalando stack up`)"
+        ) from None
     key = pointer["bundle_key"]
     manifest = src.read_manifest(key)
     lake.commit_files(
