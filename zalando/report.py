@@ -499,13 +499,15 @@ def build_run_report(
     label_group: Mapping[str, np.ndarray] | None = None,
     champion: str | None = None,
     created_at: datetime | None = None,
+    models: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, bytes]:
     """Markdown report plus PNGs of one run, as {file name: bytes}; see the module docstring.
 
     Inputs are the lake's metric tables over all experiments of the run (``experiment`` column), PR curves
     from ``zalando.evaluate.pr_curves`` (a dict per experiment, or one frame with an ``experiment``
     column), histories per experiment (list of per-epoch dicts), the worst One piece mistakes as
-    (image uint8 28x28, true label id, group probs (5,)), and Grad-CAM PNGs by name.
+    (image uint8 28x28, true label id, group probs (5,)), and Grad-CAM PNGs by name. ``models``:
+    one model card per experiment (``zalando.models.bundle``), for how each model decides.
     """
     if per_group is None or per_group.empty:
         raise DataError("per_group table: is empty, there is nothing to report")
@@ -530,6 +532,15 @@ def build_run_report(
     md.append(markdown_table(tables["per_group"], DISPLAY_FORMATS))
     md.append("\n### Summary\n")
     md.append(markdown_table(tables["summary"], DISPLAY_FORMATS))
+
+    if models:
+        md.append("\n### How each model decides (all chosen on the validation split)\n")
+        md.append(
+            "Test-time augmentation, temperature and the operating point (per-group weights on the "
+            "group probabilities that bring each group's validation recall up to the study's) are part "
+            "of the scored graph, in torch and ONNX alike.\n"
+        )
+        md.append(markdown_table(models_display(models)))
 
     if label_group:
         md.append("\n### Original labels by predicted group\n")
@@ -601,6 +612,34 @@ def build_run_report(
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(md)).rstrip() + "\n"
     files["report.md"] = text.encode("utf-8")
     return files
+
+
+def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per model card: how it was trained and how it turns scores into a group."""
+    rows = []
+    for card in cards:
+        training = card.get("training") or {}
+        op = card.get("operating_point") or {}
+        weights = op.get("weights") or [1.0] * len(GROUP_NAMES)
+        shifted = [f"{g} x{w:.2f}" for g, w in zip(GROUP_NAMES, weights, strict=False) if float(w) != 1.0]
+        if not op:
+            rule = "argmax"
+        elif shifted:
+            rule = ", ".join(shifted) + ("" if op.get("met") else " (floors not all met)")
+        else:
+            rule = "argmax (floors met without weights)"
+        rows.append(
+            {
+                "Experiment": card.get("experiment", NA),
+                "Model version": card.get("model_version", NA),
+                "Trained": f"{training.get('device', 'cpu')} {training.get('precision', 'fp32')}, "
+                f"{training.get('epochs_run', NA)} epochs (best {training.get('best_epoch', NA)})",
+                "TTA": card.get("tta", NA),
+                "Temperature": _cell(card.get("temperature"), ".3f"),
+                "Operating point": rule,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _confusion_matrix_of(rows: pd.DataFrame) -> np.ndarray:

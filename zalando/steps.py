@@ -473,14 +473,17 @@ def write_run_report(
         for name in METRIC_TABLES
     }
     curves, label_group, histories = {}, {}, {}
+    cards: list[dict[str, Any]] = []
     probs_by_exp: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for e in evaluations:
         labels, probs = _read_probs(lake, e["eval_key"])
         probs_by_exp[e["experiment"]] = (labels, probs)
         curves[e["experiment"]] = pr_curves(group_of(labels), probs)
         label_group[e["experiment"]] = label_group_matrix(labels, predicted_groups(probs))
-        meta = json.loads(lake.read_file(bundle_key(e["experiment"], e["model_version"]), "bundle.json"))
+        bkey = bundle_key(e["experiment"], e["model_version"])
+        meta = json.loads(lake.read_file(bkey, "bundle.json"))
         histories[e["experiment"]] = meta.get("history", [])
+        cards.append(json.loads(lake.read_file(bkey, "model_card.json")))
 
     # the gallery and Grad-CAM maps of the champion if it was evaluated tonight, else the best model
     focus = next((e for e in evaluations if e["model_version"] == champion), None) or max(
@@ -516,6 +519,7 @@ def write_run_report(
         summary=tables["summary"],
         label_group=label_group,
         champion=champion,
+        models=cards,
     )
     key = report_key(run_id)
     lake.commit_files(key, files, run_id, extra={"champion": champion, "focus": focus["model_version"]})

@@ -99,7 +99,9 @@ def test_nightly_trains_promotes_scores_and_reports(flows_lake: Lake, nightly_ru
     champion = get_champion(flows_lake)
     assert champion is not None and champion["model_version"] == trained["champion"]
     assert set(decision_log(flows_lake)["model_version"]) == set(trained["models"].values())
-    assert flows_lake.exists(f"reports/run_id={trained['run_id']}/report.md")
+    report = flows_lake.read_file(f"reports/run_id={trained['run_id']}", "report.md").decode()
+    assert "How each model decides" in report  # from the model cards: TTA, temperature, operating point
+    assert all(f"| {experiment} | {version} |" in report for experiment, version in trained["models"].items())
 
     key = layout.predictions_key(scored["batch_date"], champion["model_version"], scored["batch_id"])
     assert flows_lake.is_committed(key)

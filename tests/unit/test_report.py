@@ -214,3 +214,22 @@ def test_confused_pair_gradcams_makes_one_png_per_pair_with_mistakes() -> None:
     files = confused_pair_gradcams(model, images, y_true, probs, y_true_label=np.array([3, 3, 6, 1]))
     assert set(files) == {"gradcam_one_piece_as_upper_part.png", "gradcam_upper_part_as_one_piece.png"}
     assert all(v.startswith(PNG_MAGIC) for v in files.values())
+
+
+def test_report_says_how_each_model_decides() -> None:
+    tables, *_ = _run(experiments=("cnn_small",))
+    cards = [
+        {
+            "experiment": "fashion_cnn", "model_version": "v1", "tta": "hflip", "temperature": 0.8519,
+            "training": {"device": "cpu", "precision": "bf16", "epochs_run": 60, "best_epoch": 60},
+            "operating_point": {"weights": [1.0, 1.0, 1.21, 1.0, 1.0], "met": True},
+        },
+        {"experiment": "resnet18_full", "model_version": "v2", "tta": "none", "temperature": 1.2, "training": {}},
+    ]  # fmt: skip
+    md = rp.build_run_report("r4", tables["per_group"], models=cards)["report.md"].decode()
+    assert "### How each model decides" in md
+    row = next(line for line in md.splitlines() if line.startswith("| fashion_cnn"))
+    assert "cpu bf16, 60 epochs (best 60)" in row and "hflip" in row and "0.852" in row
+    assert "One piece x1.21" in row and "Upper part" not in row
+    other = next(line for line in md.splitlines() if line.startswith("| resnet18_full"))
+    assert "argmax" in other and "cpu fp32" in other
