@@ -70,8 +70,10 @@ class TorchPredictor:
     """Eager torch, channels_last, no grad; ``precision='bf16'`` runs under bfloat16 autocast.
 
     bf16 is for CPUs that multiply bfloat16 natively (AMX / AVX512-BF16): the convolutions run 2-3x
-    faster, the weights stay fp32 and the probabilities differ from fp32 by about 1e-3; the
-    champion loader checks that difference before it lets this runtime score.
+    faster and the weights stay fp32. On the 10,000 test images the champion's group probabilities
+    differed from fp32 by 3e-4 on average (99.9th percentile 0.023, max 0.05) and 1 predicted group
+    of 10,000 changed (a 0.49 / 0.49 tie). The champion loader checks the difference on its
+    warm-up batch before it lets this runtime score.
     """
 
     def __init__(
