@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,20 @@ class LiveStack:
             [exe, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
         )
 
+    @staticmethod
+    def _open(req: urllib.request.Request | str) -> bytes:
+        """urlopen, retrying 503 like Prefect's own client does: the server answers 503 while its SQLite
+        database is locked by a flow run's writes (seen when a PATCH met the retrain run's last writes)."""
+        for attempt in range(6):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.read()
+            except urllib.error.HTTPError as e:
+                if e.code != 503 or attempt == 5:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
     def post(self, path: str, body: dict[str, Any] | list[Any] | None = None) -> Any:
         req = urllib.request.Request(
             f"{self.api}{path}",
@@ -67,8 +82,7 @@ class LiveStack:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
+        return json.loads(self._open(req) or b"null")
 
     def patch(self, path: str, body: dict[str, Any]) -> None:
         req = urllib.request.Request(
@@ -77,11 +91,10 @@ class LiveStack:
             headers={"Content-Type": "application/json"},
             method="PATCH",
         )
-        urllib.request.urlopen(req, timeout=30).close()
+        self._open(req)
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.api}{path}", timeout=30) as r:
-            return json.loads(r.read())
+        return json.loads(self._open(f"{self.api}{path}"))
 
     def settings(self):  # the Settings the worker's flow runs see
         from zalando.settings import Settings
