@@ -566,9 +566,10 @@ def _train(
         model.load_state_dict(best_state)
     model = model.to("cpu")
     model.eval()
-    tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va_lab, mean, std, loss_fn)
+    plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
+    tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va_lab, mean, std, loss_fn, plain_logits)
     spec = spec.model_copy(update={"tta": tta})
-    temperature, operating_point = _calibrate(model, spec, x_va, y_va_lab, mean, std)
+    temperature, operating_point = _calibrate(model, spec, x_va, y_va_lab, mean, std, plain_logits)
     wall = time.perf_counter() - t_start
     prior = sum(h["epoch_s"] for h in history[: (resumed_from + 1) if resumed_from is not None else 0])
     log.info(
@@ -601,7 +602,13 @@ def _train(
 
 
 def _calibrate(
-    model: ClassifierNet, spec: ExperimentSpec, x_va: np.ndarray, y_va: np.ndarray, mean: float, std: float
+    model: ClassifierNet,
+    spec: ExperimentSpec,
+    x_va: np.ndarray,
+    y_va: np.ndarray,
+    mean: float,
+    std: float,
+    plain_logits: torch.Tensor,
 ) -> tuple[float, dict[str, Any] | None]:
     """Temperature scaling, then (``decision_rule='recall_floors'``) the operating point, both on VALIDATION.
 
@@ -613,11 +620,10 @@ def _calibrate(
     from zalando.models.bundle import ScoringModel
     from zalando.study import STUDY_BEST
 
-    y_grp = np.asarray(LABEL_TO_GROUP)[y_va]
     if len(y_va) == 0:
         return 1.0, None
-    logits = predict_logits(model, x_va, mean, std).numpy()
-    temperature = fit_temperature(logits, y_va if spec.target == "labels" else y_grp)
+    y_grp = np.asarray(LABEL_TO_GROUP)[y_va]
+    temperature = fit_temperature(plain_logits.numpy(), y_va if spec.target == "labels" else y_grp)
     if spec.decision_rule == "argmax":
         return temperature, None
     scoring = ScoringModel(model, mean, std, spec.target, temperature, spec.tta)
@@ -646,9 +652,10 @@ def _choose_tta(
     mean: float,
     std: float,
     loss_fn: TrainingLoss,
+    plain_logits: torch.Tensor,
 ) -> tuple[str, dict[str, float], dict[str, float]]:
     """Decide test-time flip on VALIDATION data only (lower group NLL wins when spec.tta == 'auto')."""
-    plain = _val_metrics(predict_logits(model, x_va, mean, std), y_va, spec.target, loss_fn)
+    plain = _val_metrics(plain_logits, y_va, spec.target, loss_fn)
     if spec.tta == "none":
         return "none", {}, plain
     flipped = _val_metrics(predict_logits(model, x_va, mean, std, hflip=True), y_va, spec.target, loss_fn)

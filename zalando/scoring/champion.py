@@ -251,10 +251,11 @@ def _load_checked(
                 checks["onnx_vs_torch_max_diff"] = check_onnx(bundle, onnx_bytes)
             except ModelError as e:
                 raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
+        fp32 = TorchPredictor(bundle, threads=threads, batch_size=256)
         if runtime in ("auto", "torch"):
-            candidates.append(("torch", TorchPredictor(bundle, threads=threads, batch_size=256)))
+            candidates.append(("torch", fp32))
         if runtime == "torch-bf16" or (runtime == "auto" and _native_bf16()):
-            bf16 = _checked_bf16(where, bundle, threads, checks, required=runtime == "torch-bf16")
+            bf16 = _checked_bf16(where, bundle, fp32, threads, checks, required=runtime == "torch-bf16")
             if bf16 is not None:
                 candidates.append(("torch-bf16", bf16))
         macs = bundle.card.get("macs_per_image")
@@ -297,11 +298,12 @@ def _native_bf16() -> bool:
     return native_bf16("cpu")
 
 
-def _checked_bf16(where: str, bundle: Any, threads: int, checks: dict[str, Any], *, required: bool) -> Any:
-    """A bf16-autocast torch predictor, if its probabilities agree with fp32 torch's on the warm-up batch."""
+def _checked_bf16(
+    where: str, bundle: Any, fp32: Any, threads: int, checks: dict[str, Any], *, required: bool
+) -> Any:
+    """A bf16-autocast torch predictor, if its probabilities agree with ``fp32``'s on the warm-up batch."""
     from zalando.models.predictor import TorchPredictor
 
-    fp32 = TorchPredictor(bundle, threads=threads, batch_size=256)
     bf16 = TorchPredictor(bundle, threads=threads, batch_size=256, precision="bf16")
     warm = _warmup_images()
     diff = float(np.abs(bf16.predict(warm)[0] - fp32.predict(warm)[0]).max())
