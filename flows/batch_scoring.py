@@ -19,6 +19,7 @@ from tasks.common import RunConfig
 from tasks.lake import prepare_lake
 from tasks.scoring import commit_batch, monitor_drift, plan_batch, score_shard
 from zalando.lake import new_run_id
+from zalando.runtime import Runtime
 from zalando.s3server import embedded_s3
 from zalando.scoring.batch import ShardRef
 from zalando.scoring.engine import ScoringOptions, ShardResult
@@ -26,7 +27,6 @@ from zalando.scoring.run import DEFAULT_SHARD_SIZE
 from zalando.settings import Profile, load_settings
 
 Runner = Literal["local", "dask"]
-ScoringRuntime = Literal["auto", "onnx", "torch", "torch-bf16"]
 
 
 @flow(name="score-shards", flow_run_name="score-shards-{model_version}")
@@ -76,7 +76,7 @@ def batch_scoring(
     force: bool = False,
     monitor: bool = True,
     profile: Profile | None = None,
-    runtime: ScoringRuntime = "auto",
+    runtime: Runtime = "auto",
 ) -> dict[str, Any]:
     """Score the batch at `batch_uri` with the champion model; commit predictions exactly once.
 

@@ -55,6 +55,7 @@ class FakePredictor:
     """Deterministic, torch-free: the group follows the mean pixel, the embedding is 4 pixel stats."""
 
     runtime = "fake"
+    parallelism = 1
 
     def __init__(self, fail_on_call: int | None = None) -> None:
         self.calls = 0

@@ -191,3 +191,42 @@ def test_fashion_cnn_spatial_head_exports_to_onnx(size: int) -> None:
     net = build_model("fashion_cnn", 10, size, params).eval()
     bundle = ModelBundle(spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d")
     assert check_onnx(bundle, export_onnx(bundle)) < 1e-4
+
+
+def test_make_predictor_gives_the_scoring_predictors_and_they_agree() -> None:
+    """ONNX Runtime (streams, chunked) and torch agree to 1e-4; one runtime type, one class each."""
+    import typing
+
+    import numpy as np
+
+    from zalando.models import ModelBundle
+    from zalando.models.predictor import TorchPredictor, make_predictor
+    from zalando.runtime import RUNTIMES, OnnxPredictor, Runtime
+
+    assert typing.get_args(Runtime) == RUNTIMES
+    params = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}
+    spec = ExperimentSpec(name="x", architecture="fashion_cnn", arch_params=params, input_size=28)
+    torch.manual_seed(0)
+    net = build_model("fashion_cnn", 10, 28, params).eval()
+    bundle = ModelBundle(spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d")
+    images = np.random.default_rng(0).integers(0, 256, size=(70, 28, 28), dtype=np.uint8)
+
+    onnx = make_predictor(bundle, runtime="onnx", threads=2)  # exported now
+    fp32 = make_predictor(bundle, runtime="torch", threads=1)
+    assert isinstance(onnx, OnnxPredictor) and isinstance(fp32, TorchPredictor)
+    assert (onnx.runtime, onnx.parallelism, fp32.runtime, fp32.parallelism) == ("onnx", 2, "torch", 1)
+    p_onnx, e_onnx = onnx.predict(images)
+    p_torch, e_torch = fp32.predict(images)
+    np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
+    np.testing.assert_allclose(e_onnx, e_torch, atol=1e-4 * max(1.0, float(np.abs(e_torch).max())))
+
+    onnx.batch_size = 16  # 5 chunks, 2 at a time: the same rows in the same order
+    p_chunked, e_chunked = onnx.predict(images.reshape(70, 784))
+    np.testing.assert_allclose(p_chunked, p_onnx, atol=1e-6)
+    np.testing.assert_allclose(e_chunked, e_onnx, atol=1e-5)
+    assert onnx.predict(images[:0])[0].shape == (0, 5)
+
+    bf16 = make_predictor(bundle, runtime="torch-bf16", threads=1)
+    assert (bf16.runtime, bf16.precision) == ("torch-bf16", "bf16")
+    with pytest.raises(ConfigError, match="valid choices"):
+        make_predictor(bundle, runtime="tensorrt")  # type: ignore[arg-type]

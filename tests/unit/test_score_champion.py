@@ -14,7 +14,8 @@ import pytest
 from tests.scoring_support import make_champion, mnist_like
 from zalando.errors import ModelError
 from zalando.lake import Lake
-from zalando.scoring import NoChampionModelError, clear_predictor_cache, load_champion_predictor
+from zalando.registry import NoChampionError
+from zalando.scoring import clear_predictor_cache, load_champion_predictor
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,32 @@ def test_loads_champion_with_both_runtimes_and_they_agree(champion_lake: tuple[L
     assert p1.shape == (50, 5) and e1.shape[0] == 50
     np.testing.assert_allclose(p1, p2, atol=1e-4)
     assert load_champion_predictor(lake, "onnx", threads=1) is onnx  # cached per process
+
+
+def test_evaluation_builds_the_predictors_production_scores_with(champion_lake: tuple[Lake, str]) -> None:
+    """The latency gate times make_predictor's predictors: the same classes and settings as scoring's."""
+    from zalando.models.bundle import load_bundle, load_onnx_bytes
+    from zalando.models.predictor import TorchPredictor, make_predictor
+    from zalando.runtime import OnnxPredictor
+
+    lake, version = champion_lake
+    bundle = load_bundle(lake, "tiny_cnn", version)
+    for threads in (1, 3):
+        scoring = load_champion_predictor(lake, "onnx", threads=threads).predictor
+        evaluation = make_predictor(
+            bundle, load_onnx_bytes(lake, "tiny_cnn", version), "onnx", threads=threads
+        )
+        assert type(scoring) is type(evaluation) is OnnxPredictor
+        assert (evaluation.parallelism, evaluation.batch_size) == (scoring.parallelism, scoring.batch_size)
+        assert evaluation.parallelism == threads
+        options = (evaluation.session.get_session_options(), scoring.session.get_session_options())
+        assert {(o.intra_op_num_threads, o.inter_op_num_threads, str(o.execution_mode)) for o in options} == {
+            (1, 1, "ExecutionMode.ORT_SEQUENTIAL")
+        }
+    scoring_torch = load_champion_predictor(lake, "torch", threads=1).predictor
+    evaluation_torch = make_predictor(bundle, None, "torch", threads=1)
+    assert type(scoring_torch) is type(evaluation_torch) is TorchPredictor
+    assert (scoring_torch.batch_size, scoring_torch.precision) == (evaluation_torch.batch_size, "fp32")
 
 
 def test_bf16_runtime_agrees_with_fp32_or_is_refused(
@@ -101,7 +128,9 @@ def test_onnx_worker_does_not_import_torch(champion_lake: tuple[Lake, str]) -> N
 
 
 def test_missing_champion_says_how_to_get_one(tmp_path: Path) -> None:
-    with pytest.raises(NoChampionModelError, match="promote"):
+    with pytest.raises(NoChampionError, match="promote"):
+        load_champion_predictor(Lake.local(tmp_path / "empty"))
+    with pytest.raises(NoChampionError, match="--model-version"):
         load_champion_predictor(Lake.local(tmp_path / "empty"))
 
 

@@ -31,13 +31,12 @@ from zalando.errors import ModelError, NotCommittedError
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
 from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
 from zalando.models.experiments import ExperimentSpec
+from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 FILES = ("weights.pt", "bundle.json", "model.onnx", "model_card.json")
-ONNX_INPUT = "pixels"
-ONNX_OUTPUTS = ("group_probs", "embedding")
 ONNX_ATOL = 1e-4
 ONNX_OPSET = 17
 

@@ -1,69 +1,26 @@
-"""Predictors: uint8 images in, (group probabilities, embeddings) out, via ONNX Runtime or torch."""
+"""The torch predictor (fp32 or bf16 autocast) and ``make_predictor``: a bundle -> a predictor of any runtime.
+
+The protocol, the runtime names and the ONNX Runtime predictor are in the torch-free
+:mod:`zalando.runtime`; the champion loader (:mod:`zalando.scoring.champion`) builds the same two
+classes with the same settings, so evaluation times what production scores with.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
 
-from zalando.errors import ConfigError, DataError
-from zalando.models.bundle import ONNX_INPUT, ONNX_OUTPUTS, ModelBundle
+from zalando.errors import ConfigError
+from zalando.models.bundle import ModelBundle
+from zalando.runtime import RUNTIMES, OnnxPredictor, Predictor, Runtime, as_pixels
 
 log = logging.getLogger(__name__)
 
-Runtime = Literal["auto", "onnx", "torch", "torch-bf16"]
-RUNTIMES = ("auto", "onnx", "torch", "torch-bf16")
-DEFAULT_BATCH = 1024
-
-
-class Predictor(Protocol):
-    runtime: str
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def as_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) or (N, 784) -> float32 (N, 1, 28, 28), with a clear error otherwise."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise DataError(f"images must be uint8 pixels 0..255, got dtype {images.dtype}")
-    if images.ndim == 2 and images.shape[1] == 784:
-        images = images.reshape(-1, 28, 28)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"images must have shape (N, 28, 28) or (N, 784), got {images.shape}")
-    return images.astype(np.float32)[:, None]
-
-
-class OnnxPredictor:
-    """ONNX Runtime session over the bundle's self-contained scoring graph."""
-
-    runtime = "onnx"
-
-    def __init__(
-        self, onnx_bytes: bytes, threads: int | None = None, batch_size: int = DEFAULT_BATCH
-    ) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or torch.get_num_threads())
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
-        self.batch_size = batch_size
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = as_pixels(images)
-        probs, embs = [], []
-        for i in range(0, len(x), self.batch_size):
-            p, e = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x[i : i + self.batch_size]})
-            probs.append(p)
-            embs.append(e)
-        if not probs:
-            return np.zeros((0, 5), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(probs).astype(np.float32), np.concatenate(embs).astype(np.float32)
+TORCH_BATCH = 256
+Precision = Literal["fp32", "bf16"]
 
 
 class TorchPredictor:
@@ -76,8 +33,14 @@ class TorchPredictor:
     warm-up batch before it lets this runtime score.
     """
 
+    parallelism = 1  # one call at a time, spread over ``threads`` intra-op threads
+
     def __init__(
-        self, bundle: ModelBundle, threads: int | None = None, batch_size: int = 256, precision: str = "fp32"
+        self,
+        bundle: ModelBundle,
+        threads: int | None = None,
+        batch_size: int = TORCH_BATCH,
+        precision: Precision = "fp32",
     ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"unknown torch precision {precision!r}; valid choices: fp32, bf16")
@@ -116,20 +79,20 @@ def make_predictor(
     runtime: Runtime = "auto",
     *,
     threads: int | None = None,
-    batch_size: int | None = None,
 ) -> Predictor:
     """ONNX Runtime when ``onnx_bytes`` are given (or ``runtime='onnx'``: exported now), else torch.
 
+    The predictors are built as the champion loader builds them for production scoring.
     ``torch-bf16`` is torch under bfloat16 autocast (only chosen when asked for by name here).
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; valid choices: {', '.join(RUNTIMES)}")
     if runtime == "torch-bf16":
-        return TorchPredictor(bundle, threads, batch_size or 256, precision="bf16")
+        return TorchPredictor(bundle, threads, precision="bf16")
     if runtime == "torch" or (runtime == "auto" and onnx_bytes is None):
-        return TorchPredictor(bundle, threads, batch_size or 256)
+        return TorchPredictor(bundle, threads)
     if onnx_bytes is None:
         from zalando.models.bundle import export_onnx
 
         onnx_bytes = export_onnx(bundle)
-    return OnnxPredictor(onnx_bytes, threads, batch_size or DEFAULT_BATCH)
+    return OnnxPredictor(onnx_bytes, threads)

@@ -6,7 +6,8 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 * :func:`run_shard` / :func:`score_shard` -> :class:`ShardResult` (one shard, exactly once)
 * :func:`finalize_batch` -> :class:`BatchResult` (reconcile, commit the batch manifest last)
 * :func:`score_batch` (all three in one call), :func:`backfill`
-* :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process)
+* :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process;
+  the predictors themselves are :mod:`zalando.runtime` and :mod:`zalando.models.predictor`)
 
 Lake keys: see :mod:`zalando.scoring.layout`.
 """
@@ -24,8 +25,6 @@ from zalando.scoring.batch import (
 )
 from zalando.scoring.champion import (
     ChampionPredictor,
-    NoChampionModelError,
-    Predictor,
     clear_predictor_cache,
     load_champion_predictor,
     resolve_model_version,
@@ -56,8 +55,6 @@ __all__ = [
     "BatchResult",
     "ChampionPredictor",
     "InputFile",
-    "NoChampionModelError",
-    "Predictor",
     "ScoringError",
     "ScoringInputError",
     "ScoringOptions",

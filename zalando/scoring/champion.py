@@ -15,40 +15,34 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
 from zalando.errors import LakeError, ModelError, NotCommittedError, ZalandoError
 from zalando.lake import Lake
-from zalando.scoring.runtime import DEFAULT_INPUT, DEFAULT_OUTPUTS, OrtPredictor, onnxruntime_available
+from zalando.registry import CHAMPION_KEY, NoChampionError, get_champion, get_model, require_champion
+from zalando.runtime import (
+    ONNX_INPUT,
+    ONNX_OUTPUTS,
+    RUNTIMES,
+    OnnxPredictor,
+    Predictor,
+    Runtime,
+    default_threads,
+    onnxruntime_available,
+)
 
 log = logging.getLogger(__name__)
 
-Runtime = Literal["auto", "onnx", "torch", "torch-bf16"]
-RUNTIMES = ("auto", "onnx", "torch", "torch-bf16")
 Verify = Literal["auto", "full", "light"]
-CHAMPION_KEY = "registry/champion.json"
 WARMUP_IMAGES = 256
 STATS_RTOL = 1e-6
 # torch-bf16 may score only when its group probabilities stay this close to fp32 torch's (warm-up batch)
 BF16_MAX_PROB_DIFF = 0.02
-
-
-class Predictor(Protocol):
-    """What scoring needs: uint8 (N, 28, 28) -> (group probabilities (N, 5), embeddings (N, D))."""
-
-    runtime: str
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-class NoChampionModelError(ModelError):
-    """The registry has no champion to score with."""
 
 
 @dataclass
@@ -70,7 +64,7 @@ class ChampionPredictor:
     @property
     def parallelism(self) -> int:
         """How many predict calls may run at once (thread-safe ONNX Runtime sessions)."""
-        return int(getattr(self.predictor, "parallelism", 1))
+        return self.predictor.parallelism
 
 
 _CACHE: dict[tuple[str, str, str, int], ChampionPredictor] = {}
@@ -83,37 +77,30 @@ def clear_predictor_cache() -> None:
         _CACHE.clear()
 
 
-def champion_pointer(lake: Lake) -> dict[str, Any] | None:
-    """The registry's champion pointer, or None when none was promoted."""
+def _require_champion(lake: Lake) -> dict[str, Any]:
+    """The registry's champion pointer; NoChampionError (also naming --model-version) when there is none."""
     try:
-        from zalando.registry import get_champion
-    except ImportError:  # pragma: no cover - the registry module is part of the package
-        return lake.read_json(CHAMPION_KEY) if lake.exists(CHAMPION_KEY) else None
-    return get_champion(lake)
-
-
-def _no_champion(lake: Lake) -> NoChampionModelError:
-    return NoChampionModelError(
-        f"no champion model in {lake.uri(CHAMPION_KEY)}: train and promote one with `make run` "
-        "(or `zalando train` then `zalando promote MODEL_VERSION`), or pass --model-version"
-    )
+        pointer = require_champion(lake)
+    except NoChampionError as e:
+        raise NoChampionError(f"{e}; or pass --model-version to score a given version") from None
+    if not pointer.get("model_version"):
+        raise NoChampionError(
+            f"the champion pointer {lake.uri(CHAMPION_KEY)} names no model_version: promote one with "
+            "`zalando promote VERSION`, or pass --model-version"
+        )
+    return pointer
 
 
 def resolve_model(lake: Lake, model_version: str | None = None) -> dict[str, Any]:
     """{model_version, experiment, bundle_key} of the champion, or of ``model_version`` when given."""
-    pointer = champion_pointer(lake)
     if model_version is None:
-        if not pointer or not pointer.get("model_version"):
-            raise _no_champion(lake)
-        return _pointer_fields(lake, pointer)
+        return _pointer_fields(lake, _require_champion(lake))
+    pointer = get_champion(lake)
     if pointer and pointer.get("model_version") == model_version:
         return _pointer_fields(lake, pointer)
     try:
-        from zalando.registry import get_model
-
-        record = get_model(lake, model_version)
-        return _pointer_fields(lake, record)
-    except (ImportError, ModelError, LakeError):
+        return _pointer_fields(lake, get_model(lake, model_version))
+    except (ModelError, LakeError):
         pass
     # not registered: look for a committed bundle of that version under models/
     found = [p for p in lake.list_partitions("models") if p.rsplit("/", 1)[-1] == model_version]
@@ -163,7 +150,7 @@ def load_champion_predictor(
     if runtime not in RUNTIMES:
         raise ModelError(f"unknown runtime {runtime!r}; valid choices: {', '.join(RUNTIMES)}")
     info = resolve_model(lake, model_version)
-    n_threads = int(threads or _default_threads())
+    n_threads = int(threads or default_threads())
     full = verify == "full" or (verify == "auto" and runtime != "onnx")
     cache_key = (lake.uri_root, info["model_version"], runtime, n_threads)
     if use_cache:
@@ -185,19 +172,65 @@ def choose_runtime(lake: Lake, model_version: str, threads: int | None = None) -
     return load_champion_predictor(lake, "auto", model_version=model_version, threads=threads).runtime
 
 
-def _default_threads() -> int:
-    env = os.environ.get("ZALANDO_TORCH_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _load_checked(
     lake: Lake, info: dict[str, Any], runtime: Runtime, threads: int, full: bool
 ) -> ChampionPredictor:
+    """Read and check the bundle, build the runtimes asked for, keep the fastest on the warm-up batch."""
     t0 = time.perf_counter()
     version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
     where = f"model bundle {lake.uri(key)}"
+    meta, onnx_bytes = _read_bundle(lake, where, info)
+    checks: dict[str, Any] = {"manifest_sha256": "ok", "verify": "full" if full else "light"}
+    _check_meta(lake, where, meta, version, experiment, checks)
+    onnx_io = meta.get("onnx") or {}
+    input_name = str(onnx_io.get("input", ONNX_INPUT))
+    output_names = tuple(onnx_io.get("outputs", ONNX_OUTPUTS))
+    _check_onnx_graph(where, onnx_bytes, version, input_name, output_names)
+    has_ort = onnxruntime_available()
+    if runtime == "onnx" and not has_ort:
+        raise ModelError(
+            "runtime 'onnx' asked for, but onnxruntime is not installed (pip install onnxruntime)"
+        )
+    if runtime == "auto" and not has_ort:
+        log.warning("onnxruntime is not installed: scoring with torch")
+        runtime = "torch"
+    candidates: list[tuple[str, Predictor]] = []
+    if runtime in ("auto", "onnx"):
+        onnx = OnnxPredictor(onnx_bytes, threads, input_name=input_name, output_names=output_names)
+        candidates.append(("onnx", onnx))
+    macs = None
+    if full or runtime in ("auto", "torch", "torch-bf16"):
+        torch_candidates, macs = _torch_candidates(
+            lake, where, info, onnx_bytes if has_ort else None, runtime, threads, checks
+        )
+        candidates += torch_candidates
+    timings = _warm_up(where, candidates)
+    chosen = min(timings, key=timings.__getitem__)
+    log.info(
+        "champion %s/%s loaded in %.2fs (%s checks): runtime %s (warm-up %s), %d threads",
+        experiment,
+        version,
+        time.perf_counter() - t0,
+        checks["verify"],
+        chosen,
+        ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
+        threads,
+    )
+    return ChampionPredictor(
+        predictor=dict(candidates)[chosen],
+        model_version=version,
+        experiment=experiment,
+        bundle_key=key,
+        runtime=chosen,
+        macs_per_image=int(macs) if isinstance(macs, int | float) else None,
+        timings=timings,
+        checks=checks,
+    )
+
+
+def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """bundle.json and model.onnx of a committed bundle, checksum-verified against its manifest."""
+    version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
     expected_key = f"models/{experiment}/{version}"
     if key != expected_key:
         raise ModelError(f"{where}: the registry's bundle_key should be {expected_key!r}")
@@ -214,51 +247,55 @@ def _load_checked(
     missing = [n for n in ("weights.pt", "bundle.json", "model.onnx") if n not in manifest.get("files", {})]
     if missing:
         raise ModelError(f"{where}: files {missing} missing from its manifest")
-    checks: dict[str, Any] = {"manifest_sha256": "ok", "verify": "full" if full else "light"}
-    _check_meta(lake, where, meta, version, experiment, checks)
-    onnx_io = meta.get("onnx") or {}
-    input_name = str(onnx_io.get("input", DEFAULT_INPUT))
-    output_names = tuple(onnx_io.get("outputs", DEFAULT_OUTPUTS))
-    _check_onnx_graph(where, onnx_bytes, version, input_name, output_names)
-    has_ort = onnxruntime_available()
-    if runtime == "onnx" and not has_ort:
-        raise ModelError(
-            "runtime 'onnx' asked for, but onnxruntime is not installed (pip install onnxruntime)"
-        )
-    if runtime == "auto" and not has_ort:
-        log.warning("onnxruntime is not installed: scoring with torch")
-        runtime = "torch"
-    candidates: list[tuple[str, Predictor]] = []
-    if runtime in ("auto", "onnx"):
-        candidates.append(("onnx", OrtPredictor(onnx_bytes, threads, input_name, output_names)))
-    macs = None
-    if full or runtime in ("auto", "torch", "torch-bf16"):
-        from zalando.models.bundle import check_onnx, load_bundle
-        from zalando.models.predictor import TorchPredictor
+    return meta, onnx_bytes
 
+
+def _torch_candidates(
+    lake: Lake,
+    where: str,
+    info: dict[str, Any],
+    onnx_bytes: bytes | None,
+    runtime: Runtime,
+    threads: int,
+    checks: dict[str, Any],
+) -> tuple[list[tuple[str, Predictor]], Any]:
+    """Rebuild the torch model (checking model.onnx against it when ``onnx_bytes`` are given) and the
+    torch runtimes asked for: fp32, and bf16 when asked for or (``auto``) native and in agreement.
+
+    Returns the candidates and the model card's MACs per image.
+    """
+    from zalando.models.bundle import check_onnx, load_bundle
+    from zalando.models.predictor import TorchPredictor
+
+    version, experiment = info["model_version"], info["experiment"]
+    try:
+        bundle = load_bundle(lake, experiment, version)
+    except ModelError:
+        raise
+    except ZalandoError as e:  # e.g. arch_params this code's architecture no longer accepts
+        raise ModelError(f"{where} cannot be rebuilt by this code: {e}") from None
+    if bundle.model_version != version or bundle.experiment != experiment:
+        raise ModelError(
+            f"{where}: holds {bundle.experiment}/{bundle.model_version}, not {experiment}/{version}"
+        )
+    if onnx_bytes is not None:
         try:
-            bundle = load_bundle(lake, experiment, version)
-        except ModelError:
-            raise
-        except ZalandoError as e:  # e.g. arch_params this code's architecture no longer accepts
-            raise ModelError(f"{where} cannot be rebuilt by this code: {e}") from None
-        if bundle.model_version != version or bundle.experiment != experiment:
-            raise ModelError(
-                f"{where}: holds {bundle.experiment}/{bundle.model_version}, not {experiment}/{version}"
-            )
-        if has_ort:
-            try:
-                checks["onnx_vs_torch_max_diff"] = check_onnx(bundle, onnx_bytes)
-            except ModelError as e:
-                raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
-        fp32 = TorchPredictor(bundle, threads=threads, batch_size=256)
-        if runtime in ("auto", "torch"):
-            candidates.append(("torch", fp32))
-        if runtime == "torch-bf16" or (runtime == "auto" and _native_bf16()):
-            bf16 = _checked_bf16(where, bundle, fp32, threads, checks, required=runtime == "torch-bf16")
-            if bf16 is not None:
-                candidates.append(("torch-bf16", bf16))
-        macs = bundle.card.get("macs_per_image")
+            checks["onnx_vs_torch_max_diff"] = check_onnx(bundle, onnx_bytes)
+        except ModelError as e:
+            raise ModelError(f"{where}: model.onnx does not match weights.pt ({e})") from None
+    candidates: list[tuple[str, Predictor]] = []
+    fp32 = TorchPredictor(bundle, threads=threads)
+    if runtime in ("auto", "torch"):
+        candidates.append(("torch", fp32))
+    if runtime == "torch-bf16" or (runtime == "auto" and _native_bf16()):
+        bf16 = _checked_bf16(where, bundle, fp32, threads, checks, required=runtime == "torch-bf16")
+        if bf16 is not None:
+            candidates.append(("torch-bf16", bf16))
+    return candidates, bundle.card.get("macs_per_image")
+
+
+def _warm_up(where: str, candidates: list[tuple[str, Predictor]]) -> dict[str, float]:
+    """Seconds each runtime takes on the warm-up batch, after a first call that checks its outputs."""
     warm = _warmup_images()
     timings: dict[str, float] = {}
     for name, pred in candidates:
@@ -268,28 +305,7 @@ def _load_checked(
         t = time.perf_counter()
         pred.predict(warm)
         timings[name] = time.perf_counter() - t
-    chosen = min(timings, key=timings.__getitem__)
-    predictor = dict(candidates)[chosen]
-    log.info(
-        "champion %s/%s loaded in %.2fs (%s checks): runtime %s (warm-up %s), %d threads",
-        experiment,
-        version,
-        time.perf_counter() - t0,
-        checks["verify"],
-        chosen,
-        ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
-        threads,
-    )
-    return ChampionPredictor(
-        predictor=predictor,
-        model_version=version,
-        experiment=experiment,
-        bundle_key=key,
-        runtime=chosen,
-        macs_per_image=int(macs) if isinstance(macs, int | float) else None,
-        timings=timings,
-        checks=checks,
-    )
+    return timings
 
 
 def _native_bf16() -> bool:
@@ -304,7 +320,7 @@ def _checked_bf16(
     """A bf16-autocast torch predictor, if its probabilities agree with ``fp32``'s on the warm-up batch."""
     from zalando.models.predictor import TorchPredictor
 
-    bf16 = TorchPredictor(bundle, threads=threads, batch_size=256, precision="bf16")
+    bf16 = TorchPredictor(bundle, threads=threads, precision="bf16")
     warm = _warmup_images()
     diff = float(np.abs(bf16.predict(warm)[0] - fp32.predict(warm)[0]).max())
     checks["bf16_vs_fp32_max_prob_diff"] = round(diff, 6)
@@ -345,10 +361,8 @@ def _check_meta(
         )
     checks["stats"] = {"mean": meta["mean"], "std": meta["std"]}
     try:
-        from zalando.registry import get_model
-
         record = get_model(lake, version)
-    except (ImportError, ModelError, LakeError):
+    except (ModelError, LakeError):
         record = None
     if record is not None:
         if record.get("experiment") != experiment:

@@ -33,6 +33,7 @@ from zalando.errors import DataError, LakeError, ModelError, ZalandoError
 from zalando.images import ImagePrepConfig, ImageRejected, decode_image, sniff_format
 from zalando.labels import GROUP_KEYS, GROUP_NAMES, NUM_GROUPS
 from zalando.lake import MANIFEST, Lake
+from zalando.runtime import Predictor
 from zalando.scoring import layout
 from zalando.scoring.batch import (
     CORRUPT_PARQUET,
@@ -44,7 +45,6 @@ from zalando.scoring.batch import (
     image_id_for_file,
     open_input,
 )
-from zalando.scoring.champion import Predictor
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from zalando.errors import ZalandoError
 from zalando.lake import Lake
+from zalando.runtime import Predictor, Runtime
 from zalando.scoring.batch import (
     Batch,
     ScoringInputError,
@@ -34,7 +35,7 @@ from zalando.scoring.batch import (
     plan_shards,
     slugify,
 )
-from zalando.scoring.champion import Predictor, Runtime, load_champion_predictor, resolve_model_version
+from zalando.scoring.champion import load_champion_predictor, resolve_model_version
 from zalando.scoring.engine import (
     BatchResult,
     ScoringOptions,
