@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from zalando.errors import DataError
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, NUM_GROUPS, NUM_LABELS
+from zalando.runtime import run_concurrently
 
 if TYPE_CHECKING:
     import torch
@@ -439,9 +440,12 @@ def time_scoring(
     images: np.ndarray,
     batch_size: int = 128,
     warmup: int = 2,
+    parallelism: int = 1,
 ) -> dict[str, float | int]:
     """Time ``predict_fn`` over ``images`` in batches, after ``warmup`` untimed batches.
 
+    ``parallelism`` batches run at once, as the scoring engine hands a predictor its sub-batches
+    (pass the predictor's own ``parallelism`` to time what production runs).
     Returns n_images, batch_size, n_batches, warmup_batches, wall_s (all timed batches), images_per_s,
     p50_ms and p95_ms (per-batch latency), mean_ms. The warm-up batches are taken from the start of
     ``images`` and then scored again in the timed pass, so every image is timed exactly once.
@@ -450,6 +454,8 @@ def time_scoring(
         raise DataError(f"batch_size: must be >= 1, got {batch_size}")
     if warmup < 0:
         raise DataError(f"warmup: must be >= 0, got {warmup}")
+    if parallelism < 1:
+        raise DataError(f"parallelism: must be >= 1, got {parallelism}")
     n = int(len(images))
     if n == 0:
         raise DataError("images: is empty, nothing to time")
@@ -458,12 +464,14 @@ def time_scoring(
         if i >= warmup:
             break
         predict_fn(images[start : start + batch_size])
-    latencies = np.empty(len(starts), dtype=np.float64)
-    t0 = time.perf_counter()
-    for i, start in enumerate(starts):
+
+    def timed(start: int) -> float:
         b0 = time.perf_counter()
         predict_fn(images[start : start + batch_size])
-        latencies[i] = time.perf_counter() - b0
+        return time.perf_counter() - b0
+
+    t0 = time.perf_counter()
+    latencies = np.asarray(run_concurrently(timed, starts, parallelism), dtype=np.float64)
     wall = time.perf_counter() - t0
     return {
         "n_images": n,

@@ -214,7 +214,7 @@ def evaluate_model(
     if native_bf16("cpu"):  # what the champion loader may also score with here
         runtimes.append(("torch-bf16", make_predictor(bundle, None, "torch-bf16", threads=threads)))
     for runtime, pred in runtimes:
-        timing = time_scoring(pred.predict, x_test, batch_size=TIMING_BATCH)
+        timing = time_scoring(pred.predict, x_test, batch_size=TIMING_BATCH, parallelism=pred.parallelism)
         performance.append({"runtime": runtime, "params": params, **sizes, **timing})
     energy = [dict(train_energy)] if train_energy else []
     if meter.reading is not None:

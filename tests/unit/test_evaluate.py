@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -208,6 +209,42 @@ def test_time_scoring_times_every_image_once_after_warmup() -> None:
     assert 0 <= t["p50_ms"] <= t["p95_ms"]
     with pytest.raises(DataError, match="batch_size"):
         ev.time_scoring(predict, images, batch_size=0)
+
+
+def test_time_scoring_runs_parallelism_batches_at_once() -> None:
+    """As the scoring engine does: every batch timed once, ``parallelism`` of them at the same time."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    calls: list[int] = []
+    active = [0, 0]  # now, most at once
+
+    def predictor(barrier: threading.Barrier | None) -> Callable[[np.ndarray], None]:
+        def predict(batch: np.ndarray) -> None:
+            with lock:
+                active[0] += 1
+                active[1] = max(active)
+            if barrier is not None:
+                barrier.wait()  # returns only when a second batch runs beside this one
+            time.sleep(0.005)
+            with lock:
+                active[0] -= 1
+                calls.append(len(batch))
+
+        return predict
+
+    images = np.zeros((40, 28, 28), dtype=np.uint8)
+    pair = threading.Barrier(2, timeout=30)
+    t = ev.time_scoring(predictor(pair), images, batch_size=10, warmup=0, parallelism=2)
+    assert calls == [10, 10, 10, 10] and active[1] == 2
+    assert t["n_batches"] == 4 and t["images_per_s"] > 0 and 0 <= t["p50_ms"] <= t["p95_ms"]
+    calls.clear()
+    active[1] = 0
+    ev.time_scoring(predictor(None), images, batch_size=10, warmup=1)
+    assert calls == [10, 10, 10, 10, 10] and active[1] == 1  # one at a time unless asked
+    with pytest.raises(DataError, match="parallelism"):
+        ev.time_scoring(predictor(None), images, parallelism=0)
 
 
 def test_parameters_and_sizes() -> None:
