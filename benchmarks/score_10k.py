@@ -28,13 +28,15 @@ from _score_common import (  # noqa: E402
     setup_logging,
 )
 
+from zalando.runtime import RUNTIMES  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--sub-batch", type=int, default=256)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch", "torch-bf16"])
+    ap.add_argument("--runtime", default="auto", choices=RUNTIMES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--use-champion",
