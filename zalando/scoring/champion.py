@@ -7,7 +7,9 @@ the version, experiment and spec; the normalisation statistics are present, fini
 the dataset version's; the ONNX graph has the contract's inputs and outputs and gives the same
 probabilities as the torch weights. The chosen runtime is ONNX Runtime or torch, whichever is
 faster on a warm-up batch (``runtime="auto"``). Loaded predictors are cached per process, so a
-worker scoring many shards builds its ONNX Runtime session once.
+worker scoring many shards builds its ONNX Runtime session once. They are
+:class:`zalando.runtime.OnnxPredictor` and :class:`zalando.models.predictor.TorchPredictor`, built with
+the settings evaluation uses to time the latency gate.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def load_champion_predictor(
     ``verify``: ``full`` also rebuilds the torch model and checks that model.onnx gives the same
     outputs as weights.pt; ``light`` checks checksums, bundle.json, statistics and the ONNX graph
     without importing torch (600 MB less per worker); ``auto`` = full unless runtime is ``onnx``.
-    ``threads``: intra-op threads (default: ZALANDO_TORCH_THREADS or all cores).
+    ``threads``: cores to use (default: ZALANDO_TORCH_THREADS or all cores): concurrent single-threaded
+    runs for ONNX Runtime, intra-op threads for torch.
     Raises :class:`ModelError` for a missing champion or a bundle that fails a check.
     """
     if runtime not in RUNTIMES:
