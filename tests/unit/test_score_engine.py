@@ -278,7 +278,7 @@ def test_backfill_over_dates_skips_committed_and_reports_missing_days(lake: Lake
 
 
 def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
-    from zalando.scoring.engine import _predict
+    from zalando.scoring.shard import _predict
 
     imgs = mnist_like(70)
 
@@ -332,7 +332,7 @@ def test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored(
 def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
     lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import zalando.scoring.engine as engine
+    import zalando.scoring.inputs as inputs
     from zalando.errors import LakeError
 
     imgs = mnist_like(30)
@@ -352,11 +352,11 @@ def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
         def get_file_info(self, path: str) -> None:
             raise OSError("connection refused")
 
-    real = engine.open_input
-    monkeypatch.setattr(engine, "open_input", lambda uri, lk: (DownFS(), "x"))
+    real = inputs.open_input
+    monkeypatch.setattr(inputs, "open_input", lambda uri, lk: (DownFS(), "x"))
     with pytest.raises(LakeError, match="storage fault"):
         score_shard(lake, plan.shards[0], FakePredictor(), V)
-    monkeypatch.setattr(engine, "open_input", real)
+    monkeypatch.setattr(inputs, "open_input", real)
     results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
     assert [(r.scored, r.quarantined) for r in results] == [(30, 0), (0, 30)]
     assert results[1].reasons == {"corrupt_parquet": 30}

@@ -30,21 +30,11 @@ from zalando.scoring.champion import (
     load_champion_predictor,
     resolve_model_version,
 )
-from zalando.scoring.engine import (
-    PREDICTION_SCHEMA,
-    QUARANTINE_SCHEMA,
-    BatchResult,
-    ScoringError,
-    ScoringOptions,
-    ShardResult,
-    batch_summary,
-    finalize_batch,
-    is_batch_committed,
-    reset_batch,
-    score_shard,
-)
+from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
 from zalando.scoring.query import predictions_preview, scored_versions
 from zalando.scoring.run import BackfillEntry, BatchPlan, backfill, prepare_batch, run_shard, score_batch
+from zalando.scoring.schema import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
+from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, score_shard
 
 __all__ = [
     "DEMO_BATCH_LOCATION",

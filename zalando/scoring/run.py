@@ -35,16 +35,8 @@ from zalando.scoring.batch import (
     slugify,
 )
 from zalando.scoring.champion import Predictor, Runtime, load_champion_predictor, resolve_model_version
-from zalando.scoring.engine import (
-    BatchResult,
-    ScoringOptions,
-    ShardResult,
-    batch_summary,
-    finalize_batch,
-    is_batch_committed,
-    reset_batch,
-    score_shard,
-)
+from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
+from zalando.scoring.shard import ScoringOptions, ShardResult, score_shard
 
 log = logging.getLogger(__name__)
 
