@@ -5,10 +5,13 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 * :func:`prepare_batch` -> :class:`BatchPlan` (describe + pin model version + skip committed + shards)
 * :func:`run_shard` / :func:`score_shard` -> :class:`ShardResult` (one shard, exactly once)
 * :func:`finalize_batch` -> :class:`BatchResult` (reconcile, commit the batch manifest last)
-* :func:`score_batch` (all three in one call), :func:`backfill`
+* :func:`score_batch` (all three in one call), :func:`backfill` (one batch per location or day)
 * :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process)
 
-Lake keys: see :mod:`zalando.scoring.layout`.
+Where each part lives: ``batch`` (a batch's inputs, planned into shards), ``inputs`` (reading and
+decoding a shard's inputs, quarantine reason codes), ``shard`` (scoring one shard, its marker),
+``commit`` (reconciling and committing a batch), ``run`` (the drivers and the backfill),
+``schema`` (the prediction and quarantine tables), ``layout`` (lake keys), ``query`` (reading back).
 """
 
 from zalando.scoring.batch import (
