@@ -22,8 +22,8 @@ from zalando.lake import new_run_id
 from zalando.runtime import Runtime
 from zalando.s3server import embedded_s3
 from zalando.scoring.batch import ShardRef
-from zalando.scoring.engine import ScoringOptions, ShardResult
 from zalando.scoring.run import DEFAULT_SHARD_SIZE
+from zalando.scoring.shard import ScoringOptions, ShardResult
 from zalando.settings import Profile, load_settings
 
 Runner = Literal["local", "dask"]

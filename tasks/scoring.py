@@ -18,8 +18,9 @@ from prefect.events import emit_event
 from tasks.common import RunConfig, io_task_options
 from zalando import steps
 from zalando.scoring.batch import ShardRef, find_demo_batch
-from zalando.scoring.engine import ScoringOptions, ShardResult, batch_summary, finalize_batch
+from zalando.scoring.commit import batch_summary, finalize_batch
 from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
+from zalando.scoring.shard import ScoringOptions, ShardResult
 
 
 @task(name="plan-batch", cache_policy=NO_CACHE, **io_task_options())

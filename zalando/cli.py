@@ -422,8 +422,11 @@ def score(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Score a batch with the champion (the `batch_scoring` flow), or backfill a range of dates."""
+    from datetime import date
+
     from zalando.scoring.batch import find_demo_batch
-    from zalando.scoring.run import INBOX_TEMPLATE, _has_inputs, date_range
+    from zalando.scoring.commit import BatchResult
+    from zalando.scoring.run import INBOX_TEMPLATE, BackfillEntry, backfill
 
     setup_logging(verbose)
     if runner not in ("local", "dask"):
@@ -434,7 +437,6 @@ def score(
     _flow_env(settings)
     with lake_session(settings) as lake:
         kw = dict(
-            model_version=model_version,
             runner=runner,
             shard_size=shard_size,
             workers=workers,
@@ -443,15 +445,37 @@ def score(
         )
         if date_from is None:
             location = batch_uri or find_demo_batch(lake)
-            _print_scoring(_score_one(lake, settings, location, batch_date=batch_date, **kw))
+            summary = _score_one(
+                lake, settings, location, batch_date=batch_date, model_version=model_version, **kw
+            )
+            _print_scoring(summary)
             return
-        template = batch_uri if batch_uri and "{date}" in batch_uri else INBOX_TEMPLATE
-        for d in date_range(date_from, date_to):
-            location = template.format(date=d.isoformat())
-            if not _has_inputs(lake, location):
-                console.print(f"{d}: no input at {location}, skipped")
-                continue
-            _print_scoring(_score_one(lake, settings, location, batch_date=d, **kw))
+
+        def score_day(
+            location: str, *, batch_date: date | None, source: str | None, model_version: str
+        ) -> BatchResult:
+            # the flow names the batch from its location (source is None: the same default slug)
+            summary = _score_one(
+                lake, settings, location, batch_date=batch_date, model_version=model_version, **kw
+            )
+            _print_scoring(summary)
+            return BatchResult.model_validate(summary)
+
+        def show_no_input(entry: BackfillEntry) -> None:
+            if entry.status == "no_input":
+                console.print(f"{entry.batch_date}: no input at {entry.location}, skipped")
+
+        backfill(
+            lake,
+            date_from=date_from,
+            date_to=date_to,
+            location_template=batch_uri if batch_uri and "{date}" in batch_uri else INBOX_TEMPLATE,
+            source=None,
+            model_version=model_version,
+            stop_on_error=True,
+            score_one=score_day,
+            on_entry=show_no_input,
+        )
 
 
 @app.command()

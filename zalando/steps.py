@@ -544,7 +544,7 @@ def _sample_images(lake: Lake, batch: Any, ids: set[str], image_prep: Any) -> di
     """The images of the sampled ids, read again from the batch's inputs (one file at a time)."""
     from zalando.images import decode_image
     from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN, image_id_for_file, open_input
-    from zalando.scoring.engine import decode_image_column
+    from zalando.scoring.inputs import decode_image_column
 
     found: dict[str, np.ndarray] = {}
     for f in batch.inputs:
@@ -588,7 +588,7 @@ def monitor_batch(
     from zalando.monitor import DriftThresholds, any_alarm, drift_report
     from zalando.registry import load_reference
     from zalando.scoring import layout
-    from zalando.scoring.engine import PROB_COLUMNS
+    from zalando.scoring.schema import PROB_COLUMNS
 
     d, b, v = batch.batch_date, batch.batch_id, model_version
     key = monitoring_key(d, v, b)

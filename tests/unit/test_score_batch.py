@@ -20,7 +20,7 @@ from zalando.scoring.batch import (
     _row_ranges,
     default_source_slug,
 )
-from zalando.scoring.engine import NAN_VALUES, OUT_OF_RANGE, WRONG_SHAPE, decode_image_column
+from zalando.scoring.inputs import NAN_VALUES, OUT_OF_RANGE, WRONG_SHAPE, decode_image_column
 
 
 def test_batch_ids_are_date_plus_source_slug() -> None:

@@ -23,6 +23,7 @@ from zalando.lake import Lake
 from zalando.scoring import (
     PREDICTION_SCHEMA,
     ScoringError,
+    ScoringInputError,
     ScoringOptions,
     backfill,
     finalize_batch,
@@ -277,8 +278,57 @@ def test_backfill_over_dates_skips_committed_and_reports_missing_days(lake: Lake
     assert [e.status for e in again] == ["skipped", "no_input", "skipped"]
 
 
+def test_backfill_scores_through_score_one_and_reports_each_entry(lake: Lake) -> None:
+    from datetime import date
+
+    from zalando.scoring import BatchResult
+
+    for day in ("2026-04-11", "2026-04-13", "2026-04-14"):
+        lake.write_bytes(f"in/{day}/a.parquet", raw_parquet([f"{day}-0"], mnist_like(1)))
+    calls, seen = [], []
+
+    def score_one(
+        location: str, *, batch_date: date | None, source: str | None, model_version: str
+    ) -> BatchResult:
+        calls.append((location, batch_date, source, model_version))
+        if batch_date == date(2026, 4, 13):
+            raise ScoringError("shard 0 lost")
+        return BatchResult(
+            batch_id=f"{batch_date}-x", batch_date=batch_date, model_version=model_version,
+            predictions_key="k", records=1, scored=1, quarantined=0, skipped=batch_date == date(2026, 4, 14),
+        )  # fmt: skip
+
+    entries = backfill(
+        lake, date_from="2026-04-11", date_to="2026-04-14", location_template="in/{date}", source=None,
+        model_version=V, score_one=score_one, on_entry=seen.append,
+    )  # fmt: skip
+    assert [(str(e.batch_date), e.status) for e in entries] == [
+        ("2026-04-11", "scored"),
+        ("2026-04-12", "no_input"),
+        ("2026-04-13", "failed"),
+        ("2026-04-14", "skipped"),
+    ]
+    assert seen == entries and entries[2].error == "shard 0 lost" and entries[1].location == "in/2026-04-12"
+    assert calls == [
+        ("in/2026-04-11", date(2026, 4, 11), None, V),
+        ("in/2026-04-13", date(2026, 4, 13), None, V),
+        ("in/2026-04-14", date(2026, 4, 14), None, V),
+    ]
+    # stop_on_error: the failure is raised, and nothing after it is scored
+    calls.clear()
+    seen.clear()
+    with pytest.raises(ScoringError, match="shard 0 lost"):
+        backfill(
+            lake, date_from="2026-04-12", date_to="2026-04-14", location_template="in/{date}",
+            model_version=V, score_one=score_one, on_entry=seen.append, stop_on_error=True,
+        )  # fmt: skip
+    assert [c[1] for c in calls] == [date(2026, 4, 13)] and [e.status for e in seen] == ["no_input"]
+    with pytest.raises(ScoringInputError, match="shard_size"):
+        backfill(lake, ["in/2026-04-11"], model_version=V, score_one=score_one, shard_size=5)
+
+
 def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
-    from zalando.scoring.engine import _predict
+    from zalando.scoring.shard import _predict
 
     imgs = mnist_like(70)
 
@@ -332,7 +382,7 @@ def test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored(
 def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
     lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import zalando.scoring.engine as engine
+    import zalando.scoring.inputs as inputs
     from zalando.errors import LakeError
 
     imgs = mnist_like(30)
@@ -352,11 +402,11 @@ def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
         def get_file_info(self, path: str) -> None:
             raise OSError("connection refused")
 
-    real = engine.open_input
-    monkeypatch.setattr(engine, "open_input", lambda uri, lk: (DownFS(), "x"))
+    real = inputs.open_input
+    monkeypatch.setattr(inputs, "open_input", lambda uri, lk: (DownFS(), "x"))
     with pytest.raises(LakeError, match="storage fault"):
         score_shard(lake, plan.shards[0], FakePredictor(), V)
-    monkeypatch.setattr(engine, "open_input", real)
+    monkeypatch.setattr(inputs, "open_input", real)
     results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
     assert [(r.scored, r.quarantined) for r in results] == [(30, 0), (0, 30)]
     assert results[1].reasons == {"corrupt_parquet": 30}

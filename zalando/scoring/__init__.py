@@ -5,11 +5,14 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 * :func:`prepare_batch` -> :class:`BatchPlan` (describe + pin model version + skip committed + shards)
 * :func:`run_shard` / :func:`score_shard` -> :class:`ShardResult` (one shard, exactly once)
 * :func:`finalize_batch` -> :class:`BatchResult` (reconcile, commit the batch manifest last)
-* :func:`score_batch` (all three in one call), :func:`backfill`
+* :func:`score_batch` (all three in one call), :func:`backfill` (one batch per location or day)
 * :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process;
   the predictors themselves are :mod:`zalando.runtime` and :mod:`zalando.models.predictor`)
 
-Lake keys: see :mod:`zalando.scoring.layout`.
+Where each part lives: ``batch`` (a batch's inputs, planned into shards), ``inputs`` (reading and
+decoding a shard's inputs, quarantine reason codes), ``shard`` (scoring one shard, its marker),
+``commit`` (reconciling and committing a batch), ``run`` (the drivers and the backfill),
+``schema`` (the prediction and quarantine tables), ``layout`` (lake keys), ``query`` (reading back).
 """
 
 from zalando.scoring.batch import (
@@ -29,21 +32,11 @@ from zalando.scoring.champion import (
     load_champion_predictor,
     resolve_model_version,
 )
-from zalando.scoring.engine import (
-    PREDICTION_SCHEMA,
-    QUARANTINE_SCHEMA,
-    BatchResult,
-    ScoringError,
-    ScoringOptions,
-    ShardResult,
-    batch_summary,
-    finalize_batch,
-    is_batch_committed,
-    reset_batch,
-    score_shard,
-)
+from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
 from zalando.scoring.query import predictions_preview, scored_versions
 from zalando.scoring.run import BackfillEntry, BatchPlan, backfill, prepare_batch, run_shard, score_batch
+from zalando.scoring.schema import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
+from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, score_shard
 
 __all__ = [
     "DEMO_BATCH_LOCATION",

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEMO_BATCH_LOCATION = "raw/fashion-mnist/split=test"
 DEMO_SOURCE = "fashion-mnist-test"
 
-# reason codes of whole files (row-level ones live in zalando.scoring.engine and zalando.images)
+# reason codes of whole files (row-level ones live in zalando.scoring.inputs and zalando.images)
 CORRUPT_PARQUET = "corrupt_parquet"
 WRONG_SCHEMA = "wrong_schema"
 EMPTY_FILE = "empty_file"

@@ -1,24 +1,31 @@
-"""Drivers: plan a batch, score its shards (here, or through any map function), finalize; backfill.
+"""Drivers: plan a batch, score its shards, commit it; backfill a run of batches.
 
-The Prefect flow ``batch_scoring`` does the same with tasks::
+* :func:`prepare_batch` -> :class:`BatchPlan`: pin the model version, skip a committed batch,
+  check the model once (measuring which runtime the shards use), describe and shard the batch.
+* :func:`run_shard`: one shard in this process, with the lake and the checked predictor built once
+  per process: the body of the Prefect ``score-shard`` task and of a Dask ``client.map`` function.
+* :func:`score_batch`: plan, every shard (here, or through ``map_shards``), then
+  :func:`zalando.scoring.commit.finalize_batch`, in one call.
+* :func:`backfill`: one batch per location or per day, skipping committed ones and empty days;
+  each is scored by :func:`score_batch` or by the caller's ``score_one`` (the CLI runs the flow).
 
-    plan = prepare_batch(lake, location, model_version=..., shard_size=..., force=...)
-    if not plan.committed:
-        results = score_shard_task.map(plan.shards, unmapped(plan.model_version), unmapped(options))
-        finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=options, results=...)
-
-where ``score_shard_task`` is ``run_shard(shard, model_version, options=options)``.
+The flow ``flows/batch_scoring.py`` runs the same three stages as Prefect tasks
+(``tasks/scoring.py``): ``plan_batch`` calls :func:`prepare_batch`, the ``score-shards`` subflow
+maps ``score_shard`` (:func:`run_shard`) over ``plan.shards``, and ``commit_batch`` calls
+:func:`~zalando.scoring.commit.finalize_batch`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict
 
 from zalando.errors import ZalandoError
@@ -33,19 +40,12 @@ from zalando.scoring.batch import (
     describe_batch,
     make_batch_id,
     plan_shards,
+    resolve_location,
     slugify,
 )
 from zalando.scoring.champion import load_champion_predictor, resolve_model_version
-from zalando.scoring.engine import (
-    BatchResult,
-    ScoringOptions,
-    ShardResult,
-    batch_summary,
-    finalize_batch,
-    is_batch_committed,
-    reset_batch,
-    score_shard,
-)
+from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
+from zalando.scoring.shard import ScoringOptions, ShardResult, score_shard
 
 log = logging.getLogger(__name__)
 
@@ -217,23 +217,7 @@ def score_batch(
     if on_plan:
         on_plan(plan)
     t_plan = time.perf_counter() - t0
-    results: list[ShardResult] = []
-    if map_shards is None:
-        if predictor is None:
-            # checked and cached by prepare_batch; plan.runtime is the measured choice
-            predictor = load_champion_predictor(
-                lake, plan.runtime, model_version=plan.model_version, threads=threads
-            )
-        for shard in plan.shards:
-            r = score_shard(lake, shard, predictor, plan.model_version, opts)
-            results.append(r)
-            if progress:
-                progress(r)
-    else:
-        for r in map_shards(plan):
-            results.append(r)
-            if progress:
-                progress(r)
+    results = _score_shards(lake, plan, opts, predictor, threads, map_shards, progress)
     t_shards = time.perf_counter() - t0 - t_plan
     result = finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
     result.timings = {
@@ -248,15 +232,52 @@ def score_batch(
     return result
 
 
+def _score_shards(
+    lake: Lake,
+    plan: BatchPlan,
+    opts: ScoringOptions,
+    predictor: Predictor | None,
+    threads: int | None,
+    map_shards: MapShards | None,
+    progress: Callable[[ShardResult], None] | None,
+) -> list[ShardResult]:
+    """Every shard's result: one after the other in this process, or from ``map_shards``."""
+    if map_shards is not None:
+        shard_results: Iterable[ShardResult] = map_shards(plan)
+    else:
+        if predictor is None:
+            # checked and cached by prepare_batch; plan.runtime is the measured choice
+            predictor = load_champion_predictor(
+                lake, plan.runtime, model_version=plan.model_version, threads=threads
+            )
+        shard_results = (score_shard(lake, s, predictor, plan.model_version, opts) for s in plan.shards)
+    results: list[ShardResult] = []
+    for r in shard_results:
+        results.append(r)
+        if progress:
+            progress(r)
+    return results
+
+
 # ------------------------------------------------------------------------------------ backfill
 
 
 class BackfillEntry(BaseModel):
+    """What a backfill did with one location (or day)."""
+
     location: str
     batch_date: date | None = None
     status: Literal["scored", "skipped", "no_input", "failed"]
     result: BatchResult | None = None
     error: str | None = None
+
+
+class ScoreOne(Protocol):
+    """Scores one batch of a backfill (default: :func:`score_batch` in this process)."""
+
+    def __call__(
+        self, location: str, *, batch_date: date | None, source: str | None, model_version: str
+    ) -> BatchResult: ...
 
 
 def date_range(date_from: date | str, date_to: date | str) -> list[date]:
@@ -275,6 +296,8 @@ def backfill(
     location_template: str = INBOX_TEMPLATE,
     source: str | None = "inbox",
     stop_on_error: bool = False,
+    score_one: ScoreOne | None = None,
+    on_entry: Callable[[BackfillEntry], None] | None = None,
     **score_kwargs: Any,
 ) -> list[BackfillEntry]:
     """Score each batch in turn (a list of locations, or one per day from a date range), skipping committed ones.
@@ -282,6 +305,9 @@ def backfill(
     A date's batch lives at ``location_template.format(date=YYYY-MM-DD)`` (default
     ``inbox/batch_date=YYYY-MM-DD``); days with no input files are reported as ``no_input``.
     The model version is pinned once for the whole backfill (the champion at its start).
+    ``score_one`` scores one batch (default: :func:`score_batch` with ``score_kwargs``);
+    ``on_entry`` sees each entry as soon as it is known. A failed batch is reported as ``failed``
+    and the backfill goes on, unless ``stop_on_error``: then its error is raised.
     """
     if batches is None and (date_from is None or date_to is None):
         raise ScoringInputError("backfill needs a list of batches or both a start and an end date")
@@ -294,34 +320,36 @@ def backfill(
             (location_template.format(date=d.isoformat()), d, source) for d in date_range(date_from, date_to)
         ]  # type: ignore[arg-type]
     score_kwargs.pop("batch_date", None)
+    if score_one is None:
+        score_one = functools.partial(score_batch, lake, **score_kwargs)
+    elif score_kwargs:
+        raise ScoringInputError(f"backfill: {sorted(score_kwargs)} go to score_batch, not with score_one")
     out: list[BackfillEntry] = []
     for loc, d, src in todo:
         try:
             if d is not None and not _has_inputs(lake, loc):
-                out.append(BackfillEntry(location=loc, batch_date=d, status="no_input"))
-                continue
-            r = score_batch(lake, loc, model_version=version, batch_date=d, source=src, **score_kwargs)
-            out.append(
-                BackfillEntry(
+                entry = BackfillEntry(location=loc, batch_date=d, status="no_input")
+            else:
+                r = score_one(loc, batch_date=d, source=src, model_version=version)
+                entry = BackfillEntry(
                     location=loc,
                     batch_date=r.batch_date,
                     status="skipped" if r.skipped else "scored",
                     result=r,
                 )
-            )
         except ZalandoError as e:
-            log.error("backfill: batch %s failed: %s", loc, e)
-            out.append(BackfillEntry(location=loc, batch_date=d, status="failed", error=str(e)))
             if stop_on_error:
                 raise
+            log.error("backfill: batch %s failed: %s", loc, e)
+            entry = BackfillEntry(location=loc, batch_date=d, status="failed", error=str(e))
+        out.append(entry)
+        if on_entry:
+            on_entry(entry)
     return out
 
 
 def _has_inputs(lake: Lake, location: str) -> bool:
-    from zalando.scoring.batch import resolve_location
-
+    """Whether the location holds at least one file (a day of a backfill may have none)."""
     loc = resolve_location(lake, location)
-    import pyarrow.fs as pafs
-
     sel = pafs.FileSelector(loc.root, recursive=True, allow_not_found=True)
     return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))

@@ -1,0 +1,80 @@
+"""`zalando score --from --to`: the library backfill, with the flow (here a fake) scoring each day."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.scoring_support import mnist_like, raw_parquet
+from zalando import cli
+from zalando.lake import Lake
+from zalando.scoring import BatchResult, ScoringError, layout
+
+V = "v-cli"
+
+
+@pytest.fixture
+def lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Lake:
+    monkeypatch.setenv("ZALANDO_LAKE_URI", (tmp_path / "lake").as_uri())
+    monkeypatch.setenv("ZALANDO_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
+    monkeypatch.setattr(cli, "_flow_env", lambda settings: None)  # no Prefect environment needed
+    lake = Lake.local(tmp_path / "lake")
+    for day in ("2026-05-01", "2026-05-03"):
+        lake.write_bytes(f"inbox/batch_date={day}/a.parquet", raw_parquet([f"{day}-0"], mnist_like(1)))
+    return lake
+
+
+def _fake_flow(calls: list[dict[str, Any]], fail_on: date | None = None) -> Any:
+    def score_one(lake: Lake, settings: Any, location: str, *, batch_date: Any, **kw: Any) -> dict[str, Any]:
+        calls.append({"location": location, "batch_date": batch_date, **kw})
+        if batch_date == fail_on:
+            raise ScoringError(f"batch {batch_date}: 1 of 1 shards not committed")
+        batch_id = f"{batch_date}-inbox-{batch_date}"
+        r = BatchResult(
+            batch_id=batch_id, batch_date=batch_date, model_version=kw["model_version"],
+            predictions_key=layout.predictions_key(batch_date, kw["model_version"], batch_id),
+            records=1, scored=1, quarantined=0, group_counts={"bags": 1},
+        )  # fmt: skip
+        return {**r.model_dump(mode="json"), "predictions_uri": "file:///p", "drift": None}
+
+    return score_one
+
+
+def test_backfill_scores_days_with_input_and_says_which_days_had_none(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(cli, "_score_one", _fake_flow(calls))
+    r = CliRunner().invoke(
+        cli.app,
+        ["score", "--from", "2026-05-01", "--to", "2026-05-03", "--model-version", V, "--workers", "2"],
+    )
+    assert r.exit_code == 0, r.output
+    assert [(c["location"], c["batch_date"]) for c in calls] == [
+        ("inbox/batch_date=2026-05-01", date(2026, 5, 1)),
+        ("inbox/batch_date=2026-05-03", date(2026, 5, 3)),
+    ]
+    assert all(c["model_version"] == V and c["workers"] == 2 and c["runner"] == "local" for c in calls)
+    out = " ".join(r.output.split())
+    assert "2026-05-02: no input at inbox/batch_date=2026-05-02, skipped" in out
+    assert f"batch 2026-05-01-inbox-2026-05-01 with model {V} (scored)" in out
+    assert f"batch 2026-05-03-inbox-2026-05-03 with model {V} (scored)" in out
+    assert out.index("2026-05-01-inbox") < out.index("2026-05-02: no input") < out.index("2026-05-03-inbox")
+
+
+def test_backfill_stops_at_the_first_failed_day_with_exit_code_2(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(cli, "_score_one", _fake_flow(calls, fail_on=date(2026, 5, 1)))
+    r = CliRunner().invoke(
+        cli.app, ["score", "--from", "2026-05-01", "--to", "2026-05-03", "--model-version", V]
+    )
+    assert r.exit_code == 2
+    assert "error: batch 2026-05-01: 1 of 1 shards not committed" in " ".join(r.output.split())
+    assert [c["batch_date"] for c in calls] == [date(2026, 5, 1)]

@@ -1,0 +1,350 @@
+"""Score one shard exactly once: read its inputs, predict, write its part files, write its marker LAST.
+
+:func:`score_shard` reads only its rows (:func:`zalando.scoring.inputs.read_shard`: bad rows become
+quarantine records with a reason code), predicts in sub-batches, and writes its part files under
+names that are a pure function of (batch date, model version, batch id, shard id): the
+predictions, the per-group view, the needs-review rows, the embedding sample and the quarantine.
+Its shard marker (the counts and histograms :mod:`zalando.scoring.commit` adds up) is its commit
+point. A shard whose marker matches is skipped, so a re-run after a crash scores only the missing
+shards and overwrites (never duplicates) a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from zalando.errors import ModelError, ZalandoError
+from zalando.images import ImagePrepConfig
+from zalando.labels import GROUP_NAMES, NUM_GROUPS
+from zalando.lake import Lake, table_to_parquet_bytes
+from zalando.runtime import Predictor
+from zalando.scoring import layout
+from zalando.scoring.batch import ShardRef
+from zalando.scoring.inputs import read_shard
+from zalando.scoring.schema import CONFIDENCE_BINS, PREDICTION_SCHEMA, QUARANTINE_SCHEMA
+
+log = logging.getLogger(__name__)
+
+_GROUP_NAME_ARRAY = pa.array(GROUP_NAMES, pa.string())
+
+
+class ScoringError(ZalandoError):
+    """A batch cannot be committed (shards missing, counts that do not reconcile)."""
+
+
+class ScoringOptions(BaseModel):
+    """Knobs of a scoring run (small, serialisable: passed to every shard)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sub_batch: int = Field(default=256, ge=1, le=65536, description="images per predictor call")
+    confidence_threshold: float = Field(default=0.6, ge=0, le=1, description="below: also in needs_review/")
+    image_prep: ImagePrepConfig = Field(default_factory=ImagePrepConfig)
+    keep_rejected_bytes: int = Field(
+        default=65536, ge=0, description="quarantine rows keep inputs up to this size"
+    )
+
+
+class ShardResult(BaseModel):
+    """What a shard did (small: what a Prefect task returns)."""
+
+    batch_id: str
+    shard_id: int
+    model_version: str
+    records: int
+    scored: int
+    quarantined: int
+    reasons: dict[str, int] = Field(default_factory=dict)
+    low_confidence: int = 0
+    skipped: bool = False  # already committed by an earlier attempt
+    runtime: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def write_part(lake: Lake, key: str, table: pa.Table) -> dict[str, Any]:
+    """Write ``table`` as one Parquet part file at ``key``; its manifest entry (bytes, sha256, rows)."""
+    data = table_to_parquet_bytes(table)
+    lake.write_bytes(key, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": table.num_rows}
+
+
+def _repeat(value: Any, n: int, type_: pa.DataType) -> pa.Array:
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
+def prediction_table(
+    ids: pa.Array, probs: np.ndarray, model_version: str, batch_id: str, scored_at: datetime
+) -> pa.Table:
+    """The prediction rows of scored images (schema :data:`PREDICTION_SCHEMA`)."""
+    n = len(ids)
+    probs = np.ascontiguousarray(probs, dtype=np.float32)
+    pred = probs.argmax(axis=1).astype(np.int8) if n else np.zeros(0, np.int8)
+    conf = probs.max(axis=1) if n else np.zeros(0, np.float32)
+    cols: list[pa.Array] = [
+        ids,
+        pa.array(pred, pa.int8()),
+        _GROUP_NAME_ARRAY.take(pa.array(pred.astype(np.int32))),
+    ]
+    cols += [pa.array(probs[:, g]) for g in range(NUM_GROUPS)]
+    cols += [
+        pa.array(conf.astype(np.float32)),
+        _repeat(model_version, n, pa.string()),
+        _repeat(batch_id, n, pa.string()),
+        _repeat(scored_at, n, pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.Table.from_arrays(cols, schema=PREDICTION_SCHEMA)
+
+
+def _quarantine_table(records: list[dict[str, Any]], batch_id: str, shard_id: int) -> pa.Table:
+    rows = [{**r, "batch_id": batch_id, "shard_id": shard_id} for r in records]
+    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------ markers
+
+
+def shard_is_committed(lake: Lake, ref: ShardRef, model_version: str) -> dict[str, Any] | None:
+    """The shard's marker when it matches this shard and model and its files exist, else None."""
+    key = layout.shard_marker_key(ref.batch_date, model_version, ref.batch_id, ref.shard_id)
+    if not lake.exists(key):
+        return None
+    try:
+        marker = lake.read_json(key)
+    except (ZalandoError, ValueError):
+        return None
+    if marker.get("fingerprint") != ref.fingerprint or marker.get("model_version") != model_version:
+        log.info("shard %s/%d: marker is for another plan or model; rescoring", ref.batch_id, ref.shard_id)
+        return None
+    if not all(lake.exists(k) for k in marker.get("files", {})):
+        log.warning("shard %s/%d: marker lists files that are gone; rescoring", ref.batch_id, ref.shard_id)
+        return None
+    return marker
+
+
+def read_shard_markers(
+    lake: Lake, shards: Sequence[ShardRef], model_version: str, threads: int = 8
+) -> list[dict[str, Any] | None]:
+    """Every shard's matching marker (None where missing or stale), read in parallel."""
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as ex:
+        return list(ex.map(lambda s: shard_is_committed(lake, s, model_version), shards))
+
+
+def _result_from_marker(marker: dict[str, Any], *, skipped: bool) -> ShardResult:
+    return ShardResult(
+        batch_id=marker["batch_id"],
+        shard_id=marker["shard_id"],
+        model_version=marker["model_version"],
+        records=marker["records"],
+        scored=marker["scored"],
+        quarantined=marker["quarantined"],
+        reasons=marker.get("reasons", {}),
+        low_confidence=marker.get("low_confidence", 0),
+        skipped=skipped,
+        runtime=marker.get("runtime", ""),
+        seconds=0.0 if skipped else float(marker.get("seconds", 0.0)),
+        timings={} if skipped else marker.get("timings", {}),
+    )
+
+
+# ------------------------------------------------------------------------------------ score_shard
+
+
+def score_shard(
+    lake: Lake,
+    shard: ShardRef,
+    predictor: Predictor,
+    model_version: str,
+    options: ScoringOptions | None = None,
+) -> ShardResult:
+    """Score one shard exactly once: skip when committed, else read, validate, predict, write, mark.
+
+    Memory: one shard of images (shard_size x 784 bytes) plus one sub-batch of floats.
+    """
+    opts = options or ScoringOptions()
+    t0 = time.perf_counter()
+    marker = shard_is_committed(lake, shard, model_version)
+    if marker is not None:
+        return _result_from_marker(marker, skipped=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    data = read_shard(lake, shard, opts.image_prep, opts.keep_rejected_bytes)
+    timings["read_decode"] = time.perf_counter() - t
+
+    ok_idx = np.flatnonzero(data.ok)
+    ids_all = data.ids if isinstance(data.ids, pa.Array) else pa.array(data.ids, pa.string())
+    good_ids = ids_all.take(pa.array(ok_idx)) if ok_idx.size != len(data.ok) else ids_all
+    images = data.images[ok_idx] if ok_idx.size != len(data.ok) else data.images
+
+    t = time.perf_counter()
+    probs, emb_sample = _predict(predictor, images, opts.sub_batch, shard.embedding_sample)
+    timings["predict"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scored_at = datetime.now(UTC).replace(microsecond=0)
+    table = prediction_table(good_ids, probs, model_version, shard.batch_id, scored_at)
+    outputs = _shard_outputs(
+        shard, model_version, table, good_ids, emb_sample, data.quarantine, opts.confidence_threshold
+    )
+    with ThreadPoolExecutor(max_workers=max(1, len(outputs))) as ex:  # object stores answer in parallel
+        written = list(ex.map(lambda kv: write_part(lake, kv[0], kv[1]), outputs.items()))
+    files: dict[str, dict[str, Any]] = dict(zip(outputs, written, strict=True))
+    timings["write"] = time.perf_counter() - t
+
+    marker = _shard_marker(
+        shard, model_version, table, data.quarantine, images, files, timings, predictor, opts
+    )
+    b, sid = shard.batch_id, shard.shard_id
+    if marker["scored"] + marker["quarantined"] != shard.records:  # a bug, never bad input
+        raise ScoringError(
+            f"shard {b}/{sid}: {marker['scored']} scored + {marker['quarantined']} quarantined != {shard.records} records"
+        )
+    lake.write_json(layout.shard_marker_key(shard.batch_date, model_version, b, sid), marker)  # commit point
+    marker["seconds"] = time.perf_counter() - t0
+    log.debug(
+        "shard %s/%d: %d scored, %d quarantined in %.2fs",
+        b,
+        sid,
+        marker["scored"],
+        marker["quarantined"],
+        marker["seconds"],
+    )
+    return _result_from_marker(marker, skipped=False)
+
+
+def _shard_outputs(
+    shard: ShardRef,
+    model_version: str,
+    table: pa.Table,
+    good_ids: pa.Array,
+    emb_sample: np.ndarray | None,
+    quarantine: list[dict[str, Any]],
+    confidence_threshold: float,
+) -> dict[str, pa.Table]:
+    """The shard's part files, lake key -> table: predictions, per group, needs review, embeddings, quarantine."""
+    outputs: dict[str, pa.Table] = {}
+    d, b, v, sid = shard.batch_date, shard.batch_id, model_version, shard.shard_id
+    part = layout.part_name(sid)
+    if table.num_rows:
+        outputs[f"{layout.predictions_key(d, v, b)}/{part}"] = table
+        pred = table.column("pred_group").to_numpy()
+        for g in range(NUM_GROUPS):
+            idx = np.flatnonzero(pred == g)
+            if idx.size:
+                outputs[f"{layout.group_key(d, g, v, b)}/{part}"] = table.take(pa.array(idx))
+        conf = table.column("confidence").to_numpy()
+        low = np.flatnonzero(conf < confidence_threshold)
+        if low.size:
+            outputs[f"{layout.review_key(d, v, b)}/{part}"] = table.take(pa.array(low))
+        if emb_sample is not None and len(emb_sample):
+            k = len(emb_sample)
+            outputs[f"{layout.embeddings_key(d, v, b)}/{part}"] = pa.table(
+                {
+                    "image_id": good_ids.slice(0, k),
+                    "embedding": pa.FixedSizeListArray.from_arrays(
+                        pa.array(emb_sample.astype(np.float32).ravel()), emb_sample.shape[1]
+                    ),
+                }
+            )
+    if quarantine:
+        outputs[f"{layout.quarantine_key(b, v)}/{part}"] = _quarantine_table(quarantine, b, sid)
+    return outputs
+
+
+def _shard_marker(
+    shard: ShardRef,
+    model_version: str,
+    table: pa.Table,
+    quarantine: list[dict[str, Any]],
+    images: np.ndarray,
+    files: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    predictor: Predictor,
+    opts: ScoringOptions,
+) -> dict[str, Any]:
+    """The shard's marker: its plan fingerprint, counts, histograms for drift, and its files."""
+    if table.num_rows:
+        conf = table.column("confidence").to_numpy()
+        pred = table.column("pred_group").to_numpy()
+    else:
+        conf = np.zeros(0, np.float32)
+        pred = np.zeros(0, np.int8)
+    reasons = Counter(r["reason"] for r in quarantine)
+    return {
+        "batch_id": shard.batch_id,
+        "batch_date": shard.batch_date.isoformat(),
+        "shard_id": shard.shard_id,
+        "model_version": model_version,
+        "fingerprint": shard.fingerprint,
+        "records": shard.records,
+        "scored": int(table.num_rows),
+        "quarantined": len(quarantine),
+        "reasons": dict(sorted(reasons.items())),
+        "low_confidence": int((conf < opts.confidence_threshold).sum()),
+        "group_counts": np.bincount(pred.astype(np.int64), minlength=NUM_GROUPS).tolist(),
+        "confidence_hist": np.histogram(conf, bins=CONFIDENCE_BINS, range=(0.0, 1.0))[0].tolist(),
+        "pixel_hist": _pixel_hist(images).tolist(),
+        "runtime": getattr(predictor, "runtime", ""),
+        "files": files,
+        "timings": {k: round(x, 4) for k, x in timings.items()},
+        "written_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _pixel_hist(images: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """256-bin histogram of the pixels (for drift monitoring), in chunks to bound temporaries."""
+    flat = images.reshape(-1)
+    hist = np.zeros(256, dtype=np.int64)
+    for i in range(0, flat.size, chunk):
+        hist += np.bincount(flat[i : i + chunk], minlength=256)
+    return hist
+
+
+def _predict(
+    predictor: Predictor, images: np.ndarray, sub_batch: int, n_embed: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities of every image, sub-batch by sub-batch (``predictor.parallelism`` at once)."""
+    n = len(images)
+    if n == 0:
+        return np.zeros((0, NUM_GROUPS), np.float32), None
+    probs = np.empty((n, NUM_GROUPS), np.float32)
+    starts = list(range(0, n, sub_batch))
+    par = max(1, int(getattr(predictor, "parallelism", 1)))
+
+    def run(i: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+        p, e = predictor.predict(images[i : i + sub_batch])
+        if p.shape != (min(sub_batch, n - i), NUM_GROUPS):
+            raise ModelError(
+                f"predictor returned probabilities of shape {p.shape}, expected (*, {NUM_GROUPS})"
+            )
+        probs[i : i + len(p)] = p
+        return (
+            i,
+            p,
+            (np.array(e[:n_embed], dtype=np.float32) if i < n_embed and e is not None and e.size else None),
+        )
+
+    if par > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=min(par, len(starts))) as ex:
+            outs = list(ex.map(run, starts))
+    else:
+        outs = [run(i) for i in starts]
+    if not np.isfinite(probs).all():
+        raise ModelError("predictor returned NaN or infinite probabilities: the model is broken")
+    emb_parts = [e for _, _, e in outs if e is not None]
+    emb = np.concatenate(emb_parts)[:n_embed] if emb_parts else None
+    return probs, emb
