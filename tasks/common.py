@@ -15,17 +15,14 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
-from zalando.errors import LakeError, NotCommittedError, SourceError, ZalandoError
-from zalando.lake import Lake
+from zalando.errors import ZalandoError
+from zalando.lake import Lake, storage_fault_is_transient
 from zalando.settings import Profile, Settings, load_settings
 
 # exponential back-off for storage and network tasks: 2 s, 4 s, 8 s (with jitter)
 IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 4, 8]
 IO_RETRY_JITTER = 0.5
-
-# lasting problems: retrying cannot help, the run must fail at once with the message
-_PERMANENT_HINTS = ("access denied", "credentials", "does not exist", "sha256", "not allowed", "must ")
 
 
 class RunConfig(BaseModel):
@@ -62,18 +59,18 @@ class RunConfig(BaseModel):
 def is_transient(exc: BaseException | None) -> bool:
     """True for faults a retry can fix: the storage or a network peer was down, slow or erroring.
 
-    Bad data, bad configuration, missing partitions and refused credentials are permanent.
+    The code that saw the cause decided, and said so on the error (``ZalandoError.transient``);
+    bad data, bad configuration, missing partitions and refused credentials are permanent. A raw
+    OSError that escaped the lake (pyarrow's, read through ``lake.fs``) is classified by the
+    lake's own rule, the one place that reads storage error codes.
     """
     if exc is None:
         return False
-    if isinstance(exc, NotCommittedError):
-        return False
-    if isinstance(exc, LakeError | SourceError):
-        text = str(exc).lower()
-        return not any(hint in text for hint in _PERMANENT_HINTS)
     if isinstance(exc, ZalandoError):
-        return False
-    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+        return exc.transient
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and storage_fault_is_transient(exc)
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

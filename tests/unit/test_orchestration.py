@@ -22,14 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("exc", "transient"),
     [
-        (LakeError("lake write s3://b/k: connection reset by peer"), True),
+        # as the lake and the sources raise them: the raise site saw the cause and set the flag
+        (LakeError("lake write s3://b/k: connection reset by peer", transient=True), True),
         (
             LakeError(
-                "S3 endpoint http://x bucket 'b': server not reachable (EndpointConnectionError); is it running?"
+                "S3 endpoint http://x bucket 'b': server not reachable (EndpointConnectionError); is it running?",
+                transient=True,
             ),
             True,
         ),
-        (SourceError("data source https://x: timed out"), True),
+        (SourceError("data source https://x: timed out", transient=True), True),
         (TimeoutError("read timed out"), True),
         (ConnectionError("refused"), True),
         (LakeError("S3 endpoint http://x bucket 'b': access denied: wrong S3 credentials"), False),
@@ -40,6 +42,14 @@ REPO = Path(__file__).resolve().parents[2]
         (ConfigError("unknown experiment 'x'"), False),
         (ValueError("a bug"), False),
         (None, False),
+        # the flag decides, never the words: no substring of the message is read
+        (LakeError("lake write s3://b/k: credentials must be renewed (503)", transient=True), True),
+        (LakeError("lake write s3://b/k: connection reset by peer"), False),  # nobody said transient
+        (SourceError("data source https://x: HTTP 404 Not Found", transient=False), False),
+        # a raw pyarrow fault that escaped the lake: the lake's one rule classifies it
+        (OSError("When reading ...: AWS Error UNKNOWN (HTTP status 503) during HeadObject operation"), True),
+        (OSError("When uploading ...: AWS Error ACCESS_DENIED during PutObject operation: denied"), False),
+        (FileNotFoundError("[Errno 2] Path does not exist 'b/k'"), False),
     ],
 )
 def test_only_transient_storage_and_network_faults_are_retried(
