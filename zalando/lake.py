@@ -164,7 +164,8 @@ class Lake:
     def ensure_ready(self) -> None:
         """Check the storage answers with these credentials; create a missing bucket.
 
-        Raises LakeError with one line naming the endpoint and the problem.
+        Raises LakeError with one line naming the endpoint and the problem; ``transient`` when the
+        server did not answer or answered 5xx/throttled, never for refused credentials.
         """
         if self.s3 is None:
             Path(self.root).mkdir(parents=True, exist_ok=True)
