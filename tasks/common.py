@@ -1,22 +1,26 @@
-"""What every task shares: the run's small configuration, the lake, retries and cache keys.
+"""What every task shares: the run's small configuration, its run context, retries and cache keys.
 
-Tasks receive a :class:`RunConfig` (a few strings and numbers, no secrets) and rebuild the
-settings and the lake from it plus the environment. So nothing big or secret is ever a task input:
-Prefect hashes and records inputs, and credentials must never reach its database or the UI.
+Tasks receive a :class:`RunConfig` (a few strings and numbers, no secrets) and get the settings
+and the lake from it plus the environment, built once per process (:meth:`RunConfig.context`).
+So nothing big or secret is ever a task input: Prefect hashes and records inputs, and credentials
+must never reach its database or the UI.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
-from zalando.errors import LakeError, NotCommittedError, SourceError, ZalandoError
-from zalando.lake import Lake
+from zalando.errors import ZalandoError
+from zalando.lake import Lake, storage_fault_is_transient
 from zalando.settings import Profile, Settings, load_settings
 
 # exponential back-off for storage and network tasks: 2 s, 4 s, 8 s (with jitter)
@@ -24,8 +28,26 @@ IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 4, 8]
 IO_RETRY_JITTER = 0.5
 
-# lasting problems: retrying cannot help, the run must fail at once with the message
-_PERMANENT_HINTS = ("access denied", "credentials", "does not exist", "sha256", "not allowed", "must ")
+_ENV_PREFIX = "ZALANDO_"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The full settings of a run and its lake, built once per process and shared by its tasks."""
+
+    settings: Settings
+    lake: Lake
+
+
+_CONTEXTS: dict[tuple[str, ...], RunContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def _env_fingerprint() -> str:
+    """A digest of every ZALANDO_* variable (names and values), so a changed environment (another
+    endpoint, another secret) gets a new context. A digest, so no secret sits in the cache key."""
+    items = sorted((k.upper(), v) for k, v in os.environ.items() if k.upper().startswith(_ENV_PREFIX))
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 class RunConfig(BaseModel):
@@ -49,31 +71,46 @@ class RunConfig(BaseModel):
             data_source=settings.data_source,
         )
 
+    def context(self) -> RunContext:
+        """This run's settings and lake, built on the first call in this process and then shared.
+
+        Keyed on the fields the settings are made of (not the run id: the runs of a long-lived
+        process share one lake) and on the ZALANDO_* environment, so a test or a shell that changes
+        the environment gets a fresh context, never a stale one. Tasks on a thread pool share it.
+        """
+        key = (self.profile, str(self.seed), self.lake_uri, self.data_source, _env_fingerprint())
+        with _CONTEXTS_LOCK:
+            ctx = _CONTEXTS.get(key)
+            if ctx is None:
+                settings = load_settings(
+                    profile=self.profile, seed=self.seed, lake_uri=self.lake_uri, data_source=self.data_source
+                )
+                ctx = _CONTEXTS[key] = RunContext(settings, Lake.from_settings(settings))
+        return ctx
+
     def settings(self) -> Settings:
         """Full settings: the environment (endpoint, credentials, work dir) plus this run's choices."""
-        return load_settings(
-            profile=self.profile, seed=self.seed, lake_uri=self.lake_uri, data_source=self.data_source
-        )
+        return self.context().settings
 
     def lake(self) -> Lake:
-        return Lake.from_settings(self.settings())
+        return self.context().lake
 
 
 def is_transient(exc: BaseException | None) -> bool:
     """True for faults a retry can fix: the storage or a network peer was down, slow or erroring.
 
-    Bad data, bad configuration, missing partitions and refused credentials are permanent.
+    The code that saw the cause decided, and said so on the error (``ZalandoError.transient``);
+    bad data, bad configuration, missing partitions and refused credentials are permanent. A raw
+    OSError that escaped the lake (pyarrow's, read through ``lake.fs``) is classified by the
+    lake's own rule, the one place that reads storage error codes.
     """
     if exc is None:
         return False
-    if isinstance(exc, NotCommittedError):
-        return False
-    if isinstance(exc, LakeError | SourceError):
-        text = str(exc).lower()
-        return not any(hint in text for hint in _PERMANENT_HINTS)
     if isinstance(exc, ZalandoError):
-        return False
-    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+        return exc.transient
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and storage_fault_is_transient(exc)
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

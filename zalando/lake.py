@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from zalando.errors import LakeError, NotCommittedError
+from zalando.errors import LakeError, NotCommittedError, http_status_is_transient
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class Lake:
     def ensure_ready(self) -> None:
         """Check the storage answers with these credentials; create a missing bucket.
 
-        Raises LakeError with one line naming the endpoint and the problem.
+        Raises LakeError with one line naming the endpoint and the problem; ``transient`` when the
+        server did not answer or answered 5xx/throttled, never for refused credentials.
         """
         if self.s3 is None:
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ class Lake:
             return
         except EndpointConnectionError as e:
             raise LakeError(
-                f"{where}: server not reachable ({e.__class__.__name__}); is it running?"
+                f"{where}: server not reachable ({e.__class__.__name__}); is it running?", transient=True
             ) from None
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
@@ -189,18 +190,27 @@ class Lake:
                     log.info("created bucket %s at %s", self.bucket, self.s3.endpoint)
                     return
                 except ClientError as e2:
-                    raise LakeError(f"{where}: cannot create bucket: {_client_error_text(e2)}") from None
+                    raise LakeError(
+                        f"{where}: cannot create bucket: {_client_error_text(e2)}",
+                        transient=storage_fault_is_transient(e2),
+                    ) from None
             if (
                 code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
                 or status == 403
             ):
                 raise LakeError(
                     f"{where}: access denied: wrong S3 credentials "
-                    "(check ZALANDO_S3_ACCESS_KEY / ZALANDO_S3_SECRET_KEY)"
+                    "(check ZALANDO_S3_ACCESS_KEY / ZALANDO_S3_SECRET_KEY)",
+                    transient=False,
                 ) from None
-            raise LakeError(f"{where}: {_client_error_text(e)}") from None
+            raise LakeError(
+                f"{where}: {_client_error_text(e)}", transient=storage_fault_is_transient(e)
+            ) from None
         except Exception as e:  # connection refused and friends surface as various botocore errors
-            raise LakeError(f"{where}: server not reachable ({e.__class__.__name__})") from None
+            raise LakeError(
+                f"{where}: server not reachable ({e.__class__.__name__})",
+                transient=storage_fault_is_transient(e),
+            ) from None
 
     # ------------------------------------------------------------------ plain objects
     def _path(self, key: str) -> str:
@@ -215,7 +225,9 @@ class Lake:
         except FileNotFoundError:
             raise
         except OSError as e:
-            raise LakeError(f"lake {what} {self.uri(key)}: {_first_line(e)}") from None
+            raise LakeError(
+                f"lake {what} {self.uri(key)}: {_first_line(e)}", transient=storage_fault_is_transient(e)
+            ) from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -416,13 +428,91 @@ def _client_error_text(e: Any) -> str:
     return f"{err.get('Code', '?')}: {err.get('Message', '')}".strip()
 
 
+# ------------------------------------------------------------------ is a storage fault transient?
+# Error codes (AWS's, and the aws-sdk-cpp names pyarrow prints) for "try again later", compared
+# without case and underscores: SLOW_DOWN and SlowDown are the same code. Any other NAMED code
+# (AccessDenied, NoSuchBucket, SignatureDoesNotMatch, InvalidAccessKeyId, ...) is permanent.
+_TRANSIENT_CODES = frozenset(
+    {
+        "NETWORKCONNECTION",  # pyarrow/curl: refused, reset, empty reply, time-out, DNS
+        "REQUESTTIMEOUT",
+        "REQUESTTIMEOUTEXCEPTION",
+        "INTERNALFAILURE",
+        "INTERNALERROR",
+        "SERVICEUNAVAILABLE",
+        "BADGATEWAY",
+        "GATEWAYTIMEOUT",
+        "SLOWDOWN",
+        "THROTTLING",
+        "THROTTLINGEXCEPTION",
+        "REQUESTLIMITEXCEEDED",
+        "TOOMANYREQUESTS",
+    }
+)
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# how pyarrow's S3 filesystem words a failed request (an OSError, the only thing it gives us):
+#   "When uploading object ...: AWS Error SERVICE_UNAVAILABLE during PutObject operation: ..."
+#   "When reading information for key ...: AWS Error UNKNOWN (HTTP status 503) during HeadObject ..."
+_AWS_CODE = re.compile(r"AWS Error (?P<code>[A-Za-z][A-Za-z0-9_]*)")
+_HTTP_STATUS = re.compile(r"HTTP status (?P<status>\d{3})")
+
+
+def _code_and_status(e: BaseException) -> tuple[str, int | None]:
+    """The storage's error code (normalised, '' when none) and HTTP status (None when unknown)."""
+    response = getattr(e, "response", None)  # botocore's ClientError: structured
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code.isdigit():  # HEAD answers have no body: boto3 puts the status in the code
+            code, status = "", status or int(code)
+        return code.replace("_", "").upper(), int(status) if status else None
+    text = str(e)
+    code_match, status_match = _AWS_CODE.search(text), _HTTP_STATUS.search(text)
+    code = code_match.group("code").replace("_", "").upper() if code_match else ""
+    return ("" if code == "UNKNOWN" else code), int(status_match.group("status")) if status_match else None
+
+
+def storage_fault_is_transient(e: BaseException) -> bool:
+    """True when a failed storage call may succeed if tried again: THE classification of raw faults.
+
+    The lake calls it where a pyarrow or botocore error arrives, and stamps the answer on the
+    LakeError it raises (``transient``). Transient: 5xx, 408/429, throttling (SlowDown), time-outs,
+    refused or reset connections. Permanent: 4xx such as 403 (AccessDenied, InvalidAccessKeyId,
+    SignatureDoesNotMatch) and 404 (NoSuchBucket), a missing local file, any other named error code.
+    An OSError that names neither a code nor a status is taken as transient, as before: retrying a
+    lasting fault costs three back-offs, not retrying a passing one fails the whole run.
+    """
+    from botocore.exceptions import BotoCoreError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(e, BotoConnectionError | HTTPClientError):
+        return True  # botocore: endpoint unreachable, connect/read time-out, connection closed
+    if isinstance(e, ConnectionError | TimeoutError):
+        return True
+    if isinstance(e, _PERMANENT_OS_ERRORS) or isinstance(e, BotoCoreError):
+        return False  # a missing file or a refused path; botocore: no credentials, bad parameters
+    code, status = _code_and_status(e)
+    if code in _TRANSIENT_CODES:
+        return True
+    if status is not None:
+        return http_status_is_transient(status)
+    if code:
+        return False
+    return isinstance(e, OSError)
+
+
 def retry_io(fn: Any, *, attempts: int = 4, base_delay: float = 0.5, what: str = "lake I/O") -> Any:
-    """Call fn, retrying LakeError/OSError with exponential back-off (for whole-operation retries)."""
+    """Call fn, retrying transient storage faults with exponential back-off (whole-operation retries).
+
+    A LakeError retries when its ``transient`` flag says so; a raw OSError (pyarrow's, outside the
+    lake's own calls) when :func:`storage_fault_is_transient` does. Anything else fails at once.
+    """
     for i in range(attempts):
         try:
             return fn()
         except (LakeError, OSError) as e:
-            if isinstance(e, NotCommittedError) or i == attempts - 1:
+            transient = e.transient if isinstance(e, LakeError) else storage_fault_is_transient(e)
+            if not transient or i == attempts - 1:
                 raise
             delay = base_delay * 2**i
             log.warning("%s failed (%s); retrying in %.1fs", what, _first_line(e), delay)

@@ -84,7 +84,7 @@ def free_port_block(size: int = 11, start: int = 20000, end: int = 60000) -> int
         p = random.randrange(start, end - size)
         if all(port_is_free(p + i) for i in range(size)):
             return p
-    raise LakeError("embedded S3: no free block of ports found")
+    raise LakeError("embedded S3: no free block of ports found", transient=True)  # ports free up again
 
 
 def pid_alive(pid: int) -> bool:
@@ -226,8 +226,9 @@ class S3Server:
                 tail = self.log_file.read_text(errors="replace").strip().splitlines()[-3:]
                 raise LakeError(f"embedded S3 exited at start (code {proc.returncode}): {' | '.join(tail)}")
             time.sleep(0.2)
-        raise LakeError(
-            f"embedded S3 did not answer on {self.endpoint} within {timeout:.0f}s; see {self.log_file}"
+        raise LakeError(  # a slow start (a loaded machine): the next try may find it up
+            f"embedded S3 did not answer on {self.endpoint} within {timeout:.0f}s; see {self.log_file}",
+            transient=True,
         )
 
     def stop(self, timeout: float = 15.0) -> bool:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from tasks.common import RunConfig, cache_on, is_transient, retry_if_transient
+from tasks.common import RunConfig, RunContext, cache_on, is_transient, retry_if_transient
 from zalando.errors import ConfigError, DataError, LakeError, NotCommittedError, SourceError
+from zalando.lake import Lake
 from zalando.settings import Settings
 from zalando.steps import gate_config_for
 
@@ -22,14 +26,16 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("exc", "transient"),
     [
-        (LakeError("lake write s3://b/k: connection reset by peer"), True),
+        # as the lake and the sources raise them: the raise site saw the cause and set the flag
+        (LakeError("lake write s3://b/k: connection reset by peer", transient=True), True),
         (
             LakeError(
-                "S3 endpoint http://x bucket 'b': server not reachable (EndpointConnectionError); is it running?"
+                "S3 endpoint http://x bucket 'b': server not reachable (EndpointConnectionError); is it running?",
+                transient=True,
             ),
             True,
         ),
-        (SourceError("data source https://x: timed out"), True),
+        (SourceError("data source https://x: timed out", transient=True), True),
         (TimeoutError("read timed out"), True),
         (ConnectionError("refused"), True),
         (LakeError("S3 endpoint http://x bucket 'b': access denied: wrong S3 credentials"), False),
@@ -40,6 +46,14 @@ REPO = Path(__file__).resolve().parents[2]
         (ConfigError("unknown experiment 'x'"), False),
         (ValueError("a bug"), False),
         (None, False),
+        # the flag decides, never the words: no substring of the message is read
+        (LakeError("lake write s3://b/k: credentials must be renewed (503)", transient=True), True),
+        (LakeError("lake write s3://b/k: connection reset by peer"), False),  # nobody said transient
+        (SourceError("data source https://x: HTTP 404 Not Found", transient=False), False),
+        # a raw pyarrow fault that escaped the lake: the lake's one rule classifies it
+        (OSError("When reading ...: AWS Error UNKNOWN (HTTP status 503) during HeadObject operation"), True),
+        (OSError("When uploading ...: AWS Error ACCESS_DENIED during PutObject operation: denied"), False),
+        (FileNotFoundError("[Errno 2] Path does not exist 'b/k'"), False),
     ],
 )
 def test_only_transient_storage_and_network_faults_are_retried(
@@ -88,6 +102,61 @@ def test_run_config_carries_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     # ... and gets it back from the environment where the task runs
     assert cfg.settings().s3_secret_key.get_secret_value() == "very-secret-value-123"
     assert cfg.settings().profile == "quick"
+
+
+def test_run_context_is_built_once_per_process_and_shared_by_threads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ZALANDO_WORK_DIR", str(tmp_path / "work"))  # an environment no other test has
+    built: list[Settings] = []
+    build = Lake.from_settings
+
+    def counting(settings: Settings) -> Lake:
+        built.append(settings)
+        time.sleep(0.05)  # a slow build: every thread arrives while the first one is building
+        return build(settings)
+
+    monkeypatch.setattr(Lake, "from_settings", counting)
+    cfg = _cfg(lake_uri=(tmp_path / "lake").as_uri())
+    start = threading.Barrier(8)
+
+    def task(_: int) -> RunContext:
+        start.wait()
+        return cfg.context()
+
+    with ThreadPoolExecutor(8) as pool:
+        contexts = list(pool.map(task, range(8)))
+    assert len(built) == 1 and all(c is contexts[0] for c in contexts)
+    ctx = contexts[0]
+    assert cfg.settings() is ctx.settings and cfg.lake() is ctx.lake and len(built) == 1
+    assert ctx.settings.lake_uri == cfg.lake_uri and ctx.settings.work_dir == tmp_path / "work"
+    assert ctx.lake.uri() == cfg.lake_uri
+    assert _cfg(run_id="r2", lake_uri=cfg.lake_uri).context() is ctx  # another run, same settings
+    other = _cfg(lake_uri=(tmp_path / "other").as_uri()).context()
+    assert other is not ctx and other.lake.uri() == (tmp_path / "other").as_uri() and len(built) == 2
+
+
+def test_run_context_follows_the_environment_and_keeps_no_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tasks.common as common
+
+    cfg = _cfg(lake_uri=(tmp_path / "lake").as_uri())
+    monkeypatch.setenv("ZALANDO_S3_SECRET_KEY", "first-secret-value-123")
+    first = cfg.context()
+    monkeypatch.setenv("ZALANDO_S3_SECRET_KEY", "second-secret-value-456")
+    second = cfg.context()
+    assert (
+        second is not first and second.settings.s3_secret_key.get_secret_value() == "second-secret-value-456"
+    )
+    monkeypatch.setenv("ZALANDO_TORCH_THREADS", "3")  # any ZALANDO_* setting counts
+    assert cfg.settings().torch_threads == 3
+    monkeypatch.delenv("ZALANDO_TORCH_THREADS")
+    monkeypatch.setenv("ZALANDO_S3_SECRET_KEY", "first-secret-value-123")
+    assert cfg.context() is first  # the same environment again: the same context
+    for secret in ("first-secret-value-123", "second-secret-value-456"):
+        assert secret not in repr(first) + repr(second) + cfg.model_dump_json()
+        assert not any(secret in str(key) for key in common._CONTEXTS)
 
 
 def test_quick_profile_only_has_to_beat_the_champion() -> None:

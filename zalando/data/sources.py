@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from zalando.errors import DataError, SourceError
+from zalando.errors import DataError, SourceError, http_status_is_transient
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,19 @@ def _read_url(prefix: str, cache: Path, timeout: float) -> Callable[[str], bytes
         except urllib.error.HTTPError as e:
             if e.code == 404 and name == SUMS_FILE:
                 return None
-            raise SourceError(f"data source {url}: HTTP {e.code} {e.reason}") from None
+            # the server answered: 5xx, 408 and 429 may pass; 404, 403 and other 4xx will not
+            raise SourceError(
+                f"data source {url}: HTTP {e.code} {e.reason}",
+                transient=http_status_is_transient(e.code),
+            ) from None
         except (TimeoutError, urllib.error.URLError, OSError) as e:
             if name == SUMS_FILE:
                 return None
             reason = getattr(e, "reason", e)
             raise SourceError(
                 f"data source {url}: unreachable ({reason}); offline? put the four .gz files in a folder "
-                f"and set ZALANDO_DATA_SOURCE=/that/folder (or copy them into {cache})"
+                f"and set ZALANDO_DATA_SOURCE=/that/folder (or copy them into {cache})",
+                transient=True,  # no answer at all (time-out, refused, reset, DNS): the network may come back
             ) from None
         if name != SUMS_FILE:
             tmp = cached.with_suffix(".part")
