@@ -245,7 +245,10 @@ def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> tuple[dict[str
         raise ModelError(
             f"{where} is not committed (no _MANIFEST.json): re-train or promote another version"
         ) from None
-    except LakeError as e:  # a checksum mismatch or a missing file
+    except LakeError as e:
+        if e.transient:  # the storage blinked: the task's retry reads the bundle again
+            raise
+        # a checksum mismatch or a missing file
         raise ModelError(f"{where}: {e}; the bundle is corrupt or was changed after commit") from None
     missing = [n for n in ("weights.pt", "bundle.json", "model.onnx") if n not in manifest.get("files", {})]
     if missing:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from zalando.data.arrays import IMAGE_BYTES
 from zalando.errors import DataError, LakeError
 from zalando.images import ImagePrepConfig, ImageRejected, decode_image, sniff_format
-from zalando.lake import Lake
+from zalando.lake import Lake, storage_fault_is_transient
 from zalando.scoring.batch import (
     CORRUPT_PARQUET,
     DUPLICATE_ID,
@@ -250,7 +250,10 @@ def _read_or_classify(read: Callable[[], Any], fs: Any, path: str, uri: str) -> 
             try:
                 info = fs.get_file_info(path)
             except OSError as e2:
-                raise LakeError(f"input {uri}: storage fault while reading ({_detail(e2)})") from None
+                raise LakeError(
+                    f"input {uri}: storage fault while reading ({_detail(e2)})",
+                    transient=storage_fault_is_transient(e2),
+                ) from None
             if info.type != pafs.FileType.File:
                 raise _Unreadable(INPUT_CHANGED, "the file is gone since the batch was planned") from None
     assert err is not None
@@ -382,7 +385,9 @@ def _read_image_shard(
         try:
             info = fs.get_file_info(path)
         except OSError as e:  # the storage, not the file: let the task retry
-            raise LakeError(f"input {uri}: storage fault ({_detail(e)})") from None
+            raise LakeError(
+                f"input {uri}: storage fault ({_detail(e)})", transient=storage_fault_is_transient(e)
+            ) from None
         if info.type != pafs.FileType.File:
             out.reject(i, image_id, uri, 0, INPUT_CHANGED, f"{name}: gone since the batch was planned", None)
             continue
