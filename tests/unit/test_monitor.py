@@ -396,3 +396,81 @@ def test_gate_metrics_from_evaluation_frames() -> None:
         gate_metrics(
             pd.DataFrame(rows), summary, perf, model_version="v1", dataset_version="d", split="train"
         )
+
+
+# ------------------------------------------------------------------------------------------- drift numbers
+
+# drift_report on a small fixed world, as computed by the hand-written statistics before they moved to
+# scipy.stats: (value, p_value or None, alarm) per statistic; the numbers must not change.
+DRIFT_GOLDEN: dict[str, dict[str, tuple[float, float | None, bool]]] = {
+    "clean": {
+        "group_mix_psi": (0.01506210584, None, False),
+        "group_mix_chi2": (0.1229001014, 0.1960502132, False),
+        "confidence_psi": (0.0140814771, None, False),
+        "confidence_ks": (0.04583333333, 0.8562610254, False),
+        "pixel_mean": (0.03241031193, None, False),
+        "pixel_std": (0.009871109257, None, False),
+        "dark_fraction": (0.03072165039, None, False),
+        "embedding_mmd2": (0.001916838362, None, False),
+    },
+    "mild": {
+        "group_mix_psi": (0.2697469727, None, True),
+        "group_mix_chi2": (0.6578697766, 2.240820817e-36, True),
+        "confidence_psi": (0.3558105643, None, True),
+        "confidence_ks": (0.165, 0.000146994479, True),
+        "pixel_mean": (0.1203051757, None, False),
+        "pixel_std": (0.174243816, None, False),
+        "dark_fraction": (0.1889591921, None, False),
+        "embedding_mmd2": (0.0146997824, None, True),
+    },
+    "drifted": {
+        "group_mix_psi": (1.216275741, None, True),
+        "group_mix_chi2": (1.609688256, 4.524674406e-223, True),
+        "confidence_psi": (0.7936187723, None, True),
+        "confidence_ks": (0.24, 3.591611553e-09, True),
+        "pixel_mean": (1.722543876, None, True),
+        "pixel_std": (0.4673184825, None, True),
+        "dark_fraction": (3.376014787, None, True),
+        "embedding_mmd2": (0.1351951577, None, True),
+    },
+}
+GOLDEN_MMD_THRESHOLD = 0.005596505009
+
+
+@pytest.fixture(scope="module")
+def small_world() -> dict:
+    x_train, y_train = make_images(600, 31)
+    x_val, _ = make_images(300, 32)
+    model = CentroidModel(x_train, y_train)
+    p_val, e_val = model(x_val)
+    prior = np.bincount(LABEL_TO_GROUP[y_train], minlength=5)
+    ref = reference_profile(x_train, p_val, e_val, prior, sample_size=200, seed=0, calibration_splits=50)
+    return {"model": model, "ref": ref}
+
+
+def golden_batch(case: str) -> np.ndarray:
+    """400 images: held out ('clean'), or with extra bags and brighter pixels ('mild', 'drifted')."""
+    if case == "clean":
+        return make_images(400, 33)[0]
+    bags, brighter, seed = {"mild": (0.2, 4, 36), "drifted": (0.5, 25, 35)}[case]
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random(400) < bags, 8, rng.integers(0, 10, 400))
+    x = make_images(400, seed, labels=labels)[0].astype(np.int64) + brighter
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("case", ["clean", "mild", "drifted"])
+def test_drift_report_numbers_unchanged(small_world: dict, case: str) -> None:
+    x = golden_batch(case)
+    p, e = small_world["model"](x)
+    df = drift_report(x, p, e, small_world["ref"]).set_index("statistic")
+    assert list(df.index) == list(DRIFT_GOLDEN[case])
+    for stat, (value, p_value, alarm) in DRIFT_GOLDEN[case].items():
+        row = df.loc[stat]
+        assert row["value"] == pytest.approx(value, rel=1e-6), stat
+        if p_value is None:
+            assert math.isnan(row["p_value"]), stat
+        else:
+            assert row["p_value"] == pytest.approx(p_value, rel=1e-6), stat
+        assert bool(row["alarm"]) is alarm, stat
+    assert df.loc["embedding_mmd2", "threshold"] == pytest.approx(GOLDEN_MMD_THRESHOLD, rel=1e-6)
