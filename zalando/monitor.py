@@ -30,28 +30,11 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from zalando.errors import ConfigError, DataError
-from zalando.labels import GROUP_KEYS, GROUP_NAMES, LABEL_NAMES, NUM_GROUPS, group_of
+from zalando.errors import DataError
+from zalando.labels import GROUP_KEYS, GROUP_NAMES, LABEL_NAMES, NUM_GROUPS, group_index, group_of
 from zalando.study import STUDY_BEST
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------- groups
-
-
-def group_index(name: str | int) -> int:
-    """Group id (0-4) of a group name ('One piece'), key ('one_piece') or id."""
-    if isinstance(name, int | np.integer) and not isinstance(name, bool):
-        if 0 <= int(name) < NUM_GROUPS:
-            return int(name)
-    elif isinstance(name, str):
-        for i, (n, k) in enumerate(zip(GROUP_NAMES, GROUP_KEYS, strict=True)):
-            if name in (n, k) or name.strip().lower() in (n.lower(), k):
-                return i
-    raise ConfigError(
-        f"group {name!r}: unknown; use one of {', '.join(GROUP_NAMES)} (or {', '.join(GROUP_KEYS)})"
-    )
-
 
 # ---------------------------------------------------------------------------------------------- gates
 
