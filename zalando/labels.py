@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zalando.errors import ConfigError
+from zalando.errors import ConfigError, DataError
 
 LABEL_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -55,6 +55,16 @@ def group_index(name: str | int) -> int:
     raise ConfigError(
         f"group {name!r}: unknown; use one of {', '.join(GROUP_NAMES)} (or {', '.join(GROUP_KEYS)})"
     )
+
+
+def check_group_probs(probs: np.ndarray, n: int, who: str) -> np.ndarray:
+    """``probs`` as float64 (n, NUM_GROUPS) group probabilities; DataError naming ``who`` otherwise."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape != (n, NUM_GROUPS):
+        raise DataError(f"{who}: expected shape ({n}, {NUM_GROUPS}), got {p.shape}")
+    if not np.isfinite(p).all():
+        raise DataError(f"{who}: contains NaN or infinite values")
+    return p
 
 
 def label_probs_to_group_probs(label_probs: np.ndarray) -> np.ndarray:

@@ -30,9 +30,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from zalando.drift import reference_from_table, reference_to_table
 from zalando.errors import LakeError, ModelError, NotCommittedError
 from zalando.lake import Lake
-from zalando.monitor import reference_from_table, reference_to_table
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,413 @@
+"""Drift without labels: a scored batch against a reference profile stored at training time.
+
+:func:`reference_profile` describes a clean batch once per model (predicted group mix, confidence,
+pixel statistics, an embedding sample for MMD); :func:`drift_report` compares one scored batch with it,
+one row per statistic.
+
+Alarm rule for the statistical tests: a row alarms only when the shift is both *significant*
+(p-value below ``alpha``) and *large enough to matter* (an effect size above a floor). On a batch of
+10,000 images a chi-square test flags shifts of a fraction of a percent that no one should retrain
+for; an effect-size floor alone is noisy on small batches. Needing both avoids either failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from zalando.data.arrays import check_image_array
+from zalando.errors import DataError
+from zalando.labels import GROUP_KEYS, NUM_GROUPS, check_group_probs
+
+log = logging.getLogger(__name__)
+
+# Fixed confidence bins: max group probability lives in [0.2, 1]; most mass sits near 1.
+CONFIDENCE_EDGES: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+_PSI_EPS = 1e-4
+
+
+class DriftThresholds(BaseModel):
+    """When a drift statistic alarms. See the module docstring for the significance+effect rule."""
+
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(default=0.001, gt=0.0, lt=1.0)
+    group_mix_psi: float = Field(default=0.2, gt=0.0)
+    group_mix_min_effect: float = Field(default=0.1, gt=0.0)  # Cohen's w = sqrt(chi2 / n)
+    confidence_psi: float = Field(default=0.2, gt=0.0)
+    confidence_min_ks: float = Field(default=0.1, gt=0.0, le=1.0)
+    pixel_smd: float = Field(default=0.25, gt=0.0)  # |batch mean - train mean| / train sd, per-image stat
+    mmd_factor: float = Field(default=1.5, gt=0.0)  # times the threshold calibrated on the reference
+    mmd_sample_size: int = Field(default=500, ge=10, le=5000)
+    min_batch_size: int = Field(default=50, ge=1)
+    seed: int = 0
+
+
+def _pixel_stats(images: np.ndarray, dark_level: int) -> np.ndarray:
+    """Per image: mean and std of pixels/255 and the fraction of pixels <= dark_level. (N, 3)."""
+    flat = images.reshape(len(images), -1)
+    s = flat.sum(axis=1, dtype=np.int64).astype(np.float64)
+    ss = np.einsum("ij,ij->i", flat.astype(np.float32), flat.astype(np.float32)).astype(np.float64)
+    npx = flat.shape[1]
+    mean = s / npx
+    std = np.sqrt(np.maximum(ss / npx - mean**2, 0.0))
+    dark = (flat <= dark_level).sum(axis=1) / npx
+    return np.stack([mean / 255.0, std / 255.0, dark], axis=1)
+
+
+_PIXEL_STATS = ("pixel_mean", "pixel_std", "dark_fraction")
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    aa = np.einsum("ij,ij->i", a, a)[:, None]
+    bb = np.einsum("ij,ij->i", b, b)[None, :]
+    return np.maximum(aa + bb - 2.0 * (a @ b.T), 0.0)
+
+
+def _mmd2_from_kernels(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    """Unbiased MMD^2 estimate from kernel blocks."""
+    n, m = len(kxx), len(kyy)
+    sx = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+    sy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(sx + sy - 2.0 * kxy.mean())
+
+
+def mmd2_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
+    """Unbiased MMD^2 between samples x and y under k(a, b) = exp(-|a-b|^2 / (2 bandwidth^2))."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or len(y) < 2:
+        raise DataError(f"MMD needs at least 2 samples on each side, got {len(x)} and {len(y)}")
+    g = 1.0 / (2.0 * bandwidth**2)
+    return _mmd2_from_kernels(
+        np.exp(-g * _sq_dists(x, x)), np.exp(-g * _sq_dists(y, y)), np.exp(-g * _sq_dists(x, y))
+    )
+
+
+def _subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= k else np.sort(rng.choice(n, size=k, replace=False))
+
+
+def reference_profile(
+    train_images: np.ndarray,
+    val_group_probs: np.ndarray,
+    val_embeddings: np.ndarray,
+    train_group_prior: np.ndarray,
+    sample_size: int = 500,
+    seed: int = 0,
+    *,
+    dark_level: int = 25,
+    pixel_sample: int = 20000,
+    confidence_sample: int = 5000,
+    calibration_splits: int = 100,
+) -> dict[str, Any]:
+    """What a clean batch looks like, computed once per model at training time.
+
+    ``train_images`` (uint8 (N,28,28)) give the pixel statistics, ``val_group_probs`` (from the
+    model being monitored) the confidence distribution, ``val_embeddings`` the MMD reference sample
+    (``sample_size`` rows), ``train_group_prior`` the group counts or proportions of the training
+    split. The MMD bandwidth is the median pairwise distance of the reference sample; its threshold
+    is the 99th percentile of the MMD^2 between random halves of the reference (no labels, no
+    permutations at scoring time). Store it with :func:`reference_to_table`.
+    """
+    x = check_image_array(train_images, "train_images")
+    emb = np.asarray(val_embeddings, dtype=np.float64)
+    if emb.ndim != 2 or len(emb) < 4:
+        raise DataError(f"val_embeddings: expected an (N>=4, D) array, got shape {emb.shape}")
+    p = check_group_probs(val_group_probs, len(emb), "val_group_probs")
+    prior = np.asarray(train_group_prior, dtype=np.float64)
+    if prior.shape != (NUM_GROUPS,) or (prior < 0).any() or prior.sum() <= 0:
+        raise DataError(
+            f"train_group_prior: expected {NUM_GROUPS} non-negative counts or proportions, got {prior}"
+        )
+    if not np.isfinite(emb).all():
+        raise DataError("val_embeddings: contain NaN or infinite values")
+    rng = np.random.default_rng(seed)
+
+    stats = _pixel_stats(x[_subsample(len(x), pixel_sample, rng)], dark_level)
+    conf = p.max(axis=1).astype(np.float32).astype(np.float64)
+    conf_props = np.histogram(conf, bins=np.array(CONFIDENCE_EDGES))[0] / len(conf)
+    conf_sample = np.sort(conf[_subsample(len(conf), confidence_sample, rng)]).astype(np.float32)
+
+    ref = emb[_subsample(len(emb), sample_size, rng)]
+    d2 = _sq_dists(ref, ref)
+    iu = np.triu_indices(len(ref), k=1)
+    bandwidth = float(np.sqrt(np.median(d2[iu])))
+    if not bandwidth > 0:
+        raise DataError("val_embeddings: the reference sample has no spread (all rows equal)")
+    k = np.exp(-d2 / (2.0 * bandwidth**2))
+    h = len(ref) // 2
+    null = []
+    for _ in range(calibration_splits):
+        perm = rng.permutation(len(ref))
+        a, b = perm[:h], perm[h : 2 * h]
+        null.append(_mmd2_from_kernels(k[np.ix_(a, a)], k[np.ix_(b, b)], k[np.ix_(a, b)]))
+    mmd_q99 = float(np.quantile(null, 0.99))
+
+    profile = {
+        "version": 1,
+        "seed": int(seed),
+        "dark_level": int(dark_level),
+        "group_prior": (prior / prior.sum()).tolist(),
+        "pixel_mean": stats.mean(axis=0).tolist(),
+        "pixel_sd": stats.std(axis=0).tolist(),
+        "pixel_n": int(len(stats)),
+        "confidence_edges": list(CONFIDENCE_EDGES),
+        "confidence_props": conf_props.tolist(),
+        "confidence_sample": conf_sample,
+        "embedding_sample": ref.astype(np.float32),
+        "mmd_bandwidth": bandwidth,
+        "mmd_half_size": int(h),
+        "mmd_half_q99": max(mmd_q99, 0.0),
+    }
+    log.info(
+        "reference profile: %d train images, %d val rows, embedding dim %d, MMD bandwidth %.4g, half-split q99 %.3g",
+        len(x), len(emb), emb.shape[1], bandwidth, mmd_q99,
+    )  # fmt: skip
+    return profile
+
+
+def reference_to_table(reference: Mapping[str, Any]) -> pa.Table:
+    """One-row Arrow table holding a reference profile (commit it with ``lake.commit_partition``)."""
+    scalars = {k: v for k, v in reference.items() if k not in ("confidence_sample", "embedding_sample")}
+    emb = np.asarray(reference["embedding_sample"], dtype=np.float32)
+    return pa.table(
+        {
+            "profile_json": pa.array([json.dumps(scalars)], pa.string()),
+            "confidence_sample": pa.array(
+                [np.asarray(reference["confidence_sample"], np.float32)], pa.list_(pa.float32())
+            ),
+            "embedding_dim": pa.array([emb.shape[1]], pa.int32()),
+            "embedding_sample": pa.array([emb.reshape(-1)], pa.list_(pa.float32())),
+        }
+    )
+
+
+def reference_from_table(table: pa.Table) -> dict[str, Any]:
+    """Inverse of :func:`reference_to_table`."""
+    need = {"profile_json", "confidence_sample", "embedding_dim", "embedding_sample"}
+    if table.num_rows != 1 or not need <= set(table.column_names):
+        raise DataError(f"reference table: expected one row with columns {sorted(need)}, got {table.schema}")
+    ref = json.loads(table.column("profile_json")[0].as_py())
+    ref["confidence_sample"] = np.asarray(table.column("confidence_sample")[0].values, dtype=np.float32)
+    dim = int(table.column("embedding_dim")[0].as_py())
+    ref["embedding_sample"] = np.asarray(
+        table.column("embedding_sample")[0].values, dtype=np.float32
+    ).reshape(-1, dim)
+    return ref
+
+
+def psi(observed: np.ndarray, expected: np.ndarray, eps: float = _PSI_EPS) -> float:
+    """Population stability index between two proportion vectors (clipped at eps)."""
+    o = np.clip(np.asarray(observed, dtype=np.float64), eps, None)
+    e = np.clip(np.asarray(expected, dtype=np.float64), eps, None)
+    return float(((o - e) * np.log(o / e)).sum())
+
+
+def gammaincc(a: float, x: float) -> float:
+    """Regularised upper incomplete gamma Q(a, x) (series / continued fraction, Numerical Recipes)."""
+    if a <= 0:
+        raise ValueError(f"gammaincc: a must be > 0, got {a}")
+    if x <= 0:
+        return 1.0
+    lg = math.lgamma(a)
+    if x < a + 1.0:  # series for P, then Q = 1 - P
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(1000):
+            ap += 1.0
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(-x + a * math.log(x) - lg))
+    tiny = 1e-300  # modified Lentz continued fraction for Q
+    b = x + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return min(1.0, math.exp(-x + a * math.log(x) - lg) * h)
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """P(Chi2(df) >= stat): the chi-square test's p-value (scipy.stats.chi2.sf without scipy)."""
+    return gammaincc(df / 2.0, stat / 2.0)
+
+
+def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic D and its asymptotic p-value."""
+    a = np.sort(np.asarray(a, dtype=np.float64))
+    b = np.sort(np.asarray(b, dtype=np.float64))
+    both = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, both, side="right") / len(a)
+    cdf_b = np.searchsorted(b, both, side="right") / len(b)
+    d = float(np.abs(cdf_a - cdf_b).max())
+    en = math.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    lam = (en + 0.12 + 0.11 / en) * d
+    if lam < 1e-3:
+        return d, 1.0
+    j = np.arange(1, 101)
+    p = float(2.0 * np.sum((-1.0) ** (j - 1) * np.exp(-2.0 * (j * lam) ** 2)))
+    return d, min(max(p, 0.0), 1.0)
+
+
+DRIFT_COLUMNS = [
+    "statistic",
+    "value",
+    "threshold",
+    "p_value",
+    "alarm",
+    "batch_value",
+    "reference_value",
+    "detail",
+]
+
+
+def drift_report(
+    batch_images: np.ndarray,
+    batch_group_probs: np.ndarray,
+    batch_embeddings: np.ndarray,
+    reference: Mapping[str, Any],
+    thresholds: DriftThresholds | None = None,
+) -> pd.DataFrame:
+    """Drift statistics of one scored batch against the reference profile, one row per statistic.
+
+    Columns: statistic, value (compared with threshold), threshold, p_value (NaN where none),
+    alarm, batch_value, reference_value, detail. Rows: group_mix_psi, group_mix_chi2 (value is
+    Cohen's w), confidence_psi, confidence_ks, pixel_mean / pixel_std / dark_fraction (value is the
+    standardised mean difference), embedding_mmd2. Below ``min_batch_size`` images nothing alarms.
+    """
+    th = thresholds or DriftThresholds()
+    x = check_image_array(batch_images, "batch_images")
+    n = len(x)
+    if n < 2:
+        raise DataError(f"batch_images: drift needs at least 2 images, got {n}")
+    p = check_group_probs(batch_group_probs, n, "batch_group_probs")
+    emb = np.asarray(batch_embeddings)
+    ref_emb = np.asarray(reference["embedding_sample"], dtype=np.float64)
+    if emb.ndim != 2 or emb.shape != (n, ref_emb.shape[1]):
+        raise DataError(f"batch_embeddings: expected shape ({n}, {ref_emb.shape[1]}), got {emb.shape}")
+    rng = np.random.default_rng(th.seed)
+    small = n < th.min_batch_size
+    rows: list[dict[str, Any]] = []
+
+    def add(
+        stat: str, value: float, thr: float, p_value: float, alarm: bool, bv: Any, rv: Any, detail: str
+    ) -> None:
+        rows.append(
+            {
+                "statistic": stat,
+                "value": float(value),
+                "threshold": float(thr),
+                "p_value": float(p_value),
+                "alarm": bool(alarm) and not small,
+                "batch_value": str(bv) if not isinstance(bv, float) else bv,
+                "reference_value": str(rv) if not isinstance(rv, float) else rv,
+                "detail": detail + (f"; batch of {n} < {th.min_batch_size}: no alarm" if small else ""),
+            }
+        )
+
+    # predicted group mix vs training prior
+    prior = np.asarray(reference["group_prior"], dtype=np.float64)
+    counts = np.bincount(p.argmax(axis=1), minlength=NUM_GROUPS).astype(np.float64)
+    mix = counts / n
+    mix_txt = ", ".join(f"{k}={v:.3f}" for k, v in zip(GROUP_KEYS, mix, strict=True))
+    prior_txt = ", ".join(f"{k}={v:.3f}" for k, v in zip(GROUP_KEYS, prior, strict=True))
+    v = psi(mix, prior)
+    add(
+        "group_mix_psi",
+        v,
+        th.group_mix_psi,
+        math.nan,
+        v > th.group_mix_psi,
+        mix_txt,
+        prior_txt,
+        "PSI of predicted group mix",
+    )
+    expected = np.clip(prior, 1e-12, None) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    pv = chi2_sf(chi2, NUM_GROUPS - 1)
+    w = math.sqrt(chi2 / n)
+    add(
+        "group_mix_chi2", w, th.group_mix_min_effect, pv, pv < th.alpha and w >= th.group_mix_min_effect,
+        mix_txt, prior_txt, f"Cohen's w; chi2={chi2:.1f}, df={NUM_GROUPS - 1}; alarm if p<{th.alpha:g} and w>=threshold",
+    )  # fmt: skip
+
+    # confidence vs validation
+    # float32 on both sides: the reference sample is stored as float32, and so are scored probabilities
+    conf = p.max(axis=1).astype(np.float32).astype(np.float64)
+    edges = np.asarray(reference["confidence_edges"], dtype=np.float64)
+    props = np.histogram(conf, bins=edges)[0] / n
+    v = psi(props, reference["confidence_props"])
+    ref_conf = np.asarray(reference["confidence_sample"], dtype=np.float64)
+    add(
+        "confidence_psi", v, th.confidence_psi, math.nan, v > th.confidence_psi,
+        float(conf.mean()), float(ref_conf.mean()), "PSI of max group probability in fixed bins (mean shown)",
+    )  # fmt: skip
+    d, pv = ks_2samp(conf, ref_conf)
+    add(
+        "confidence_ks", d, th.confidence_min_ks, pv, pv < th.alpha and d >= th.confidence_min_ks,
+        float(np.median(conf)), float(np.median(ref_conf)), f"KS D (median shown); alarm if p<{th.alpha:g} and D>=threshold",
+    )  # fmt: skip
+
+    # pixel statistics vs training
+    stats = _pixel_stats(x, int(reference["dark_level"]))
+    means = stats.mean(axis=0)
+    for i, name in enumerate(_PIXEL_STATS):
+        ref_mean, ref_sd = float(reference["pixel_mean"][i]), float(reference["pixel_sd"][i])
+        smd = (means[i] - ref_mean) / max(ref_sd, 1e-9)
+        rel = (means[i] - ref_mean) / max(abs(ref_mean), 1e-9)
+        add(
+            name, abs(smd), th.pixel_smd, math.nan, abs(smd) > th.pixel_smd, float(means[i]), ref_mean,
+            f"|standardised mean difference| of per-image {name}; relative change {rel:+.1%}",
+        )  # fmt: skip
+
+    # embedding MMD vs reference sample
+    sub = emb[_subsample(n, th.mmd_sample_size, rng)].astype(np.float64)
+    if not np.isfinite(sub).all():
+        raise DataError("batch_embeddings: contain NaN or infinite values")
+    bw = float(reference["mmd_bandwidth"])
+    mmd2 = mmd2_rbf(sub, ref_emb, bw)
+    h = int(reference["mmd_half_size"])
+    # null spread of the unbiased MMD^2 scales like 1/n + 1/m: rescale the half-vs-half calibration
+    scale = (1.0 / len(sub) + 1.0 / len(ref_emb)) / (2.0 / h)
+    thr = th.mmd_factor * float(reference["mmd_half_q99"]) * scale
+    thr = max(thr, 1e-12)
+    add(
+        "embedding_mmd2", mmd2, thr, math.nan, mmd2 > thr, float(mmd2), float(reference["mmd_half_q99"]),
+        f"unbiased RBF MMD^2, {len(sub)} batch vs {len(ref_emb)} reference rows, bandwidth {bw:.4g}",
+    )  # fmt: skip
+
+    df = pd.DataFrame(rows, columns=DRIFT_COLUMNS)
+    alarms = df.loc[df["alarm"], "statistic"].tolist()
+    if alarms:
+        log.warning("drift alarm on %d images: %s", n, ", ".join(alarms))
+    else:
+        log.info("no drift on %d images", n)
+    return df
+
+
+def any_alarm(report: pd.DataFrame) -> bool:
+    """True when any row of a drift or KPI table alarms."""
+    return bool(report["alarm"].any()) if len(report) else False
+
+
