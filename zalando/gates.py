@@ -26,6 +26,7 @@ from zalando.study import STUDY_BEST
 
 log = logging.getLogger(__name__)
 
+
 class GroupFloors(BaseModel):
     """Minimum recall, precision and NPV of one group (compared at ``GateConfig.decimals`` places)."""
 
@@ -202,6 +203,108 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
+class _Checks:
+    """The rows of a gate decision, and the reason of every failed one."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.reasons: list[str] = []
+
+    def add(
+        self, check: str, value: float | None, threshold: float | None, rule: str, passed: bool, why: str
+    ) -> None:
+        self.rows.append(
+            {"check": check, "value": value, "threshold": threshold, "rule": rule, "passed": passed}
+        )
+        if not passed:
+            self.reasons.append(why)
+
+
+def _check_floors(checks: _Checks, per_group: dict[int, Mapping[str, Any]], config: GateConfig) -> None:
+    """Recall, precision and NPV of every group with a floor, rounded half-up to ``config.decimals``."""
+    half = 0.5 * 10.0 ** (-config.decimals)
+    for gname, floors in config.floors.items():
+        metrics = per_group.get(group_index(gname), {})
+        for metric in ("recall", "precision", "npv"):
+            floor = getattr(floors, metric)
+            value = _num(metrics.get(metric))
+            # rounding half-up to `decimals` places, then >= floor, without float-rounding surprises
+            passed = value is not None and value + 1e-12 >= floor - half
+            why = (
+                f"{gname} {metric} {'missing' if value is None else f'{value:.4f}'} "
+                f"below floor {floor:.{config.decimals}f}"
+            )
+            checks.add(f"{metric}[{gname}]", value, floor, f">= ({config.decimals} dp)", passed, why)
+
+
+def _check_latency_and_size(checks: _Checks, challenger: Mapping[str, Any], config: GateConfig) -> None:
+    if config.max_latency_ms_per_1000 is not None:
+        v = _num(challenger.get("latency_ms_per_1000"))
+        thr = config.max_latency_ms_per_1000
+        checks.add(
+            "latency_ms_per_1000", v, thr, "<=", v is not None and v <= thr,
+            f"latency {'missing' if v is None else f'{v:.1f} ms'} per 1,000 images above {thr:.1f} ms",
+        )  # fmt: skip
+    if config.max_size_mb is not None:
+        v = _num(challenger.get("size_mb"))
+        thr = config.max_size_mb
+        checks.add(
+            "size_mb", v, thr, "<=", v is not None and v <= thr,
+            f"model size {'missing' if v is None else f'{v:.2f} MB'} above {thr:.2f} MB",
+        )  # fmt: skip
+
+
+def _check_canary(
+    checks: _Checks, challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig
+) -> None:
+    """Canary accuracy above its floor, and not more than ``max_canary_drop`` below the champion's."""
+    canary = _num(challenger.get("canary_accuracy"))
+    if config.canary_floor is not None:
+        thr = config.canary_floor
+        checks.add(
+            "canary_accuracy", canary, thr, ">=", canary is not None and canary >= thr,
+            f"canary accuracy {'missing' if canary is None else f'{canary:.4f}'} below floor {thr:.4f}",
+        )  # fmt: skip
+    champ_canary = _num(champion.get("canary_accuracy")) if champion else None
+    if config.max_canary_drop is not None and champ_canary is not None:
+        thr = champ_canary - config.max_canary_drop
+        checks.add(
+            "canary_accuracy_vs_champion", canary, thr, ">=", canary is not None and canary >= thr - 1e-12,
+            f"canary accuracy {'missing' if canary is None else f'{canary:.4f}'} dropped more than "
+            f"{config.max_canary_drop:.4f} below the champion's {champ_canary:.4f}",
+        )  # fmt: skip
+
+
+def _check_champion_margin(
+    checks: _Checks, challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig
+) -> None:
+    """Macro F1 beats the champion's by ``min_f1_margin``, both measured on the same dataset."""
+    f1 = _num(challenger.get("macro_f1"))
+    if champion is None:
+        checks.add(
+            "macro_f1_vs_champion", f1, None, "no champion", f1 is not None, "challenger macro F1 missing"
+        )
+        return
+    champ_f1 = _num(champion.get("macro_f1"))
+    ds_c, ds_ch = challenger.get("dataset_version"), champion.get("dataset_version")
+    if config.require_same_dataset and ds_c and ds_ch and ds_c != ds_ch:
+        checks.add(
+            "macro_f1_vs_champion", f1, None, "same data", False,
+            f"champion macro F1 was measured on dataset {ds_ch!r}, the challenger's on {ds_c!r}: "
+            "evaluate the champion on the same validation data",
+        )  # fmt: skip
+        return
+    thr = None if champ_f1 is None else champ_f1 + config.min_f1_margin
+    passed = f1 is not None and thr is not None and f1 >= thr - 1e-12
+    if config.min_f1_margin > 0 and f1 is not None and champ_f1 is not None and f1 <= champ_f1:
+        passed = False  # a tie never "beats by a margin", whatever float rounding says
+    checks.add(
+        "macro_f1_vs_champion", f1, thr, f">= champion + {config.min_f1_margin:g}", passed,
+        f"macro F1 {_fmt(f1)} does not beat the champion's {_fmt(champ_f1)} "
+        f"by {config.min_f1_margin:g}",
+    )  # fmt: skip
+
+
 def evaluate_gates(
     challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig | None = None
 ) -> GateDecision:
@@ -218,102 +321,27 @@ def evaluate_gates(
     champion's numbers must come from the same validation data (same ``dataset_version``).
     """
     config = config or GateConfig()
-    rows: list[dict[str, Any]] = []
-    reasons: list[str] = []
-    half = 0.5 * 10.0 ** (-config.decimals)
-
-    def add(
-        check: str, value: float | None, threshold: float | None, rule: str, passed: bool, why: str
-    ) -> None:
-        rows.append({"check": check, "value": value, "threshold": threshold, "rule": rule, "passed": passed})
-        if not passed:
-            reasons.append(why)
-
-    pg = _per_group_map(challenger.get("per_group"), "challenger")
-    for gname, floors in config.floors.items():
-        metrics = pg.get(group_index(gname), {})
-        for metric in ("recall", "precision", "npv"):
-            floor = getattr(floors, metric)
-            value = _num(metrics.get(metric))
-            # rounding half-up to `decimals` places, then >= floor, without float-rounding surprises
-            passed = value is not None and value + 1e-12 >= floor - half
-            why = (
-                f"{gname} {metric} {'missing' if value is None else f'{value:.4f}'} "
-                f"below floor {floor:.{config.decimals}f}"
-            )
-            add(f"{metric}[{gname}]", value, floor, f">= ({config.decimals} dp)", passed, why)
-
-    if config.max_latency_ms_per_1000 is not None:
-        v = _num(challenger.get("latency_ms_per_1000"))
-        thr = config.max_latency_ms_per_1000
-        add(
-            "latency_ms_per_1000", v, thr, "<=", v is not None and v <= thr,
-            f"latency {'missing' if v is None else f'{v:.1f} ms'} per 1,000 images above {thr:.1f} ms",
-        )  # fmt: skip
-    if config.max_size_mb is not None:
-        v = _num(challenger.get("size_mb"))
-        thr = config.max_size_mb
-        add(
-            "size_mb", v, thr, "<=", v is not None and v <= thr,
-            f"model size {'missing' if v is None else f'{v:.2f} MB'} above {thr:.2f} MB",
-        )  # fmt: skip
-
-    canary = _num(challenger.get("canary_accuracy"))
-    if config.canary_floor is not None:
-        thr = config.canary_floor
-        add(
-            "canary_accuracy", canary, thr, ">=", canary is not None and canary >= thr,
-            f"canary accuracy {'missing' if canary is None else f'{canary:.4f}'} below floor {thr:.4f}",
-        )  # fmt: skip
-    champ_canary = _num(champion.get("canary_accuracy")) if champion else None
-    if config.max_canary_drop is not None and champ_canary is not None:
-        thr = champ_canary - config.max_canary_drop
-        add(
-            "canary_accuracy_vs_champion", canary, thr, ">=", canary is not None and canary >= thr - 1e-12,
-            f"canary accuracy {'missing' if canary is None else f'{canary:.4f}'} dropped more than "
-            f"{config.max_canary_drop:.4f} below the champion's {champ_canary:.4f}",
-        )  # fmt: skip
-
-    f1 = _num(challenger.get("macro_f1"))
-    if champion is None:
-        add("macro_f1_vs_champion", f1, None, "no champion", f1 is not None, "challenger macro F1 missing")
-    else:
-        champ_f1 = _num(champion.get("macro_f1"))
-        ds_c, ds_ch = challenger.get("dataset_version"), champion.get("dataset_version")
-        if config.require_same_dataset and ds_c and ds_ch and ds_c != ds_ch:
-            add(
-                "macro_f1_vs_champion", f1, None, "same data", False,
-                f"champion macro F1 was measured on dataset {ds_ch!r}, the challenger's on {ds_c!r}: "
-                "evaluate the champion on the same validation data",
-            )  # fmt: skip
-        else:
-            thr = None if champ_f1 is None else champ_f1 + config.min_f1_margin
-            passed = f1 is not None and thr is not None and f1 >= thr - 1e-12
-            if config.min_f1_margin > 0 and f1 is not None and champ_f1 is not None and f1 <= champ_f1:
-                passed = False  # a tie never "beats by a margin", whatever float rounding says
-            add(
-                "macro_f1_vs_champion", f1, thr, f">= champion + {config.min_f1_margin:g}", passed,
-                f"macro F1 {_fmt(f1)} does not beat the champion's {_fmt(champ_f1)} "
-                f"by {config.min_f1_margin:g}",
-            )  # fmt: skip
-
+    checks = _Checks()
+    _check_floors(checks, _per_group_map(challenger.get("per_group"), "challenger"), config)
+    _check_latency_and_size(checks, challenger, config)
+    _check_canary(checks, challenger, champion, config)
+    _check_champion_margin(checks, challenger, champion, config)
     decision = GateDecision(
-        promote=all(r["passed"] for r in rows),
+        promote=all(r["passed"] for r in checks.rows),
         challenger_version=challenger.get("model_version"),
         champion_version=champion.get("model_version") if champion else None,
-        rows=rows,
-        reasons=reasons,
+        rows=checks.rows,
+        reasons=checks.reasons,
     )
     log.info(
         "gates for %s vs %s: %s (%d/%d checks passed)",
         decision.challenger_version,
         decision.champion_version,
         "promote" if decision.promote else "reject",
-        sum(r["passed"] for r in rows),
-        len(rows),
+        sum(r["passed"] for r in checks.rows),
+        len(checks.rows),
     )
     return decision
-
 
 
 # ---------------------------------------------------------------------------------------------- canary set
@@ -325,6 +353,47 @@ def _pooled_features(images: np.ndarray) -> np.ndarray:
     """7x7 average-pooled pixels / 255: a cheap, deterministic 49-d shape descriptor."""
     x = images.reshape(len(images), 7, 4, 7, 4).astype(np.float32)
     return x.mean(axis=(2, 4)).reshape(len(images), 49) / 255.0
+
+
+def _look_alike_margins(
+    images: np.ndarray, groups: np.ndarray, group_probs: np.ndarray | None
+) -> tuple[np.ndarray, str]:
+    """Per candidate: how much closer it is to its own group than to the look-alike one, and how measured.
+
+    ``groups`` are Upper part or One piece only; ``group_probs`` (the same rows) come from a reference
+    model, or are None for the nearest-centroid rule on pooled pixels.
+    """
+    other = np.where(groups == UPPER, ONE_PIECE, UPPER)
+    if group_probs is not None:
+        rows = np.arange(len(groups))
+        return group_probs[rows, groups] - group_probs[rows, other], "reference_model"
+    f = _pooled_features(images)
+    cu, co = f[groups == UPPER].mean(0), f[groups == ONE_PIECE].mean(0)
+    du, do = np.linalg.norm(f - cu, axis=1), np.linalg.norm(f - co, axis=1)
+    d_own = np.where(groups == UPPER, du, do)
+    d_other = np.where(groups == UPPER, do, du)
+    return (d_other - d_own) / np.maximum(d_other + d_own, 1e-12), "pixel_centroid"
+
+
+def _hardest(groups: np.ndarray, margin: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` lowest-margin candidates, half One piece and half Upper part, lowest first."""
+    picked: list[np.ndarray] = []
+    want = {ONE_PIECE: n // 2, UPPER: n - n // 2}
+    by_group = {grp: np.flatnonzero(groups == grp) for grp in want}
+    for grp in (ONE_PIECE, UPPER):
+        idx = by_group[grp][np.argsort(margin[by_group[grp]], kind="stable")]
+        picked.append(idx[: want[grp]])
+    short = n - sum(len(p) for p in picked)
+    if short > 0:  # one group has too few images: fill from the other's next hardest
+        for k, grp in enumerate((ONE_PIECE, UPPER)):
+            idx = by_group[grp][np.argsort(margin[by_group[grp]], kind="stable")]
+            extra = idx[len(picked[k]) : len(picked[k]) + short]
+            picked[k] = np.concatenate([picked[k], extra])
+            short -= len(extra)
+        if short > 0:
+            log.warning("canary set: only %d candidates, wanted %d", n - short, n)
+    sel = np.concatenate(picked)
+    return sel[np.argsort(margin[sel], kind="stable")]
 
 
 def select_canary_set(
@@ -353,38 +422,11 @@ def select_canary_set(
     cand = np.flatnonzero((g == UPPER) | (g == ONE_PIECE))
     if not (g[cand] == UPPER).any() or not (g[cand] == ONE_PIECE).any():
         raise DataError("val_labels: the canary set needs both Upper part and One piece images")
-    other = np.where(g[cand] == UPPER, ONE_PIECE, UPPER)
+    probs = None
     if val_group_probs is not None:
-        p = check_group_probs(val_group_probs, len(x), "val_group_probs")[cand]
-        rows = np.arange(len(cand))
-        margin = p[rows, g[cand]] - p[rows, other]
-        method = "reference_model"
-    else:
-        f = _pooled_features(x[cand])
-        cu, co = f[g[cand] == UPPER].mean(0), f[g[cand] == ONE_PIECE].mean(0)
-        du, do = np.linalg.norm(f - cu, axis=1), np.linalg.norm(f - co, axis=1)
-        d_own = np.where(g[cand] == UPPER, du, do)
-        d_other = np.where(g[cand] == UPPER, do, du)
-        margin = (d_other - d_own) / np.maximum(d_other + d_own, 1e-12)
-        method = "pixel_centroid"
-
-    picked: list[np.ndarray] = []
-    want = {ONE_PIECE: n // 2, UPPER: n - n // 2}
-    by_group = {grp: np.flatnonzero(g[cand] == grp) for grp in want}
-    for grp in (ONE_PIECE, UPPER):
-        idx = by_group[grp][np.argsort(margin[by_group[grp]], kind="stable")]
-        picked.append(idx[: want[grp]])
-    short = n - sum(len(p) for p in picked)
-    if short > 0:  # one group has too few images: fill from the other's next hardest
-        for k, grp in enumerate((ONE_PIECE, UPPER)):
-            idx = by_group[grp][np.argsort(margin[by_group[grp]], kind="stable")]
-            extra = idx[len(picked[k]) : len(picked[k]) + short]
-            picked[k] = np.concatenate([picked[k], extra])
-            short -= len(extra)
-        if short > 0:
-            log.warning("canary set: only %d candidates, wanted %d", n - short, n)
-    sel = np.concatenate(picked)
-    sel = sel[np.argsort(margin[sel], kind="stable")]
+        probs = check_group_probs(val_group_probs, len(x), "val_group_probs")[cand]
+    margin, method = _look_alike_margins(x[cand], g[cand], probs)
+    sel = _hardest(g[cand], margin, n)
     vi = cand[sel]
     if image_ids is not None and len(image_ids) != len(x):
         raise DataError(f"image_ids: expected {len(x)} ids to match val_images, got {len(image_ids)}")
@@ -420,5 +462,3 @@ def canary_accuracy(group_probs: np.ndarray, true_groups: np.ndarray) -> float:
         raise DataError(f"true_groups: expected a non-empty 1-d array, got shape {t.shape}")
     p = check_group_probs(group_probs, len(t), "canary group_probs")
     return float((p.argmax(axis=1) == t).mean())
-
-
