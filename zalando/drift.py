@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -237,6 +237,117 @@ DRIFT_COLUMNS = [
 ]
 
 
+class _Stat(NamedTuple):
+    """One drift statistic before the small-batch rule: a row of :data:`DRIFT_COLUMNS`."""
+
+    statistic: str
+    value: float
+    threshold: float
+    p_value: float
+    alarm: bool
+    batch_value: Any
+    reference_value: Any
+    detail: str
+
+
+def _group_mix_stats(p: np.ndarray, reference: Mapping[str, Any], th: DriftThresholds) -> list[_Stat]:
+    """Predicted group mix vs the training prior: PSI, and a chi-square test with Cohen's w as effect."""
+    n = len(p)
+    prior = np.asarray(reference["group_prior"], dtype=np.float64)
+    counts = np.bincount(p.argmax(axis=1), minlength=NUM_GROUPS).astype(np.float64)
+    mix = counts / n
+    mix_txt = ", ".join(f"{k}={v:.3f}" for k, v in zip(GROUP_KEYS, mix, strict=True))
+    prior_txt = ", ".join(f"{k}={v:.3f}" for k, v in zip(GROUP_KEYS, prior, strict=True))
+    v = psi(mix, prior)
+    expected = np.clip(prior, 1e-12, None) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    pv = float(stats.chi2.sf(chi2, NUM_GROUPS - 1))
+    w = math.sqrt(chi2 / n)
+    return [
+        _Stat(
+            "group_mix_psi", v, th.group_mix_psi, math.nan, v > th.group_mix_psi,
+            mix_txt, prior_txt, "PSI of predicted group mix",
+        ),
+        _Stat(
+            "group_mix_chi2", w, th.group_mix_min_effect, pv, pv < th.alpha and w >= th.group_mix_min_effect,
+            mix_txt, prior_txt, f"Cohen's w; chi2={chi2:.1f}, df={NUM_GROUPS - 1}; alarm if p<{th.alpha:g} and w>=threshold",
+        ),
+    ]  # fmt: skip
+
+
+def _confidence_stats(p: np.ndarray, reference: Mapping[str, Any], th: DriftThresholds) -> list[_Stat]:
+    """Max group probability vs validation: PSI in fixed bins, and a two-sample KS test."""
+    # float32 on both sides: the reference sample is stored as float32, and so are scored probabilities
+    conf = p.max(axis=1).astype(np.float32).astype(np.float64)
+    edges = np.asarray(reference["confidence_edges"], dtype=np.float64)
+    props = np.histogram(conf, bins=edges)[0] / len(p)
+    v = psi(props, reference["confidence_props"])
+    ref_conf = np.asarray(reference["confidence_sample"], dtype=np.float64)
+    d, pv = ks_test(conf, ref_conf)
+    return [
+        _Stat(
+            "confidence_psi", v, th.confidence_psi, math.nan, v > th.confidence_psi,
+            float(conf.mean()), float(ref_conf.mean()), "PSI of max group probability in fixed bins (mean shown)",
+        ),
+        _Stat(
+            "confidence_ks", d, th.confidence_min_ks, pv, pv < th.alpha and d >= th.confidence_min_ks,
+            float(np.median(conf)), float(np.median(ref_conf)), f"KS D (median shown); alarm if p<{th.alpha:g} and D>=threshold",
+        ),
+    ]  # fmt: skip
+
+
+def _pixel_drift_stats(x: np.ndarray, reference: Mapping[str, Any], th: DriftThresholds) -> list[_Stat]:
+    """Per-image pixel mean, std and dark fraction vs training: standardised mean differences."""
+    means = _pixel_stats(x, int(reference["dark_level"])).mean(axis=0)
+    out = []
+    for i, name in enumerate(_PIXEL_STATS):
+        ref_mean, ref_sd = float(reference["pixel_mean"][i]), float(reference["pixel_sd"][i])
+        smd = (means[i] - ref_mean) / max(ref_sd, 1e-9)
+        rel = (means[i] - ref_mean) / max(abs(ref_mean), 1e-9)
+        stat = _Stat(
+            name, abs(smd), th.pixel_smd, math.nan, abs(smd) > th.pixel_smd, float(means[i]), ref_mean,
+            f"|standardised mean difference| of per-image {name}; relative change {rel:+.1%}",
+        )  # fmt: skip
+        out.append(stat)
+    return out
+
+
+def _embedding_stat(emb: np.ndarray, reference: Mapping[str, Any], th: DriftThresholds) -> _Stat:
+    """Unbiased RBF MMD^2 of (a sample of) the batch's embeddings vs the reference sample."""
+    ref_emb = np.asarray(reference["embedding_sample"], dtype=np.float64)
+    rng = np.random.default_rng(th.seed)
+    sub = emb[_subsample(len(emb), th.mmd_sample_size, rng)].astype(np.float64)
+    if not np.isfinite(sub).all():
+        raise DataError("batch_embeddings: contain NaN or infinite values")
+    bw = float(reference["mmd_bandwidth"])
+    mmd2 = mmd2_rbf(sub, ref_emb, bw)
+    h = int(reference["mmd_half_size"])
+    # null spread of the unbiased MMD^2 scales like 1/n + 1/m: rescale the half-vs-half calibration
+    scale = (1.0 / len(sub) + 1.0 / len(ref_emb)) / (2.0 / h)
+    thr = max(th.mmd_factor * float(reference["mmd_half_q99"]) * scale, 1e-12)
+    return _Stat(
+        "embedding_mmd2", mmd2, thr, math.nan, mmd2 > thr, float(mmd2), float(reference["mmd_half_q99"]),
+        f"unbiased RBF MMD^2, {len(sub)} batch vs {len(ref_emb)} reference rows, bandwidth {bw:.4g}",
+    )  # fmt: skip
+
+
+def _row(s: _Stat, n: int, min_batch_size: int) -> dict[str, Any]:
+    """A report row; below ``min_batch_size`` images it never alarms, and says so."""
+    small = n < min_batch_size
+    return {
+        "statistic": s.statistic,
+        "value": float(s.value),
+        "threshold": float(s.threshold),
+        "p_value": float(s.p_value),
+        "alarm": bool(s.alarm) and not small,
+        "batch_value": s.batch_value if isinstance(s.batch_value, float) else str(s.batch_value),
+        "reference_value": s.reference_value
+        if isinstance(s.reference_value, float)
+        else str(s.reference_value),
+        "detail": s.detail + (f"; batch of {n} < {min_batch_size}: no alarm" if small else ""),
+    }
+
+
 def drift_report(
     batch_images: np.ndarray,
     batch_group_probs: np.ndarray,
@@ -258,101 +369,16 @@ def drift_report(
         raise DataError(f"batch_images: drift needs at least 2 images, got {n}")
     p = check_group_probs(batch_group_probs, n, "batch_group_probs")
     emb = np.asarray(batch_embeddings)
-    ref_emb = np.asarray(reference["embedding_sample"], dtype=np.float64)
-    if emb.ndim != 2 or emb.shape != (n, ref_emb.shape[1]):
-        raise DataError(f"batch_embeddings: expected shape ({n}, {ref_emb.shape[1]}), got {emb.shape}")
-    rng = np.random.default_rng(th.seed)
-    small = n < th.min_batch_size
-    rows: list[dict[str, Any]] = []
-
-    def add(
-        stat: str, value: float, thr: float, p_value: float, alarm: bool, bv: Any, rv: Any, detail: str
-    ) -> None:
-        rows.append(
-            {
-                "statistic": stat,
-                "value": float(value),
-                "threshold": float(thr),
-                "p_value": float(p_value),
-                "alarm": bool(alarm) and not small,
-                "batch_value": str(bv) if not isinstance(bv, float) else bv,
-                "reference_value": str(rv) if not isinstance(rv, float) else rv,
-                "detail": detail + (f"; batch of {n} < {th.min_batch_size}: no alarm" if small else ""),
-            }
-        )
-
-    # predicted group mix vs training prior
-    prior = np.asarray(reference["group_prior"], dtype=np.float64)
-    counts = np.bincount(p.argmax(axis=1), minlength=NUM_GROUPS).astype(np.float64)
-    mix = counts / n
-    mix_txt = ", ".join(f"{k}={v:.3f}" for k, v in zip(GROUP_KEYS, mix, strict=True))
-    prior_txt = ", ".join(f"{k}={v:.3f}" for k, v in zip(GROUP_KEYS, prior, strict=True))
-    v = psi(mix, prior)
-    add(
-        "group_mix_psi",
-        v,
-        th.group_mix_psi,
-        math.nan,
-        v > th.group_mix_psi,
-        mix_txt,
-        prior_txt,
-        "PSI of predicted group mix",
-    )
-    expected = np.clip(prior, 1e-12, None) * n
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    pv = float(stats.chi2.sf(chi2, NUM_GROUPS - 1))
-    w = math.sqrt(chi2 / n)
-    add(
-        "group_mix_chi2", w, th.group_mix_min_effect, pv, pv < th.alpha and w >= th.group_mix_min_effect,
-        mix_txt, prior_txt, f"Cohen's w; chi2={chi2:.1f}, df={NUM_GROUPS - 1}; alarm if p<{th.alpha:g} and w>=threshold",
-    )  # fmt: skip
-
-    # confidence vs validation
-    # float32 on both sides: the reference sample is stored as float32, and so are scored probabilities
-    conf = p.max(axis=1).astype(np.float32).astype(np.float64)
-    edges = np.asarray(reference["confidence_edges"], dtype=np.float64)
-    props = np.histogram(conf, bins=edges)[0] / n
-    v = psi(props, reference["confidence_props"])
-    ref_conf = np.asarray(reference["confidence_sample"], dtype=np.float64)
-    add(
-        "confidence_psi", v, th.confidence_psi, math.nan, v > th.confidence_psi,
-        float(conf.mean()), float(ref_conf.mean()), "PSI of max group probability in fixed bins (mean shown)",
-    )  # fmt: skip
-    d, pv = ks_test(conf, ref_conf)
-    add(
-        "confidence_ks", d, th.confidence_min_ks, pv, pv < th.alpha and d >= th.confidence_min_ks,
-        float(np.median(conf)), float(np.median(ref_conf)), f"KS D (median shown); alarm if p<{th.alpha:g} and D>=threshold",
-    )  # fmt: skip
-
-    # pixel statistics vs training
-    pixel = _pixel_stats(x, int(reference["dark_level"]))
-    means = pixel.mean(axis=0)
-    for i, name in enumerate(_PIXEL_STATS):
-        ref_mean, ref_sd = float(reference["pixel_mean"][i]), float(reference["pixel_sd"][i])
-        smd = (means[i] - ref_mean) / max(ref_sd, 1e-9)
-        rel = (means[i] - ref_mean) / max(abs(ref_mean), 1e-9)
-        add(
-            name, abs(smd), th.pixel_smd, math.nan, abs(smd) > th.pixel_smd, float(means[i]), ref_mean,
-            f"|standardised mean difference| of per-image {name}; relative change {rel:+.1%}",
-        )  # fmt: skip
-
-    # embedding MMD vs reference sample
-    sub = emb[_subsample(n, th.mmd_sample_size, rng)].astype(np.float64)
-    if not np.isfinite(sub).all():
-        raise DataError("batch_embeddings: contain NaN or infinite values")
-    bw = float(reference["mmd_bandwidth"])
-    mmd2 = mmd2_rbf(sub, ref_emb, bw)
-    h = int(reference["mmd_half_size"])
-    # null spread of the unbiased MMD^2 scales like 1/n + 1/m: rescale the half-vs-half calibration
-    scale = (1.0 / len(sub) + 1.0 / len(ref_emb)) / (2.0 / h)
-    thr = th.mmd_factor * float(reference["mmd_half_q99"]) * scale
-    thr = max(thr, 1e-12)
-    add(
-        "embedding_mmd2", mmd2, thr, math.nan, mmd2 > thr, float(mmd2), float(reference["mmd_half_q99"]),
-        f"unbiased RBF MMD^2, {len(sub)} batch vs {len(ref_emb)} reference rows, bandwidth {bw:.4g}",
-    )  # fmt: skip
-
-    df = pd.DataFrame(rows, columns=DRIFT_COLUMNS)
+    dim = np.asarray(reference["embedding_sample"]).shape[1]
+    if emb.ndim != 2 or emb.shape != (n, dim):
+        raise DataError(f"batch_embeddings: expected shape ({n}, {dim}), got {emb.shape}")
+    found = [
+        *_group_mix_stats(p, reference, th),
+        *_confidence_stats(p, reference, th),
+        *_pixel_drift_stats(x, reference, th),
+        _embedding_stat(emb, reference, th),
+    ]
+    df = pd.DataFrame([_row(s, n, th.min_batch_size) for s in found], columns=DRIFT_COLUMNS)
     alarms = df.loc[df["alarm"], "statistic"].tolist()
     if alarms:
         log.warning("drift alarm on %d images: %s", n, ", ".join(alarms))
