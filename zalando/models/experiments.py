@@ -11,16 +11,18 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zalando.errors import ConfigError
 from zalando.models.architectures import ARCHITECTURES, MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from zalando.settings import Profile
 
 log = logging.getLogger(__name__)
 
-PROFILE_NAMES = ("paper", "cpu", "quick")
+# the built-in profiles, in order (settings.Profile is the one definition)
+PROFILE_NAMES: tuple[str, ...] = get_args(Profile)
 
 
 class AugmentPolicy(BaseModel):
