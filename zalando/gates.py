@@ -12,17 +12,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zalando.data.arrays import check_image_array
-from zalando.errors import DataError
+from zalando.errors import ConfigError, DataError
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, check_group_probs, group_index, group_of
 from zalando.study import STUDY_BEST
+
+if TYPE_CHECKING:  # the catalogue imports this module to check a profile's gates
+    from zalando.models.experiments import ProfileParams
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,25 @@ class GateConfig(BaseModel):
         if isinstance(v, Mapping):
             return {GROUP_NAMES[group_index(k)]: f for k, f in v.items()}
         return v
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> GateConfig:
+        """A GateConfig from user settings (a profile's ``gates``, a flow parameter); a ConfigError of
+        one line naming the bad field otherwise."""
+        try:
+            return cls.model_validate(dict(settings))
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"quality gate settings: {errors}") from None
+        except (ConfigError, TypeError, ValueError) as exc:  # an unknown group, settings not a mapping
+            raise ConfigError(f"quality gate settings: {str(exc).splitlines()[0]}") from None
+
+
+def gate_config(profile: ProfileParams, overrides: Mapping[str, Any] | None = None) -> GateConfig:
+    """The quality gates ``profile`` applies: GateConfig's defaults (every gate, the study's floors),
+    changed by the profile's ``gates`` and then by ``overrides`` (GateConfig fields, e.g.
+    ``{"min_f1_margin": 0.0}``)."""
+    return GateConfig.from_mapping({**profile.gates, **dict(overrides or {})})
 
 
 class GateDecision(BaseModel):

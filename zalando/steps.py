@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from zalando.errors import ConfigError, DataError
+from zalando.errors import DataError
 from zalando.lake import Lake
 
 log = logging.getLogger(__name__)
@@ -38,33 +38,6 @@ def eval_key(run_id: str, experiment: str) -> str:
 
 def report_key(run_id: str) -> str:
     return f"reports/run_id={run_id}"
-
-
-# ---------------------------------------------------------------------------------------------- gates
-
-
-def gate_config_for(profile: str, overrides: Mapping[str, Any] | None = None) -> Any:
-    """The quality gates of a profile: every gate (the study's floors) for paper and cpu.
-
-    `quick` trains one epoch on a few hundred images for tests and demos on a busy machine: it can
-    never reach the study's floors and its timings are noise, so its models only have to beat the
-    champion. ``overrides`` are GateConfig fields (e.g. ``{"min_f1_margin": 0.0}``).
-    """
-    from zalando.gates import GateConfig
-
-    base: dict[str, Any] = {}
-    if profile == "quick":
-        base = {
-            "floors": {},
-            "canary_floor": None,
-            "max_canary_drop": None,
-            "max_latency_ms_per_1000": None,
-            "max_size_mb": None,
-        }
-    try:
-        return GateConfig(**{**base, **dict(overrides or {})})
-    except Exception as exc:  # pydantic ValidationError: one line naming the field
-        raise ConfigError(f"quality gate settings: {str(exc).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -354,12 +327,13 @@ def decide_promotion(
     in the registry's log already (a cached training run) are left out. Nothing is written here:
     :func:`apply_promotion` records the decisions, after an optional human approval.
     """
-    from zalando.gates import evaluate_gates
+    from zalando.gates import evaluate_gates, gate_config
+    from zalando.models.experiments import load_catalog
     from zalando.registry import decision_log, get_champion, get_model
 
     if not candidates:
         raise DataError("promotion: no trained model to decide on")
-    config = gate_config_for(settings.profile, gates)
+    config = gate_config(load_catalog(settings.experiments_file).profile(settings.profile), gates)
     champion = get_champion(lake)
     champ_version = champion["model_version"] if champion else None
     dv = candidates[0]["dataset_version"]

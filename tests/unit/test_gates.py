@@ -1,6 +1,9 @@
-"""Quality gates, gate metrics and the canary set, on constructed tables and synthetic images."""
+"""Quality gates, each profile's gate settings, gate metrics and the canary set, on constructed tables
+and synthetic images."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,10 +16,12 @@ from zalando.gates import (
     GateConfig,
     canary_accuracy,
     evaluate_gates,
+    gate_config,
     gate_metrics,
     select_canary_set,
 )
 from zalando.labels import GROUP_NAMES, LABEL_TO_GROUP
+from zalando.models.experiments import load_catalog
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +134,55 @@ def test_gate_config() -> None:
     assert list(cfg.floors) == ["One piece"]
     with pytest.raises(ConfigError, match="group 'Hats': unknown"):
         GateConfig(floors={"Hats": {"recall": 0.5, "precision": 0.5, "npv": 0.5}})
+
+
+# ------------------------------------------------------------------------------------------- per profile
+
+
+def test_quick_profile_only_has_to_beat_the_champion() -> None:
+    cat = load_catalog()
+    quick, cpu = gate_config(cat.profile("quick")), gate_config(cat.profile("cpu"))
+    assert quick.floors == {} and quick.max_latency_ms_per_1000 is None and quick.canary_floor is None
+    assert len(cpu.floors) == 5 and cpu.max_latency_ms_per_1000 is not None
+    assert gate_config(cat.profile("cpu"), {"min_f1_margin": 0.0}).min_f1_margin == 0.0
+    with pytest.raises(ConfigError, match="quality gate settings"):
+        gate_config(cat.profile("cpu"), {"min_f1_margin": -1})
+
+
+def test_profile_gates_are_data() -> None:
+    cat = load_catalog()
+    # paper and cpu apply every gate with GateConfig's defaults; quick switches the absolute ones off
+    assert gate_config(cat.profile("paper")) == gate_config(cat.profile("cpu")) == GateConfig()
+    quick = gate_config(cat.profile("quick"))
+    assert (quick.max_canary_drop, quick.max_size_mb) == (None, None)
+    assert quick.min_f1_margin == GateConfig().min_f1_margin and quick.require_same_dataset
+    # overrides go on top of the profile's settings, not instead of them
+    quick0 = gate_config(cat.profile("quick"), {"min_f1_margin": 0.0})
+    assert quick0.floors == {} and quick0.canary_floor is None and quick0.min_f1_margin == 0.0
+    with pytest.raises(ConfigError, match="quality gate settings: min_f1_margn: Extra inputs"):
+        gate_config(cat.profile("cpu"), {"min_f1_margn": 0.0})
+    with pytest.raises(ConfigError, match="quality gate settings: group 'Hats': unknown"):
+        gate_config(cat.profile("cpu"), {"floors": {"Hats": {"recall": 0.5, "precision": 0.5, "npv": 0.5}}})
+
+
+def test_experiments_file_changes_profile_gates(tmp_path: Path) -> None:
+    f = tmp_path / "extra.yaml"
+    f.write_text(
+        "profiles:\n"
+        "  quick:\n    max_epochs: 1\n    gates:\n      min_f1_margin: 0.0\n"
+        "  cpu:\n    max_epochs: 3\n"
+        "  mine:\n    experiments: [fashion_cnn]\n    gates:\n      max_size_mb: 10\n"
+    )
+    cat = load_catalog(f)
+    quick = gate_config(cat.profile("quick"))
+    assert quick.min_f1_margin == 0.0 and quick.floors == {} and quick.max_latency_ms_per_1000 is None
+    assert gate_config(cat.profile("cpu")) == GateConfig()  # a profile changed elsewhere keeps its gates
+    mine = gate_config(cat.profile("mine"))  # a new profile: every gate, with its own size limit
+    assert mine.max_size_mb == 10 and len(mine.floors) == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profiles:\n  cpu:\n    gates:\n      canary_floor: 2\n")
+    with pytest.raises(ConfigError, match="profile 'cpu': gates: .*canary_floor: Input should be less"):
+        load_catalog(bad)
 
 
 def test_gate_metrics_from_evaluation_frames() -> None:

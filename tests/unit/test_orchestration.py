@@ -1,5 +1,5 @@
 """Orchestration helpers without a Prefect server: which faults are retried, cache keys, what a
-task receives, the profile's gates, the stack's environment, prefect.yaml as data."""
+task receives, the stack's environment, prefect.yaml as data."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import yaml
 from tasks.common import RunConfig, cache_on, is_transient, retry_if_transient
 from zalando.errors import ConfigError, DataError, LakeError, NotCommittedError, SourceError
 from zalando.settings import Settings
-from zalando.steps import gate_config_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,15 +87,6 @@ def test_run_config_carries_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     # ... and gets it back from the environment where the task runs
     assert cfg.settings().s3_secret_key.get_secret_value() == "very-secret-value-123"
     assert cfg.settings().profile == "quick"
-
-
-def test_quick_profile_only_has_to_beat_the_champion() -> None:
-    quick, cpu = gate_config_for("quick"), gate_config_for("cpu")
-    assert quick.floors == {} and quick.max_latency_ms_per_1000 is None and quick.canary_floor is None
-    assert len(cpu.floors) == 5 and cpu.max_latency_ms_per_1000 is not None
-    assert gate_config_for("cpu", {"min_f1_margin": 0.0}).min_f1_margin == 0.0
-    with pytest.raises(ConfigError, match="quality gate settings"):
-        gate_config_for("cpu", {"min_f1_margin": -1})
 
 
 def _stack_module():
