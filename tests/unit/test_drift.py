@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from tests.monitoring_support import CentroidModel, make_images, make_world
+from tests.monitoring_support import CentroidModel, make_images
 from zalando.drift import (
     DriftThresholds,
     any_alarm,
@@ -24,12 +24,6 @@ from zalando.drift import (
 )
 from zalando.errors import DataError
 from zalando.labels import LABEL_TO_GROUP
-
-
-@pytest.fixture(scope="module")
-def world() -> dict:
-    return make_world()
-
 
 # ------------------------------------------------------------------------------------------- drift
 

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.monitoring_support import make_world
 from zalando.errors import ConfigError, DataError
 from zalando.gates import (
     STUDY_FLOORS,
@@ -22,12 +21,6 @@ from zalando.gates import (
 )
 from zalando.labels import GROUP_NAMES, LABEL_TO_GROUP
 from zalando.models.experiments import load_catalog
-
-
-@pytest.fixture(scope="module")
-def world() -> dict:
-    return make_world()
-
 
 # ------------------------------------------------------------------------------------------- gates
 
