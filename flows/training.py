@@ -68,7 +68,7 @@ def training(
         require_approval: pause before promoting a challenger that passed the gates, until someone
             approves (or refuses) it in the UI.
         approval_timeout_s: how long to wait for the approval; no answer means refused.
-        gates: quality gate settings overriding the profile's (zalando.monitor.GateConfig fields).
+        gates: quality gate settings overriding the profile's (zalando.gates.GateConfig fields).
     """
     log = get_run_logger()
     settings = load_settings(profile=profile, data_source=data_source, seed=seed)

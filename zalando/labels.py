@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from zalando.errors import ConfigError, DataError
+
 LABEL_NAMES: tuple[str, ...] = (
     "T-shirt/top",
     "Trouser",
@@ -39,6 +41,30 @@ def group_of(labels: np.ndarray) -> np.ndarray:
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_LABELS):
         raise ValueError(f"label ids must be in 0..{NUM_LABELS - 1}, got {labels.min()}..{labels.max()}")
     return LABEL_TO_GROUP[labels]
+
+
+def group_index(name: str | int) -> int:
+    """Group id (0-4) of a group name ('One piece'), key ('one_piece') or id."""
+    if isinstance(name, int | np.integer) and not isinstance(name, bool):
+        if 0 <= int(name) < NUM_GROUPS:
+            return int(name)
+    elif isinstance(name, str):
+        for i, (n, k) in enumerate(zip(GROUP_NAMES, GROUP_KEYS, strict=True)):
+            if name in (n, k) or name.strip().lower() in (n.lower(), k):
+                return i
+    raise ConfigError(
+        f"group {name!r}: unknown; use one of {', '.join(GROUP_NAMES)} (or {', '.join(GROUP_KEYS)})"
+    )
+
+
+def check_group_probs(probs: np.ndarray, n: int, who: str) -> np.ndarray:
+    """``probs`` as float64 (n, NUM_GROUPS) group probabilities; DataError naming ``who`` otherwise."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape != (n, NUM_GROUPS):
+        raise DataError(f"{who}: expected shape ({n}, {NUM_GROUPS}), got {p.shape}")
+    if not np.isfinite(p).all():
+        raise DataError(f"{who}: contains NaN or infinite values")
+    return p
 
 
 def label_probs_to_group_probs(label_probs: np.ndarray) -> np.ndarray:

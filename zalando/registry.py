@@ -11,7 +11,7 @@ Lake keys (all under ``registry/``):
   so none can clobber another's history; names sort in time order.
 * ``registry/canary/`` — the canary set (committed partition, ``canary.parquet``), chosen once.
 * ``registry/references/model_version=<v>/`` — each model's drift reference profile
-  (committed partition, ``reference.parquet``, one row; see ``zalando.monitor.reference_to_table``).
+  (committed partition, ``reference.parquet``, one row; see ``zalando.drift.reference_to_table``).
 
 Order of writes: the decision first, then the pointer. A crash in between leaves a logged decision
 whose pointer update is missing; re-running the promotion (same version) finishes it.
@@ -30,9 +30,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from zalando.drift import reference_from_table, reference_to_table
 from zalando.errors import LakeError, ModelError, NotCommittedError
 from zalando.lake import Lake
-from zalando.monitor import reference_from_table, reference_to_table
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def register_model(
 ) -> dict[str, Any]:
     """Record a trained model version (idempotent: the same version again replaces its record).
 
-    ``metrics`` is the dict that :func:`zalando.monitor.evaluate_gates` reads (per_group, macro_f1,
+    ``metrics`` is the dict that :func:`zalando.gates.evaluate_gates` reads (per_group, macro_f1,
     latency_ms_per_1000, size_mb, canary_accuracy, ...); ``bundle_key`` is where the bundle lives.
     """
     key = _model_key(model_version)
@@ -218,7 +218,7 @@ def _new_decision_id(lake: Lake) -> tuple[str, datetime]:
 def _jsonable_decision(decision: Any) -> dict[str, Any] | None:
     if decision is None:
         return None
-    if hasattr(decision, "model_dump"):  # a pydantic model such as monitor.GateDecision
+    if hasattr(decision, "model_dump"):  # a pydantic model such as gates.GateDecision
         return decision.model_dump(mode="json")
     if isinstance(decision, Mapping):
         return dict(decision)
@@ -409,7 +409,7 @@ def rollback(lake: Lake, *, actor: str, reason: str) -> dict[str, Any]:
 
 
 def save_canary_set(lake: Lake, table: pa.Table, *, run_id: str, force: bool = False) -> str:
-    """Commit the canary set (from ``monitor.select_canary_set``) once; later calls keep the first
+    """Commit the canary set (from ``gates.select_canary_set``) once; later calls keep the first
     one unless ``force``, so every night scores the same images. Returns the partition key."""
     if lake.is_committed(CANARY_KEY) and not force:
         log.info("canary set already in %s; keeping it", lake.uri(CANARY_KEY))
@@ -443,19 +443,19 @@ def reference_key(model_version: str) -> str:
 
 
 def save_reference(lake: Lake, model_version: str, reference: Mapping[str, Any], *, run_id: str) -> str:
-    """Commit a model's drift reference profile (``monitor.reference_profile``); returns its key."""
+    """Commit a model's drift reference profile (``drift.reference_profile``); returns its key."""
     key = reference_key(model_version)
     lake.commit_partition(key, {"reference": reference_to_table(reference)}, run_id)
     return key
 
 
 def load_reference(lake: Lake, model_version: str) -> dict[str, Any]:
-    """The drift reference profile of ``model_version`` (for ``monitor.drift_report``)."""
+    """The drift reference profile of ``model_version`` (for ``drift.drift_report``)."""
     key = reference_key(model_version)
     try:
         return reference_from_table(lake.read_partition(key))
     except NotCommittedError:
         raise RegistryError(
             f"no drift reference for model {model_version} in {lake.uri(key)}: "
-            "the training flow writes one per model (monitor.reference_profile + registry.save_reference)"
+            "the training flow writes one per model (drift.reference_profile + registry.save_reference)"
         ) from None

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from zalando.errors import ConfigError, DataError
+from zalando.errors import DataError
 from zalando.lake import Lake
 
 log = logging.getLogger(__name__)
@@ -38,33 +38,6 @@ def eval_key(run_id: str, experiment: str) -> str:
 
 def report_key(run_id: str) -> str:
     return f"reports/run_id={run_id}"
-
-
-# ---------------------------------------------------------------------------------------------- gates
-
-
-def gate_config_for(profile: str, overrides: Mapping[str, Any] | None = None) -> Any:
-    """The quality gates of a profile: every gate (the study's floors) for paper and cpu.
-
-    `quick` trains one epoch on a few hundred images for tests and demos on a busy machine: it can
-    never reach the study's floors and its timings are noise, so its models only have to beat the
-    champion. ``overrides`` are GateConfig fields (e.g. ``{"min_f1_margin": 0.0}``).
-    """
-    from zalando.monitor import GateConfig
-
-    base: dict[str, Any] = {}
-    if profile == "quick":
-        base = {
-            "floors": {},
-            "canary_floor": None,
-            "max_canary_drop": None,
-            "max_latency_ms_per_1000": None,
-            "max_size_mb": None,
-        }
-    try:
-        return GateConfig(**{**base, **dict(overrides or {})})
-    except Exception as exc:  # pydantic ValidationError: one line naming the field
-        raise ConfigError(f"quality gate settings: {str(exc).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -86,12 +59,12 @@ def train_model(
     epoch (the training engine checks the checkpoint matches the spec, seed and data).
     """
     from zalando.data.split import load_dataset_arrays
+    from zalando.drift import reference_profile
     from zalando.energy import measure_energy
     from zalando.labels import NUM_GROUPS, group_of
     from zalando.models.bundle import build_bundle, save_bundle
     from zalando.models.experiments import load_catalog
     from zalando.models.predictor import make_predictor
-    from zalando.monitor import reference_profile
     from zalando.registry import save_reference
     from zalando.train import train_experiment
 
@@ -183,11 +156,11 @@ def evaluate_model(
         time_scoring,
         torch_model_bytes,
     )
+    from zalando.gates import gate_metrics
     from zalando.labels import group_of
     from zalando.models.bundle import load_bundle, load_onnx_bytes
     from zalando.models.hardware import native_bf16
     from zalando.models.predictor import make_predictor
-    from zalando.monitor import gate_metrics
     from zalando.registry import register_model
 
     bundle = load_bundle(lake, experiment, model_version)
@@ -322,8 +295,8 @@ def _canary_accuracy(
 ) -> float:
     """Accuracy on the fixed canary set (hard One piece / Upper part look-alikes), chosen once."""
     from zalando.data.arrays import images_from_table
+    from zalando.gates import canary_accuracy, select_canary_set
     from zalando.labels import group_of
-    from zalando.monitor import canary_accuracy, select_canary_set
     from zalando.registry import has_canary_set, load_canary_set, save_canary_set
 
     if not has_canary_set(lake):
@@ -354,12 +327,13 @@ def decide_promotion(
     in the registry's log already (a cached training run) are left out. Nothing is written here:
     :func:`apply_promotion` records the decisions, after an optional human approval.
     """
-    from zalando.monitor import evaluate_gates
+    from zalando.gates import evaluate_gates, gate_config
+    from zalando.models.experiments import load_catalog
     from zalando.registry import decision_log, get_champion, get_model
 
     if not candidates:
         raise DataError("promotion: no trained model to decide on")
-    config = gate_config_for(settings.profile, gates)
+    config = gate_config(load_catalog(settings.experiments_file).profile(settings.profile), gates)
     champion = get_champion(lake)
     champ_version = champion["model_version"] if champion else None
     dv = candidates[0]["dataset_version"]
@@ -584,8 +558,8 @@ def monitor_batch(
     images read again from the inputs; commits the drift table to ``monitoring/…`` and returns
     ``{alarm, alarms (statistic names), key, uri, rows, table}``.
     """
+    from zalando.drift import DriftThresholds, any_alarm, drift_report
     from zalando.images import ImagePrepConfig
-    from zalando.monitor import DriftThresholds, any_alarm, drift_report
     from zalando.registry import load_reference
     from zalando.scoring import layout
     from zalando.scoring.schema import PROB_COLUMNS

@@ -67,7 +67,7 @@ def save_drift_reference(lake: Lake, version: str) -> None:
     """The model's label-free drift reference (the training flow writes one per model)."""
     import numpy as np
 
-    from zalando.monitor import reference_profile
+    from zalando.drift import reference_profile
     from zalando.registry import save_reference
     from zalando.scoring import load_champion_predictor
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 
 from zalando.errors import ConfigError, ModelError
 from zalando.models import ARCHITECTURES, build_model, count_macs, load_catalog, resolve_spec
-from zalando.models.experiments import NUMERIC_FIELDS, ExperimentSpec, get_experiment
+from zalando.models.experiments import NUMERIC_FIELDS, PROFILE_NAMES, ExperimentSpec, get_experiment
 from zalando.models.weights import imagenet_weights_file, init_weights
+from zalando.settings import Profile
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -62,6 +64,7 @@ def test_builtin_catalogue_has_the_study_and_ours() -> None:
     assert cat.experiment("mobilenet_v2_frozen_aug").augmentation.active
     assert any(s.architecture == "fashion_cnn" for s in cat.experiments.values())
     assert set(cat.profiles) == {"paper", "cpu", "quick"}
+    assert tuple(cat.profiles) == PROFILE_NAMES == get_args(Profile)  # one list of profile names
 
 
 def test_unknown_experiment_lists_valid_choices() -> None:

@@ -1,5 +1,5 @@
 """Orchestration helpers without a Prefect server: which faults are retried, cache keys, what a
-task receives, the profile's gates, the stack's environment, prefect.yaml as data."""
+task receives, the stack's environment, prefect.yaml as data."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from tasks.common import RunConfig, RunContext, cache_on, is_transient, retry_if
 from zalando.errors import ConfigError, DataError, LakeError, NotCommittedError, SourceError
 from zalando.lake import Lake
 from zalando.settings import Settings
-from zalando.steps import gate_config_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -157,15 +156,6 @@ def test_run_context_follows_the_environment_and_keeps_no_secret(
     for secret in ("first-secret-value-123", "second-secret-value-456"):
         assert secret not in repr(first) + repr(second) + cfg.model_dump_json()
         assert not any(secret in str(key) for key in common._CONTEXTS)
-
-
-def test_quick_profile_only_has_to_beat_the_champion() -> None:
-    quick, cpu = gate_config_for("quick"), gate_config_for("cpu")
-    assert quick.floors == {} and quick.max_latency_ms_per_1000 is None and quick.canary_floor is None
-    assert len(cpu.floors) == 5 and cpu.max_latency_ms_per_1000 is not None
-    assert gate_config_for("cpu", {"min_f1_margin": 0.0}).min_f1_margin == 0.0
-    with pytest.raises(ConfigError, match="quality gate settings"):
-        gate_config_for("cpu", {"min_f1_margin": -1})
 
 
 def _stack_module():

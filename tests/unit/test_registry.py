@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from zalando.drift import reference_profile
 from zalando.errors import ModelError, ZalandoError
+from zalando.gates import evaluate_gates, select_canary_set
 from zalando.lake import Lake
-from zalando.monitor import evaluate_gates, reference_profile, select_canary_set
 from zalando.registry import (
     CHAMPION_KEY,
     DECISIONS_PREFIX,

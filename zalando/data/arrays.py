@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from zalando.errors import DataError
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, LABEL_TO_GROUP
 
 IMAGE_BYTES = 28 * 28
@@ -19,6 +20,16 @@ RAW_SCHEMA = pa.schema(
         ("group_name", pa.string()),
     ]
 )
+
+
+def check_image_array(images: np.ndarray, who: str) -> np.ndarray:
+    """``images`` as a uint8 (N, 28, 28) array; DataError naming ``who`` otherwise."""
+    x = np.asarray(images)
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise DataError(f"{who}: expected an (N, 28, 28) image array, got shape {x.shape}")
+    if x.dtype != np.uint8:
+        raise DataError(f"{who}: expected uint8 pixels 0..255, got dtype {x.dtype}")
+    return x
 
 
 def images_to_arrow(images: np.ndarray) -> pa.FixedSizeBinaryArray:

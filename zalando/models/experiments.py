@@ -11,16 +11,19 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zalando.errors import ConfigError
+from zalando.gates import GateConfig
 from zalando.models.architectures import ARCHITECTURES, MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from zalando.settings import Profile
 
 log = logging.getLogger(__name__)
 
-PROFILE_NAMES = ("paper", "cpu", "quick")
+# the built-in profiles, in order (settings.Profile is the one definition)
+PROFILE_NAMES: tuple[str, ...] = get_args(Profile)
 
 
 class AugmentPolicy(BaseModel):
@@ -150,6 +153,20 @@ class ProfileParams(BaseModel):
     max_val_images: int | None = Field(None, ge=10)
     pretrained: bool = Field(True, description="False: 'imagenet' weights are replaced by 'none' (recorded)")
     overrides: dict[str, dict[str, float]] = Field(default_factory=dict)
+    gates: dict[str, Any] = Field(
+        default_factory=dict,
+        description="quality gate settings this profile changes (zalando.gates.GateConfig fields); "
+        "the rest keep GateConfig's defaults: every gate, the study's floors",
+    )
+
+    @field_validator("gates")
+    @classmethod
+    def _check_gates(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            GateConfig.from_mapping(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("overrides")
     @classmethod
@@ -324,6 +341,15 @@ def _builtin_profiles() -> list[ProfileParams]:
             max_train_images=256,
             max_val_images=128,
             pretrained=False,
+            # one epoch on a few hundred images never reaches the study's floors, and timings on a busy
+            # machine are noise: a quick model only has to beat the champion (on F1 and the same data)
+            gates={
+                "floors": {},
+                "canary_floor": None,
+                "max_canary_drop": None,
+                "max_latency_ms_per_1000": None,
+                "max_size_mb": None,
+            },
         ),
     ]
 
@@ -411,6 +437,8 @@ def load_catalog(experiments_file: Path | str | None = None) -> Catalog:
           cpu:
             add_experiments: [my_cnn] # train it nightly too
             max_epochs: 12            # any numeric profile field
+            gates:                    # GateConfig fields, each replacing the profile's own
+              min_f1_margin: 0.0
     """
     cat = Catalog(
         experiments={s.name: s for s in _builtin_specs()},
@@ -440,6 +468,9 @@ def load_catalog(experiments_file: Path | str | None = None) -> Catalog:
         base = (
             cat.profiles[pname].model_dump() if pname in cat.profiles else {"name": pname, "experiments": ()}
         )
+        gates = raw.get("gates")
+        if gates is None or isinstance(gates, dict):  # gate settings change the profile's one by one
+            raw["gates"] = {**base.get("gates", {}), **(gates or {})}
         merged = {**base, **raw, "name": pname}
         merged["experiments"] = tuple(dict.fromkeys([*merged["experiments"], *add]))
         try:
