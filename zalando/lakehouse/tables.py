@@ -573,6 +573,8 @@ def evolve_schema(
     if not (add or rename or promote or drop):
         raise LakeError(f"evolve_schema {cat.identifier(name)}: nothing to change")
 
+    from pyiceberg.exceptions import ValidationError
+
     def _evolve() -> Any:
         table = ensure_table(cat, name)
         try:
@@ -585,8 +587,10 @@ def evolve_schema(
                     update.update_column(col, field_type=iceberg_type(t))
                 for col in drop:
                     update.delete_column(col)
-        except ValueError as e:
-            raise LakeError(f"evolve_schema {cat.identifier(name)}: {e}") from None
+        except (ValueError, ValidationError) as e:
+            raise LakeError(
+                f"evolve_schema {cat.identifier(name)}: {str(e).strip().splitlines()[0]}"
+            ) from None
         cols = ", ".join(f"{f.name}: {type_text(f.field_type)}" for f in table.schema().fields)
         log.info("evolved the schema of %s: %s", cat.identifier(name), cols)
         return table.schema()
