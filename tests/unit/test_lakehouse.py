@@ -177,7 +177,7 @@ def test_locked_sqlite_catalog_is_retried_then_one_line(tmp_path: Path) -> None:
     threading.Timer(0.15, lock.rollback).start()
     cat.retry = RetryPolicy(attempts=8, base_delay=0.05, max_delay=0.2)
     result = lc.append(cat, "predictions", prediction_rows(5, "b1"))
-    assert result.attempts >= 1 and result.added_rows == 5
+    assert result.added_rows == 5
     assert lc.scan(reader(s), "predictions").num_rows == 5
 
 
@@ -393,7 +393,7 @@ def test_a_replace_that_loses_a_race_is_redone_on_the_fresh_snapshot(
     assert [h["zalando_operation"] for h in history].count(
         "replace"
     ) == 4  # two replaces, each delete + append
-    assert result.attempts >= 1
+    assert result.attempts == 2  # pyiceberg's own retry hit the rival's delete; ours redid the replace
 
 
 def test_two_concurrent_runs_of_one_batch_leave_one_row_per_image(
