@@ -123,6 +123,24 @@ def test_s3_file_io_uses_the_lakes_endpoint_and_keys_and_no_repr_shows_the_secre
     assert cat.key_of("s3://other/lake/x") is None
 
 
+def test_which_errors_are_transient_and_which_are_conflicts() -> None:
+    import requests
+    from pyiceberg.exceptions import CommitFailedException, ServiceUnavailableError, ValidationException
+    from sqlalchemy.exc import OperationalError
+
+    from zalando.lakehouse.catalog import is_conflict, is_transient
+
+    assert is_transient(OperationalError("UPDATE", {}, Exception("database is locked")))
+    assert not is_transient(OperationalError("SELECT", {}, Exception("unable to open database file")))
+    assert is_transient(requests.exceptions.ConnectionError("refused"))
+    assert is_transient(ServiceUnavailableError("503"))
+    assert is_transient(OSError("AWS Error SLOW_DOWN during PutObject: HTTP 503"))
+    assert not is_transient(OSError("expected 5000 rows"))
+    assert not is_transient(ValueError("bad filter"))
+    assert is_conflict(CommitFailedException("x")) and is_conflict(ValidationException("y"))
+    assert not is_conflict(OSError("z"))
+
+
 def test_unreachable_rest_catalog_is_one_transient_line(tmp_path: Path) -> None:
     from zalando.s3server import free_port_block
 
@@ -389,10 +407,8 @@ def test_a_replace_that_loses_a_race_is_redone_on_the_fresh_snapshot(
     rows = lc.scan(reader(settings), "predictions", BATCH)
     assert rows.num_rows == 40 and len(set(ids_of(rows))) == 40
     assert confidences(rows) == {0.9}  # the later commit wins whole
-    history = lc.snapshot_log(cat, "predictions")
-    assert [h["zalando_operation"] for h in history].count(
-        "replace"
-    ) == 4  # two replaces, each delete + append
+    operations = [h["zalando_operation"] for h in lc.snapshot_log(cat, "predictions")]
+    assert operations.count("replace") == 4  # two replaces, each a delete and an append snapshot
     assert result.attempts == 2  # pyiceberg's own retry hit the rival's delete; ours redid the replace
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ _TRANSIENT_TEXT = (
     "slow down",
     "slowdown",
 )
+_HTTP_5XX = re.compile(r"\b(500|502|503|504)\b")
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ def is_transient(e: BaseException) -> bool:
 
 def _has_transient_text(text: str) -> bool:
     low = text.lower()
-    return any(s in low for s in _TRANSIENT_TEXT) or any(f" {c}" in low for c in ("500", "502", "503", "504"))
+    return any(s in low for s in _TRANSIENT_TEXT) or _HTTP_5XX.search(low) is not None
 
 
 def error_text(e: BaseException) -> str:
