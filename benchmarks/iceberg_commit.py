@@ -98,6 +98,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def one_round(cat: Any, lake: Any, r: int, rows: int, shards: int) -> dict[str, tuple[float, int]]:
     """Every step once on a new batch; {step: (seconds, objects added under the table)}."""
     from zalando.lakehouse import commit as lc
+    from zalando.lakehouse.tables import table_schema
 
     day = date(2026, 12, 1) + timedelta(days=r)
     batch = f"bench-{r:03d}"
@@ -123,8 +124,9 @@ def one_round(cat: Any, lake: Any, r: int, rows: int, shards: int) -> dict[str, 
     per = rows // shards
 
     def write_shards() -> None:
+        schema = table_schema(cat, TABLE)
         for s, key in enumerate(keys):
-            lc.write_data_file(cat, TABLE, key, data.slice(s * per, per))
+            lc.write_data_file(lake, key, data.slice(s * per, per), schema=schema)
 
     step(f"write {shards} shard files (not committed)", write_shards)
     step(

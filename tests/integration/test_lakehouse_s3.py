@@ -49,8 +49,9 @@ def test_tables_live_in_the_lakes_bucket_and_commit_exactly_once(
     keys = [
         lc.data_file_key(cat, "predictions", run_id="run-1", shard_id=s, partition=part) for s in range(10)
     ]
+    schema = lt.table_schema(cat, "predictions")
     for s, key in enumerate(keys):
-        lc.write_data_file(cat, "predictions", key, prediction_rows(100, "b1", first_id=100 * s))
+        lc.write_data_file(cat.lake, key, prediction_rows(100, "b1", first_id=100 * s), schema=schema)
     assert set(keys) <= set(s3_lake.list_keys("zalando/predictions/data"))
     second = open_catalog(s3_settings, lake=Lake.from_settings(s3_settings), retry=FAST)
     assert lc.scan(second, "predictions", {"batch_id": "b1"}).num_rows == 0  # written, not committed
@@ -84,9 +85,10 @@ def test_second_engines_see_only_committed_rows_on_s3(
     cat: LakeCatalog, s3_server: S3Server, s3_settings: Settings
 ) -> None:
     lc.append(cat, "predictions", prediction_rows(30, "b1"))
+    schema = lt.table_schema(cat, "predictions")
     for s in range(2):  # a batch mid-write
         key = lc.data_file_key(cat, "predictions", run_id="r", shard_id=s, partition={"batch_id": "b2"})
-        lc.write_data_file(cat, "predictions", key, prediction_rows(10, "b2", first_id=10 * s))
+        lc.write_data_file(cat.lake, key, prediction_rows(10, "b2", first_id=10 * s), schema=schema)
     table = lt.load_table(cat, "predictions")
     files = [storage_path(t.file.file_path) for t in table.scan().plan_files()]
     assert ds.dataset(files, format="parquet", filesystem=cat.lake.fs).to_table().num_rows == 30

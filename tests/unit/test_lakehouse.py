@@ -306,9 +306,12 @@ def test_shard_files_are_invisible_until_add_files_commits_them(cat: LakeCatalog
     assert keys == [
         lc.data_file_key(cat, "predictions", run_id="run-1", shard_id=s, partition=part) for s in range(10)
     ]
+    schema = lt.table_schema(cat, "predictions")  # taken once by the driver, passed to every shard
     for s, key in enumerate(keys):
-        lc.write_data_file(cat, "predictions", key, prediction_rows(20, "b1", first_id=20 * s))
-    lc.write_data_file(cat, "predictions", keys[0], prediction_rows(20, "b1"))  # a retried shard: same key
+        lc.write_data_file(cat.lake, key, prediction_rows(20, "b1", first_id=20 * s), schema=schema)
+    lc.write_data_file(
+        cat.lake, keys[0], prediction_rows(20, "b1"), schema=schema
+    )  # a retried shard: same key
 
     other = reader(settings)
     assert lc.scan(other, "predictions").num_rows == 0  # written, not committed: nobody sees them
@@ -322,9 +325,8 @@ def test_shard_files_are_invisible_until_add_files_commits_them(cat: LakeCatalog
         lc.data_file_key(cat, "predictions", run_id="run-2", shard_id=s, partition=part) for s in range(2)
     ]
     for s, key in enumerate(again):
-        lc.write_data_file(
-            cat, "predictions", key, prediction_rows(100, "b1", first_id=100 * s, confidence=0.7)
-        )
+        rows = prediction_rows(100, "b1", first_id=100 * s, confidence=0.7)
+        lc.write_data_file(cat.lake, key, rows, schema=schema)
     result = lc.add_data_files(cat, "predictions", again, replace=BATCH)
     assert result.deleted_rows == 200 and result.added_rows == 200
     rows = lc.scan(reader(settings), "predictions", BATCH)
@@ -338,7 +340,8 @@ def test_add_files_refuses_missing_twice_listed_already_committed_and_mistyped_f
     key = lc.data_file_key(cat, "predictions", run_id="r", shard_id=0)
     with pytest.raises(LakeError, match="does not exist"):
         lc.add_data_files(cat, "predictions", [key])
-    lc.write_data_file(cat, "predictions", key, prediction_rows(5, "b1"))
+    schema = lt.table_schema(cat, "predictions")
+    lc.write_data_file(cat.lake, key, prediction_rows(5, "b1"), schema=schema)
     with pytest.raises(LakeError, match="listed twice"):
         lc.add_data_files(cat, "predictions", [key, key])
     lc.add_data_files(cat, "predictions", [key])
@@ -396,11 +399,11 @@ def test_a_replace_that_loses_a_race_is_redone_on_the_fresh_snapshot(
     real = lc.conform
     raced = []
 
-    def conform_then_race(table, data, *, where):  # type: ignore[no-untyped-def]
+    def conform_then_race(schema, data, *, where):  # type: ignore[no-untyped-def]
         if not raced:  # between our load and our commit, another run of the batch commits
             raced.append(True)
             lc.replace_partition(rival, "predictions", prediction_rows(40, "b1", confidence=0.3), BATCH)
-        return real(table, data, where=where)
+        return real(schema, data, where=where)
 
     monkeypatch.setattr(lc, "conform", conform_then_race)
     result = lc.replace_partition(cat, "predictions", prediction_rows(40, "b1", confidence=0.9), BATCH)
@@ -583,7 +586,9 @@ def test_expire_then_orphan_removal_counts_what_it_removes(cat: LakeCatalog, set
     stray = "zalando/predictions/data/stray-from-a-crashed-writer.parquet"
     cat.lake.write_bytes(stray, _parquet(prediction_rows(2, "b3")))
     waiting = lc.data_file_key(cat, "predictions", run_id="r9", shard_id=0)  # a shard waiting for its commit
-    lc.write_data_file(cat, "predictions", waiting, prediction_rows(3, "b9"))
+    lc.write_data_file(
+        cat.lake, waiting, prediction_rows(3, "b9"), schema=lt.table_schema(cat, "predictions")
+    )
     _age(cat, stray, days=10)
     before = lc.scan(cat, "predictions").sort_by("image_id")
     table = lt.load_table(cat, "predictions")
@@ -627,9 +632,10 @@ def _mid_write(cat: LakeCatalog) -> pa.Table:
     lc.replace_partition(
         cat, "predictions", prediction_rows(20, "b2", batch_date=date(2026, 12, 1)), {"batch_id": "b2"}
     )
+    schema = lt.table_schema(cat, "predictions")
     for s in range(3):
         key = lc.data_file_key(cat, "predictions", run_id="r", shard_id=s, partition={"batch_id": "b3"})
-        lc.write_data_file(cat, "predictions", key, prediction_rows(10, "b3", first_id=10 * s))
+        lc.write_data_file(cat.lake, key, prediction_rows(10, "b3", first_id=10 * s), schema=schema)
     return lc.scan(cat, "predictions")
 
 

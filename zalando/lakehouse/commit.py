@@ -8,9 +8,10 @@ still leaves exactly the replacing rows. Each commit carries a ``zalando.commit-
 property: a retry after an ambiguous failure first looks for it, and never commits twice.
 
 Shard files: a shard writes its rows with :func:`write_data_file` under :func:`data_file_key`
-(deterministic for one run, so a retried shard overwrites its own uncommitted file); the batch's
-finalize then commits them all with :func:`add_data_files`, replacing the batch's earlier rows in
-the same commit. Until then no Iceberg reader sees them.
+(deterministic for one run, so a retried shard overwrites its own uncommitted file; it needs the
+lake and the table's schema, not the catalog); the batch's finalize then commits them all with
+:func:`add_data_files`, replacing the batch's earlier rows in the same commit. Until then no
+Iceberg reader sees them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from zalando.errors import LakeError
-from zalando.lake import table_to_parquet_bytes, validate_key
+from zalando.lake import Lake, table_to_parquet_bytes, validate_key
 from zalando.lakehouse.catalog import LakeCatalog, storage_path
 from zalando.lakehouse.tables import (
     check_schema,
@@ -180,7 +181,7 @@ def append(
     """Append rows (schema-checked) in one commit."""
 
     def build(table: Any, props: dict[str, str]) -> None:
-        rows = conform(table, data, where=f"append to {cat.identifier(table_name)}")
+        rows = conform(table.schema(), data, where=f"append to {cat.identifier(table_name)}")
         with table.transaction() as tx:
             tx.append(rows, snapshot_properties=props)
 
@@ -191,7 +192,7 @@ def replace_partition(
     cat: LakeCatalog,
     table_name: str,
     data: pa.Table,
-    filter: Filter,  # noqa: A002 - the name the pipeline reads best
+    filter: Filter,
     *,
     properties: Mapping[str, Any] | None = None,
 ) -> CommitResult:
@@ -201,7 +202,7 @@ def replace_partition(
     where = f"replace in {cat.identifier(table_name)}"
 
     def build(table: Any, props: dict[str, str]) -> None:
-        rows = conform(table, data, where=where)
+        rows = conform(table.schema(), data, where=where)
         outside = _rows_outside(rows, filter, table.schema())
         if outside:
             raise LakeError(f"{where}: {outside} of {rows.num_rows} rows do not match the filter {filter!r}")
@@ -258,13 +259,14 @@ def data_file_key(
     )
 
 
-def write_data_file(cat: LakeCatalog, table_name: str, key: str, data: pa.Table) -> int:
-    """Write one shard's rows (schema-checked, in the table's exact types and field ids) as Parquet
-    under key, for a later :func:`add_data_files`. Not visible to readers. Returns the bytes written."""
-    table = ensure_table(cat, table_name)
-    rows = conform(table, data, where=f"data file {key} of {cat.identifier(table_name)}")
+def write_data_file(lake: Lake, key: str, data: pa.Table, *, schema: Any) -> int:
+    """Write one shard's rows as Parquet under key, for a later :func:`add_data_files`; not visible
+    to any reader until then. Checked against and cast to ``schema``, the table's Iceberg schema
+    (:func:`zalando.lakehouse.tables.table_schema`, taken once by the driver): no catalog call here,
+    so a shard on any worker can write. Returns the bytes written."""
+    rows = conform(schema, data, where=f"data file {lake.uri(key)}")
     payload = table_to_parquet_bytes(rows)
-    cat.lake.write_bytes(key, payload)
+    lake.write_bytes(key, payload)
     return len(payload)
 
 
@@ -313,7 +315,7 @@ def _file_schema(table: Any, uri: str) -> pa.Schema:
 def scan(
     cat: LakeCatalog,
     table_name: str,
-    filter: Filter | None = None,  # noqa: A002
+    filter: Filter | None = None,
     *,
     columns: Sequence[str] | None = None,
     snapshot_id: int | None = None,

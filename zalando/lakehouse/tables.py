@@ -474,6 +474,11 @@ def ensure_tables(cat: LakeCatalog, names: Sequence[str] | None = None) -> list[
     return names
 
 
+def table_schema(cat: LakeCatalog, name: str) -> Any:
+    """The table's live Iceberg schema (created if missing): what shard writers conform to."""
+    return ensure_table(cat, name).schema()
+
+
 def register_table(cat: LakeCatalog, name: str, metadata_uri: str) -> Any:
     """Register an existing table from one of its metadata files (recovery after a lost catalog)."""
     table_spec(name)
@@ -519,9 +524,9 @@ def check_schema(table_schema: Any, data_schema: pa.Schema, *, where: str) -> No
         )
 
 
-def conform(table: Any, data: pa.Table, *, where: str) -> pa.Table:
-    """data checked against the live table schema, then cast to its exact Arrow types and order."""
-    schema = table.schema()
+def conform(schema: Any, data: pa.Table, *, where: str) -> pa.Table:
+    """data checked against a table's Iceberg schema, then cast to its exact Arrow types, field ids
+    and column order."""
     check_schema(schema, data.schema, where=where)
     target = schema.as_arrow()
     cols = []
