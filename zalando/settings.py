@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("zalando-local-secret")
     s3_region: str = "us-east-1"
     s3_port: int = Field(default=8333, description="Port of the embedded S3 server (when no endpoint is set)")
+    iceberg_catalog_uri: SecretStr | None = Field(
+        default=None,
+        description="Iceberg catalog: unset = SQLite in the work folder; else sqlite:///…, "
+        "postgresql+psycopg://… (SQL catalog) or http(s)://… (REST catalog)",
+    )
 
     # data and run
     data_source: str = Field(

@@ -1,0 +1,66 @@
+"""Helpers for the Iceberg lakehouse tests: prediction rows, a DuckDB with the Iceberg extension."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from zalando.lakehouse.tables import PROB_COLUMNS, TABLES, UTC_US
+
+DAY = date(2026, 11, 30)
+
+
+def prediction_rows(
+    n: int,
+    batch_id: str,
+    *,
+    model_version: str = "v1",
+    batch_date: date = DAY,
+    confidence: float = 0.5,
+    first_id: int = 0,
+) -> pa.Table:
+    """n prediction rows of one batch (ids img-<first_id>.. ), in the table spec's Arrow schema."""
+    ids = [f"img-{i:06d}" for i in range(first_id, first_id + n)]
+    cols: dict[str, Any] = {
+        "image_id": ids,
+        "pred_group": pa.array([i % 5 for i in range(n)], pa.int8()),
+        "pred_group_name": ["Upper part"] * n,
+    }
+    for c in PROB_COLUMNS:
+        cols[c] = pa.array([0.2] * n, pa.float32())
+    cols.update(
+        confidence=pa.array([confidence] * n, pa.float32()),
+        model_version=[model_version] * n,
+        batch_id=[batch_id] * n,
+        batch_date=pa.array([batch_date] * n, pa.date32()),
+        scored_at=pa.array([datetime(2026, 12, 1, tzinfo=UTC)] * n, UTC_US),
+        shadow=[False] * n,
+    )
+    return pa.table(cols, schema=TABLES["predictions"].schema)
+
+
+def duckdb_with_iceberg() -> Any | None:
+    """A DuckDB connection with the iceberg (and httpfs) extensions loaded from their PyPI packages,
+    or None when duckdb or the extension package is not installed."""
+    if (
+        importlib.util.find_spec("duckdb") is None
+        or importlib.util.find_spec("duckdb_extension_iceberg") is None
+    ):
+        return None
+    import duckdb
+
+    con = duckdb.connect()
+    for ext in ("avro", "iceberg", "httpfs"):
+        spec = importlib.util.find_spec(f"duckdb_extension_{ext}")
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        found = glob.glob(str(root / "extensions" / "*" / f"{ext}.duckdb_extension"))
+        if found:
+            con.load_extension(found[0])
+    return con
