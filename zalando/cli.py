@@ -690,6 +690,130 @@ def rollback(reason: str = typer.Option("manual rollback", help="Recorded in the
     console.print(f"champion rolled back to {pointer['model_version']} ({pointer['experiment']})")
 
 
+# --------------------------------------------------------------------------- the catalogue
+PIPE_WIDTH = 400  # columns of a table printed to a pipe or a file: wide enough that rich cuts nothing
+
+
+def _table_console() -> Console:
+    """The console for tables: the terminal's width on a terminal; elsewhere wide, so no column is cut."""
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def _model_cost(spec: Any, input_size: int, memo: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per image) of ``spec``'s untrained network at ``input_size``.
+
+    Built on the CPU without weights (none are loaded or downloaded); the global RNG is left as it was.
+    One thread: a single image's forward pass gains nothing from more, and spinning threads on busy
+    cores made it 10-40x slower.
+    """
+    import json
+
+    import torch
+
+    from zalando.models.architectures import build_model, count_macs, count_parameters
+
+    key = json.dumps([spec.architecture, spec.num_outputs, input_size, spec.arch_params], sort_keys=True)
+    if key not in memo:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = build_model(spec.architecture, spec.num_outputs, input_size, spec.arch_params)
+            memo[key] = (count_parameters(model), count_macs(model))
+        finally:
+            torch.set_num_threads(threads)
+    return memo[key]
+
+
+@app.command()
+@handle_errors
+def experiments() -> None:
+    """Every experiment (built-in and ZALANDO_EXPERIMENTS_FILE's): its network, cost, input size and profiles."""
+    from zalando.models.experiments import load_catalog
+
+    setup_logging(False)
+    catalog = load_catalog(settings_from().experiments_file)
+    table = Table(
+        title=f"Experiments ({catalog.source})",
+        caption="MFLOP per image = 2 x the multiply-accumulates of the conv and linear layers (count_macs), "
+        "at each profile's input size (its max_input_size cap); parameters of the untrained network (no weights "
+        "loaded).",
+    )
+    for title in (
+        "experiment",
+        "architecture",
+        "parameters",
+        "input px (profile)",
+        "MFLOP/img",
+        "trained by",
+    ):
+        table.add_column(title, justify="right" if title in ("parameters", "MFLOP/img") else "left")
+    memo: dict[str, tuple[int, int]] = {}
+    for name, spec in catalog.experiments.items():
+        by_size: dict[int, list[str]] = {}
+        for profile in catalog.profiles:
+            by_size.setdefault(catalog.resolved(name, profile).input_size, []).append(profile)
+        costs = {size: _model_cost(spec, size, memo) for size in by_size}
+        params = [p for p, _ in costs.values()]  # one line per size only where the size changes them
+        table.add_row(
+            name,
+            spec.architecture,
+            "\n".join(f"{p:,}" for p in (params if len(set(params)) > 1 else params[:1])),
+            "\n".join(f"{size} ({', '.join(profiles)})" for size, profiles in by_size.items()),
+            "\n".join(f"{2 * macs / 1e6:,.1f}" for _, macs in costs.values()),
+            ", ".join(p.name for p in catalog.profiles.values() if name in p.experiments) or "–",
+        )
+    _table_console().print(table)
+
+
+def _profile_value(value: Any) -> str:
+    """A profile field as table text: '–' for no cap, one line per experiment or per setting."""
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple | list):
+        return "\n".join(str(v) for v in value) or "–"
+    if isinstance(value, dict):
+        if not value:
+            return "–"
+        return "\n".join(
+            f"{k}: " + (", ".join(f"{f}={_number(v)}" for f, v in sub.items()) if isinstance(sub, dict) else str(sub))
+            for k, sub in value.items()
+        )  # fmt: skip
+    return _number(value)
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+@handle_errors
+def profiles() -> None:
+    """What each profile changes: its caps and numbers, the experiments it trains, its per-experiment overrides."""
+    from zalando.models.experiments import ProfileParams, load_catalog
+
+    setup_logging(False)
+    catalog = load_catalog(settings_from().experiments_file)
+    table = Table(
+        title=f"Profiles ({catalog.source})",
+        caption="–: no cap, each experiment keeps its own value. overrides: numbers set per experiment.",
+        show_lines=True,
+    )
+    table.add_column("setting")
+    for name in catalog.profiles:
+        table.add_column(name)
+    for field in ProfileParams.model_fields:
+        if field != "name":
+            table.add_row(field, *(_profile_value(getattr(p, field)) for p in catalog.profiles.values()))
+    _table_console().print(table)
+
+
 # --------------------------------------------------------------------------- stack
 @stack_app.command("up")
 @handle_errors

@@ -511,107 +511,165 @@ def build_run_report(
     """
     if per_group is None or per_group.empty:
         raise DataError("per_group table: is empty, there is nothing to report")
-    files: dict[str, bytes] = {}
     experiments = _experiments(per_group, performance, energy, confusion)
     tables = display_tables(per_group, performance, energy, summary)
-    when = (created_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
+    md = [
+        *_title_section(run_id, experiments, champion, created_at),
+        *_metrics_section(tables["per_group"], tables["summary"]),
+        *_models_section(models),
+        *_label_group_section(label_group),
+        *_performance_section(tables["performance"]),
+        *_energy_section(tables["energy"]),
+        "\n## Figures\n",
+    ]
+    files: dict[str, bytes] = {}
+    for lines, pngs in (
+        _confusion_figures(confusion),
+        _pr_figures(pr_curves),
+        _training_curves_figure(histories),
+        _worst_one_piece_figure(worst_one_piece),
+        _gradcam_figures(gradcam_pngs),
+    ):
+        md.extend(lines)
+        files.update(pngs)
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(md)).rstrip() + "\n"
+    files["report.md"] = text.encode("utf-8")
+    return files
 
-    md: list[str] = [
+
+# Each section below is a list of Markdown blocks; a figure section also returns its PNGs by file name.
+Figures = tuple[list[str], dict[str, bytes]]
+
+
+def _title_section(
+    run_id: str, experiments: Sequence[str], champion: str | None, created_at: datetime | None
+) -> list[str]:
+    when = (created_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
+    md = [
         f"# Run report `{run_id}`\n",
         f"Generated {when}. Experiments: " + ", ".join(f"`{e}`" for e in experiments) + ".\n",
     ]
     if champion:
         md.append(f"Champion after this run: **`{champion}`**.\n")
+    return md
 
-    md.append("## Classical metrics per group (test split)\n")
-    md.append(
+
+def _metrics_section(per_group: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """The per-group table (the study's best model first in each group) and the summary per experiment."""
+    return [
+        "## Classical metrics per group (test split)\n",
         "Recall = TP/(TP+FN), precision = TP/(TP+FP), NPV = TN/(TN+FN), one group against the rest. "
         f"'{NA}' means undefined (a group never predicted or never present). The first row of each "
-        "group is the study's best model.\n"
-    )
-    md.append(markdown_table(tables["per_group"], DISPLAY_FORMATS))
-    md.append("\n### Summary\n")
-    md.append(markdown_table(tables["summary"], DISPLAY_FORMATS))
+        "group is the study's best model.\n",
+        markdown_table(per_group, DISPLAY_FORMATS),
+        "\n### Summary\n",
+        markdown_table(summary, DISPLAY_FORMATS),
+    ]
 
-    if models:
-        md.append("\n### How each model decides (all chosen on the validation split)\n")
-        md.append(
-            "Test-time augmentation, temperature and the operating point (per-group weights on the "
-            "group probabilities that bring each group's validation recall up to the study's) are part "
-            "of the scored graph, in torch and ONNX alike.\n"
-        )
-        md.append(markdown_table(models_display(models)))
 
-    if label_group:
-        md.append("\n### Original labels by predicted group\n")
-        for experiment, matrix in label_group.items():
-            frame = pd.DataFrame(np.asarray(matrix), columns=list(GROUP_NAMES))
-            frame.insert(0, "Label", list(LABEL_NAMES))
-            md.append(f"\n`{experiment}`\n\n" + markdown_table(frame))
+def _models_section(models: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    if not models:
+        return []
+    return [
+        "\n### How each model decides (all chosen on the validation split)\n",
+        "Test-time augmentation, temperature and the operating point (per-group weights on the "
+        "group probabilities that bring each group's validation recall up to the study's) are part "
+        "of the scored graph, in torch and ONNX alike.\n",
+        markdown_table(models_display(models)),
+    ]
 
-    md.append("\n## Performance\n")
-    md.append(
+
+def _label_group_section(label_group: Mapping[str, np.ndarray] | None) -> list[str]:
+    if not label_group:
+        return []
+    md = ["\n### Original labels by predicted group\n"]
+    for experiment, matrix in label_group.items():
+        frame = pd.DataFrame(np.asarray(matrix), columns=list(GROUP_NAMES))
+        frame.insert(0, "Label", list(LABEL_NAMES))
+        md.append(f"\n`{experiment}`\n\n" + markdown_table(frame))
+    return md
+
+
+def _performance_section(performance: pd.DataFrame) -> list[str]:
+    return [
+        "\n## Performance\n",
         "Scoring of the test split after warm-up batches; wall time, throughput and per-batch latency. "
         "Sizes in MiB. Our machines are shared 2-core CPUs: speed numbers are disturbed by other work. "
         f"The reference row is the study's {STUDY_SCORING['n_images']:,} images in "
-        f"{STUDY_SCORING['wall_s']} s on a {STUDY_SCORING['device']}.\n"
-    )
-    md.append(markdown_table(tables["performance"], DISPLAY_FORMATS))
+        f"{STUDY_SCORING['wall_s']} s on a {STUDY_SCORING['device']}.\n",
+        markdown_table(performance, DISPLAY_FORMATS),
+    ]
 
-    md.append("\n## Energy\n")
-    if tables["energy"].empty:
-        md.append("_No energy was measured in this run._\n")
-    else:
-        md.append(markdown_table(tables["energy"], DISPLAY_FORMATS))
-        methods = sorted(set(tables["energy"]["Power method"].astype(str)))
-        md.append(
-            "\nPower method: " + "; ".join(f"`{m}`" for m in methods) + ". Machines without power counters "
-            "(no RAPL, as on our VMs) only get estimates from codecarbon: CPU power = TDP x load, RAM power "
-            "a constant from the installed memory; GPU power is read from NVML when a GPU is present.\n"
-        )
 
-    md.append("\n## Figures\n")
-    if confusion is not None and not confusion.empty:
-        md.append("\n### Confusion matrices (test split)\n")
-        conf = _test_split(confusion)
-        for experiment in _experiments(conf):
-            cm = _confusion_matrix_of(conf[conf["experiment"].astype(str) == experiment])
-            name = f"confusion_{safe_name(experiment)}.png"
-            files[name] = confusion_png(cm, f"{experiment}: confusion (test)")
-            md.append(f"![Confusion matrix of {experiment}]({name})\n")
-    for experiment, curves in _pr_by_experiment(pr_curves).items():
-        if not any(k.startswith("pr_") for k in files):
-            md.append("\n### Precision-recall curves (test split)\n")
+def _energy_section(energy: pd.DataFrame) -> list[str]:
+    if energy.empty:
+        return ["\n## Energy\n", "_No energy was measured in this run._\n"]
+    methods = sorted(set(energy["Power method"].astype(str)))
+    return [
+        "\n## Energy\n",
+        markdown_table(energy, DISPLAY_FORMATS),
+        "\nPower method: " + "; ".join(f"`{m}`" for m in methods) + ". Machines without power counters "
+        "(no RAPL, as on our VMs) only get estimates from codecarbon: CPU power = TDP x load, RAM power "
+        "a constant from the installed memory; GPU power is read from NVML when a GPU is present.\n",
+    ]
+
+
+def _confusion_figures(confusion: pd.DataFrame | None) -> Figures:
+    if confusion is None or confusion.empty:
+        return [], {}
+    md, files = ["\n### Confusion matrices (test split)\n"], {}
+    conf = _test_split(confusion)
+    for experiment in _experiments(conf):
+        cm = _confusion_matrix_of(conf[conf["experiment"].astype(str) == experiment])
+        name = f"confusion_{safe_name(experiment)}.png"
+        files[name] = confusion_png(cm, f"{experiment}: confusion (test)")
+        md.append(f"![Confusion matrix of {experiment}]({name})\n")
+    return md, files
+
+
+def _pr_figures(pr_curves: pd.DataFrame | Mapping[str, pd.DataFrame] | None) -> Figures:
+    curves_by_experiment = _pr_by_experiment(pr_curves)
+    if not curves_by_experiment:
+        return [], {}
+    md, files = ["\n### Precision-recall curves (test split)\n"], {}
+    for experiment, curves in curves_by_experiment.items():
         name = f"pr_{safe_name(experiment)}.png"
         files[name] = pr_png(curves, f"{experiment}: precision-recall (test)")
         md.append(f"![Precision-recall curves of {experiment}]({name})\n")
-    if histories and any(histories.values()):
-        files["training_curves.png"] = training_curves_png(histories)
-        md.append("\n### Training curves\n\n![Training curves](training_curves.png)\n")
-    md.append("\n### Worst One piece mistakes\n")
-    if worst_one_piece:
-        files["worst_one_piece.png"] = gallery_png(
-            list(worst_one_piece), "Most confident mistakes involving One piece (missed or wrongly predicted)"
-        )
-        md.append(
-            "The study's first future line: the One piece group's errors, with their probabilities.\n\n"
-            "![Worst One piece mistakes](worst_one_piece.png)\n"
-        )
-    else:
-        md.append("_No One piece mistakes to show._\n")
-    md.append("\n### Grad-CAM: where the model looked\n")
-    if gradcam_pngs:
-        for raw_name, data in gradcam_pngs.items():
-            name = safe_name(raw_name.removesuffix(".png"))
-            name = name if name.startswith("gradcam_") else f"gradcam_{name}"
-            files[f"{name}.png"] = data
-            md.append(f"![{name}]({name}.png)\n")
-    else:
-        md.append("_No Grad-CAM maps in this run._\n")
+    return md, files
 
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(md)).rstrip() + "\n"
-    files["report.md"] = text.encode("utf-8")
-    return files
+
+def _training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]] | None) -> Figures:
+    if not histories or not any(histories.values()):
+        return [], {}
+    md = ["\n### Training curves\n\n![Training curves](training_curves.png)\n"]
+    return md, {"training_curves.png": training_curves_png(histories)}
+
+
+def _worst_one_piece_figure(worst_one_piece: Sequence[tuple[np.ndarray, int, np.ndarray]] | None) -> Figures:
+    if not worst_one_piece:
+        return ["\n### Worst One piece mistakes\n", "_No One piece mistakes to show._\n"], {}
+    png = gallery_png(
+        list(worst_one_piece), "Most confident mistakes involving One piece (missed or wrongly predicted)"
+    )
+    md = [
+        "\n### Worst One piece mistakes\n",
+        "The study's first future line: the One piece group's errors, with their probabilities.\n\n"
+        "![Worst One piece mistakes](worst_one_piece.png)\n",
+    ]
+    return md, {"worst_one_piece.png": png}
+
+
+def _gradcam_figures(gradcam_pngs: Mapping[str, bytes] | None) -> Figures:
+    if not gradcam_pngs:
+        return ["\n### Grad-CAM: where the model looked\n", "_No Grad-CAM maps in this run._\n"], {}
+    md, files = ["\n### Grad-CAM: where the model looked\n"], {}
+    for raw_name, data in gradcam_pngs.items():
+        name = safe_name(raw_name.removesuffix(".png"))
+        name = name if name.startswith("gradcam_") else f"gradcam_{name}"
+        files[f"{name}.png"] = data
+        md.append(f"![{name}]({name}.png)\n")
+    return md, files
 
 
 def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -5,6 +5,11 @@ version's statistics, augments on the fly, trains with a class-balanced loss, st
 scheduler, stops early on validation loss, keeps the best checkpoint by validation loss, and
 writes an epoch checkpoint so a killed run resumes where it stopped. The test split never
 comes here.
+
+Laid out as pytorch/vision's ``references/classification/train.py``: :func:`select_training_data`
+and :func:`setup_training` (setup), :class:`EpochCheckpoint` (resume), :func:`train_one_epoch` and
+:func:`evaluate` (one epoch), :func:`fit` (the epoch loop), :func:`choose_on_validation` (TTA,
+temperature and operating point after training), and :func:`train_experiment`, which runs them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last.pt"
 EVAL_BATCH = 512
+LOG_EVERY_S = 15.0  # seconds between progress lines within an epoch
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -341,86 +347,86 @@ def _frozen_bn_eval(model: nn.Module) -> None:
                 m.eval()
 
 
-def train_experiment(
-    spec: ExperimentSpec,
-    profile: ProfileParams,
-    data: dict[str, np.ndarray],
-    mean: float,
-    std: float,
-    *,
-    seed: int,
-    threads: int | None = None,
-    checkpoint_dir: Path | None = None,
-    progress: ProgressFn | None = None,
-    lake: Any | None = None,
-    allow_download: bool = True,
-    device: str = "auto",
-) -> TrainResult:
-    """Train ``spec`` as ``profile`` says on ``data`` (x_train, y_train, x_val, y_val: uint8 / int labels).
+# ----------------------------------------------------------------------------- setup
 
-    ``mean``/``std`` are the dataset version's pixel/255 statistics. With ``checkpoint_dir``, an
-    epoch checkpoint is written after each epoch and a run with the same spec, seed and data
-    resumes from it. ``lake`` is only needed when the spec starts from weights in the lake.
-    ``device`` is 'auto' (a CUDA GPU when there is one), 'cpu' or 'cuda'; the returned model is
-    always on the CPU.
+
+@dataclass(frozen=True)
+class TrainData:
+    """One run's images: the profile's training subset as tensors, its validation subset as arrays.
+
+    ``mean``/``std`` are the dataset version's pixel/255 statistics that normalise both.
     """
-    if spec.profile is None:
-        spec = resolve_spec(spec, profile)
-    elif spec.profile != profile.name:
-        raise ConfigError(
-            f"spec {spec.name!r} was resolved for profile {spec.profile!r}, not {profile.name!r}"
-        )
-    if not (std > 0 and math.isfinite(mean) and math.isfinite(std)):
-        raise DataError(f"normalisation statistics must be finite with std > 0, got mean={mean}, std={std}")
-    _check_arrays(data)
-    dev = resolve_device(device)
-    t_start = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        return _train(
-            spec,
-            profile,
-            data,
-            float(mean),
-            float(std),
-            seed,
-            checkpoint_dir,
-            progress,
-            lake,
-            allow_download,
-            t_start,
-            dev,
-        )
-    finally:
-        torch.set_num_threads(old_threads)
+
+    x_train: torch.Tensor  # uint8 (N, 1, 28, 28)
+    y_train: torch.Tensor  # int64 (N,): labels or groups, as the spec's target says
+    y_train_groups: np.ndarray  # int64 (N,): the training images' groups (the group term's weights)
+    x_val: np.ndarray  # uint8 (M, 28, 28)
+    y_val: np.ndarray  # int64 (M,): labels
+    mean: float
+    std: float
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.y_val)
 
 
-def _train(
-    spec: ExperimentSpec,
-    profile: ProfileParams,
-    data: dict[str, np.ndarray],
-    mean: float,
-    std: float,
-    seed: int,
-    checkpoint_dir: Path | None,
-    progress: ProgressFn | None,
-    lake: Any | None,
-    allow_download: bool,
-    t_start: float,
-    device: torch.device,
-) -> TrainResult:
+def select_training_data(
+    data: dict[str, np.ndarray], profile: ProfileParams, target: str, mean: float, std: float, seed: int
+) -> TrainData:
+    """The profile's class-stratified subsets of ``data`` (``seed`` for training, ``seed + 1`` for validation)."""
     tr_idx = stratified_subset(data["y_train"], profile.max_train_images, seed)
     va_idx = stratified_subset(data["y_val"], profile.max_val_images, seed + 1)
-    x_tr = torch.from_numpy(np.ascontiguousarray(data["x_train"][tr_idx]))[:, None]
     y_tr_lab = np.asarray(data["y_train"][tr_idx], dtype=np.int64)
-    x_va = np.ascontiguousarray(data["x_val"][va_idx])
-    y_va_lab = np.asarray(data["y_val"][va_idx], dtype=np.int64)
     y_tr_grp = np.asarray(LABEL_TO_GROUP)[y_tr_lab]
-    y_tr = torch.from_numpy(y_tr_lab if spec.target == "labels" else y_tr_grp)
-    n_train, n_val = len(tr_idx), len(va_idx)
+    return TrainData(
+        x_train=torch.from_numpy(np.ascontiguousarray(data["x_train"][tr_idx]))[:, None],
+        y_train=torch.from_numpy(y_tr_lab if target == "labels" else y_tr_grp),
+        y_train_groups=y_tr_grp,
+        x_val=np.ascontiguousarray(data["x_val"][va_idx]),
+        y_val=np.asarray(data["y_val"][va_idx], dtype=np.int64),
+        mean=float(mean),
+        std=float(std),
+    )
 
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What setup built for one run: the model on its device and what trains it."""
+
+    model: ClassifierNet
+    weights: WeightsInfo
+    params: int
+    macs: int
+    device: torch.device
+    precision: str  # 'fp32', or 'bf16' (autocast; the weights stay fp32)
+    loss_fn: TrainingLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    sched_when: str  # 'epoch' (stepped with the val loss), 'step' or 'none'
+    stopper: EarlyStopping
+    batch_size: int
+    steps_per_epoch: int
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+
+def setup_training(
+    spec: ExperimentSpec,
+    profile: ProfileParams,
+    data: TrainData,
+    *,
+    seed: int,
+    device: torch.device,
+    lake: Any | None,
+    allow_download: bool,
+) -> TrainSetup:
+    """The seeded model (weights as spec and profile allow), its loss, optimiser, scheduler and stopper."""
     torch.manual_seed(seed)
     model = build_model(spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params)
     weights = init_weights(
@@ -430,175 +436,330 @@ def _train(
     params, macs = count_parameters(model), count_macs(model)
     model = model.to(device=device, memory_format=torch.channels_last)
     precision = resolve_precision(spec.precision, device)
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
     balanced = spec.class_weighting == "balanced"
-    cw = balanced_class_weights(y_tr.numpy(), spec.num_outputs) if balanced else None
-    gw = balanced_class_weights(y_tr_grp, NUM_GROUPS) if balanced else None
-    loss_fn = TrainingLoss(spec.target, cw, gw, spec.label_smoothing, spec.group_loss_weight)
-
-    bs = min(spec.batch_size, n_train)
-    steps_per_epoch = max(1, n_train // bs)  # the ragged tail is dropped (BatchNorm needs > 1 image)
+    cw = balanced_class_weights(data.y_train.numpy(), spec.num_outputs) if balanced else None
+    gw = balanced_class_weights(data.y_train_groups, NUM_GROUPS) if balanced else None
+    bs = min(spec.batch_size, data.n_train)
+    steps_per_epoch = max(1, data.n_train // bs)  # the ragged tail is dropped (BatchNorm needs > 1 image)
     optimizer = make_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
     scheduler, sched_when = make_scheduler(spec, optimizer, steps_per_epoch)
-    stopper = EarlyStopping(spec.early_stopping_patience, spec.min_delta)
+    return TrainSetup(
+        model=model,
+        weights=weights,
+        params=params,
+        macs=macs,
+        device=device,
+        precision=precision,
+        loss_fn=TrainingLoss(spec.target, cw, gw, spec.label_smoothing, spec.group_loss_weight),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sched_when=sched_when,
+        stopper=EarlyStopping(spec.early_stopping_patience, spec.min_delta),
+        batch_size=bs,
+        steps_per_epoch=steps_per_epoch,
+    )
 
-    history: list[dict[str, Any]] = []
+
+@dataclass
+class RunState:
+    """What the epoch loop carries from one epoch to the next, and the epoch checkpoint saves."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
-    best_val_loss, best_epoch, start_epoch, stopped_early = math.inf, -1, 0, False
-    resumed_from: int | None = None
-    ck_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
-    fingerprint = _spec_fingerprint(spec, seed, n_train, n_val, mean, std)
-    if ck_path is not None:
-        ck = _load_checkpoint(ck_path, fingerprint)
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(ck["scheduler"])
-            stopper.load_state_dict(ck["stopper"])
-            history = list(ck["history"])
-            best_state, best_val_loss, best_epoch = (
-                ck["best_state"],
-                float(ck["best_val_loss"]),
-                int(ck["best_epoch"]),
-            )
-            start_epoch, stopped_early = int(ck["epoch"]) + 1, bool(ck["stopped_early"])
-            resumed_from = int(ck["epoch"])
-            log.info("%s: resuming after epoch %d from %s", spec.name, resumed_from + 1, ck_path)
+    best_val_loss: float = math.inf
+    best_epoch: int = -1  # 1-based, -1 before the first epoch
+    next_epoch: int = 0  # 0-based: where the loop starts
+    stopped_early: bool = False
+    resumed_from: int | None = None  # the 0-based epoch a resumed checkpoint ended with
 
-    log.info(
-        "%s: training %s (%d params, %.1f MMAC/img) on %d images, validating on %d, up to %d epochs, batch %d, "
-        "%s %s, %d threads",
-        spec.name, spec.architecture, params, macs / 1e6, n_train, n_val, spec.epochs, bs, device.type, precision,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    epoch_images = steps_per_epoch * bs
-    for epoch in range(start_epoch, spec.epochs):
-        if stopped_early:
-            break
-        t_epoch = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 7_919 + epoch)  # dropout
-        perm = torch.randperm(n_train, generator=gen)
-        model.train()
-        _frozen_bn_eval(model)
-        run_loss, run_correct, seen, last_log = 0.0, 0, 0, time.perf_counter()
-        for step in range(steps_per_epoch):
+
+@dataclass(frozen=True)
+class EpochCheckpoint:
+    """A run's epoch checkpoint (none kept when ``path`` is None).
+
+    The fingerprint (spec, seed, data sizes, statistics) keeps a run from resuming another's checkpoint.
+    """
+
+    path: Path | None
+    fingerprint: str
+
+    def resume(self, setup: TrainSetup, experiment: str) -> RunState:
+        """Load the checkpoint into setup's model, optimiser, scheduler and stopper; a fresh state if none."""
+        ck = _load_checkpoint(self.path, self.fingerprint) if self.path is not None else None
+        if ck is None:
+            return RunState()
+        setup.model.load_state_dict(ck["model"])
+        setup.optimizer.load_state_dict(ck["optimizer"])
+        if setup.scheduler is not None:
+            setup.scheduler.load_state_dict(ck["scheduler"])
+        setup.stopper.load_state_dict(ck["stopper"])
+        epoch = int(ck["epoch"])
+        log.info("%s: resuming after epoch %d from %s", experiment, epoch + 1, self.path)
+        return RunState(
+            history=list(ck["history"]),
+            best_state=ck["best_state"],
+            best_val_loss=float(ck["best_val_loss"]),
+            best_epoch=int(ck["best_epoch"]),
+            next_epoch=epoch + 1,
+            stopped_early=bool(ck["stopped_early"]),
+            resumed_from=epoch,
+        )
+
+    def save(self, setup: TrainSetup, state: RunState, epoch: int) -> None:
+        """Write the state after ``epoch`` (0-based), atomically."""
+        if self.path is None:
+            return
+        _save_checkpoint(
+            self.path,
+            {
+                "fingerprint": self.fingerprint,
+                "epoch": epoch,
+                "model": setup.model.state_dict(),
+                "optimizer": setup.optimizer.state_dict(),
+                "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else {},
+                "stopper": setup.stopper.state_dict(),
+                "history": state.history,
+                "best_state": state.best_state,
+                "best_val_loss": state.best_val_loss,
+                "best_epoch": state.best_epoch,
+                "stopped_early": state.stopped_early,
+            },
+        )
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+@dataclass(frozen=True)
+class EpochLoader:
+    """One epoch's training batches: shuffled and augmented by one seeded generator, normalised, on the device.
+
+    The ragged tail is dropped (BatchNorm needs more than one image).
+    """
+
+    x: torch.Tensor  # uint8 (N, 1, 28, 28)
+    y: torch.Tensor  # int64 (N,)
+    batch_size: int
+    augmentation: AugmentPolicy
+    mean: float
+    std: float
+    device: torch.device
+    seed: int
+
+    def __len__(self) -> int:
+        return max(1, len(self.y) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(len(self.y), generator=gen)
+        bs = self.batch_size
+        for step in range(len(self)):
             idx = perm[step * bs : (step + 1) * bs]
-            xb = x_tr[idx].float().div_(255.0)
-            if spec.augmentation.active:
-                xb = augment_batch(xb, spec.augmentation, gen)
-            xb = _normalise(xb.to(device, non_blocking=True), mean, std)
-            yb = y_tr[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if sched_when == "step":
-                scheduler.step()
-            run_loss += float(loss.detach()) * len(idx)
-            run_correct += int((logits.detach().argmax(1) == yb).sum())
-            seen += len(idx)
-            now = time.perf_counter()
-            if now - last_log > 15 or step == steps_per_epoch - 1:
-                last_log = now
-                ips = seen / max(now - t_epoch, 1e-9)
-                left = (epoch_images - seen) + (spec.epochs - epoch - 1) * (epoch_images + n_val / 4)
-                info = {
-                    "event": "batch", "experiment": spec.name, "epoch": epoch + 1, "epochs": spec.epochs,
-                    "step": step + 1, "steps": steps_per_epoch, "train_loss": run_loss / seen,
-                    "images_per_s": ips, "eta_s": left / max(ips, 1e-9),
-                }  # fmt: skip
-                log.info(
-                    "%s epoch %d/%d step %d/%d loss %.4f %.0f img/s ETA %.0f s (max epochs)",
-                    spec.name, epoch + 1, spec.epochs, step + 1, steps_per_epoch, info["train_loss"], ips, info["eta_s"],
-                )  # fmt: skip
-                if progress:
-                    progress(info)
-        train_s = time.perf_counter() - t_epoch
-        vm = _val_metrics(predict_logits(model, x_va, mean, std), y_va_lab, spec.target, loss_fn)
-        if sched_when == "epoch":
-            scheduler.step(vm["val_loss"])
+            xb = self.x[idx].float().div_(255.0)
+            if self.augmentation.active:
+                xb = augment_batch(xb, self.augmentation, gen)
+            xb = _normalise(xb.to(self.device, non_blocking=True), self.mean, self.std)
+            yield xb, self.y[idx].to(self.device, non_blocking=True)
+
+
+class EpochReporter:
+    """Logs an epoch's running training loss, images/s and ETA every 15 s and at its last step.
+
+    The same numbers go to ``progress`` as a 'batch' event. ``t0`` is when the epoch started.
+    """
+
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        epoch: int,
+        steps: int,
+        batch_size: int,
+        n_val: int,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.experiment, self.epoch, self.epochs = spec.name, epoch, spec.epochs
+        self.steps, self.epoch_images, self.n_val = steps, steps * batch_size, n_val
+        self.progress = progress
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, step: int, train_loss: float, seen: int) -> None:
+        now = time.perf_counter()
+        if not (now - self.last > LOG_EVERY_S or step == self.steps - 1):
+            return
+        self.last = now
+        ips = seen / max(now - self.t0, 1e-9)
+        left = (self.epoch_images - seen) + (self.epochs - self.epoch - 1) * (
+            self.epoch_images + self.n_val / 4
+        )
+        info = {
+            "event": "batch", "experiment": self.experiment, "epoch": self.epoch + 1, "epochs": self.epochs,
+            "step": step + 1, "steps": self.steps, "train_loss": train_loss,
+            "images_per_s": ips, "eta_s": left / max(ips, 1e-9),
+        }  # fmt: skip
+        log.info(
+            "%s epoch %d/%d step %d/%d loss %.4f %.0f img/s ETA %.0f s (max epochs)",
+            self.experiment, self.epoch + 1, self.epochs, step + 1, self.steps, train_loss, ips, info["eta_s"],
+        )  # fmt: skip
+        if self.progress:
+            self.progress(info)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One epoch's training numbers, over the images it saw (in training mode, augmented)."""
+
+    train_loss: float
+    train_acc: float
+    images: int
+
+
+def train_one_epoch(
+    model: ClassifierNet,
+    loss_fn: TrainingLoss,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    step_scheduler: Any | None = None,
+    on_batch: Callable[[int, float, int], None] | None = None,
+) -> EpochStats:
+    """One pass over ``loader``: forward (autocast to ``amp_dtype`` when given), loss, backward, step.
+
+    ``step_scheduler`` is stepped after every batch; ``on_batch(step, running train loss, images seen)``
+    after every batch too. Batch-norm layers with frozen parameters stay in inference mode.
+    """
+    model.train()
+    _frozen_bn_eval(model)
+    run_loss, run_correct, seen = 0.0, 0, 0
+    for step, (xb, yb) in enumerate(loader):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(xb)
+        loss = loss_fn(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        run_loss += float(loss.detach()) * len(yb)
+        run_correct += int((logits.detach().argmax(1) == yb).sum())
+        seen += len(yb)
+        if on_batch is not None:
+            on_batch(step, run_loss / seen, seen)
+    return EpochStats(train_loss=run_loss / max(seen, 1), train_acc=run_correct / max(seen, 1), images=seen)
+
+
+def evaluate(
+    model: ClassifierNet,
+    loss_fn: TrainingLoss,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    target: str,
+    mean: float,
+    std: float,
+) -> dict[str, float]:
+    """Validation loss (no label smoothing), accuracy, group accuracy and group NLL, without TTA."""
+    return _val_metrics(predict_logits(model, x_val, mean, std), y_val, target, loss_fn)
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+def fit(
+    spec: ExperimentSpec,
+    setup: TrainSetup,
+    data: TrainData,
+    state: RunState,
+    checkpoint: EpochCheckpoint,
+    *,
+    seed: int,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Epochs from ``state.next_epoch``: train, validate, step the plateau scheduler, checkpoint.
+
+    ``state`` is updated in place: the history, the best weights by validation loss, early stopping.
+    Every epoch draws from its own seeds (shuffling and augmentation; dropout), so a resumed run
+    repeats the epochs it missed exactly.
+    """
+    model, loss_fn, optimizer = setup.model, setup.loss_fn, setup.optimizer
+    step_scheduler = setup.scheduler if setup.sched_when == "step" else None
+    for epoch in range(state.next_epoch, spec.epochs):
+        if state.stopped_early:
+            break
+        report = EpochReporter(spec, epoch, setup.steps_per_epoch, setup.batch_size, data.n_val, progress)
+        loader = EpochLoader(
+            data.x_train, data.y_train, setup.batch_size, spec.augmentation, data.mean, data.std,
+            setup.device, seed=seed * 1_000_003 + epoch,
+        )  # fmt: skip
+        torch.manual_seed(seed * 7_919 + epoch)  # dropout
+        stats = train_one_epoch(
+            model, loss_fn, optimizer, loader, setup.device,
+            amp_dtype=setup.amp_dtype, step_scheduler=step_scheduler, on_batch=report,
+        )  # fmt: skip
+        train_s = time.perf_counter() - report.t0
+        vm = evaluate(
+            model, loss_fn, data.x_val, data.y_val, target=spec.target, mean=data.mean, std=data.std
+        )
+        if setup.sched_when == "epoch":
+            setup.scheduler.step(vm["val_loss"])
         row = {
             "epoch": epoch + 1,
-            "train_loss": run_loss / max(seen, 1),
-            "train_acc": run_correct / max(seen, 1),
+            "train_loss": stats.train_loss,
+            "train_acc": stats.train_acc,
             **vm,
             "lr": float(optimizer.param_groups[0]["lr"]),
             "train_s": train_s,
-            "epoch_s": time.perf_counter() - t_epoch,
-            "images_per_s": seen / max(train_s, 1e-9),
+            "epoch_s": time.perf_counter() - report.t0,
+            "images_per_s": stats.images / max(train_s, 1e-9),
         }
-        history.append(row)
-        if vm["val_loss"] < best_val_loss:
-            best_val_loss, best_epoch = vm["val_loss"], epoch + 1
-            best_state = copy.deepcopy(model.state_dict())
-        stopped_early = stopper.step(vm["val_loss"]) and epoch + 1 < spec.epochs
-        log.info(
-            "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f group acc %.4f | lr %.2e | %.0f img/s, %.1f s%s",
-            spec.name, epoch + 1, spec.epochs, row["train_loss"], row["train_acc"], vm["val_loss"], vm["val_acc"],
-            vm["val_group_acc"], row["lr"], row["images_per_s"], row["epoch_s"], " (early stop)" if stopped_early else "",
-        )  # fmt: skip
+        _record_epoch(spec, setup, state, row)
         if progress:
             progress({"event": "epoch", "experiment": spec.name, **row, "epochs": spec.epochs})
-        if ck_path is not None:
-            _save_checkpoint(
-                ck_path,
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "stopper": stopper.state_dict(),
-                    "history": history,
-                    "best_state": best_state,
-                    "best_val_loss": best_val_loss,
-                    "best_epoch": best_epoch,
-                    "stopped_early": stopped_early,
-                },
-            )
+        checkpoint.save(setup, state, epoch)
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model = model.to("cpu")
-    model.eval()
-    plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
-    tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va_lab, mean, std, loss_fn, plain_logits)
-    spec = spec.model_copy(update={"tta": tta})
-    temperature, operating_point = _calibrate(model, spec, x_va, y_va_lab, mean, std, plain_logits)
-    wall = time.perf_counter() - t_start
-    prior = sum(h["epoch_s"] for h in history[: (resumed_from + 1) if resumed_from is not None else 0])
+
+def _record_epoch(spec: ExperimentSpec, setup: TrainSetup, state: RunState, row: dict[str, Any]) -> None:
+    """Append the epoch's row, keep the weights when its val loss is the best yet, decide early stopping."""
+    state.history.append(row)
+    epoch, val_loss = row["epoch"], row["val_loss"]
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_epoch = val_loss, epoch
+        state.best_state = copy.deepcopy(setup.model.state_dict())
+    state.stopped_early = setup.stopper.step(val_loss) and epoch < spec.epochs
     log.info(
-        "%s: best epoch %d val loss %.4f group acc %.4f (tta %s), %d epochs in %.1f s",
-        spec.name, best_epoch, best_val_loss, vm["val_group_acc"], tta, len(history), wall + prior,
+        "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f group acc %.4f | lr %.2e | %.0f img/s, %.1f s%s",
+        spec.name, epoch, spec.epochs, row["train_loss"], row["train_acc"], val_loss, row["val_acc"],
+        row["val_group_acc"], row["lr"], row["images_per_s"], row["epoch_s"],
+        " (early stop)" if state.stopped_early else "",
     )  # fmt: skip
-    return TrainResult(
-        spec=spec,
-        model=model,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_loss=best_val_loss,
-        epochs_run=len(history),
-        stopped_early=stopped_early,
-        wall_s=wall + prior,
-        weights=weights,
-        val_metrics=vm,
-        n_train=n_train,
-        n_val=n_val,
-        params=params,
-        macs=macs,
-        seed=seed,
-        resumed_from_epoch=resumed_from,
-        tta_scores=tta_scores,
-        temperature=temperature,
-        operating_point=operating_point,
-        device=device.type,
-        precision=precision,
-    )
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@dataclass(frozen=True)
+class ValidationChoices:
+    """What the validation split decides after training: test-time flip, temperature, operating point."""
+
+    spec: ExperimentSpec  # with ``tta`` decided
+    val_metrics: dict[str, float]  # with the chosen TTA
+    tta_scores: dict[str, float]
+    temperature: float
+    operating_point: dict[str, Any] | None
+
+
+def choose_on_validation(
+    model: ClassifierNet, spec: ExperimentSpec, loss_fn: TrainingLoss, data: TrainData
+) -> ValidationChoices:
+    """TTA, then the temperature and the operating point, all on VALIDATION (``model`` on the CPU, eval mode)."""
+    x_va, y_va, mean, std = data.x_val, data.y_val, data.mean, data.std
+    plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
+    tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va, mean, std, loss_fn, plain_logits)
+    spec = spec.model_copy(update={"tta": tta})
+    temperature, operating_point = _calibrate(model, spec, x_va, y_va, mean, std, plain_logits)
+    return ValidationChoices(spec, vm, tta_scores, temperature, operating_point)
 
 
 def _calibrate(
@@ -663,3 +824,110 @@ def _choose_tta(
     if spec.tta == "hflip" or scores["hflip"] < scores["none"]:
         return "hflip", scores, flipped
     return "none", scores, plain
+
+
+def _finish(
+    spec: ExperimentSpec, setup: TrainSetup, data: TrainData, state: RunState, *, seed: int, t_start: float
+) -> TrainResult:
+    """Back to the best epoch's weights, on the CPU; the choices on validation; the result."""
+    model = setup.model
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    model = model.to("cpu")
+    model.eval()
+    chosen = choose_on_validation(model, spec, setup.loss_fn, data)
+    wall = time.perf_counter() - t_start
+    resumed = state.resumed_from
+    prior = sum(h["epoch_s"] for h in state.history[: (resumed + 1) if resumed is not None else 0])
+    log.info(
+        "%s: best epoch %d val loss %.4f group acc %.4f (tta %s), %d epochs in %.1f s",
+        spec.name, state.best_epoch, state.best_val_loss, chosen.val_metrics["val_group_acc"], chosen.spec.tta,
+        len(state.history), wall + prior,
+    )  # fmt: skip
+    return TrainResult(
+        spec=chosen.spec,
+        model=model,
+        history=state.history,
+        best_epoch=state.best_epoch,
+        best_val_loss=state.best_val_loss,
+        epochs_run=len(state.history),
+        stopped_early=state.stopped_early,
+        wall_s=wall + prior,
+        weights=setup.weights,
+        val_metrics=chosen.val_metrics,
+        n_train=data.n_train,
+        n_val=data.n_val,
+        params=setup.params,
+        macs=setup.macs,
+        seed=seed,
+        resumed_from_epoch=resumed,
+        tta_scores=chosen.tta_scores,
+        temperature=chosen.temperature,
+        operating_point=chosen.operating_point,
+        device=setup.device.type,
+        precision=setup.precision,
+    )
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def train_experiment(
+    spec: ExperimentSpec,
+    profile: ProfileParams,
+    data: dict[str, np.ndarray],
+    mean: float,
+    std: float,
+    *,
+    seed: int,
+    threads: int | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    lake: Any | None = None,
+    allow_download: bool = True,
+    device: str = "auto",
+) -> TrainResult:
+    """Train ``spec`` as ``profile`` says on ``data`` (x_train, y_train, x_val, y_val: uint8 / int labels).
+
+    ``mean``/``std`` are the dataset version's pixel/255 statistics. With ``checkpoint_dir``, an
+    epoch checkpoint is written after each epoch and a run with the same spec, seed and data
+    resumes from it. ``lake`` is only needed when the spec starts from weights in the lake.
+    ``device`` is 'auto' (a CUDA GPU when there is one), 'cpu' or 'cuda'; the returned model is
+    always on the CPU.
+    """
+    if spec.profile is None:
+        spec = resolve_spec(spec, profile)
+    elif spec.profile != profile.name:
+        raise ConfigError(
+            f"spec {spec.name!r} was resolved for profile {spec.profile!r}, not {profile.name!r}"
+        )
+    if not (std > 0 and math.isfinite(mean) and math.isfinite(std)):
+        raise DataError(f"normalisation statistics must be finite with std > 0, got mean={mean}, std={std}")
+    _check_arrays(data)
+    dev = resolve_device(device)
+    t_start = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        train_data = select_training_data(data, profile, spec.target, mean, std, seed)
+        setup = setup_training(
+            spec, profile, train_data, seed=seed, device=dev, lake=lake, allow_download=allow_download
+        )
+        fingerprint = _spec_fingerprint(
+            spec, seed, train_data.n_train, train_data.n_val, train_data.mean, train_data.std
+        )
+        checkpoint = EpochCheckpoint(
+            Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None, fingerprint
+        )
+        state = checkpoint.resume(setup, spec.name)
+        log.info(
+            "%s: training %s (%d params, %.1f MMAC/img) on %d images, validating on %d, up to %d epochs, "
+            "batch %d, %s %s, %d threads",
+            spec.name, spec.architecture, setup.params, setup.macs / 1e6, train_data.n_train, train_data.n_val,
+            spec.epochs, setup.batch_size, dev.type, setup.precision, torch.get_num_threads(),
+        )  # fmt: skip
+        fit(spec, setup, train_data, state, checkpoint, seed=seed, progress=progress)
+        return _finish(spec, setup, train_data, state, seed=seed, t_start=t_start)
+    finally:
+        torch.set_num_threads(old_threads)

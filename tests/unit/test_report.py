@@ -233,3 +233,44 @@ def test_report_says_how_each_model_decides() -> None:
     assert "One piece x1.21" in row and "Upper part" not in row
     other = next(line for line in md.splitlines() if line.startswith("| resnet18_full"))
     assert "argmax" in other and "cpu fp32" in other
+
+
+def test_report_sections_come_in_their_order_with_their_figures() -> None:
+    from datetime import UTC, datetime
+
+    tables, pr, histories, worst = _run()
+    gradcam_file = gradcam_png(np.zeros((1, 28, 28), np.uint8), np.zeros((1, 28, 28)), ["a"])
+    files = rp.build_run_report(
+        "r5", tables["per_group"], tables["performance"], tables["energy"], tables["confusion"], pr, histories,
+        worst, {"one_piece_as_upper_part": gradcam_file}, summary=tables["summary"],
+        label_group={"cnn_small": np.arange(50).reshape(10, 5)}, champion="cnn_small",
+        created_at=datetime(2026, 12, 1, 8, 0, tzinfo=UTC), models=[{"experiment": "cnn_small"}],
+    )  # fmt: skip
+    md = files["report.md"].decode()
+    assert [line for line in md.splitlines() if line.startswith("#")] == [
+        "# Run report `r5`",
+        "## Classical metrics per group (test split)",
+        "### Summary",
+        "### How each model decides (all chosen on the validation split)",
+        "### Original labels by predicted group",
+        "## Performance",
+        "## Energy",
+        "## Figures",
+        "### Confusion matrices (test split)",
+        "### Precision-recall curves (test split)",
+        "### Training curves",
+        "### Worst One piece mistakes",
+        "### Grad-CAM: where the model looked",
+    ]
+    assert md.splitlines()[2:5] == [
+        "Generated 2026-12-01 08:00 UTC. Experiments: `cnn_small`, `squeezenet1_1_full`.",
+        "",
+        "Champion after this run: **`cnn_small`**.",
+    ]
+    # the figures in the order the report shows them, the Markdown last
+    assert list(files) == [
+        "confusion_cnn_small.png", "confusion_squeezenet1_1_full.png", "pr_cnn_small.png",
+        "pr_squeezenet1_1_full.png", "training_curves.png", "worst_one_piece.png",
+        "gradcam_one_piece_as_upper_part.png", "report.md",
+    ]  # fmt: skip
+    assert md.count("### Precision-recall curves") == 1 and "\n\n\n" not in md

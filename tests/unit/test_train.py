@@ -349,3 +349,127 @@ def test_bad_group_weights_in_a_bundle_are_refused(tiny: dict[str, np.ndarray], 
     lake.commit_files(key, {**files, "bundle.json": json.dumps(meta).encode()}, "tamper")
     with pytest.raises(ModelError, match="group_weights must be 5 positive numbers"):
         load_bundle(lake, "t", bundle.model_version)
+
+
+# ----------------------------------------------------------------------------- exact numbers of seeded runs
+
+
+def generated_data(n_train: int = 300, n_val: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Noise with one bright bar whose row says the label: learnable in a few steps, no files needed."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n_train + n_val) % 10
+    x = rng.integers(0, 80, size=(len(y), 28, 28), dtype=np.uint8)
+    for i, c in enumerate(y):
+        x[i, 2 * c + 2 : 2 * c + 7, 3:25] = 230
+    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_val": x[n_train:], "y_val": y[n_train:]}
+
+
+EXACT_PROFILE = ProfileParams(
+    name="tiny", experiments=("t",), max_train_images=300, max_val_images=100, pretrained=False
+)
+EXACT_SPECS: dict[str, dict[str, object]] = {
+    # onecycle stepped per batch, AdamW, label smoothing, the group term, TTA 'auto', the operating point
+    "labels": dict(
+        augmentation="light", scheduler="onecycle", lr=3e-2, tta="auto", decision_rule="recall_floors",
+        group_loss_weight=1.0, label_smoothing=0.05, epochs=3, optimizer="adamw",
+    ),
+    # plateau stepped per epoch, SGD, the group target, TTA 'auto' choosing the flip
+    "groups": dict(
+        augmentation="light", scheduler="plateau", plateau_patience=0, lr=5e-2, target="groups", epochs=4,
+        tta="auto", optimizer="sgd",
+    ),
+}  # fmt: skip
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_group_acc", "val_group_nll", "lr")
+# Recorded from the engine before its split into setup / train_one_epoch / evaluate / fit (commit 49e19ff),
+# torch 2.14.1, one thread, on the CPU: the same seed must give these numbers bit for bit.
+EXACT_NUMBERS: dict[str, dict[str, object]] = {
+    "labels": {
+        "history": [
+            [4.235388469696045, 0.11666666666666667, 4.078467845916748, 0.10000000149011612, 0.4000000059604645, 1.4343292713165283, 0.02824422267181444],
+            [3.6786250829696656, 0.23666666666666666, 3.8372066020965576, 0.30000001192092896, 0.4000000059604645, 1.4028886556625366, 0.010364843260650368],
+            [3.3590997457504272, 0.25666666666666665, 3.586627721786499, 0.30000001192092896, 0.33000001311302185, 1.336594581604004, 0.00014612823898160185],
+        ],
+        "best_epoch": 3, "best_val_loss": 3.586627721786499, "temperature": 0.6413683539754581, "tta": "none",
+        "tta_scores": {"none": 1.336594581604004, "hflip": 1.3367098569869995},
+        "weights": [1.0, 1.0, 1.0, 1.331, 1.21],
+        "val_metrics": {"val_loss": 3.586627721786499, "val_acc": 0.30000001192092896, "val_group_acc": 0.33000001311302185, "val_group_nll": 1.336594581604004},
+    },
+    "groups": {
+        "history": [
+            [1.6397620558738708, 0.26, 1.6057181358337402, 0.10000000149011612, 0.10000000149011612, 1.6568636894226074, 0.05],
+            [1.3983569264411926, 0.24333333333333335, 1.4904427528381348, 0.20000000298023224, 0.20000000298023224, 1.566901445388794, 0.05],
+            [1.212359571456909, 0.3433333333333333, 1.3051097393035889, 0.33000001311302185, 0.33000001311302185, 1.3542007207870483, 0.05],
+            [1.0885404765605926, 0.3466666666666667, 1.1749616861343384, 0.20000000298023224, 0.20000000298023224, 1.2747657299041748, 0.05],
+        ],
+        "best_epoch": 4, "best_val_loss": 1.1749616861343384, "temperature": 0.6155931839207308, "tta": "hflip",
+        "tta_scores": {"none": 1.2747657299041748, "hflip": 1.274546504020691},
+        "weights": None,
+        "val_metrics": {"val_loss": 1.1750309467315674, "val_acc": 0.20000000298023224, "val_group_acc": 0.20000000298023224, "val_group_nll": 1.274546504020691},
+    },
+}  # fmt: skip
+# oneDNN chooses its convolution kernels by instruction set, and other kernels round differently in
+# the last bits: bit for bit where the numbers were recorded (AVX-512), to 1e-3 elsewhere
+SAME_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _numbers(res: object) -> dict[str, object]:
+    return {
+        "history": [[h[k] for k in HISTORY_KEYS] for h in res.history],
+        "best_epoch": res.best_epoch,
+        "best_val_loss": res.best_val_loss,
+        "temperature": res.temperature,
+        "tta": res.spec.tta,
+        "tta_scores": res.tta_scores,
+        "weights": res.operating_point and res.operating_point["weights"],
+        "val_metrics": res.val_metrics,
+    }
+
+
+def _leaves(obj: object, path: str = "") -> dict[str, object]:
+    if isinstance(obj, dict):
+        return {k: v for key, item in obj.items() for k, v in _leaves(item, f"{path}.{key}").items()}
+    if isinstance(obj, list):
+        return {k: v for i, item in enumerate(obj) for k, v in _leaves(item, f"{path}[{i}]").items()}
+    return {path: obj}
+
+
+def _assert_recorded(got: dict[str, object], expected: dict[str, object]) -> None:
+    """Bit for bit where the kernels match the recording's; else every number to 1e-3, the rest exactly."""
+    if SAME_KERNELS:
+        assert got == expected
+        return
+    got_leaves, expected_leaves = _leaves(got), _leaves(expected)
+    assert got_leaves.keys() == expected_leaves.keys()
+    for key, value in expected_leaves.items():
+        if isinstance(value, float):
+            assert got_leaves[key] == pytest.approx(value, rel=1e-3), key
+        else:
+            assert got_leaves[key] == value, key
+
+
+def _exact_spec(name: str) -> ExperimentSpec:
+    return tiny_spec(batch_size=30, **EXACT_SPECS[name])
+
+
+@pytest.mark.parametrize("name", list(EXACT_SPECS))
+def test_a_seeded_run_gives_exactly_the_recorded_numbers(name: str) -> None:
+    res = train_experiment(
+        _exact_spec(name), EXACT_PROFILE, generated_data(), 0.2, 0.3, seed=3, threads=1, device="cpu"
+    )
+    _assert_recorded(_numbers(res), EXACT_NUMBERS[name])
+    assert [h["epoch"] for h in res.history] == list(range(1, len(EXACT_NUMBERS[name]["history"]) + 1))
+
+
+def test_a_killed_run_resumes_to_exactly_the_recorded_numbers(tmp_path: Path) -> None:
+    data = generated_data()
+
+    def kill_in_epoch_2(info: dict) -> None:
+        if info["event"] == "batch" and info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    kw = dict(seed=3, threads=1, device="cpu", checkpoint_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train_experiment(_exact_spec("labels"), EXACT_PROFILE, data, 0.2, 0.3, progress=kill_in_epoch_2, **kw)
+    resumed = train_experiment(_exact_spec("labels"), EXACT_PROFILE, data, 0.2, 0.3, **kw)
+    assert resumed.resumed_from_epoch == 0
+    _assert_recorded(_numbers(resumed), EXACT_NUMBERS["labels"])
