@@ -44,23 +44,17 @@ def prediction_rows(
     return pa.table(cols, schema=TABLES["predictions"].schema)
 
 
-def duckdb_with_iceberg() -> Any | None:
-    """A DuckDB connection with the iceberg (and httpfs) extensions loaded from their PyPI packages,
-    or None when duckdb or the extension package is not installed."""
-    if (
-        importlib.util.find_spec("duckdb") is None
-        or importlib.util.find_spec("duckdb_extension_iceberg") is None
-    ):
-        return None
+def duckdb_with_iceberg() -> Any:
+    """A DuckDB connection with the iceberg (and httpfs) extensions loaded from their PyPI packages
+    (dev dependencies: the extension repository on the web is not reachable from our machines)."""
     import duckdb
 
     con = duckdb.connect()
     for ext in ("avro", "iceberg", "httpfs"):
         spec = importlib.util.find_spec(f"duckdb_extension_{ext}")
-        if spec is None or not spec.submodule_search_locations:
-            continue
+        assert spec and spec.submodule_search_locations, f"duckdb-extension-{ext} is not installed"
         root = Path(next(iter(spec.submodule_search_locations)))
         found = glob.glob(str(root / "extensions" / "*" / f"{ext}.duckdb_extension"))
-        if found:
-            con.load_extension(found[0])
+        assert found, f"duckdb-extension-{ext} ships no {ext}.duckdb_extension"
+        con.load_extension(found[0])
     return con

@@ -94,8 +94,6 @@ def test_second_engines_see_only_committed_rows_on_s3(
     assert ds.dataset(files, format="parquet", filesystem=cat.lake.fs).to_table().num_rows == 30
 
     con = duckdb_with_iceberg()
-    if con is None:
-        pytest.skip("duckdb and duckdb-extension-iceberg are not installed")
     host = s3_server.endpoint.removeprefix("http://")
     con.execute(
         f"CREATE SECRET lake (TYPE s3, KEY_ID '{TEST_ACCESS_KEY}', SECRET '{TEST_SECRET_KEY}', "

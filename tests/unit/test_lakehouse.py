@@ -664,8 +664,6 @@ def test_a_plain_pyarrow_scan_through_the_catalog_sees_exactly_the_committed_row
 
 def test_duckdb_reads_the_predictions_table_committed_rows_only(cat: LakeCatalog) -> None:
     con = duckdb_with_iceberg()
-    if con is None:
-        pytest.skip("duckdb and duckdb-extension-iceberg are not installed")
     _mid_write(cat)
     metadata = lt.load_table(cat, "predictions").metadata_location
     counts = con.sql(
