@@ -8,7 +8,6 @@ verdicts and returns them, so the task that publishes them never decides anythin
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,8 +20,6 @@ from zalando.steps.training import Evaluation, evaluate_model
 
 if TYPE_CHECKING:
     from zalando.settings import Settings
-
-log = logging.getLogger(__name__)
 
 PASSED_EVERY_GATE = "passed every quality gate"
 NOTHING_NEW = "every model of this run was decided on before (cached training)"
