@@ -115,11 +115,12 @@ def batch_scoring(
             results = score_shards.with_options(task_runner=runner_impl)(
                 cfg, plan.shards, plan.model_version, options, shard_runtime
             )
-        summary = commit_batch(cfg, plan, options, results)
+        summary = commit_batch(cfg, plan, options, results).model_dump(mode="json")
         summary["planned_runtime"] = plan.runtime
         summary["shard_runtimes"] = sorted({r.runtime for r in results or [] if r.runtime})
         # an empty batch (or one whose every input was quarantined) has nothing to measure
-        summary["drift"] = monitor_drift(cfg, plan, options) if monitor and summary["scored"] > 0 else None
+        drift = monitor_drift(cfg, plan, options) if monitor and summary["scored"] > 0 else None
+        summary["drift"] = drift.model_dump(mode="json", exclude={"table"}) if drift else None
     log.info(
         "batch %s: %d scored, %d quarantined, model %s -> %s",
         summary["batch_id"],

@@ -30,6 +30,8 @@ from zalando.errors import ModelError
 from zalando.lake import new_run_id
 from zalando.s3server import embedded_s3
 from zalando.settings import Profile, load_settings
+from zalando.steps.promotion import PromotionDecision
+from zalando.steps.training import Evaluation, PlannedExperiment
 
 
 class PromotionApproval(RunInput):
@@ -82,36 +84,33 @@ def training(
         eda = write_eda_report(cfg, digest)
         plan = plan_experiments(cfg, experiments)
         trained = train_model.with_options(refresh_cache=force).map(
-            unmapped(cfg),
-            [p["experiment"] for p in plan],
-            [p["spec_digest"] for p in plan],
-            unmapped(dataset["dataset_version"]),
+            unmapped(cfg), plan, unmapped(dataset.dataset_version)
         )
         evaluated = evaluate_model.with_options(refresh_cache=force).map(unmapped(cfg), trained)
         evaluations, failed = _collect(plan, trained, evaluated)
         decision = decide_champion(cfg, evaluations, gates)
         approved, comment, actor = True, "", f"prefect:{flow_run.get_name() or 'training'} ({reason})"
-        if require_approval and decision["winner"]:
+        if require_approval and decision.winner:
             approved, comment, actor = _ask_approval(decision, approval_timeout_s)
         promotion = promote_champion(cfg, decision, approved, comment, actor)
-        report = publish_report(cfg, evaluations, promotion["champion"])
+        report = publish_report(cfg, evaluations, promotion.champion)
     return {
         "run_id": cfg.run_id,
         "profile": profile,
         "source_digest": digest,
-        "dataset_version": dataset["dataset_version"],
-        "eda": eda["uri"],
-        "models": {e["experiment"]: e["model_version"] for e in evaluations},
-        "champion": promotion["champion"],
-        "promoted": promotion["promoted"],
-        "report": report["report_uri"],
+        "dataset_version": dataset.dataset_version,
+        "eda": eda.uri,
+        "models": {e.experiment: e.model_version for e in evaluations},
+        "champion": promotion.champion,
+        "promoted": promotion.promoted,
+        "report": report,
         "failed": failed,
     }
 
 
 def _collect(
-    plan: list[dict[str, Any]], trained: Any, evaluated: Any
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    plan: list[PlannedExperiment], trained: Any, evaluated: Any
+) -> tuple[list[Evaluation], dict[str, str]]:
     """Evaluations of the experiments that made it; one broken experiment does not lose the night.
 
     The failures are logged, published as an artifact and returned; when every experiment failed
@@ -124,7 +123,7 @@ def _collect(
             evaluations.append(e.result())
         else:
             culprit = e.state if t.state.is_completed() else t.state
-            failed[p["experiment"]] = culprit.message or culprit.name
+            failed[p.experiment] = culprit.message or culprit.name
     if failed:
         lines = "\n".join(f"| `{name}` | {msg} |" for name, msg in failed.items())
         create_markdown_artifact(
@@ -140,14 +139,14 @@ def _collect(
     return evaluations, failed
 
 
-def _ask_approval(decision: dict[str, Any], timeout_s: int) -> tuple[bool, str, str]:
+def _ask_approval(decision: PromotionDecision, timeout_s: int) -> tuple[bool, str, str]:
     """Pause the run until someone answers in the UI; returns (approved, comment, actor)."""
     log = get_run_logger()
-    winner = decision["winner"]
+    winner = str(decision.winner)
     log.info("challenger %s passed every gate: waiting for approval in the UI", winner)
     description = (
-        f"Promote **{winner}** ({decision['winner_experiment']}) over "
-        f"`{decision['champion_before']}`? See the gate checks of this run."
+        f"Promote **{winner}** ({decision.winner_experiment}) over "
+        f"`{decision.champion_before}`? See the gate checks of this run."
     )
     try:
         answer = pause_flow_run(

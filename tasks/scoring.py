@@ -1,5 +1,6 @@
 """Batch-scoring tasks: plan a batch into shard references, score one shard, commit the batch,
-measure its drift (and raise the alarm that retrains).
+measure its drift (and raise the alarm that retrains). Each calls one step of
+:mod:`zalando.steps.scoring` or :mod:`zalando.steps.monitoring`.
 
 Exactly-once lives in the library (deterministic shard outputs and markers, the batch manifest
 committed last), so these tasks are never cached: a retry or a re-run scores only what is missing.
@@ -8,7 +9,7 @@ committed last), so these tasks are never cached: a retry or a re-run scores onl
 from __future__ import annotations
 
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -16,11 +17,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from tasks.common import RunConfig, io_task_options
-from zalando import steps
-from zalando.scoring.batch import ShardRef, find_demo_batch
-from zalando.scoring.commit import batch_summary, finalize_batch
-from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
-from zalando.scoring.shard import ScoringOptions, ShardResult
+from zalando.steps import monitoring, scoring
+from zalando.steps.monitoring import DriftResult
+from zalando.steps.scoring import CommittedBatch
+
+if TYPE_CHECKING:  # annotations only: the scoring library's own types
+    from zalando.scoring.batch import ShardRef
+    from zalando.scoring.run import BatchPlan
+    from zalando.scoring.shard import ScoringOptions, ShardResult
 
 
 @task(name="plan-batch", cache_policy=NO_CACHE, **io_task_options())
@@ -35,10 +39,9 @@ def plan_batch(
 ) -> BatchPlan:
     """Pin the model version (the champion unless given), list the batch's inputs, cut shards,
     and check the model once (``auto``: measuring which runtime the shards should use)."""
-    lake = cfg.lake()
-    plan = prepare_batch(
-        lake,
-        location or find_demo_batch(lake),
+    plan = scoring.plan_batch(
+        cfg.lake(),
+        location,
         model_version=model_version,
         batch_date=batch_date,
         shard_size=shard_size,
@@ -59,7 +62,7 @@ def score_shard(
     cfg: RunConfig, shard: ShardRef, model_version: str, options: ScoringOptions, runtime: str = "onnx"
 ) -> ShardResult:
     """Score one shard (skipped when an earlier attempt committed it) with the planned runtime."""
-    result = run_shard(shard, model_version, options=options, settings=cfg.settings(), runtime=runtime)
+    result = scoring.score_shard(cfg.settings(), shard, model_version, options, runtime)
     get_run_logger().info(
         "shard %d/%d: %d scored, %d quarantined%s in %.2fs (%s)",
         shard.shard_id + 1,
@@ -76,44 +79,35 @@ def score_shard(
 @task(name="finalize-batch", cache_policy=NO_CACHE, **io_task_options())
 def commit_batch(
     cfg: RunConfig, plan: BatchPlan, options: ScoringOptions, results: list[ShardResult] | None
-) -> dict[str, Any]:
+) -> CommittedBatch:
     """Reconcile the shards and commit the batch manifest last; publish the batch summary artifact."""
-    lake = cfg.lake()
-    if plan.committed:
-        result = batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
-    else:
-        assert plan.batch is not None
-        result = finalize_batch(
-            lake, plan.batch, plan.shards, plan.model_version, options=options, results=results
-        )
-    summary = result.model_dump(mode="json")
-    summary["predictions_uri"] = lake.uri(result.predictions_key)
+    summary = scoring.commit_batch(cfg.lake(), plan, options, results)
     _batch_artifacts(summary)
     return summary
 
 
-def _batch_artifacts(s: dict[str, Any]) -> None:
-    rows = [{"group": g, "predicted": n} for g, n in s["group_counts"].items()]
+def _batch_artifacts(s: CommittedBatch) -> None:
+    rows = [{"group": g, "predicted": n} for g, n in s.group_counts.items()]
     create_table_artifact(
         key="batch-group-counts",
         table=rows,
-        description=f"Predicted group counts of batch {s['batch_id']} (model {s['model_version']})",
+        description=f"Predicted group counts of batch {s.batch_id} (model {s.model_version})",
     )
-    reasons = ", ".join(f"{k}: {v}" for k, v in s["reasons"].items()) or "none"
+    reasons = ", ".join(f"{k}: {v}" for k, v in s.reasons.items()) or "none"
     create_markdown_artifact(
         key="batch-summary",
         markdown=(
-            f"# Batch {s['batch_id']}\n\n"
+            f"# Batch {s.batch_id}\n\n"
             f"| | |\n|---|---|\n"
-            f"| model version | `{s['model_version']}` |\n"
-            f"| records | {s['records']} |\n| scored | {s['scored']} |\n"
-            f"| quarantined | {s['quarantined']} ({reasons}) |\n"
-            f"| low confidence (needs review) | {s['low_confidence']} |\n"
-            f"| shards | {s['shards']} ({s['shards_skipped']} already committed) |\n"
-            f"| skipped (batch already committed) | {s['skipped']} |\n\n"
-            f"Predictions: `{s['predictions_uri']}`\n"
+            f"| model version | `{s.model_version}` |\n"
+            f"| records | {s.records} |\n| scored | {s.scored} |\n"
+            f"| quarantined | {s.quarantined} ({reasons}) |\n"
+            f"| low confidence (needs review) | {s.low_confidence} |\n"
+            f"| shards | {s.shards} ({s.shards_skipped} already committed) |\n"
+            f"| skipped (batch already committed) | {s.skipped} |\n\n"
+            f"Predictions: `{s.predictions_uri}`\n"
         ),
-        description=f"Batch {s['batch_id']} scored with {s['model_version']}",
+        description=f"Batch {s.batch_id} scored with {s.model_version}",
     )
 
 
@@ -121,28 +115,25 @@ DRIFT_EVENT = "zalando.drift.alarm"
 
 
 @task(name="monitor-drift", cache_policy=NO_CACHE, **io_task_options())
-def monitor_drift(cfg: RunConfig, plan: BatchPlan, options: ScoringOptions) -> dict[str, Any]:
+def monitor_drift(cfg: RunConfig, plan: BatchPlan, options: ScoringOptions) -> DriftResult:
     """Label-free drift of the scored batch; on an alarm, emit the event that triggers `retrain`."""
     log = get_run_logger()
-    if plan.batch is None:  # the batch was committed (and monitored) by an earlier run
+    out = monitoring.monitor_batch(cfg.lake(), plan, cfg.run_id, image_prep=options.image_prep)
+    if out.skipped:
         log.info("batch %s already committed: drift was measured when it was scored", plan.batch_id)
-        return {"alarm": False, "skipped": True}
-    out = steps.monitor_batch(
-        cfg.lake(), cfg.settings(), plan.batch, plan.model_version, cfg.run_id, image_prep=options.image_prep
-    )
+        return out
     create_table_artifact(
         key="drift",
         table=[
-            {k: r.get(k) for k in ("statistic", "value", "threshold", "p_value", "alarm")}
-            for r in out["table"]
+            {k: r.get(k) for k in ("statistic", "value", "threshold", "p_value", "alarm")} for r in out.table
         ],
         description=(
             f"Drift of batch {plan.batch_id} against the reference of model {plan.model_version} "
-            f"({out['rows']} sampled rows): {'ALARM: ' + ', '.join(out['alarms']) if out['alarm'] else 'no alarm'}. "
-            f"Lake: {out['uri']}"
+            f"({out.rows} sampled rows): {'ALARM: ' + ', '.join(out.alarms) if out.alarm else 'no alarm'}. "
+            f"Lake: {out.uri}"
         ),
     )
-    if out["alarm"]:
+    if out.alarm:
         emit_event(
             event=DRIFT_EVENT,
             resource={
@@ -159,14 +150,14 @@ def monitor_drift(cfg: RunConfig, plan: BatchPlan, options: ScoringOptions) -> d
                 "profile": cfg.profile,
                 "batch_id": plan.batch_id,
                 "model_version": plan.model_version,
-                "statistics": out["alarms"],
-                "monitoring_uri": out["uri"],
+                "statistics": out.alarms,
+                "monitoring_uri": out.uri,
             },
         )
         log.warning(
             "drift alarm on batch %s (%s): event %s emitted",
             plan.batch_id,
-            ", ".join(out["alarms"]),
+            ", ".join(out.alarms),
             DRIFT_EVENT,
         )
-    return {k: out[k] for k in ("alarm", "alarms", "uri", "rows")}
+    return out

@@ -4,6 +4,7 @@ task receives, the stack's environment, prefect.yaml as data."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from tasks.common import RunConfig, RunContext, cache_on, is_transient, retry_if
 from zalando.errors import ConfigError, DataError, LakeError, NotCommittedError, SourceError
 from zalando.lake import Lake
 from zalando.settings import Settings
+from zalando.steps.training import PlannedExperiment, TrainedModel, plan_experiments
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,6 +93,56 @@ def test_cache_keys_depend_only_on_the_named_references() -> None:
     assert dict_key(None, {"trained": {"model_version": "v1", "wall_s": 1}}) == dict_key(
         None, {"trained": {"model_version": "v1", "wall_s": 2}}
     )
+    # ... and fields of a typed step result (the evaluate task's input is a TrainedModel)
+    trained = dict(experiment="e", bundle_key="k", dataset_version="ds", temperature=1.0, train_energy=None)
+    trained.update(epochs_run=1, best_val_loss=0.5)
+    assert dict_key(None, {"trained": TrainedModel(model_version="v1", wall_s=1, **trained)}) == dict_key(
+        None, {"trained": {"model_version": "v1"}}
+    )
+    assert dict_key(None, {"trained": TrainedModel(model_version="v2", wall_s=1, **trained)}) != dict_key(
+        None, {"trained": {"model_version": "v1"}}
+    )
+
+
+def test_the_train_cache_keys_on_the_planned_spec(tmp_path: Path) -> None:
+    """The train task's key reads the digest computed from the very spec it trains."""
+    settings = Settings(profile="quick", lake_uri="s3://b/l", work_dir=tmp_path)
+    planned = plan_experiments(settings, ["fashion_cnn", "fashion_cnn_small"])
+    key_fn = cache_on("planned.experiment", "planned.spec_digest").policies[0].cache_key_fn  # type: ignore[attr-defined]
+    keys = [key_fn(None, {"planned": p}) for p in planned]
+    assert keys[0] != keys[1]
+    widened = planned[0].model_copy(update={"spec": planned[0].spec.model_copy(update={"lr": 0.5})})
+    assert key_fn(None, {"planned": widened}) != keys[0]
+    assert (
+        key_fn(None, {"planned": PlannedExperiment.model_validate_json(planned[0].model_dump_json())})
+        == keys[0]
+    )
+
+
+def test_step_results_survive_prefects_serializers(tmp_path: Path) -> None:
+    """Task results are persisted by Prefect (pickle by default, JSON when configured): the plan,
+    with its ExperimentSpec, comes back equal either way."""
+    from prefect.serializers import JSONSerializer, PickleSerializer
+
+    (planned,) = plan_experiments(
+        Settings(profile="quick", lake_uri="s3://b/l", work_dir=tmp_path), ["fashion_cnn"]
+    )
+    for serializer in (JSONSerializer(), PickleSerializer()):
+        back = serializer.loads(serializer.dumps([planned]))
+        assert back == [planned] and back[0].spec_digest == planned.spec_digest, serializer
+
+
+def test_the_scoring_tasks_stay_torch_free() -> None:
+    """Dask workers import tasks.scoring to run a shard with ONNX Runtime: no torch on the way."""
+    code = (
+        "import sys\n"
+        "import tasks.scoring, tasks.lake, zalando.steps.scoring, zalando.steps.monitoring\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_run_config_carries_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
 
 from zalando.data.arrays import images_from_table, labels_from_table
 from zalando.data.ingest import load_raw, raw_key
@@ -23,8 +23,11 @@ from zalando.lake import Lake
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DatasetVersion:
+class DatasetVersion(BaseModel):
+    """A split and its normalisation statistics (small, serialisable: what the preprocess step returns)."""
+
+    model_config = ConfigDict(frozen=True)
+
     dataset_version: str
     mean: float
     std: float
@@ -83,7 +86,15 @@ def preprocess(lake: Lake, *, seed: int, val_fraction: float = 0.2, force: bool 
     mean, std = pixel_stats(images_from_table(train)[~is_val])
     n_test = lake.read_manifest(raw_key("test"))["rows"]
     dv = DatasetVersion(
-        version, mean, std, int((~is_val).sum()), int(is_val.sum()), int(n_test), seed, val_fraction, digest
+        dataset_version=version,
+        mean=mean,
+        std=std,
+        n_train=int((~is_val).sum()),
+        n_val=int(is_val.sum()),
+        n_test=int(n_test),
+        seed=seed,
+        val_fraction=val_fraction,
+        source_digest=digest,
     )
     split_table = pa.table(
         {
@@ -91,7 +102,7 @@ def preprocess(lake: Lake, *, seed: int, val_fraction: float = 0.2, force: bool 
             "subset": pa.array(np.where(is_val, "val", "train"), pa.string()),
         }
     )
-    lake.commit_partition(key, {"split": split_table}, run_id=version, extra={"stats": dv.__dict__})
+    lake.commit_partition(key, {"split": split_table}, run_id=version, extra={"stats": dv.model_dump()})
     log.info(
         "dataset version %s: %d train / %d val, mean %.4f std %.4f", version, dv.n_train, dv.n_val, mean, std
     )

@@ -1,0 +1,142 @@
+"""Monitoring step: the label-free drift of one scored batch against its model's reference profile.
+
+It reads the batch's embedding sample (kept by scoring), the predictions of those rows and their
+images again from the batch's inputs, and commits the drift table to ``monitoring/…``. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import date
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from zalando.errors import DataError
+from zalando.images import ImagePrepConfig
+from zalando.lake import Lake
+from zalando.scoring.batch import Batch
+from zalando.scoring.run import BatchPlan
+
+log = logging.getLogger(__name__)
+
+
+class DriftResult(BaseModel):
+    """The drift of one batch: which statistics alarm, and where the table was committed."""
+
+    alarm: bool = False
+    alarms: list[str] = []  # names of the statistics that alarm
+    key: str | None = None
+    uri: str | None = None
+    rows: int = 0  # sampled rows measured
+    skipped: bool = False  # the batch was committed (and measured) by an earlier run
+    table: list[dict[str, Any]] = []  # the committed drift table's rows (statistic, value, threshold, ...)
+
+
+def monitoring_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
+    return f"monitoring/batch_date={batch_date}/model_version={model_version}/batch_id={batch_id}"
+
+
+def monitor_batch(
+    lake: Lake,
+    plan: BatchPlan,
+    run_id: str,
+    *,
+    image_prep: ImagePrepConfig | None = None,
+    thresholds: Mapping[str, Any] | None = None,
+) -> DriftResult:
+    """Label-free drift of the planned batch once scored, against its model's reference profile.
+
+    A plan that found the batch committed already (no inputs described) is skipped: its drift was
+    measured when it was scored.
+    """
+    from zalando.drift import DriftThresholds, any_alarm, drift_report
+    from zalando.registry import load_reference
+    from zalando.scoring import layout
+    from zalando.scoring.schema import PROB_COLUMNS
+
+    d, b, v = plan.batch_date, plan.batch_id, plan.model_version
+    if plan.batch is None:
+        log.info("batch %s already committed: drift was measured when it was scored", b)
+        return DriftResult(skipped=True)
+    key = monitoring_key(d, v, b)
+    emb_key = layout.embeddings_key(d, v, b)
+    if not lake.is_committed(emb_key):
+        raise DataError(f"batch {b}: no embedding sample in {lake.uri(emb_key)}; score it first")
+    emb_table = lake.read_partition(emb_key)
+    ids = emb_table.column("image_id").to_pylist()
+    preds = lake.read_partition(layout.predictions_key(d, v, b), columns=["image_id", *PROB_COLUMNS])
+    preds = preds.filter(pc.is_in(preds.column("image_id"), value_set=pa.array(ids, pa.string())))
+    probs_by_id = dict(
+        zip(
+            preds.column("image_id").to_pylist(),
+            np.stack([preds.column(c).to_numpy() for c in PROB_COLUMNS], axis=1),
+            strict=True,
+        )
+    )
+    images_by_id = _sample_images(lake, plan.batch, set(ids), image_prep or ImagePrepConfig())
+    emb = np.asarray(emb_table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False))
+    emb = emb.reshape(emb_table.num_rows, -1)
+    keep = [i for i, x in enumerate(ids) if x in probs_by_id and x in images_by_id]
+    if len(keep) < 2:
+        raise DataError(f"batch {b}: only {len(keep)} sampled rows could be matched for drift monitoring")
+    report = drift_report(
+        np.stack([images_by_id[ids[i]] for i in keep]),
+        np.stack([probs_by_id[ids[i]] for i in keep]),
+        emb[keep],
+        load_reference(lake, v),
+        DriftThresholds(**dict(thresholds or {})),
+    )
+    for col in ("batch_value", "reference_value"):  # numbers for some statistics, text for others
+        report[col] = report[col].map(str)
+    report.insert(0, "batch_id", b)
+    report.insert(1, "model_version", v)
+    lake.commit_partition(
+        key, {"drift": pa.Table.from_pandas(report, preserve_index=False)}, run_id, extra={"rows": len(keep)}
+    )
+    alarms = report.loc[report["alarm"].astype(bool), "statistic"].astype(str).tolist()
+    log.info("drift of batch %s (%d sampled rows): %s", b, len(keep), ", ".join(alarms) or "no alarm")
+    return DriftResult(
+        alarm=any_alarm(report),
+        alarms=alarms,
+        key=key,
+        uri=lake.uri(key),
+        rows=len(keep),
+        table=json.loads(report.drop(columns=["batch_id", "model_version"]).to_json(orient="records")),
+    )
+
+
+def _sample_images(
+    lake: Lake, batch: Batch, ids: set[str], image_prep: ImagePrepConfig
+) -> dict[str, np.ndarray]:
+    """The images of the sampled ids, read again from the batch's inputs (one file at a time)."""
+    from zalando.images import decode_image
+    from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN, image_id_for_file, open_input
+    from zalando.scoring.inputs import decode_image_column
+
+    found: dict[str, np.ndarray] = {}
+    for f in batch.inputs:
+        if f.error is not None or len(found) == len(ids):
+            continue
+        fs, path = open_input(f.uri, lake)
+        if f.kind == "image":
+            image_id = image_id_for_file(f.name)
+            if image_id in ids and image_id not in found:
+                with fs.open_input_file(path) as fh:
+                    found[image_id] = decode_image(fh.read(), image_prep, name=f.name)
+            continue
+        table = pq.read_table(path, filesystem=fs, columns=[ID_COLUMN, IMAGE_COLUMN])
+        mask = pc.is_in(table.column(ID_COLUMN), value_set=pa.array(sorted(ids), pa.string()))
+        table = table.filter(mask)
+        images, bad = decode_image_column(table.column(IMAGE_COLUMN), image_prep, source=f.name)
+        bad_rows = {i for i, _, _ in bad}
+        for i, image_id in enumerate(table.column(ID_COLUMN).to_pylist()):
+            if i not in bad_rows and image_id not in found:
+                found[image_id] = images[i]
+    return found

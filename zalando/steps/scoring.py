@@ -1,0 +1,77 @@
+"""Batch-scoring steps: plan a batch into shard references, score one shard, commit the batch.
+
+Exactly-once lives in :mod:`zalando.scoring`: shard outputs and markers are deterministic, and the
+batch manifest is committed last, so a retry or a re-run scores only what is missing. These steps
+stay torch-free on import (Dask workers scoring with ONNX Runtime import this module).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import TYPE_CHECKING
+
+from zalando.lake import Lake
+from zalando.scoring.batch import ShardRef, find_demo_batch
+from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch
+from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
+from zalando.scoring.shard import ScoringOptions, ShardResult
+
+if TYPE_CHECKING:
+    from zalando.runtime import Runtime
+    from zalando.settings import Settings
+
+
+class CommittedBatch(BatchResult):
+    """A committed batch (or one found already committed), with where its predictions are."""
+
+    predictions_uri: str
+
+
+def plan_batch(
+    lake: Lake,
+    location: str | None,
+    *,
+    model_version: str | None = None,
+    batch_date: date | None = None,
+    shard_size: int,
+    force: bool = False,
+    runtime: Runtime = "auto",
+) -> BatchPlan:
+    """Pin the model version (the champion unless given), list the batch's inputs (default: the demo
+    batch), cut shards, and check the model once (``auto``: measuring which runtime shards should use)."""
+    return prepare_batch(
+        lake,
+        location or find_demo_batch(lake),
+        model_version=model_version,
+        batch_date=batch_date,
+        shard_size=shard_size,
+        force=force,
+        runtime=runtime,
+    )
+
+
+def score_shard(
+    settings: Settings,
+    shard: ShardRef,
+    model_version: str,
+    options: ScoringOptions,
+    runtime: Runtime = "onnx",
+) -> ShardResult:
+    """Score one shard with the planned runtime (skipped when an earlier attempt committed it); the
+    lake and the checked predictor are built once per worker process."""
+    return run_shard(shard, model_version, options=options, settings=settings, runtime=runtime)
+
+
+def commit_batch(
+    lake: Lake, plan: BatchPlan, options: ScoringOptions, results: list[ShardResult] | None
+) -> CommittedBatch:
+    """Reconcile the shards and commit the batch manifest last; a batch committed before (the plan
+    says so) is summarised from its manifest instead."""
+    if plan.committed:
+        result = batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
+    else:
+        assert plan.batch is not None  # an uncommitted plan always describes its batch
+        result = finalize_batch(
+            lake, plan.batch, plan.shards, plan.model_version, options=options, results=results
+        )
+    return CommittedBatch(**result.model_dump(), predictions_uri=lake.uri(result.predictions_key))
