@@ -52,8 +52,8 @@ KINDS = ("original", "upscaled", "light_background", "margins", "colour", "exif"
 PATHS = {
     "fashion_mnist (default)": ImagePrepConfig(),
     "legacy (before)": ImagePrepConfig(mode="legacy", exif_transpose=False),
+    "the paper's six steps only (no black_background)": ImagePrepConfig(black_background=False),
     "fashion_mnist, no sharpening": ImagePrepConfig(sharpen_percent=0),
-    "fashion_mnist + autocontrast": ImagePrepConfig(autocontrast=True),
 }
 # the pixels are stored turned by the inverse of what the tag tells a viewer (and exif_transpose) to do
 ORIENTATIONS = {3: "ROTATE_180", 6: "ROTATE_90", 8: "ROTATE_270"}

@@ -23,6 +23,9 @@ from zalando.images import (
 )
 
 
+LEGACY = ImagePrepConfig(mode="legacy", exif_transpose=False)  # the conversion before issue 17
+
+
 def _reason(data: bytes, cfg: ImagePrepConfig | None = None) -> str:
     with pytest.raises(ImageRejected) as exc:
         decode_image(data, cfg, name="x")
@@ -44,24 +47,30 @@ def test_light_background_is_inverted_and_never_is_respected() -> None:
     np.testing.assert_array_equal(decode_image(png_bytes(dark), ImagePrepConfig(invert="always")), 255 - dark)
 
 
+@pytest.mark.parametrize("mode", ["fashion_mnist", "legacy"])
 @pytest.mark.parametrize("light", [True, False])
-def test_jpeg_colour_wide_image_is_fitted_keeping_aspect_ratio(light: bool) -> None:
+def test_jpeg_colour_wide_image_is_fitted_keeping_aspect_ratio(light: bool, mode: str) -> None:
     gray = article((100, 200), light_background=light)
     rgb = np.stack([gray, gray, gray], axis=-1)
-    out = decode_image(jpeg_bytes(rgb, "RGB"))
+    out = decode_image(jpeg_bytes(rgb, "RGB"), ImagePrepConfig(mode=mode))
     assert out.shape == (28, 28)
     # 200x100 -> 28x14 centred: rows 0-6 and 21-27 are padding, which must be dark (background after inversion)
     assert out[:6].mean() < 30 and out[22:].mean() < 30
     assert out[10:18, 10:18].mean() > 150  # the article is bright
-    stretched = decode_image(jpeg_bytes(rgb, "RGB"), ImagePrepConfig(fit="stretch"))
+    stretched = decode_image(jpeg_bytes(rgb, "RGB"), ImagePrepConfig(mode=mode, fit="stretch"))
     assert stretched[:6].mean() > out[:6].mean() + 20  # stretching fills the rows padding left dark
 
 
 def test_transparent_png_is_composited_on_the_light_background() -> None:
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[10:30, 10:30] = (50, 50, 50, 255)  # an opaque dark article, transparent around it
-    out = decode_image(png_bytes(rgba, "RGBA"))
+    out = decode_image(png_bytes(rgba, "RGBA"), LEGACY)
     assert out[0, 0] == 0 and out[14, 14] > 150  # background white -> inverted to black
+    # fashion_mnist trims the transparent (now white) margin: the square fills the frame, light
+    np.testing.assert_array_equal(decode_image(png_bytes(rgba, "RGBA")), np.full((28, 28), 205, np.uint8))
+    rgba[10:30, 20:30, 3] = 0  # the right half transparent too: a 10x20 article, padded left and right
+    out = decode_image(png_bytes(rgba, "RGBA"))
+    assert (out[:, :7] == 0).all() and (out[:, 21:] == 0).all() and (out[:, 7:21] == 205).all()
 
 
 def test_bad_inputs_get_reason_codes() -> None:
@@ -95,8 +104,10 @@ def test_huge_image_is_rejected_from_its_header_without_decoding() -> None:
 def test_big_jpeg_within_limits_decodes_small() -> None:
     a = article((1200, 800), light_background=True)
     data = jpeg_bytes(a, quality=80)
-    out = decode_image(data)
+    out = decode_image(data, LEGACY)
     assert out.shape == (28, 28) and out[14, 14] > 150 and out[0, 14] < 40
+    out = decode_image(data)  # trimmed: the ellipse (960x560) touches top and bottom, 16 wide
+    assert out.shape == (28, 28) and out[14, 14] > 150 and out[0, 14] > 150 and out[14, :5].max() < 40
     img_cfg = ImagePrepConfig(max_pixels=500_000)
     with pytest.raises(ImageRejected, match="max_pixels"):
         decode_image(io.BytesIO(data).getvalue(), img_cfg)
