@@ -185,6 +185,9 @@ def _open_checked(data: bytes, cfg: ImagePrepConfig, name: str) -> Any:
     with warnings.catch_warnings():
         # we enforce our own (lower) pixel limit on the header below
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # "Corrupt EXIF data" and the like: the pixels decode (or are refused below); one warning
+        # per file would flood a batch's log
+        warnings.simplefilter("ignore", UserWarning)
         try:
             im = Image.open(io.BytesIO(data))  # lazy: reads the header only
         except Image.DecompressionBombError as e:
@@ -222,7 +225,7 @@ def _apply_exif_orientation(im: Any, name: str) -> None:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Corrupt EXIF data": one per file would flood a batch's log
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data", as when opening
             if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
                 ImageOps.exif_transpose(im, in_place=True)
     except Exception as e:  # noqa: BLE001 - a malformed EXIF block fails in many ways; pixels are still fine
