@@ -64,7 +64,7 @@ def warehouse(kind: str) -> Iterator[tuple[Any, Any]]:
 
 
 def prediction_rows(n: int, batch_id: str, batch_date: date, seed: int, first: int = 0) -> pa.Table:
-    from zalando.lakehouse.tables import PROB_COLUMNS, TABLES
+    from zalando.lake.tables import PROB_COLUMNS, TABLES
 
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(len(PROB_COLUMNS)), size=n).astype(np.float32)
@@ -97,8 +97,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def one_round(cat: Any, lake: Any, r: int, rows: int, shards: int) -> dict[str, tuple[float, int]]:
     """Every step once on a new batch; {step: (seconds, objects added under the table)}."""
-    from zalando.lakehouse import commit as lc
-    from zalando.lakehouse.tables import table_schema
+    from zalando.lake import commit as lc
+    from zalando.lake.tables import table_schema
 
     day = date(2026, 12, 1) + timedelta(days=r)
     batch = f"bench-{r:03d}"
@@ -158,9 +158,9 @@ def main() -> None:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
 
-    from zalando.lakehouse import commit as lc
-    from zalando.lakehouse.catalog import open_catalog
-    from zalando.lakehouse.tables import ensure_table
+    from zalando.lake import commit as lc
+    from zalando.lake.catalog import open_catalog
+    from zalando.lake.tables import ensure_table
 
     with warehouse(args.warehouse) as (settings, lake):
         t_open, cat = timed(lambda: open_catalog(settings, lake=lake))

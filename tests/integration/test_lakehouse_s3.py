@@ -13,9 +13,9 @@ from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.lakehouse_support import DAY, duckdb_with_iceberg, prediction_rows
 from zalando.errors import LakeError
 from zalando.lake import Lake
-from zalando.lakehouse import commit as lc
-from zalando.lakehouse import tables as lt
-from zalando.lakehouse.catalog import LakeCatalog, RetryPolicy, open_catalog, storage_path
+from zalando.lake import commit as lc
+from zalando.lake import tables as lt
+from zalando.lake.catalog import LakeCatalog, RetryPolicy, open_catalog, storage_path
 from zalando.s3server import S3Server
 from zalando.settings import Settings
 

@@ -21,9 +21,9 @@ import pytest
 from tests.lakehouse_support import DAY, duckdb_with_iceberg, prediction_rows
 from zalando.errors import LakeError
 from zalando.lake import Lake, S3Config
-from zalando.lakehouse import commit as lc
-from zalando.lakehouse import tables as lt
-from zalando.lakehouse.catalog import (
+from zalando.lake import commit as lc
+from zalando.lake import tables as lt
+from zalando.lake.catalog import (
     CATALOG_NAME,
     LakeCatalog,
     RetryPolicy,
@@ -128,7 +128,7 @@ def test_which_errors_are_transient_and_which_are_conflicts() -> None:
     from pyiceberg.exceptions import CommitFailedException, ServiceUnavailableError, ValidationException
     from sqlalchemy.exc import OperationalError
 
-    from zalando.lakehouse.catalog import is_conflict, is_transient
+    from zalando.lake.catalog import is_conflict, is_transient
 
     assert is_transient(OperationalError("UPDATE", {}, Exception("database is locked")))
     assert not is_transient(OperationalError("SELECT", {}, Exception("unable to open database file")))

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from zalando.errors import LakeError
 from zalando.lake import Lake, table_to_parquet_bytes, validate_key
-from zalando.lakehouse.catalog import LakeCatalog, storage_path
-from zalando.lakehouse.tables import (
+from zalando.lake.catalog import LakeCatalog, storage_path
+from zalando.lake.tables import (
     check_schema,
     conform,
     ensure_table,
@@ -262,7 +262,7 @@ def data_file_key(
 def write_data_file(lake: Lake, key: str, data: pa.Table, *, schema: Any) -> int:
     """Write one shard's rows as Parquet under key, for a later :func:`add_data_files`; not visible
     to any reader until then. Checked against and cast to ``schema``, the table's Iceberg schema
-    (:func:`zalando.lakehouse.tables.table_schema`, taken once by the driver): no catalog call here,
+    (:func:`zalando.lake.tables.table_schema`, taken once by the driver): no catalog call here,
     so a shard on any worker can write. Returns the bytes written."""
     rows = conform(schema, data, where=f"data file {lake.uri(key)}")
     payload = table_to_parquet_bytes(rows)

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from zalando.errors import LakeError
 from zalando.labels import GROUP_KEYS
-from zalando.lakehouse.catalog import LakeCatalog
+from zalando.lake.catalog import LakeCatalog
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ def ensure_table(cat: LakeCatalog, name: str) -> Any:
                 f"iceberg table {cat.identifier(name)} is not in {cat.describe}, but {cat.lake.uri(key)} "
                 f"holds its metadata ({len(old)} metadata files, newest {old[-1].rsplit('/', 1)[-1]}): "
                 "the catalog database was lost or replaced; restore it, or register the table with "
-                "zalando.lakehouse.tables.register_table"
+                "zalando.lake.tables.register_table"
             )
         kwargs["location"] = cat.lake.uri(key)
 
