@@ -106,29 +106,38 @@ def test_server_runs_unprivileged_on_loopback_with_scram(
     assert "not-the-password-99" not in str(e.value)
 
 
-def test_embedded_server_is_reused_replaces_a_stale_pid_file_and_stops_cleanly() -> None:
+def test_embedded_server_is_started_once_reused_replaces_a_stale_pid_file_and_stops_cleanly() -> None:
     base = postgres_base_dir()
     settings = catalogue_settings(base, free_port_block(size=1))
     server = server_for(settings)
     try:
-        with embedded_postgres(settings) as started:
-            assert started is not None and started.status() == "running"
-            pid = started.server_pid()
-            with embedded_postgres(settings) as again:  # a second command reuses it...
-                assert again is not None and again.server_pid() == pid
-            assert pid is not None and pid_alive(pid)  # ...and leaves it running
-        # the command that started it stopped it: nothing of ours is left
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda: results.append(server.start())) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False, True]  # two commands at once: one starts it, one reuses it
+        pid = server.server_pid()
+        with embedded_postgres(settings) as again:  # a command reuses it and leaves it running
+            assert again is not None and again.server_pid() == pid
+        assert pid is not None and pid_alive(pid) and server.status() == "running"
+        assert server.stop() is True
         assert not pid_alive(pid) and server.status() == "stopped"
         assert _processes_of(server.data_dir) == [] and not port_taken(settings.catalog_port)
         dead = next(p for p in range(4_000_000, 4_100_000) if not pid_alive(p))
         server.pid_file.write_text(json.dumps({"pid": dead, "port": settings.catalog_port}))
         assert server.status() == "stale"
-        assert server.start() is True and server.status() == "running"  # the existing cluster, restarted
-        assert server.start() is False
-        other = PostgresServer(state_dir=base / "other", port=settings.catalog_port, user="x", password="y")
-        assert other.status() == "foreign"
-        with pytest.raises(CatalogueError, match="already used by another program"):
-            other.start()
+        with embedded_postgres(settings) as started:  # replaces the stale PID file, restarts the cluster
+            assert started is not None and started.status() == "running"
+            other = PostgresServer(
+                state_dir=base / "other", port=settings.catalog_port, user="x", password="y"
+            )
+            assert other.status() == "foreign"
+            with pytest.raises(CatalogueError, match="already used by another program"):
+                other.start()
+        # the command that started it stopped it: nothing of ours is left
+        assert server.status() == "stopped" and _processes_of(server.data_dir) == []
         with embedded_postgres(settings.model_copy(update={"catalog_dsn": SecretStr("host=db")})) as none:
             assert none is None  # a DSN: no embedded server
     finally:

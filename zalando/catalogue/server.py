@@ -13,6 +13,7 @@ directly.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -170,6 +171,17 @@ class PostgresServer:
             return "stale"
         return "foreign" if port_taken(self.port) else "stopped"
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One start or stop at a time per cluster, across processes (two commands at once)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "server.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     # ------------------------------------------------------------------ start
     def _prepare_dirs(self) -> None:
         uid, gid = self._owner()
@@ -234,6 +246,10 @@ class PostgresServer:
 
     def start(self, timeout: float = 60.0) -> bool:
         """Start the server unless ours is already running. Returns True when this call started it."""
+        with self._locked():
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> bool:
         state = self.status()
         if state in ("running", "starting"):
             self.wait_ready(timeout)
@@ -305,6 +321,12 @@ class PostgresServer:
     # ------------------------------------------------------------------ stop
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop our server (and only ours): a fast shutdown. Returns True when a process was stopped."""
+        if not self.state_dir.is_dir():
+            return False
+        with self._locked():
+            return self._stop(timeout)
+
+    def _stop(self, timeout: float) -> bool:
         pid = self.server_pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
