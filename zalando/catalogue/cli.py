@@ -99,7 +99,7 @@ def demo_cmd(
     """Load DEMO DATA built from the Fashion-MNIST test split (replaces an earlier demo)."""
     from zalando.catalogue.db import catalogue_connection
     from zalando.catalogue.demo import load_demo
-    from zalando.cli import _s3_config, console, lake_session, settings_from, setup_logging, spinner
+    from zalando.cli import console, lake_session, settings_from, setup_logging, spinner
     from zalando.data.idx import read_split
     from zalando.data.sources import FILES, fetch_source
 
@@ -107,9 +107,7 @@ def demo_cmd(
     settings = settings_from(data_source=source)
     with lake_session(settings) as lake, catalogue_connection(settings) as conn:
         with spinner(f"reading the test split from {settings.data_source}"):
-            src = fetch_source(
-                settings.data_source, cache_dir=Path(settings.work_dir) / "cache", s3=_s3_config(settings)
-            )
+            src = fetch_source(settings.data_source, cache_dir=Path(settings.work_dir) / "cache", s3=lake.s3)
             img, lab = FILES["test_images"], FILES["test_labels"]
             images, labels = read_split(img, src.files[img], lab, src.files[lab])
         with spinner(f"writing {products} demo products"):

@@ -16,103 +16,41 @@ import unicodedata
 
 from zalando.labels import GROUP_NAMES
 
-# group -> words (any case/accents; singular and plural). Words only, no phrases.
-LEXICON: dict[str, dict[str, tuple[str, ...]]] = {
+# group -> language -> words, space-separated (any case/accents; singular and plural). Words only.
+LEXICON: dict[str, dict[str, str]] = {
     "Upper part": {
         "en": (
-            "shirt",
-            "shirts",
-            "t-shirt",
-            "t-shirts",
-            "tee",
-            "tees",
-            "blouse",
-            "blouses",
-            "pullover",
-            "pullovers",
-            "sweater",
-            "sweaters",
-            "hoodie",
-            "hoodies",
-            "coat",
-            "coats",
-            "jacket",
-            "jackets",
-            "cardigan",
-            "cardigans",
+            "shirt shirts t-shirt t-shirts tee tees blouse blouses pullover pullovers sweater "
+            "sweaters hoodie hoodies coat coats jacket jackets cardigan cardigans"
         ),
         "de": (
-            "hemd",
-            "hemden",
-            "bluse",
-            "blusen",
-            "pullover",
-            "pulli",
-            "mantel",
-            "mäntel",
-            "jacke",
-            "jacken",
-            "strickjacke",
-            "oberteil",
-            "oberteile",
+            "hemd hemden bluse blusen pullover pulli mantel mäntel jacke jacken strickjacke oberteil "
+            "oberteile"
         ),
         "fr": (
-            "chemise",
-            "chemises",
-            "chemisier",
-            "chemisiers",
-            "pull",
-            "pulls",
-            "manteau",
-            "manteaux",
-            "veste",
-            "vestes",
-            "débardeur",
-            "débardeurs",
+            "chemise chemises chemisier chemisiers pull pulls manteau manteaux veste vestes débardeur "
+            "débardeurs"
         ),
     },
     "Bottom part": {
-        "en": ("trousers", "pants", "jeans", "shorts", "skirt", "skirts", "leggings"),
-        "de": ("hose", "hosen", "jeans", "röcke", "minirock", "shorts"),
-        "fr": ("pantalon", "pantalons", "jean", "jupe", "jupes"),
+        "en": "trousers pants jeans shorts skirt skirts leggings",
+        "de": "hose hosen jeans röcke minirock shorts",
+        "fr": "pantalon pantalons jean jupe jupes",
     },
     "One piece": {
-        "en": ("dress", "dresses", "jumpsuit", "jumpsuits", "overall", "overalls"),
-        "de": ("kleid", "kleider", "overall", "jumpsuit"),
-        "fr": ("robe", "robes", "combinaison", "combinaisons"),
+        "en": "dress dresses jumpsuit jumpsuits overall overalls",
+        "de": "kleid kleider overall jumpsuit",
+        "fr": "robe robes combinaison combinaisons",
     },
     "Footwear": {
-        "en": (
-            "shoe",
-            "shoes",
-            "sneaker",
-            "sneakers",
-            "trainer",
-            "trainers",
-            "boot",
-            "boots",
-            "sandal",
-            "sandals",
-            "loafer",
-            "loafers",
-        ),
-        "de": ("schuh", "schuhe", "sneaker", "stiefel", "stiefelette", "stiefeletten", "sandale", "sandalen"),
-        "fr": (
-            "chaussure",
-            "chaussures",
-            "baskets",
-            "botte",
-            "bottes",
-            "bottine",
-            "bottines",
-            "sandale",
-            "sandales",
-        ),
+        "en": "shoe shoes sneaker sneakers trainer trainers boot boots sandal sandals loafer loafers",
+        "de": "schuh schuhe sneaker stiefel stiefelette stiefeletten sandale sandalen",
+        "fr": "chaussure chaussures baskets botte bottes bottine bottines sandale sandales",
     },
     "Bags": {
-        "en": ("bag", "bags", "handbag", "handbags", "backpack", "backpacks", "tote", "totes", "purse"),
-        "de": ("tasche", "taschen", "handtasche", "rucksack", "rucksäcke"),
-        "fr": ("sac", "sacs", "pochette", "pochettes", "cabas"),
+        "en": "bag bags handbag handbags backpack backpacks tote totes purse",
+        "de": "tasche taschen handtasche rucksack rucksäcke",
+        "fr": "sac sacs pochette pochettes cabas",
     },
 }
 
@@ -134,7 +72,7 @@ def _build() -> tuple[dict[str, str], dict[str, str]]:
     heads: dict[str, str] = {}
     for group, by_lang in LEXICON.items():
         for lang, terms in by_lang.items():
-            for term in terms:
+            for term in terms.split():
                 key = fold(term)
                 if words.get(key, group) != group:
                     raise ValueError(f"lexicon: {term!r} is listed under {words[key]!r} and {group!r}")
