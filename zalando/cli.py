@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from zalando.catalogue.cli import catalog_app
 from zalando.errors import ZalandoError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, kept running between commands.")
 app.add_typer(stack_app, name="stack")
+app.add_typer(catalog_app, name="catalog")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -40,6 +40,20 @@ class Settings(BaseSettings):
         "postgresql+psycopg://… (SQL catalog) or http(s)://… (REST catalog)",
     )
 
+    # the retailer's catalogue (PostgreSQL)
+    catalog_dsn: SecretStr | None = Field(
+        default=None,
+        description="libpq URI or key=value string of an existing catalogue database. "
+        "Unset: an embedded PostgreSQL is started in the work folder.",
+    )
+    catalog_user: str = Field(default="zalando", description="User of the embedded catalogue server")
+    catalog_password: SecretStr = Field(
+        default=SecretStr("zalando-catalog-local"),
+        description="Password of catalog_user (also used with a DSN that carries none)",
+    )
+    catalog_db: str = Field(default="catalog", description="Database of the embedded catalogue server")
+    catalog_port: int = Field(default=5433, description="Port of the embedded catalogue server (127.0.0.1)")
+
     # data and run
     data_source: str = Field(
         default=OFFICIAL_MIRROR,
@@ -71,6 +85,16 @@ class Settings(BaseSettings):
     @classmethod
     def _default_source(cls, v: str) -> str:
         return v.strip() or OFFICIAL_MIRROR
+
+    @field_validator("catalog_dsn")
+    @classmethod
+    def _blank_dsn_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value().strip() else None
+
+    @property
+    def embedded_catalog(self) -> bool:
+        """True when no catalogue DSN is set: we run PostgreSQL ourselves."""
+        return self.catalog_dsn is None
 
     @property
     def uses_s3(self) -> bool:

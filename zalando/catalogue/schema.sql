@@ -1,0 +1,62 @@
+-- The retailer's catalogue: our schema (the study's drawing of it is lost).
+-- Applied by `zalando catalog init` (zalando/catalogue/schema.py) in one transaction; every
+-- statement is idempotent, and tables a retailer's database already has are left as they are
+-- (check_schema then names any column we need that is missing).
+
+CREATE TABLE IF NOT EXISTS catalogue_schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS product (
+    id         bigint PRIMARY KEY,
+    title      text,                                   -- retailers leave it empty: NULL allowed
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS image (
+    id         bigint PRIMARY KEY,
+    url        text NOT NULL CHECK (url <> ''),        -- s3://, file:// or http(s)://
+    alt_text   text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Which images show a product; image_index 0 is the primary (most relevant) one.
+-- (product_id, image_index) is deliberately NOT unique: retailers' data has two images with index 0,
+-- and the query reports that (several_primary_images) instead of the schema refusing the whole load.
+CREATE TABLE IF NOT EXISTS product_images (
+    product_id  bigint  NOT NULL REFERENCES product (id) ON DELETE CASCADE,
+    image_id    bigint  NOT NULL REFERENCES image (id) ON DELETE CASCADE,
+    image_index integer NOT NULL CHECK (image_index >= 0),
+    PRIMARY KEY (product_id, image_id)
+);
+CREATE INDEX IF NOT EXISTS product_images_primary_idx ON product_images (product_id) WHERE image_index = 0;
+CREATE INDEX IF NOT EXISTS product_images_image_idx ON product_images (image_id);
+
+-- One description per product and country (ISO 3166 alpha-2, lower case: 'us', 'de', 'fr').
+-- original_text is the retailer's own text; translated_text its translation for that country.
+CREATE TABLE IF NOT EXISTS product_description (
+    product_id      bigint NOT NULL REFERENCES product (id) ON DELETE CASCADE,
+    country_code    text   NOT NULL CHECK (country_code ~ '^[a-z]{2}$'),
+    original_text   text,
+    translated_text text,
+    PRIMARY KEY (product_id, country_code)
+);
+
+-- The write-back: the latest group of each product, upserted once per scored batch.
+-- image_id, image_url and image_sha256 record which primary image was scored (for incremental runs).
+CREATE TABLE IF NOT EXISTS product_classification (
+    product_id    bigint           PRIMARY KEY REFERENCES product (id) ON DELETE CASCADE,
+    "group"       text             NOT NULL
+        CHECK ("group" IN ('Upper part', 'Bottom part', 'One piece', 'Footwear', 'Bags')),
+    confidence    double precision NOT NULL CHECK (confidence >= 0 AND confidence <= 1),
+    model_version text             NOT NULL,
+    batch_id      text             NOT NULL,
+    scored_at     timestamptz      NOT NULL,
+    image_id      bigint,
+    image_url     text,
+    image_sha256  text
+);
+
+INSERT INTO catalogue_schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
