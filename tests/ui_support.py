@@ -71,7 +71,11 @@ def write_run(lake: Lake, run_id: str = RUN_ID, *, title_extra: str = SCRIPT_ID)
         "![Confusion matrix](confusion_tiny_cnn.png)\n\n![PR](pr_tiny_cnn.png)\n\n"
         "![elsewhere](https://example.com/x.png)\n"
     )
-    files = {"report.md": md.encode(), "confusion_tiny_cnn.png": tiny_png(60), "pr_tiny_cnn.png": tiny_png(200)}
+    files = {
+        "report.md": md.encode(),
+        "confusion_tiny_cnn.png": tiny_png(60),
+        "pr_tiny_cnn.png": tiny_png(200),
+    }
     lake.commit_files(report_key(run_id), files, run_id, extra={"champion": VERSION, "flow_run_id": "fr-123"})
 
 

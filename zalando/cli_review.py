@@ -15,7 +15,8 @@ from typing import Any
 import typer
 
 labels_app = typer.Typer(
-    no_args_is_help=True, help="Reviewers' feedback labels: import a CSV or Label Studio export, export tasks."
+    no_args_is_help=True,
+    help="Reviewers' feedback labels: import a CSV or Label Studio export, export tasks.",
 )
 MAX_REASONS = 50
 
@@ -48,7 +49,9 @@ def _ui_settings(**overrides: Any) -> Any:
 
 @_cli_errors
 def ui(
-    host: str = typer.Option(None, help="Address to bind (default 127.0.0.1); any other needs ZALANDO_UI_TOKEN"),
+    host: str = typer.Option(
+        None, help="Address to bind (default 127.0.0.1); any other needs ZALANDO_UI_TOKEN"
+    ),
     port: int = typer.Option(None, help="Port (default 8765)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request"),
 ) -> None:
@@ -85,8 +88,12 @@ def ui(
 @labels_app.command("import")
 @_cli_errors
 def import_labels(
-    file: Path = typer.Argument(..., help="A CSV (image_id,batch_id,label[,reviewer]) or a Label Studio JSON export"),
-    reviewer: str = typer.Option(None, help="Reviewer recorded for rows that name none (default: import:<file>)"),
+    file: Path = typer.Argument(
+        ..., help="A CSV (image_id,batch_id,label[,reviewer]) or a Label Studio JSON export"
+    ),
+    reviewer: str = typer.Option(
+        None, help="Reviewer recorded for rows that name none (default: import:<file>)"
+    ),
 ) -> None:
     """Record reviewers' decisions from a file; bad rows are rejected with a reason, good ones kept."""
     from zalando.cli import console, lake_session, settings_from, setup_logging
@@ -97,7 +104,10 @@ def import_labels(
     parsed = read_feedback_file(file)  # an unreadable file: one line, exit 2
     with lake_session(settings_from()) as lake:
         result = record_decisions(
-            LakeStore(lake), parsed.proposals, source="import", default_reviewer=reviewer or f"import:{file.name}"
+            LakeStore(lake),
+            parsed.proposals,
+            source="import",
+            default_reviewer=reviewer or f"import:{file.name}",
         )
     unlabelled = f", {parsed.unlabelled} tasks without annotations skipped" if parsed.unlabelled else ""
     console.print(
@@ -105,9 +115,10 @@ def import_labels(
         f"{len(result.accepted)} recorded, {len(result.repeated)} already recorded, "
         f"{len(result.rejected)} rejected",
         highlight=False,
+        soft_wrap=True,
     )
     for r in result.rejected[:MAX_REASONS]:
-        console.print(f"  rejected {r.where}: {r.reason}", highlight=False, markup=False)
+        console.print(f"  rejected {r.where}: {r.reason}", highlight=False, markup=False, soft_wrap=True)
     if len(result.rejected) > MAX_REASONS:
         console.print(f"  ... and {len(result.rejected) - MAX_REASONS} more rejected rows", highlight=False)
 
@@ -119,7 +130,9 @@ def export_labels(
     out: Path = typer.Option(None, help="Where to write the tasks (default: label-studio-<batch id>.json)"),
     all_rows: bool = typer.Option(False, "--all", help="Every prediction, not only the needs-review ones"),
     model_version: str = typer.Option(None, help="The model version (default: the newest that scored it)"),
-    base_url: str = typer.Option(None, help="Where Label Studio reaches the page (default ZALANDO_UI_BASE_URL)"),
+    base_url: str = typer.Option(
+        None, help="Where Label Studio reaches the page (default ZALANDO_UI_BASE_URL)"
+    ),
 ) -> None:
     """Write the batch's review items as Label Studio tasks, the model's group as a pre-annotation."""
     from zalando.cli import console, lake_session, settings_from, setup_logging
@@ -134,7 +147,9 @@ def export_labels(
     with lake_session(settings_from()) as lake:
         store = LakeStore(lake)
         batch = store.batch(batch_id, model_version)
-        rows = store.prediction_rows(batch_id, batch.model_version, needs_review_only=not all_rows).to_pylist()
+        rows = store.prediction_rows(
+            batch_id, batch.model_version, needs_review_only=not all_rows
+        ).to_pylist()
     tasks = label_studio_tasks(rows, lambda b, i: image_url(base, b, i, token))
     target = out or Path(f"label-studio-{batch_id}.json")
     target.write_text(json.dumps(tasks, indent=2) + "\n", encoding="utf-8")
@@ -143,6 +158,7 @@ def export_labels(
         "images served by `zalando ui` at "
         f"{base}; the labeling config: `zalando labels config`",
         highlight=False,
+        soft_wrap=True,
     )
 
 

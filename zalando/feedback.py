@@ -318,14 +318,18 @@ def read_feedback_file(path: str | Path) -> ParsedFile:
     except FileNotFoundError:
         raise FeedbackFileError(f"feedback file {p}: does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise FeedbackFileError(f"feedback file {p}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+        raise FeedbackFileError(
+            f"feedback file {p}: cannot be read as UTF-8 text ({e.__class__.__name__})"
+        ) from None
     suffix = p.suffix.lower()
     is_json = suffix == ".json" or (suffix != ".csv" and text.lstrip()[:1] in ("[", "{"))
     if is_json:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise FeedbackFileError(f"feedback file {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise FeedbackFileError(
+                f"feedback file {p}: not valid JSON ({e.msg} at line {e.lineno})"
+            ) from None
         return parse_label_studio(data, name=str(p))
     return parse_csv(text, name=str(p))
 
@@ -433,7 +437,10 @@ def _choices(result: Any) -> tuple[list[str], str | None]:
     if not chosen:
         return [], "annotation has no choice"
     if len(set(chosen)) > 1:
-        return chosen, f"annotation has {len(set(chosen))} choices ({', '.join(sorted(set(chosen)))}); one expected"
+        return (
+            chosen,
+            f"annotation has {len(set(chosen))} choices ({', '.join(sorted(set(chosen)))}); one expected",
+        )
     return chosen, None
 
 

@@ -80,7 +80,9 @@ def create_app(store: LakeStore, settings: UiSettings | None = None) -> FastAPI:
     token = settings.token.get_secret_value() if settings.token else None
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
     env.globals.update(links=links, fmt=_fmt)
-    desk = Desk(store, settings, token, security.page_secret(token), Jinja2Templates(env=env), threading.Lock())
+    desk = Desk(
+        store, settings, token, security.page_secret(token), Jinja2Templates(env=env), threading.Lock()
+    )
     app = FastAPI(title="Zalando review desk", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.desk = desk
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -136,7 +138,9 @@ def _access_denied(request: Request, desk: Desk) -> Response | None:
     if given is not None:
         if security.token_matches(given, desk.token):
             return None
-        log.warning("refused a request with a wrong token from %s", request.client.host if request.client else "?")
+        log.warning(
+            "refused a request with a wrong token from %s", request.client.host if request.client else "?"
+        )
         return _unauthorized("wrong token")
     if security.session_valid(request.cookies.get(security.SESSION_COOKIE), desk.secret):
         return None
@@ -255,7 +259,11 @@ def run_page(request: Request, run_id: str) -> Response:
     prefect = desk.settings.prefect_ui_url
     flow_run = None
     if prefect:
-        flow_run = f"{prefect}/runs/flow-run/{quote(report.flow_run_id)}" if report.flow_run_id else f"{prefect}/runs"
+        flow_run = (
+            f"{prefect}/runs/flow-run/{quote(report.flow_run_id)}"
+            if report.flow_run_id
+            else f"{prefect}/runs"
+        )
     context = {
         "report": report,
         "report_html": report_html(report.markdown, report.key),
@@ -272,7 +280,10 @@ def report_file(request: Request, key: str) -> Response:
     if suffix not in FILE_TYPES:
         raise NotFoundError(f"{key!r}: only {', '.join(sorted(FILE_TYPES))} files are served")
     data = store.report_file(key)  # refuses '..' and keys outside reports/
-    headers = {"Cache-Control": "private, max-age=300", "Content-Security-Policy": "sandbox; default-src 'none'"}
+    headers = {
+        "Cache-Control": "private, max-age=300",
+        "Content-Security-Policy": "sandbox; default-src 'none'",
+    }
     return Response(data, media_type=FILE_TYPES[suffix], headers=headers)
 
 
@@ -282,7 +293,9 @@ def report_file(request: Request, key: str) -> Response:
 def batches_page(request: Request, limit: int = 30) -> Response:
     store = _desk(request).store
     batches = store.recent_batches(limit=max(1, min(limit, 200)))
-    return _page(request, "batches.html", {"batches": batches, "drift": drift_rows(batches), "title": "Batches"})
+    return _page(
+        request, "batches.html", {"batches": batches, "drift": drift_rows(batches), "title": "Batches"}
+    )
 
 
 def drift_rows(batches: list[Any]) -> list[dict[str, Any]]:
@@ -350,7 +363,12 @@ def review_page(
     reviewed = 0
     if decided:
         reviewed = int(pc.sum(pc.is_in(ids, value_set=pa.array(list(decided), pa.string()))).as_py() or 0)
-    query = {"view": "all" if view == "all" else None, "group": group or None, "cmin": cmin or None, "cmax": cmax or None}
+    query = {
+        "view": "all" if view == "all" else None,
+        "group": group or None,
+        "cmin": cmin or None,
+        "cmax": cmax or None,
+    }
     here = links.review_path(batch_id, model_version, **query, page=page if page > 1 else None)
     items = [_item(r, decided) for r in rows.slice((page - 1) * size, size).to_pylist()]
     context = {
@@ -363,7 +381,9 @@ def review_page(
         "pages": pages,
         "first_index": (page - 1) * size,
         "prev_url": links.review_path(batch_id, model_version, **query, page=page - 1) if page > 1 else None,
-        "next_url": links.review_path(batch_id, model_version, **query, page=page + 1) if page < pages else None,
+        "next_url": links.review_path(batch_id, model_version, **query, page=page + 1)
+        if page < pages
+        else None,
         "here": here,
         "filters": {"view": "all" if view == "all" else "review", "group": group, "cmin": cmin, "cmax": cmax},
         "groups": GROUP_NAMES,
@@ -408,8 +428,12 @@ def image(request: Request, batch_id: str, image_path: str, model_version: str |
         raise NotFoundError(f"{image_path!r}: images are served as <image id>.png")
     image_id = security.check_image_id(image_path[:-4])
     security.check_batch_id(batch_id)
-    pixels = _desk(request).store.image_pixels(batch_id, image_id, security.check_model_version(model_version))
-    return Response(image_png(pixels), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    pixels = _desk(request).store.image_pixels(
+        batch_id, image_id, security.check_model_version(model_version)
+    )
+    return Response(
+        image_png(pixels), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+    )
 
 
 # ---------------------------------------------------------------------------------- feedback
@@ -440,10 +464,17 @@ async def post_feedback(request: Request) -> Response:
         return _error(request, 409 if reason.startswith("conflicts") else 400, reason)
     decision = (result.accepted or result.repeated)[0]
     if _wants_json(request):
-        body = {"ok": True, "label": decision.label, "repeated": bool(result.repeated), "labels": list(LABELS)}
+        body = {
+            "ok": True,
+            "label": decision.label,
+            "repeated": bool(result.repeated),
+            "labels": list(LABELS),
+        }
         response: Response = JSONResponse(body)
     else:
-        response = RedirectResponse(security.safe_next(str(form.get("next") or ""), "/batches"), status_code=303)
+        response = RedirectResponse(
+            security.safe_next(str(form.get("next") or ""), "/batches"), status_code=303
+        )
     response.set_cookie(REVIEWER_COOKIE, quote(reviewer), samesite="strict", path="/", max_age=30 * 86400)
     return response
 

@@ -88,7 +88,9 @@ def sparkline_svg(
 
     points = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
     pad = 3.0
-    lo_hi = [v for _, v in points] + ([threshold] if threshold is not None and math.isfinite(threshold) else [])
+    lo_hi = [v for _, v in points] + (
+        [threshold] if threshold is not None and math.isfinite(threshold) else []
+    )
     if not points:
         return Markup(
             f'<svg class="spark" width="{width}" height="{height}" role="img"><title>{escape(title)}: no data</title></svg>'
@@ -102,7 +104,9 @@ def sparkline_svg(
         y = height - pad - (height - 2 * pad) * (v - lo) / span
         return round(x, 1), round(y, 1)
 
-    parts = [f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    parts = [
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+    ]
     parts.append(f"<title>{escape(title)}</title>")
     if threshold is not None and math.isfinite(threshold):
         _, ty = xy(0, threshold)
@@ -115,7 +119,9 @@ def sparkline_svg(
     for i, v in points:
         x, y = xy(i, v)
         alarm = i < len(alarms) and bool(alarms[i])
-        parts.append(f'<circle cx="{x}" cy="{y}" r="{2.5 if alarm else 1.6}" fill="{"#d22" if alarm else "#2a6fdb"}"/>')
+        parts.append(
+            f'<circle cx="{x}" cy="{y}" r="{2.5 if alarm else 1.6}" fill="{"#d22" if alarm else "#2a6fdb"}"/>'
+        )
     parts.append("</svg>")
     return Markup("".join(parts))
 

@@ -15,6 +15,7 @@ Today's layout (read through :class:`~zalando.lake.Lake`, committed partitions o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
@@ -246,7 +247,9 @@ class LakeStore:
         """One batch (the newest model version that scored it, unless one is named)."""
         versions = self._versions(batch_id)
         if model_version is not None and model_version not in versions:
-            raise NotFoundError(f"batch {batch_id!r} was not scored with model {model_version!r} ({versions})")
+            raise NotFoundError(
+                f"batch {batch_id!r} was not scored with model {model_version!r} ({versions})"
+            )
         return self._summary(batch_id, versions, model_version, None)
 
     def _versions(self, batch_id: str) -> list[str]:
@@ -347,33 +350,46 @@ class LakeStore:
                 continue
             if f.get("kind") == "image":
                 if image_id_for_file(str(f["name"])) == image_id:
-                    return self._image_file(str(f["uri"]), str(f["name"]))
+                    return self._image_file(f)
                 continue
             index, images = self._inputs.get((f["uri"], f.get("sha256")), lambda f=f: self._decode_parquet(f))
             if image_id in index:
                 return images[index[image_id]]
         raise NotFoundError(f"image {image_id!r} is not among the inputs of batch {batch_id!r}")
 
-    def _image_file(self, uri: str, name: str) -> np.ndarray:
-        from zalando.images import ImagePrepConfig, ImageRejected, decode_image
+    def _input_bytes(self, f: dict[str, Any]) -> bytes:
+        """An input file's bytes, refused when they are no longer the ones the batch scored."""
         from zalando.scoring.batch import open_input
 
-        fs, path = open_input(uri, self.lake)
-        with fs.open_input_stream(path) as fh:
-            data = fh.read()
+        fs, path = open_input(str(f["uri"]), self.lake)
         try:
-            return decode_image(data, ImagePrepConfig(), name=name)
+            with fs.open_input_stream(path) as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise NotFoundError(f"input {f['uri']} of the batch is gone") from None
+        if f.get("sha256") and hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise NotFoundError(
+                f"input {f['uri']} changed after the batch was scored; its pixels are not shown"
+            )
+        return data
+
+    def _image_file(self, f: dict[str, Any]) -> np.ndarray:
+        from zalando.images import ImagePrepConfig, ImageRejected, decode_image
+
+        try:
+            return decode_image(self._input_bytes(f), ImagePrepConfig(), name=str(f["name"]))
         except ImageRejected as e:
-            raise NotFoundError(f"image file {name!r} cannot be decoded ({e.reason})") from None
+            raise NotFoundError(f"image file {f['name']!r} cannot be decoded ({e.reason})") from None
 
     def _decode_parquet(self, f: dict[str, Any]) -> tuple[dict[str, int], np.ndarray]:
         from zalando.images import ImagePrepConfig
-        from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN, open_input
+        from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN
         from zalando.scoring.inputs import decode_image_column
 
-        fs, path = open_input(str(f["uri"]), self.lake)
-        table = pq.read_table(path, filesystem=fs, columns=[ID_COLUMN, IMAGE_COLUMN])
-        images, _bad = decode_image_column(table.column(IMAGE_COLUMN), ImagePrepConfig(), source=str(f["name"]))
+        table = pq.read_table(io.BytesIO(self._input_bytes(f)), columns=[ID_COLUMN, IMAGE_COLUMN])
+        images, _bad = decode_image_column(
+            table.column(IMAGE_COLUMN), ImagePrepConfig(), source=str(f["name"])
+        )
         ids = table.column(ID_COLUMN).cast(pa.string()).to_pylist()
         index: dict[str, int] = {}
         for i, image_id in enumerate(ids):
@@ -420,7 +436,9 @@ class LakeStore:
 
     def read_feedback(self, batch_id: str | None = None) -> list[Decision]:
         """Every recorded decision (of one batch), oldest first."""
-        prefix = FEEDBACK_PREFIX if batch_id is None else f"{FEEDBACK_PREFIX}/batch_id={check_batch_id(batch_id)}"
+        prefix = (
+            FEEDBACK_PREFIX if batch_id is None else f"{FEEDBACK_PREFIX}/batch_id={check_batch_id(batch_id)}"
+        )
         out: list[Decision] = []
         for key in self.lake.list_partitions(prefix):
             with self._feedback_lock:
@@ -459,7 +477,9 @@ def _and(mask: Any, other: Any) -> Any:
     return other if mask is None else pc.and_(mask, other)
 
 
-def _headlines(summary: pd.DataFrame, per_group: pd.DataFrame, champion: str | None) -> list[ExperimentHeadline]:
+def _headlines(
+    summary: pd.DataFrame, per_group: pd.DataFrame, champion: str | None
+) -> list[ExperimentHeadline]:
     """Per experiment: test-split accuracy and macro F1, One piece recall and precision."""
     if summary.empty:
         return []
@@ -470,7 +490,11 @@ def _headlines(summary: pd.DataFrame, per_group: pd.DataFrame, champion: str | N
     one_piece = GROUP_NAMES.index("One piece")
     out = []
     for rec in s.to_dict("records"):
-        op = pg[(pg["experiment"] == rec["experiment"]) & (pg["group"].astype(int) == one_piece)] if len(pg) else pg
+        op = (
+            pg[(pg["experiment"] == rec["experiment"]) & (pg["group"].astype(int) == one_piece)]
+            if len(pg)
+            else pg
+        )
         version = rec.get("model_version")
         out.append(
             ExperimentHeadline(
