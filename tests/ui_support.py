@@ -55,8 +55,11 @@ def tiny_png(value: int = 128, size: int = 40) -> bytes:
     return buf.getvalue()
 
 
-def write_run(lake: Lake, run_id: str = RUN_ID, *, title_extra: str = SCRIPT_ID) -> None:
-    """A run's metric tables (one experiment) and a report with two figures and some raw HTML."""
+def write_run(
+    lake: Lake, run_id: str = RUN_ID, *, title_extra: str = SCRIPT_ID, real_figures: bool = False
+) -> None:
+    """A run's metric tables (one experiment) and a report with two figures and some raw HTML;
+    ``real_figures``: the report as zalando.report.build_run_report draws it (matplotlib)."""
     from zalando.evaluate import metric_arrow_tables, metric_tables, metrics_partition_key
     from zalando.steps import report_key
 
@@ -65,6 +68,19 @@ def write_run(lake: Lake, run_id: str = RUN_ID, *, title_extra: str = SCRIPT_ID)
     y_pred[:7] = 2  # a few mistakes, some into One piece
     frames = metric_tables(run_id, "tiny_cnn", VERSION, y_true, y_pred)
     lake.commit_partition(metrics_partition_key(run_id, "tiny_cnn"), metric_arrow_tables(frames), run_id)
+    if real_figures:
+        from zalando.report import build_run_report
+
+        files = build_run_report(
+            run_id,
+            frames["per_group"],
+            summary=frames["summary"],
+            confusion=frames["confusion"],
+            worst_one_piece=[(mnist_like(1)[0], 3, np.array([0.1, 0.1, 0.5, 0.2, 0.1]))],
+        )
+        files["report.md"] = files["report.md"].replace(b"\n", f"\n\nExperiment {title_extra}.\n".encode(), 1)
+        lake.commit_files(report_key(run_id), files, run_id, extra={"champion": VERSION})
+        return
     md = (
         f"# Run report `{run_id}`\n\nExperiment {title_extra} and <b>bold</b>.\n\n"
         "| Group | Recall |\n| --- | ---: |\n| One piece | 0.910 |\n\n"

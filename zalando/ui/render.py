@@ -37,7 +37,6 @@ def report_html(markdown: str, report_key: str) -> Markup:
             alt = escapeHtml(self.renderInlineAsText(token.children or [], options, env))
             return f'<span class="external-image">[image not shown: {alt}]</span>'
         token.attrSet("src", report_file_path(f"{report_key}/{src}"))
-        token.attrSet("loading", "lazy")
         return self.image(tokens, idx, options, env)
 
     md.add_render_rule("image", image)
