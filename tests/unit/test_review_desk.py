@@ -46,7 +46,7 @@ BATCH = "2026-03-01-shop"
 
 
 def _client(lake: Lake, **settings: Any) -> TestClient:
-    return TestClient(create_app(LakeStore(lake), UiSettings(**settings)))
+    return TestClient(create_app(LakeStore(lake), UiSettings(**settings)), base_url="http://127.0.0.1")
 
 
 def _csrf(html: str) -> str:
@@ -258,13 +258,13 @@ def test_a_token_guards_every_page(lake: Lake) -> None:
     assert c.get("/batches", headers=html, follow_redirects=False).status_code == 303
 
     # an image URL signed for Label Studio works without the token; a wrong signature does not
-    url = image_url("http://testserver", BATCH, "img-004", TOKEN)
+    url = image_url("http://127.0.0.1", BATCH, "img-004", TOKEN)
     anon = _client(lake, token=TOKEN)
     assert anon.get(url).status_code == 200
     assert anon.get(url[:-4] + "0000").status_code == 401
     assert (
         anon.get(
-            image_url("http://testserver", BATCH, "img-005", TOKEN).replace("img-005", "img-006")
+            image_url("http://127.0.0.1", BATCH, "img-005", TOKEN).replace("img-005", "img-006")
         ).status_code
         == 401
     )
@@ -272,6 +272,11 @@ def test_a_token_guards_every_page(lake: Lake) -> None:
 
 def test_security_headers_and_no_external_assets(lake: Lake) -> None:
     c = _client(lake)
+    # without a token only loopback names (and the base URL's host) are answered: no DNS rebinding
+    assert c.get("/batches", headers={"Host": "evil.example"}).status_code == 400
+    desk_lan = _client(lake, base_url="http://desk.lan:8765")
+    assert desk_lan.get("/batches", headers={"Host": "desk.lan:8765"}).status_code == 200
+    assert _client(lake, token=TOKEN).get("/healthz", headers={"Host": "desk.example.com"}).status_code == 200
     r = c.get(f"/batches/{BATCH}/review")
     csp = r.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,6 +70,7 @@ class Desk:
     secret: bytes
     templates: Jinja2Templates
     write_lock: threading.Lock
+    hosts: frozenset[str]  # host names served besides loopback (the bind address, the base URL's)
 
 
 def create_app(store: LakeStore, settings: UiSettings | None = None) -> FastAPI:
@@ -80,8 +81,15 @@ def create_app(store: LakeStore, settings: UiSettings | None = None) -> FastAPI:
     token = settings.token.get_secret_value() if settings.token else None
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
     env.globals.update(links=links, fmt=_fmt)
+    hosts = {settings.host.strip("[]").lower(), (urlparse(settings.base_url or "").hostname or "").lower()}
     desk = Desk(
-        store, settings, token, security.page_secret(token), Jinja2Templates(env=env), threading.Lock()
+        store,
+        settings,
+        token,
+        security.page_secret(token),
+        Jinja2Templates(env=env),
+        threading.Lock(),
+        frozenset(h for h in hosts if h and h not in ("0.0.0.0", "::")),
     )
     app = FastAPI(title="Zalando review desk", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.desk = desk
@@ -121,13 +129,24 @@ async def _guard(request: Request, call_next: Any) -> Response:
     nonce = security.new_nonce() if fresh else nonce
     request.state.csrf_nonce = nonce
     request.state.csrf_token = security.csrf_token(desk.secret, nonce)
-    denied = _access_denied(request, desk)
+    denied = _wrong_host(request, desk) or _access_denied(request, desk)
     response = denied if denied is not None else await call_next(request)
     if fresh:
         response.set_cookie(security.CSRF_COOKIE, nonce, httponly=True, samesite="strict", path="/")
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     return response
+
+
+def _wrong_host(request: Request, desk: Desk) -> Response | None:
+    """Without a token the page answers only to the names it is served under (no DNS rebinding)."""
+    if desk.token is not None:
+        return None
+    host = (request.url.hostname or "").strip("[]").lower()
+    if security.is_loopback(host) or host in desk.hosts:
+        return None
+    log.warning("refused a request for host %r (not %s)", host, ", ".join(sorted(desk.hosts)) or "loopback")
+    return PlainTextResponse(f"host {host!r} is not served here", status_code=400)
 
 
 def _access_denied(request: Request, desk: Desk) -> Response | None:
