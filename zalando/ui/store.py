@@ -289,7 +289,11 @@ class LakeStore:
         )
 
     def _drift(self, key: str) -> list[DriftStat]:
-        table = self.lake.read_partition(key)
+        try:
+            table = self.lake.read_partition(key)
+        except (DataError, LakeError) as e:  # one unreadable drift table must not hide the batch list
+            log.warning("drift table %s not shown: %s", self.lake.uri(key), e)
+            return []
         out = []
         for r in table.to_pylist():
             out.append(
