@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zalando.catalogue.cli import catalog_app
+from zalando.cli_review import labels_app, ui
 from zalando.errors import ZalandoError
 
 app = typer.Typer(
@@ -859,6 +860,11 @@ def stack_status() -> None:
     console.print(f"S3 on {server.endpoint}: {state}{hint}")
     if state in ("stale", "foreign"):
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- review desk
+app.command("ui")(ui)
+app.add_typer(labels_app, name="labels")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,170 @@
+"""The review desk's commands: ``zalando ui`` (the web page) and ``zalando labels import|export|config``.
+
+Registered in :mod:`zalando.cli`; the shared helpers (settings, the lake session, error handling) are
+imported from there when a command runs, so this module never imports the CLI at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+labels_app = typer.Typer(
+    no_args_is_help=True,
+    help="Reviewers' feedback labels: import a CSV or Label Studio export, export tasks.",
+)
+MAX_REASONS = 50
+
+
+def _cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """zalando.cli.handle_errors, looked up when the command runs (no import cycle)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from zalando.cli import handle_errors
+
+        return handle_errors(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _ui_settings(**overrides: Any) -> Any:
+    from pydantic import ValidationError
+
+    from zalando.cli import fail
+    from zalando.ui.settings import UiSettings
+
+    try:
+        return UiSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        fail(f"setting {where}: {first['msg']}")
+
+
+@_cli_errors
+def ui(
+    host: str = typer.Option(
+        None, help="Address to bind (default 127.0.0.1); any other needs ZALANDO_UI_TOKEN"
+    ),
+    port: int = typer.Option(None, help="Port (default 8765)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request"),
+) -> None:
+    """Serve the review desk: runs and reports, batches and drift, the review queue."""
+    import uvicorn
+
+    from zalando.cli import console, fail, lake_session, settings_from, setup_logging
+    from zalando.ui.app import create_app
+    from zalando.ui.security import bind_problem
+    from zalando.ui.store import LakeStore
+
+    setup_logging(verbose)
+    ui_settings = _ui_settings(host=host, port=port)
+    token = ui_settings.token.get_secret_value() if ui_settings.token else None
+    problem = bind_problem(ui_settings.host, token)
+    if problem:
+        fail(problem)
+    with lake_session(settings_from()) as lake:
+        app = create_app(LakeStore(lake), ui_settings)
+        shown = f"[{ui_settings.host}]" if ":" in ui_settings.host else ui_settings.host
+        console.print(
+            f"review desk on http://{shown}:{ui_settings.port} (lake {lake.uri()}"
+            + (", token required)" if token else ")")
+        )
+        uvicorn.run(
+            app,
+            host=ui_settings.host,
+            port=ui_settings.port,
+            log_level="info" if verbose else "warning",
+            access_log=verbose,
+        )
+
+
+@labels_app.command("import")
+@_cli_errors
+def import_labels(
+    file: Path = typer.Argument(
+        ..., help="A CSV (image_id,batch_id,label[,reviewer]) or a Label Studio JSON export"
+    ),
+    reviewer: str = typer.Option(
+        None, help="Reviewer recorded for rows that name none (default: import:<file>)"
+    ),
+) -> None:
+    """Record reviewers' decisions from a file; bad rows are rejected with a reason, good ones kept."""
+    from zalando.cli import console, lake_session, settings_from, setup_logging
+    from zalando.feedback import read_feedback_file, record_decisions
+    from zalando.ui.store import LakeStore
+
+    setup_logging(False)
+    parsed = read_feedback_file(file)  # an unreadable file: one line, exit 2
+    with lake_session(settings_from()) as lake:
+        result = record_decisions(
+            LakeStore(lake),
+            parsed.proposals,
+            source="import",
+            default_reviewer=reviewer or f"import:{file.name}",
+        )
+    unlabelled = f", {parsed.unlabelled} tasks without annotations skipped" if parsed.unlabelled else ""
+    console.print(
+        f"{file}: {len(parsed.proposals)} decisions read ({parsed.kind}{unlabelled}): "
+        f"{len(result.accepted)} recorded, {len(result.repeated)} already recorded, "
+        f"{len(result.rejected)} rejected",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for r in result.rejected[:MAX_REASONS]:
+        console.print(f"  rejected {r.where}: {r.reason}", highlight=False, markup=False, soft_wrap=True)
+    if len(result.rejected) > MAX_REASONS:
+        console.print(f"  ... and {len(result.rejected) - MAX_REASONS} more rejected rows", highlight=False)
+
+
+@labels_app.command("export")
+@_cli_errors
+def export_labels(
+    batch_id: str = typer.Argument(..., help="The batch (see `zalando ui` or `zalando predictions`)"),
+    out: Path = typer.Option(None, help="Where to write the tasks (default: label-studio-<batch id>.json)"),
+    all_rows: bool = typer.Option(False, "--all", help="Every prediction, not only the needs-review ones"),
+    model_version: str = typer.Option(None, help="The model version (default: the newest that scored it)"),
+    base_url: str = typer.Option(
+        None, help="Where Label Studio reaches the page (default ZALANDO_UI_BASE_URL)"
+    ),
+) -> None:
+    """Write the batch's review items as Label Studio tasks, the model's group as a pre-annotation."""
+    from zalando.cli import console, lake_session, settings_from, setup_logging
+    from zalando.feedback import label_studio_tasks
+    from zalando.ui.links import image_url
+    from zalando.ui.store import LakeStore
+
+    setup_logging(False)
+    ui_settings = _ui_settings()
+    base = base_url or ui_settings.base_url or f"http://{ui_settings.host}:{ui_settings.port}"
+    token = ui_settings.token.get_secret_value() if ui_settings.token else None
+    with lake_session(settings_from()) as lake:
+        store = LakeStore(lake)
+        batch = store.batch(batch_id, model_version)
+        rows = store.prediction_rows(
+            batch_id, batch.model_version, needs_review_only=not all_rows
+        ).to_pylist()
+    tasks = label_studio_tasks(rows, lambda b, i: image_url(base, b, i, token))
+    target = out or Path(f"label-studio-{batch_id}.json")
+    target.write_text(json.dumps(tasks, indent=2) + "\n", encoding="utf-8")
+    console.print(
+        f"{len(tasks)} tasks of batch {batch_id} (model {batch.model_version}) written to {target}; "
+        "images served by `zalando ui` at "
+        f"{base}; the labeling config: `zalando labels config`",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@labels_app.command("config")
+def labels_config() -> None:
+    """Print the Label Studio labeling config that exported tasks and imported results agree on."""
+    from zalando.feedback import LABEL_STUDIO_CONFIG
+
+    typer.echo(LABEL_STUDIO_CONFIG, nl=False)
