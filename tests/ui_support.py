@@ -61,7 +61,7 @@ def write_run(
     """A run's metric tables (one experiment) and a report with two figures and some raw HTML;
     ``real_figures``: the report as zalando.report.build_run_report draws it (matplotlib)."""
     from zalando.evaluate import metric_arrow_tables, metric_tables, metrics_partition_key
-    from zalando.steps import report_key
+    from zalando.steps.reporting import report_key
 
     y_true = np.array([0, 1, 2, 3, 4] * 20)
     y_pred = y_true.copy()
@@ -98,7 +98,7 @@ def write_run(
 def write_drift(lake: Lake, batch_id: str, *, alarm: bool = False, value: float = 0.05) -> None:
     """A drift table for a scored batch, shaped like zalando.monitor.drift_report's."""
     from zalando.scoring.query import batch_date_of
-    from zalando.steps import monitoring_key
+    from zalando.steps.monitoring import monitoring_key
 
     table = pa.table(
         {

@@ -38,7 +38,8 @@ from zalando.labels import GROUP_NAMES
 from zalando.lake import MANIFEST, Lake, validate_key
 from zalando.scoring import layout
 from zalando.scoring.query import batch_date_of, scored_versions
-from zalando.steps import monitoring_key, report_key
+from zalando.steps.monitoring import monitoring_key
+from zalando.steps.reporting import report_key
 from zalando.ui.security import Refused, check_batch_id, check_image_id, check_run_id
 
 log = logging.getLogger(__name__)
