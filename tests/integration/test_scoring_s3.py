@@ -313,7 +313,12 @@ def test_batch_scoring_flow_reports_the_wall_time_of_the_batch_and_refuses_outsi
         batch_uri="incoming/timed", batch_date=date(2026, 5, 9), shard_size=10, runtime="onnx", monitor=False
     )
     wall = time.perf_counter() - t0
-    markers = [lake.read_json(k) for k in lake.list_keys(f"{layout.predictions_key(date(2026, 5, 9), summary['model_version'], summary['batch_id'])}/_shards")]
+    markers = [
+        lake.read_json(k)
+        for k in lake.list_keys(
+            f"{layout.predictions_key(date(2026, 5, 9), summary['model_version'], summary['batch_id'])}/_shards"
+        )
+    ]
     assert len(markers) == 6 and summary["scored"] == 60
     shard_seconds = sum(float(m["seconds"]) for m in markers)
     assert shard_seconds <= summary["seconds"] <= wall, (shard_seconds, summary["seconds"], wall)

@@ -294,7 +294,9 @@ def test_a_batch_folder_never_leads_outside_itself(
     (batch / "passwd.png").symlink_to(outside / "passwd")
     (batch / "etc").symlink_to(outside, target_is_directory=True)
     os.mkfifo(batch / "pipe.png")
-    r = score_batch(s3_lake, batch.as_uri(), predictor=FakePredictor(), model_version="v-sec", batch_date="2026-06-10")
+    r = score_batch(
+        s3_lake, batch.as_uri(), predictor=FakePredictor(), model_version="v-sec", batch_date="2026-06-10"
+    )
     assert (r.scored, r.quarantined, r.reasons) == (1, 3, {"not_regular_file": 3})
     for location in (outside.as_uri(), "file:///etc", f"file://{roots}/../etc"):
         with pytest.raises(ScoringInputError) as e:

@@ -89,7 +89,8 @@ def _in_time(fn: Callable[[], Any], fifos: list[Path], seconds: float = 30) -> A
 def test_symlinks_in_a_batch_are_never_followed(lake: Lake, roots: Path, outside: Path) -> None:
     imgs = mnist_like(3)
     src = write_files(
-        roots / "in", {"good.png": png_bytes(imgs[0]), "sub/ok.parquet": raw_parquet(["ok-0", "ok-1"], imgs[1:])}
+        roots / "in",
+        {"good.png": png_bytes(imgs[0]), "sub/ok.parquet": raw_parquet(["ok-0", "ok-1"], imgs[1:])},
     )
     (src / "passwd.png").symlink_to(outside / "passwd")  # the attack the issue found
     (src / "rows.parquet").symlink_to(outside / "rows.parquet")
@@ -142,7 +143,10 @@ def test_a_link_or_fifo_swapped_in_after_planning_is_not_read(lake: Lake, roots:
     imgs = mnist_like(8, 3)
     src = write_files(
         roots / "in",
-        {"a.parquet": raw_parquet([f"a-{i}" for i in range(4)], imgs[:4]), "c.parquet": raw_parquet(["c-0"], imgs[4:5])},
+        {
+            "a.parquet": raw_parquet([f"a-{i}" for i in range(4)], imgs[:4]),
+            "c.parquet": raw_parquet(["c-0"], imgs[4:5]),
+        },
     )
     plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-06-03", check_model=False)
     assert [s.name for s in plan.shards] == ["a.parquet", "c.parquet"]
@@ -164,7 +168,9 @@ def test_a_symlinked_folder_on_the_way_to_an_input_is_not_followed_at_open_time(
     imgs = mnist_like(4, 5)
     src = write_files(roots / "in", {"sub/a.parquet": raw_parquet([f"a-{i}" for i in range(4)], imgs)})
     plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-06-04", check_model=False)
-    elsewhere = write_files(tmp_path / "elsewhere", {"a.parquet": raw_parquet([f"x-{i}" for i in range(4)], imgs)})
+    elsewhere = write_files(
+        tmp_path / "elsewhere", {"a.parquet": raw_parquet([f"x-{i}" for i in range(4)], imgs)}
+    )
     (src / "sub" / "a.parquet").unlink()
     (src / "sub").rmdir()
     (src / "sub").symlink_to(elsewhere, target_is_directory=True)
@@ -179,7 +185,12 @@ def test_manifest_names_that_leave_the_batch_are_refused(lake: Lake, tmp_path: P
     for evil in ("../../../outside.parquet", "/etc/passwd", "sub/../../x.parquet"):
         lake.write_json(
             "incoming/m/_MANIFEST.json",
-            {"files": {"a.parquet": {"bytes": len(data), "sha256": "0" * 64}, evil: {"bytes": 1, "sha256": "0" * 64}}},
+            {
+                "files": {
+                    "a.parquet": {"bytes": len(data), "sha256": "0" * 64},
+                    evil: {"bytes": 1, "sha256": "0" * 64},
+                }
+            },
         )
         with pytest.raises(ScoringInputError, match="incoming/m") as e:
             describe_batch(lake, "incoming/m")
@@ -231,10 +242,17 @@ def test_default_batch_roots_are_the_work_folder_and_the_current_directory(
 
 def _s3_lake() -> Lake:
     """A lake on S3 for resolving locations only (nothing is contacted)."""
-    return Lake(pafs.LocalFileSystem(), "lakebucket/lake", "s3://lakebucket/lake", S3Config("http://127.0.0.1:1", "a", "b"))
+    return Lake(
+        pafs.LocalFileSystem(),
+        "lakebucket/lake",
+        "s3://lakebucket/lake",
+        S3Config("http://127.0.0.1:1", "a", "b"),
+    )
 
 
-def test_s3_locations_must_lie_in_the_lakes_bucket_or_a_configured_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_locations_must_lie_in_the_lakes_bucket_or_a_configured_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("ZALANDO_BATCH_BUCKETS", raising=False)
     lake = _s3_lake()
     assert resolve_location(lake, "s3://lakebucket/incoming/x").root == "lakebucket/incoming/x"
@@ -278,7 +296,9 @@ def test_backfill_skips_days_without_input_but_a_named_location_must_exist(lake:
     from zalando.scoring import backfill
 
     lake.write_bytes("inbox/batch_date=2026-06-01/a.parquet", raw_parquet(["d1"], mnist_like(1)))
-    days = backfill(lake, date_from="2026-06-01", date_to="2026-06-02", predictor=FakePredictor(), model_version=V)
+    days = backfill(
+        lake, date_from="2026-06-01", date_to="2026-06-02", predictor=FakePredictor(), model_version=V
+    )
     assert [e.status for e in days] == ["scored", "no_input"]
     named = backfill(lake, ["inbox/batch_date=2026-06-09"], predictor=FakePredictor(), model_version=V)
     assert named[0].status == "failed" and "no input files" in (named[0].error or "")
