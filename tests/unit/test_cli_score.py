@@ -170,7 +170,9 @@ def test_every_table_keeps_long_ids_whole_when_stdout_is_not_a_terminal(
     src = tmp_path / "batches" / "one"
     src.mkdir(parents=True)
     (src / "a.parquet").write_bytes(raw_parquet(["a-0"], mnist_like(1)))
-    r = CliRunner().invoke(cli.app, ["score", src.as_uri(), "--model-version", version, "--date", "2026-12-01"])
+    r = CliRunner().invoke(
+        cli.app, ["score", src.as_uri(), "--model-version", version, "--date", "2026-12-01"]
+    )
     assert r.exit_code == 0, r.output
     assert f"batch {batch_id} with model {version} (scored)" in r.output, r.output
     header = next(line for line in r.output.splitlines() if "records" in line)
