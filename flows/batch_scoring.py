@@ -115,7 +115,8 @@ def batch_scoring(
     with embedded_s3(settings):
         prepare_lake(cfg)
         started = time.perf_counter()
-        # allow_empty reaches prepare_batch once tasks/steps plan_batch take it (issue 17: lead wires it)
+        # issue 17: allow_empty goes to plan_batch once tasks.scoring.plan_batch and steps.scoring.plan_batch
+        # take it (files of other helpers); until then an empty batch fails here even when allowed
         plan = plan_batch(cfg, batch_uri, model_version, batch_date, shard_size, force, runtime)
         planned = time.perf_counter()
         results = None

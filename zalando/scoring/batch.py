@@ -6,7 +6,7 @@ inputs once (sizes, sha256, Parquet row counts and row groups, file-level proble
 the duplicate image ids (first occurrence in input order wins). :func:`plan_shards` cuts it into
 :class:`ShardRef` objects: a few hundred bytes each (file URI + row range), never images.
 
-A batch's location is a boundary (:func:`resolve_location`, :func:`open_local_input`):
+A batch's location is a boundary (:func:`resolve_location`, :func:`open_input`):
 
 * ``file://`` locations lie under ``ZALANDO_BATCH_ROOTS`` (default: the work folder and the current
   directory), checked on the location's real path; ``s3://`` ones in the lake's bucket or in
