@@ -8,6 +8,7 @@ prefect-dask's DaskTaskRunner (`dask`: a local cluster, or the scheduler at `das
 
 from __future__ import annotations
 
+import time
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,7 @@ from zalando.lake import new_run_id
 from zalando.runtime import Runtime
 from zalando.s3server import embedded_s3
 from zalando.scoring.batch import ShardRef
-from zalando.scoring.run import DEFAULT_SHARD_SIZE
+from zalando.scoring.run import DEFAULT_SHARD_SIZE, timed_batch
 from zalando.scoring.shard import ScoringOptions, ShardResult
 from zalando.settings import Profile, load_settings
 
@@ -77,6 +78,7 @@ def batch_scoring(
     monitor: bool = True,
     profile: Profile | None = None,
     runtime: Runtime = "auto",
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     """Score the batch at `batch_uri` with the champion model; commit predictions exactly once.
 
@@ -99,6 +101,12 @@ def batch_scoring(
             ONNX Runtime, so they never import torch); or name one. Runtimes agree to 1e-4
             (bf16: 0.02) in probability, so a near-tie may be decided differently between them;
             the batch manifest records the runtime used.
+        allow_empty: a batch location without input files is an error (a typo in `batch_uri` must
+            not score nothing, night after night); set this for the rare batch that may be empty.
+
+    The summary's `seconds` is the batch's wall time from planning to commit (`timings` splits it:
+    plan, shards, finalize). A location outside ZALANDO_BATCH_ROOTS / the lake's bucket and
+    ZALANDO_BATCH_BUCKETS fails at planning, before anything is read.
     """
     log = get_run_logger()
     settings = load_settings(profile=profile)
@@ -106,7 +114,9 @@ def batch_scoring(
     options = ScoringOptions(confidence_threshold=confidence_threshold)
     with embedded_s3(settings):
         prepare_lake(cfg)
-        plan = plan_batch(cfg, batch_uri, model_version, batch_date, shard_size, force, runtime)
+        started = time.perf_counter()
+        plan = plan_batch(cfg, batch_uri, model_version, batch_date, shard_size, force, runtime, allow_empty)
+        planned = time.perf_counter()
         results = None
         if not plan.committed:
             runner_impl = _shard_runner(runner, workers, dask_address)
@@ -115,7 +125,11 @@ def batch_scoring(
             results = score_shards.with_options(task_runner=runner_impl)(
                 cfg, plan.shards, plan.model_version, options, shard_runtime
             )
-        summary = commit_batch(cfg, plan, options, results).model_dump(mode="json")
+        scored = time.perf_counter()
+        committed = commit_batch(cfg, plan, options, results)
+        if not plan.committed:  # the batch's time, not the commit's
+            committed = timed_batch(committed, results or [], started=started, planned=planned, scored=scored)
+        summary = committed.model_dump(mode="json")
         summary["planned_runtime"] = plan.runtime
         summary["shard_runtimes"] = sorted({r.runtime for r in results or [] if r.runtime})
         # an empty batch (or one whose every input was quarantined) has nothing to measure

@@ -27,6 +27,7 @@ def nightly(
     runner: Runner = "local",
     workers: Annotated[int, Field(ge=1, le=64)] = 1,
     force: bool = False,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     """Retrain (cached steps skip when nothing changed), promote a champion, score the night's batch.
 
@@ -39,6 +40,7 @@ def nightly(
         runner: `local` or `dask` for the scoring shards.
         workers: shard tasks at a time.
         force: redo cached steps and re-score a committed batch.
+        allow_empty: score a batch location without input files as an empty batch (else an error).
     """
     trained = training(profile=profile, experiments=experiments, force=force, reason="nightly")
     scored = batch_scoring(
@@ -49,6 +51,7 @@ def nightly(
         workers=workers,
         force=force,
         profile=profile,
+        allow_empty=allow_empty,
     )
     get_run_logger().info("nightly done: run %s, batch %s", trained["run_id"], scored["batch_id"])
     return {"training": trained, "scoring": scored}

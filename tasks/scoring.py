@@ -36,6 +36,7 @@ def plan_batch(
     shard_size: int,
     force: bool,
     runtime: str = "auto",
+    allow_empty: bool = False,
 ) -> BatchPlan:
     """Pin the model version (the champion unless given), list the batch's inputs, cut shards,
     and check the model once (``auto``: measuring which runtime the shards should use)."""
@@ -47,6 +48,7 @@ def plan_batch(
         shard_size=shard_size,
         force=force,
         runtime=runtime,
+        allow_empty=allow_empty,
     )
     get_run_logger().info(
         "batch %s with model %s: %s",

@@ -32,6 +32,21 @@ def _quiet_env() -> None:
     os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _batch_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """file:// batches may lie only under ZALANDO_BATCH_ROOTS (default: the work folder and the current
+    directory). Tests write their batches to tmp_path, so the session allows its own temporary folder,
+    and nothing else: a test of the boundary narrows it further with monkeypatch.setenv. Subprocesses
+    (the CLI, workers) inherit it."""
+    old = os.environ.get("ZALANDO_BATCH_ROOTS")
+    os.environ["ZALANDO_BATCH_ROOTS"] = str(tmp_path_factory.getbasetemp().resolve())
+    yield
+    if old is None:
+        os.environ.pop("ZALANDO_BATCH_ROOTS", None)
+    else:
+        os.environ["ZALANDO_BATCH_ROOTS"] = old
+
+
 @pytest.fixture(scope="session")
 def mini_dir() -> Path:
     assert (MINI_DIR / "SHA256SUMS").is_file(), f"mini data set missing at {MINI_DIR}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 from zalando.catalogue.cli import catalog_app
@@ -31,7 +31,25 @@ stack_app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, kept
 app.add_typer(stack_app, name="stack")
 app.add_typer(catalog_app, name="catalog")
 
-console = Console()
+PIPE_WIDTH = 400  # columns of output to a pipe or a file: wide enough that rich cuts no table cell
+
+
+class _CliConsole(Console):
+    """The console of everything the commands print (tables above all): the terminal's width on a
+    terminal; elsewhere (a nightly's log file, a pipe, a test) PIPE_WIDTH, where rich would fall back
+    to 80 columns and cut ids to ``experime…``. Tables are as wide as their content, never padded."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _CliConsole()
 err_console = Console(stderr=True)
 
 
@@ -277,21 +295,29 @@ def _print_training(result: dict[str, Any]) -> None:
 
 
 def _print_scoring(summary: dict[str, Any]) -> None:
-    state = "already committed: skipped" if summary.get("skipped") else "scored"
-    table = Table(title=f"batch {summary['batch_id']} with model {summary['model_version']} ({state})")
+    skipped = bool(summary.get("skipped"))
+    # the heading as a line of its own: a table title would wrap at the table's width, splitting the ids
+    console.print(
+        f"batch {summary['batch_id']} with model {summary['model_version']} "
+        f"({'already committed: skipped' if skipped else 'scored'})"
+    )
+    table = Table()
     cols = {
         "records": "records",
         "scored": "scored",
         "quarantined": "quarantined",
         "low_confidence": "needs review",
-        "seconds": "seconds",
+        "seconds": "batch wall s",
     }
     for title in cols.values():
         table.add_column(title, justify="right")
-    table.add_row(
-        *(f"{summary[c]:.2f}" if isinstance(summary.get(c), float) else str(summary.get(c, "")) for c in cols)
-    )
+    cells = [str(summary.get(c, "")) for c in cols]
+    # a skipped batch was not timed by this run
+    cells[-1] = "–" if skipped else f"{float(summary.get('seconds') or 0.0):.2f}"
+    table.add_row(*cells)
     console.print(table)
+    if not skipped:
+        console.print("batch wall s: this run's time for the batch, from planning to commit, shards included")
     if summary.get("group_counts"):
         console.print(
             "predicted groups: " + ", ".join(f"{k} {v}" for k, v in summary["group_counts"].items())
@@ -369,6 +395,7 @@ def _score_one(
     workers: int,
     force: bool,
     dask_address: str | None,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     import threading
 
@@ -382,7 +409,10 @@ def _score_one(
         lake
     )  # no champion: a clear error, before Prefect starts
     batch_id = make_batch_id(bdate, default_source_slug(location))
-    total = describe_batch(lake, location, batch_date=bdate, hash_inputs=False).records
+    # the boundary and an empty location fail here, in one line, before Prefect starts
+    total = describe_batch(
+        lake, location, batch_date=bdate, hash_inputs=False, allow_empty=allow_empty
+    ).records
     stop = threading.Event()
     watcher = threading.Thread(
         target=_watch_shards, args=(lake, predictions_key(bdate, version, batch_id), total, stop), daemon=True
@@ -399,6 +429,7 @@ def _score_one(
             dask_address=dask_address,
             force=force,
             profile=settings.profile,
+            allow_empty=allow_empty,
         )
     finally:
         stop.set()
@@ -422,9 +453,17 @@ def score(
     ),
     date_to: str = typer.Option(None, "--to", help="Backfill: last date"),
     force: bool = typer.Option(False, help="Score again even if this batch is committed"),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="A location without input files scores as an empty batch (else an error)"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Score a batch with the champion (the `batch_scoring` flow), or backfill a range of dates."""
+    """Score a batch with the champion (the `batch_scoring` flow), or backfill a range of dates.
+
+    A file:// location must lie under ZALANDO_BATCH_ROOTS (default: the work folder and the current
+    directory), an s3:// one in the lake's bucket or ZALANDO_BATCH_BUCKETS. A backfill skips the
+    days without input; a location named directly must hold input files unless --allow-empty.
+    """
     from datetime import date
 
     from zalando.scoring.batch import find_demo_batch
@@ -445,6 +484,7 @@ def score(
             workers=workers,
             force=force,
             dask_address=dask_address,
+            allow_empty=allow_empty,
         )
         if date_from is None:
             location = batch_uri or find_demo_batch(lake)
@@ -694,14 +734,6 @@ def rollback(reason: str = typer.Option("manual rollback", help="Recorded in the
 
 
 # --------------------------------------------------------------------------- the catalogue
-PIPE_WIDTH = 400  # columns of a table printed to a pipe or a file: wide enough that rich cuts nothing
-
-
-def _table_console() -> Console:
-    """The console for tables: the terminal's width on a terminal; elsewhere wide, so no column is cut."""
-    return console if console.is_terminal else Console(width=PIPE_WIDTH)
-
-
 def _model_cost(spec: Any, input_size: int, memo: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """(parameters, multiply-accumulates per image) of ``spec``'s untrained network at ``input_size``.
 
@@ -766,7 +798,7 @@ def experiments() -> None:
             "\n".join(f"{2 * macs / 1e6:,.1f}" for _, macs in costs.values()),
             ", ".join(p.name for p in catalog.profiles.values() if name in p.experiments) or "–",
         )
-    _table_console().print(table)
+    console.print(table)
 
 
 def _profile_value(value: Any) -> str:
@@ -814,7 +846,7 @@ def profiles() -> None:
     for field in ProfileParams.model_fields:
         if field != "name":
             table.add_row(field, *(_profile_value(getattr(p, field)) for p in catalog.profiles.values()))
-    _table_console().print(table)
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- stack

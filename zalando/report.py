@@ -673,7 +673,8 @@ def _gradcam_figures(gradcam_pngs: Mapping[str, bytes] | None) -> Figures:
 
 
 def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per model card: how it was trained and how it turns scores into a group."""
+    """One row per model card (as `zalando.models.bundle.build_bundle` writes it): how it was trained
+    and how it turns scores into a group."""
     rows = []
     for card in cards:
         training = card.get("training") or {}
@@ -688,7 +689,8 @@ def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             rule = "argmax (floors met without weights)"
         rows.append(
             {
-                "Experiment": card.get("experiment", NA),
+                # build_bundle's card names the experiment "model" (the spec's name)
+                "Experiment": card.get("experiment") or card.get("model") or NA,
                 "Model version": card.get("model_version", NA),
                 "Trained": f"{training.get('device', 'cpu')} {training.get('precision', 'fp32')}, "
                 f"{training.get('epochs_run', NA)} epochs (best {training.get('best_epoch', NA)})",

@@ -5,11 +5,13 @@ Nothing happens at import time: build a :class:`Settings` where it is needed and
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 OFFICIAL_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
@@ -72,6 +74,17 @@ class Settings(BaseSettings):
         description="where training runs: 'auto' = a CUDA GPU when torch sees one, else the CPU",
     )
 
+    # where batches may come from (nothing outside is ever listed or read)
+    batch_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders a file:// batch may lie under (a JSON list, or paths separated by "
+        "os.pathsep); empty = the work folder and the current directory",
+    )
+    batch_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="S3 buckets an s3:// batch may lie in besides the lake's own (JSON list or commas)",
+    )
+
     @field_validator("lake_uri")
     @classmethod
     def _check_lake_uri(cls, v: str) -> str:
@@ -80,6 +93,17 @@ class Settings(BaseSettings):
         if v.startswith("s3://") and len(v[5:].strip("/")) == 0:
             raise ValueError("ZALANDO_LAKE_URI needs a bucket name: s3://BUCKET[/prefix]")
         return v.rstrip("/")
+
+    @field_validator("batch_roots", "batch_buckets", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any, info: Any) -> Any:
+        """A JSON list, or one string of items: paths split on os.pathsep, buckets on commas."""
+        if not isinstance(v, str):
+            return v
+        if v.strip().startswith("["):
+            return json.loads(v)
+        sep = os.pathsep if info.field_name == "batch_roots" else ","
+        return [item.strip() for item in v.split(sep) if item.strip()]
 
     @field_validator("data_source")
     @classmethod
@@ -95,6 +119,17 @@ class Settings(BaseSettings):
     def embedded_catalog(self) -> bool:
         """True when no catalogue DSN is set: we run PostgreSQL ourselves."""
         return self.catalog_dsn is None
+
+    def batch_root_paths(self) -> list[Path]:
+        """The folders file:// batches may lie under, resolved (links and '..' followed once, here):
+        ``batch_roots``, or by default the work folder and the current directory."""
+        roots = self.batch_roots or [self.work_dir, Path.cwd()]
+        out: list[Path] = []
+        for root in roots:
+            resolved = Path(root).expanduser().resolve()
+            if resolved not in out:
+                out.append(resolved)
+        return out
 
     @property
     def uses_s3(self) -> bool:

@@ -276,3 +276,55 @@ def test_killed_mid_batch_rerun_completes_only_missing_shards(
     assert sum(calls) == (20 - r.shards_skipped) * 20  # only the missing shards were scored
     table = lake.read_partition(r.predictions_key)
     assert table.num_rows == n and sorted(table.column("image_id").to_pylist()) == ids  # one row per image
+
+
+def test_an_s3_batch_with_no_objects_or_in_another_bucket_is_refused(scored_lake: tuple[Lake, str]) -> None:
+    from zalando.scoring import ScoringInputError
+
+    lake, _ = scored_lake
+    bucket = lake.root.split("/", 1)[0]
+    for location in (f"s3://{bucket}/no-such-prefix", "incoming/no-such-prefix"):  # a typo in the URI
+        with pytest.raises(ScoringInputError, match="no input files") as e:
+            score_batch(lake, location, batch_date="2026-05-05", runtime="onnx", threads=1)
+        assert "no-such-prefix" in str(e.value) and "\n" not in str(e.value)
+    assert lake.list_keys("predictions") == []
+    lake.write_bytes("incoming/elsewhere/a.parquet", raw_parquet(["e0"], mnist_like(1)))
+    with pytest.raises(ScoringInputError, match="ZALANDO_BATCH_BUCKETS") as e:
+        score_batch(lake, "s3://another-bucket/incoming/elsewhere", batch_date="2026-05-05", runtime="onnx")
+    assert bucket in str(e.value)
+
+
+def test_batch_scoring_flow_reports_the_wall_time_of_the_batch_and_refuses_outside_roots(
+    prefect_harness: None, flow_env: dict[str, str]
+) -> None:
+    """`seconds` in the flow's summary is the batch's time from planning to commit (it was the commit's)."""
+    from datetime import date
+
+    from flows.batch_scoring import batch_scoring
+    from zalando.scoring import ScoringInputError
+    from zalando.settings import load_settings
+
+    lake = Lake.from_settings(load_settings())
+    lake.ensure_ready()
+    make_champion(lake, seed=3)
+    lake.write_bytes("incoming/timed/a.parquet", raw_parquet([f"t{i}" for i in range(60)], mnist_like(60, 4)))
+    t0 = time.perf_counter()
+    summary = batch_scoring(
+        batch_uri="incoming/timed", batch_date=date(2026, 5, 9), shard_size=10, runtime="onnx", monitor=False
+    )
+    wall = time.perf_counter() - t0
+    markers = [
+        lake.read_json(k)
+        for k in lake.list_keys(
+            f"{layout.predictions_key(date(2026, 5, 9), summary['model_version'], summary['batch_id'])}/_shards"
+        )
+    ]
+    assert len(markers) == 6 and summary["scored"] == 60
+    shard_seconds = sum(sum(m["timings"].values()) for m in markers)  # read + predict + write, per shard
+    t = summary["timings"]
+    assert set(t) >= {"plan", "shards", "finalize"} and shard_seconds <= t["shards"]  # one worker
+    assert t["plan"] + t["shards"] + t["finalize"] <= summary["seconds"] + 1e-3
+    assert shard_seconds + t["finalize"] <= summary["seconds"] <= wall, (shard_seconds, summary, wall)
+    assert summary["images_per_s"] == pytest.approx(60 / summary["seconds"], rel=1e-3)
+    with pytest.raises(ScoringInputError, match="ZALANDO_BATCH_ROOTS"):
+        batch_scoring(batch_uri="file:///etc", batch_date=date(2026, 5, 9), runtime="onnx", monitor=False)

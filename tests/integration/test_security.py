@@ -273,6 +273,49 @@ def test_batch_location_with_dots_is_refused(local_lake: Lake, record_property: 
     )
 
 
+def test_a_batch_folder_never_leads_outside_itself(
+    s3_lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: RecordProperty
+) -> None:
+    """The issue's case: a symlink in a batch folder pointing at a 'passwd' outside it. Nothing behind a
+    link, a FIFO or a location outside ZALANDO_BATCH_ROOTS is read; its bytes are in no object of any
+    bucket (Parquet decoded)."""
+    from tests.scoring_support import FakePredictor, mnist_like, png_bytes
+    from zalando.scoring import ScoringInputError, score_batch
+
+    secret = canary()
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (outside / "passwd").write_text(f"root:x:0:0:{secret}:/root:/bin/bash\n")
+    roots = tmp_path / "batches"
+    batch = roots / "in"
+    batch.mkdir(parents=True)
+    monkeypatch.setenv("ZALANDO_BATCH_ROOTS", str(roots))
+    (batch / "good.png").write_bytes(png_bytes(mnist_like(1)[0]))
+    (batch / "passwd.png").symlink_to(outside / "passwd")
+    (batch / "etc").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(batch / "pipe.png")
+    r = score_batch(
+        s3_lake, batch.as_uri(), predictor=FakePredictor(), model_version="v-sec", batch_date="2026-06-10"
+    )
+    assert (r.scored, r.quarantined, r.reasons) == (1, 3, {"not_regular_file": 3})
+    for location in (outside.as_uri(), "file:///etc", f"file://{roots}/../etc"):
+        with pytest.raises(ScoringInputError) as e:
+            score_batch(s3_lake, location, predictor=FakePredictor(), model_version="v-sec")
+        assert "\n" not in str(e.value)
+    s3 = s3_lake.s3
+    assert s3 is not None
+    scanned, found = leaks_in_buckets(s3.endpoint, s3.access_key, s3.secret_key, needle=secret)
+    assert scanned > 0 and found == []
+    record_case(
+        record_property,
+        "a batch folder with a symlink to a passwd file outside it, a linked folder and a FIFO",
+        "links and the FIFO quarantined as not_regular_file (never opened); locations outside "
+        "ZALANDO_BATCH_ROOTS refused with one line",
+        lost="-",
+        leaked=f"nothing ({scanned} objects scanned)",
+    )
+
+
 def _call_args(text: str, start: int) -> str:
     """The argument text of a call whose '(' ends at start (balanced parentheses)."""
     depth, i = 1, start

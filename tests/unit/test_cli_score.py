@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,101 @@ def test_backfill_stops_at_the_first_failed_day_with_exit_code_2(
     assert r.exit_code == 2
     assert "error: batch 2026-05-01: 1 of 1 shards not committed" in " ".join(r.output.split())
     assert [c["batch_date"] for c in calls] == [date(2026, 5, 1)]
+
+
+# ------------------------------------------------------------------ the batch boundary, empty batches, tables
+
+
+class _FakeFlowModule(types.ModuleType):
+    """Stands in for flows.batch_scoring (no Prefect): records the flow's parameters, returns a summary."""
+
+    def __init__(self, batch_id: str = "2026-05-01-x") -> None:
+        super().__init__("flows.batch_scoring")
+        self.calls: list[dict[str, Any]] = []
+        self.batch_id = batch_id
+
+    def batch_scoring(self, **params: Any) -> dict[str, Any]:
+        self.calls.append(params)
+        bdate, version = params["batch_date"], params["model_version"]
+        r = BatchResult(
+            batch_id=self.batch_id, batch_date=bdate, model_version=version,
+            predictions_key=layout.predictions_key(bdate, version, self.batch_id),
+            records=0, scored=0, quarantined=0, seconds=1.06,
+        )  # fmt: skip
+        return {**r.model_dump(mode="json"), "predictions_uri": "file:///p", "drift": None}
+
+
+@pytest.fixture
+def fake_flow(lake: Lake, monkeypatch: pytest.MonkeyPatch) -> _FakeFlowModule:
+    module = _FakeFlowModule()
+    monkeypatch.setitem(sys.modules, "flows.batch_scoring", module)
+    return module
+
+
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def test_score_refuses_a_folder_outside_the_batch_roots_before_reading_it(
+    tmp_path: Path, fake_flow: _FakeFlowModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside = tmp_path / "batches"
+    inside.mkdir()
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (outside / "passwd.png").write_bytes(b"root:x:0:0\n")
+    monkeypatch.setenv("ZALANDO_BATCH_ROOTS", str(inside))
+    r = CliRunner().invoke(cli.app, ["score", outside.as_uri(), "--model-version", V])
+    assert r.exit_code == 2, r.output
+    lines = _error_lines(r.output)
+    assert len(lines) == 1 and lines[0].startswith("error: batch location"), r.output
+    assert outside.as_uri() in lines[0] and str(inside) in lines[0] and "ZALANDO_BATCH_ROOTS" in lines[0]
+    assert fake_flow.calls == []
+
+
+def test_score_of_an_empty_folder_is_one_error_line_unless_allowed(
+    tmp_path: Path, fake_flow: _FakeFlowModule
+) -> None:
+    empty = tmp_path / "batches" / "empty"
+    empty.mkdir(parents=True)
+    r = CliRunner().invoke(cli.app, ["score", empty.as_uri(), "--model-version", V])
+    assert r.exit_code == 2, r.output
+    lines = _error_lines(r.output)
+    assert len(lines) == 1 and empty.as_uri() in lines[0] and "no input files" in lines[0], r.output
+    assert "--allow-empty" in lines[0] and fake_flow.calls == []
+    r = CliRunner().invoke(cli.app, ["score", empty.as_uri(), "--model-version", V, "--allow-empty"])
+    assert r.exit_code == 0, r.output
+    assert [c["allow_empty"] for c in fake_flow.calls] == [True]
+
+
+def test_every_table_keeps_long_ids_whole_when_stdout_is_not_a_terminal(
+    lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zalando import registry
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # a log file: rich would fall back to 80 columns
+    experiment = "fashion_cnn_with_a_rather_long_descriptive_experiment_name"
+    version = "20261201T020000Z-1a2b3c4d"
+    registry.register_model(
+        lake, model_version=version, experiment=experiment, dataset_version="20261201T010000Z-dv0123",
+        metrics={"accuracy": 0.9123, "macro_f1": 0.9012, "latency_ms_per_1000": 12.5, "size_mb": 1.2},
+        spec={}, code_version="test", bundle_key=f"models/{experiment}/{version}",
+    )  # fmt: skip
+    r = CliRunner().invoke(cli.app, ["models"])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if version in line)
+    assert experiment in row and "20261201T010000Z-dv0123" in row, r.output
+    # the scoring summary: title on one line, the batch id whole, the seconds column says what it is
+    batch_id = "2026-12-01-shop-with-a-rather-long-name-for-its-nightly-inbox"
+    monkeypatch.setitem(sys.modules, "flows.batch_scoring", _FakeFlowModule(batch_id))
+    src = tmp_path / "batches" / "one"
+    src.mkdir(parents=True)
+    (src / "a.parquet").write_bytes(raw_parquet(["a-0"], mnist_like(1)))
+    r = CliRunner().invoke(
+        cli.app, ["score", src.as_uri(), "--model-version", version, "--date", "2026-12-01"]
+    )
+    assert r.exit_code == 0, r.output
+    assert f"batch {batch_id} with model {version} (scored)" in r.output, r.output
+    header = next(line for line in r.output.splitlines() if "records" in line)
+    assert "batch wall s" in header, r.output
+    assert "1.06" in r.output

@@ -274,3 +274,22 @@ def test_report_sections_come_in_their_order_with_their_figures() -> None:
         "gradcam_one_piece_as_upper_part.png", "report.md",
     ]  # fmt: skip
     assert md.count("### Precision-recall curves") == 1 and "\n\n\n" not in md
+
+
+def test_how_each_model_decides_names_the_experiment_of_a_real_model_card() -> None:
+    """The card as build_bundle writes it (the experiment's name under "model"), not a hand-made dict."""
+    from types import SimpleNamespace
+
+    from zalando.models.bundle import build_bundle
+    from zalando.models.experiments import ExperimentSpec
+
+    spec = ExperimentSpec(name="fashion_cnn_wide", architecture="fashion_cnn", weights="none")
+    result = SimpleNamespace(
+        spec=spec, model=nn.Linear(2, 2), temperature=0.9, operating_point=None,
+        weights=SimpleNamespace(to_dict=lambda: {}), params=6, macs=4, n_train=10, n_val=5, epochs_run=3,
+        best_epoch=2, best_val_loss=0.5, stopped_early=False, wall_s=1.0, seed=0, resumed_from_epoch=None,
+        device="cpu", precision="fp32", val_metrics={}, tta_scores={}, history=[],
+    )  # fmt: skip
+    card = build_bundle(result, mean=0.3, std=0.35, dataset_version="dv", model_version="v9").card
+    row = rp.models_display([card]).iloc[0]
+    assert row["Experiment"] == "fashion_cnn_wide" and row["Model version"] == "v9"

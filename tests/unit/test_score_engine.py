@@ -251,7 +251,15 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(lake: Lake, tmp_path: P
 def test_empty_batch_commits_an_empty_table(lake: Lake, tmp_path: Path) -> None:
     src = tmp_path / "empty"
     src.mkdir()
-    r = score_batch(lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-06")
+    # allowed empty: without allow_empty an empty folder is an error (tests/unit/test_batch_boundary.py)
+    r = score_batch(
+        lake,
+        src.as_uri(),
+        predictor=FakePredictor(),
+        model_version=V,
+        batch_date="2026-03-06",
+        allow_empty=True,
+    )
     assert (r.records, r.scored, r.quarantined, r.shards) == (0, 0, 0, 0)
     assert lake.read_partition(r.predictions_key).num_rows == 0
     assert lake.read_dataset("predictions/batch_date=2026-03-06").num_rows == 0

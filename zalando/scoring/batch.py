@@ -5,6 +5,17 @@ A *batch* is a location (a lake key, or an ``s3://`` / ``file://`` URI) holding 
 inputs once (sizes, sha256, Parquet row counts and row groups, file-level problems) and decides
 the duplicate image ids (first occurrence in input order wins). :func:`plan_shards` cuts it into
 :class:`ShardRef` objects: a few hundred bytes each (file URI + row range), never images.
+
+A batch's location is a boundary (:func:`resolve_location`, :func:`open_input`):
+
+* ``file://`` locations lie under ``ZALANDO_BATCH_ROOTS`` (default: the work folder and the current
+  directory), checked on the location's real path; ``s3://`` ones in the lake's bucket or in
+  ``ZALANDO_BATCH_BUCKETS``. No ``.`` or ``..`` segment, in a location or in a manifest's file names.
+* Inside a file-system batch **no symbolic link is ever followed**, not even one that points inside
+  the batch: a link, FIFO, socket or device is listed (``lstat``), never opened, and becomes one
+  quarantine record with reason ``not_regular_file``. Every open walks from ``/`` with ``O_NOFOLLOW``
+  and reads regular files only, so a link or FIFO swapped in after planning is refused too.
+* A batch without input files is an error naming the location, unless ``allow_empty``.
 """
 
 from __future__ import annotations
@@ -12,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Literal
-from urllib.parse import unquote, urlparse
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zalando.errors import DataError, LakeError, NotCommittedError
 from zalando.lake import MANIFEST, Lake, validate_key
+from zalando.scoring.localfs import NotRegularFile, no_follow_fs, walk, what_is
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +53,7 @@ CORRUPT_PARQUET = "corrupt_parquet"
 WRONG_SCHEMA = "wrong_schema"
 EMPTY_FILE = "empty_file"
 DUPLICATE_ID = "duplicate_id"
+NOT_REGULAR_FILE = "not_regular_file"  # a link, FIFO, socket or device: listed, never opened
 
 ID_COLUMN = "image_id"
 IMAGE_COLUMN = "image"
@@ -54,35 +70,66 @@ class ScoringInputError(DataError):
 
 @dataclass(frozen=True)
 class Location:
-    """A place files are read from: a pyarrow filesystem, a root path in it, and its URI."""
+    """A place files are read from: a pyarrow filesystem, a root path in it, and its URI.
+
+    ``local``: a folder of this machine, read through :func:`~zalando.scoring.localfs.no_follow_fs`
+    (its root is a real path: no link on the way to it, none followed below it).
+    """
 
     fs: pafs.FileSystem
     root: str
     uri: str
     lake_key: str | None = None  # set when the location is a key of the lake
+    local: bool = False
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
     def file_uri(self, name: str) -> str:
-        return f"{self.uri}/{name}" if name else self.uri
+        if not name:
+            return self.uri
+        return f"{self.uri}/{_quote(name) if self.local else name}"
 
 
-def resolve_location(lake: Lake, location: str) -> Location:
-    """A lake key, an ``s3://bucket/prefix`` URI (same endpoint and credentials as the lake) or ``file://``."""
+@dataclass(frozen=True)
+class BatchBoundary:
+    """Where batches may come from: folders (``ZALANDO_BATCH_ROOTS``) and S3 buckets besides the lake's."""
+
+    roots: tuple[Path, ...]
+    buckets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Any = None) -> BatchBoundary:
+        """From ``settings`` (default: :func:`zalando.settings.load_settings`, the environment)."""
+        if settings is None:
+            from zalando.settings import load_settings
+
+            settings = load_settings()
+        return cls(tuple(settings.batch_root_paths()), tuple(settings.batch_buckets))
+
+
+def _quote(path: str) -> str:
+    """A path as it goes into a file:// URI (the lake key characters stay as they are)."""
+    return quote(path, safe="/._=:+@,-")
+
+
+def _no_dots(location: str, path: str) -> None:
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise ScoringInputError(f"batch location {location!r}: '.' and '..' segments are not allowed")
+
+
+def resolve_location(lake: Lake, location: str, boundary: BatchBoundary | None = None) -> Location:
+    """A lake key, an ``s3://bucket/prefix`` URI (same endpoint and credentials as the lake) or ``file://``.
+
+    The boundary is checked here, before anything is listed or read: a ``file://`` location must lie
+    under ``boundary.roots`` once its links are resolved, an ``s3://`` one in the lake's bucket or
+    ``boundary.buckets`` (default: :meth:`BatchBoundary.from_settings`, the environment).
+    """
     parsed = urlparse(location)
     if parsed.scheme == "file":
-        path = unquote(parsed.path).rstrip("/") or "/"
-        return Location(pafs.LocalFileSystem(), path, f"file://{path}")
+        return _file_location(location, boundary or BatchBoundary.from_settings())
     if parsed.scheme == "s3":
-        if lake.s3 is None:
-            raise ScoringInputError(
-                f"batch location {location!r}: an s3:// batch needs an S3 lake (the lake is {lake.uri_root})"
-            )
-        root = (parsed.netloc + parsed.path).rstrip("/")
-        lake_root = lake.root.rstrip("/")
-        key = root[len(lake_root) + 1 :] if root.startswith(lake_root + "/") else None
-        return Location(lake.fs, root, f"s3://{root}", key)
+        return _s3_location(lake, location, boundary or BatchBoundary.from_settings())
     if parsed.scheme:
         raise ScoringInputError(
             f"batch location {location!r}: scheme must be s3://, file:// or none (a lake key)"
@@ -91,13 +138,64 @@ def resolve_location(lake: Lake, location: str) -> Location:
         key = validate_key(location)
     except LakeError as e:
         raise ScoringInputError(f"batch location {location!r}: {e}") from None
-    return Location(lake.fs, f"{lake.root}/{key}", lake.uri(key), key)
+    if lake.s3 is not None:
+        return Location(lake.fs, f"{lake.root}/{key}", lake.uri(key), key)
+    lake_root = os.path.realpath(lake.root)
+    real = os.path.realpath(f"{lake_root}/{key}")
+    if real != f"{lake_root}/{key}":
+        raise ScoringInputError(
+            f"batch location {location!r}: {lake.uri(key)} goes through a symbolic link (batches never follow links)"
+        )
+    return Location(no_follow_fs(), real, lake.uri(key), key, local=True)
+
+
+def _file_location(location: str, boundary: BatchBoundary) -> Location:
+    parsed = urlparse(location)
+    if parsed.netloc not in ("", "localhost"):
+        raise ScoringInputError(
+            f"batch location {location!r}: a file:// location names a folder of this machine (file:///abs/path)"
+        )
+    path = unquote(parsed.path)
+    _no_dots(location, path)
+    real = os.path.realpath(path or "/")
+    if not any(Path(real).is_relative_to(root) for root in boundary.roots):
+        roots = ", ".join(str(r) for r in boundary.roots) or "none"
+        raise ScoringInputError(
+            f"batch location {location!r}: {real} is outside the batch roots ({roots}); "
+            "ZALANDO_BATCH_ROOTS names the folders batches may come from"
+        )
+    return Location(no_follow_fs(), real, "file://" + _quote(real), local=True)
+
+
+def _s3_location(lake: Lake, location: str, boundary: BatchBoundary) -> Location:
+    if lake.s3 is None:
+        raise ScoringInputError(
+            f"batch location {location!r}: an s3:// batch needs an S3 lake (the lake is {lake.uri_root})"
+        )
+    parsed = urlparse(location)
+    _no_dots(location, parsed.path)
+    bucket = parsed.netloc
+    lake_bucket = lake.root.split("/", 1)[0]
+    allowed = (lake_bucket, *[b for b in boundary.buckets if b != lake_bucket])
+    if bucket not in allowed:
+        raise ScoringInputError(
+            f"batch location {location!r}: bucket {bucket!r} is not allowed: a batch lies in the lake's "
+            f"bucket or in ZALANDO_BATCH_BUCKETS (allowed: {', '.join(allowed)})"
+        )
+    root = (bucket + parsed.path).rstrip("/")
+    lake_root = lake.root.rstrip("/")
+    key = root[len(lake_root) + 1 :] if root.startswith(lake_root + "/") else None
+    return Location(lake.fs, root, f"s3://{root}", key)
 
 
 def open_input(uri: str, lake: Lake) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of one input file URI (as recorded in a shard reference)."""
+    """The filesystem and path of one input file URI (as recorded in a shard reference).
+
+    A ``file://`` input is opened through :func:`~zalando.scoring.localfs.no_follow_fs`: a link
+    anywhere on its path, or anything but a regular file, is refused when it is opened.
+    """
     if uri.startswith("file://"):
-        return pafs.LocalFileSystem(), unquote(urlparse(uri).path)
+        return no_follow_fs(), unquote(urlparse(uri).path)
     if uri.startswith("s3://"):
         if lake.s3 is None:
             raise ScoringInputError(f"input {uri}: an s3:// input needs an S3 lake")
@@ -234,20 +332,34 @@ def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def _list_files(lake: Lake, loc: Location) -> tuple[list[tuple[str, int]], dict[str, str]]:
-    """(name, size) of the batch's files, and sha256 known from a lake manifest."""
+# a listed entry: (name, size, why it is refused or None)
+_Entry = tuple[str, int, str | None]
+
+
+def _refusal(name: str, what: str) -> str:
+    return f"{name}: {what}; a batch reads regular files only and never follows a symbolic link"
+
+
+def _list_files(lake: Lake, loc: Location) -> tuple[list[_Entry], dict[str, str]]:
+    """The batch's entries (name, size, refusal), and sha256 known from a lake manifest."""
     known: dict[str, str] = {}
     if loc.lake_key is not None and lake.is_committed(loc.lake_key):
         # a committed lake partition: only the files its manifest lists, with their checksums
         manifest = lake.read_manifest(loc.lake_key)
-        out = []
+        out: list[_Entry] = []
         for name, entry in sorted(manifest["files"].items()):
-            out.append((name, int(entry["bytes"])))
+            try:
+                validate_key(name)
+            except LakeError:
+                raise ScoringInputError(
+                    f"batch location {loc.uri}: its manifest names {name!r}, a path that leaves the batch "
+                    "('..', absolute or odd characters)"
+                ) from None
+            out.append((name, int(entry["bytes"]), None))
             known[name] = entry["sha256"]
         return out, known
-    info = loc.fs.get_file_info(loc.root)
-    if info.type == pafs.FileType.NotFound and loc.uri.startswith("file://"):
-        raise ScoringInputError(f"batch location {loc.uri}: does not exist")
+    if loc.local:
+        return _list_local(loc), known
     sel = pafs.FileSelector(loc.root, recursive=True, allow_not_found=True)
     try:
         infos = loc.fs.get_file_info(sel)
@@ -261,8 +373,28 @@ def _list_files(lake: Lake, loc: Location) -> tuple[list[tuple[str, int]], dict[
         name = i.path[n:]
         if any(seg.startswith((".", "_")) for seg in name.split("/")):
             continue  # hidden files, manifests, markers
-        out.append((name, int(i.size or 0)))
+        out.append((name, int(i.size or 0), None))
     return sorted(out), known
+
+
+def _list_local(loc: Location) -> list[_Entry]:
+    """A local folder's entries, listed without following links (lstat); links, FIFOs, sockets and
+    devices are kept as refused entries, so the batch says what it did not read."""
+    try:
+        entries = list(walk(loc.root))
+    except FileNotFoundError:
+        if loc.lake_key is not None:
+            return []  # a lake prefix with nothing in it, as on S3
+        raise ScoringInputError(f"batch location {loc.uri}: does not exist") from None
+    except OSError as e:
+        raise ScoringInputError(f"batch location {loc.uri}: cannot list ({e})") from None
+    out: list[_Entry] = []
+    for name, st in entries:
+        if stat.S_ISREG(st.st_mode):
+            out.append((name, int(st.st_size), None))
+        else:
+            out.append((name, 0, _refusal(name, what_is(st.st_mode))))
+    return out
 
 
 def _describe_parquet(
@@ -323,42 +455,40 @@ def describe_batch(
     batch_date: date | str | None = None,
     source: str | None = None,
     hash_inputs: bool = True,
+    allow_empty: bool = False,
+    boundary: BatchBoundary | None = None,
 ) -> Batch:
     """List a batch's inputs (sizes, sha256, row counts, file problems) and pick its duplicate ids.
 
     Reads Parquet footers and ``image_id`` columns only. ``source`` defaults to the location's
     last segments (the demo batch: ``fashion-mnist-test``); ``batch_date`` to today (UTC).
+    A location outside the boundary (:func:`resolve_location`) is refused before anything is read;
+    one without input files is a :class:`ScoringInputError` unless ``allow_empty`` (a file://
+    folder must exist even then). Links, FIFOs, sockets and devices of a local folder are inputs
+    with the error ``not_regular_file``: never opened, each one quarantine record.
     """
-    loc = resolve_location(lake, location)
+    loc = resolve_location(lake, location, boundary)
     if loc.fs.get_file_info(loc.root).type == pafs.FileType.File:  # a single file: its folder, one input
         parent, _, base = loc.root.rpartition("/")
-        loc = Location(loc.fs, parent, loc.uri.rsplit("/", 1)[0], None)
-        only: str | None = base
-    else:
-        only = None
-    bdate = _as_date(batch_date)
-    slug = slugify(source) if source else default_source_slug(location)
-    if only is not None:
-        files, known_sha = [(only, int(loc.fs.get_file_info(loc.path(only)).size or 0))], {}
+        loc = Location(loc.fs, parent, loc.uri.rsplit("/", 1)[0], None, loc.local)
+        files: list[_Entry] = [(base, int(loc.fs.get_file_info(loc.path(base)).size or 0), None)]
+        known_sha: dict[str, str] = {}
     else:
         files, known_sha = _list_files(lake, loc)
+    if not files and not allow_empty:
+        named = location if location == loc.uri else f"{location} ({loc.uri})"
+        raise ScoringInputError(
+            f"batch location {named}: no input files (a batch that may be empty: --allow-empty, "
+            "or allow_empty=True)"
+        )
+    bdate = _as_date(batch_date)
+    slug = slugify(source) if source else default_source_slug(location)
     inputs: list[InputFile] = []
     id_arrays: list[tuple[int, pa.Array]] = []
-    for name, size in files:
-        path, uri = loc.path(name), loc.file_uri(name)
-        sha = known_sha.get(name)
-        if sha is None and hash_inputs and size > 0:
-            try:
-                sha = _sha256_of(loc.fs, path)
-            except OSError as e:
-                raise ScoringInputError(f"batch input {uri}: cannot read ({e})") from None
-        if name.lower().endswith(".parquet"):
-            f, ids = _describe_parquet(loc.fs, path, name, uri, size, sha)
-            if ids is not None:
-                id_arrays.append((len(inputs), ids))
-        else:
-            f = InputFile(name=name, uri=uri, kind="image", size=size, sha256=sha, rows=1)
-            id_arrays.append((len(inputs), pa.array([image_id_for_file(name)], pa.string())))
+    for name, size, refused in files:
+        f, ids = _describe_input(loc, name, size, refused, known_sha.get(name), hash_inputs)
+        if ids is not None:
+            id_arrays.append((len(inputs), ids))
         inputs.append(f)
     duplicates = _find_duplicates(id_arrays)
     batch = Batch(
@@ -379,6 +509,41 @@ def describe_batch(
         sum(f.error is not None for f in inputs),
     )
     return batch
+
+
+def has_inputs(lake: Lake, location: str) -> bool:
+    """Whether a location holds at least one input (a missing folder holds none): a backfill skips
+    the days without. The boundary is checked as for :func:`describe_batch`."""
+    loc = resolve_location(lake, location)
+    info = loc.fs.get_file_info(loc.root)
+    if info.type == pafs.FileType.File:
+        return True
+    if loc.local and loc.lake_key is None and info.type == pafs.FileType.NotFound:
+        return False
+    return bool(_list_files(lake, loc)[0])
+
+
+def _describe_input(
+    loc: Location, name: str, size: int, refused: str | None, sha: str | None, hash_inputs: bool
+) -> tuple[InputFile, pa.Array | None]:
+    """One entry's InputFile, and its image ids (None when the whole file is unusable)."""
+    path, uri = loc.path(name), loc.file_uri(name)
+    kind: Literal["parquet", "image"] = "parquet" if name.lower().endswith(".parquet") else "image"
+    if refused is None and sha is None and hash_inputs and size > 0:
+        try:
+            sha = _sha256_of(loc.fs, path)
+        except NotRegularFile as e:  # replaced by a link or a FIFO since it was listed
+            refused = _refusal(name, e.what)
+        except OSError as e:
+            raise ScoringInputError(f"batch input {uri}: cannot read ({e})") from None
+    if refused is not None:
+        return InputFile(
+            name=name, uri=uri, kind=kind, size=0, error=NOT_REGULAR_FILE, error_detail=refused
+        ), None
+    if kind == "parquet":
+        return _describe_parquet(loc.fs, path, name, uri, size, sha)
+    image = InputFile(name=name, uri=uri, kind="image", size=size, sha256=sha, rows=1)
+    return image, pa.array([image_id_for_file(name)], pa.string())
 
 
 def image_id_for_file(name: str) -> str:
@@ -459,14 +624,14 @@ def plan_shards(
 
     for idx, f in enumerate(batch.inputs):
         dups = batch.duplicates.get(idx, [])
-        if f.kind == "image":
+        if f.kind == "image" and f.error is None:
             if dups:
                 pending_dups.append(len(pending_images))
             pending_images.append((f.name, f.uri, f.sha256))
             if len(pending_images) >= img_size:
                 flush_images()
             continue
-        if f.error is not None:
+        if f.error is not None:  # unusable as a whole (a Parquet problem, or not a regular file)
             specs.append(
                 {
                     "kind": "bad_file",
@@ -540,7 +705,9 @@ def find_demo_batch(lake: Lake) -> str:
 
 
 __all__ = [
+    "NOT_REGULAR_FILE",
     "Batch",
+    "BatchBoundary",
     "DEMO_BATCH_LOCATION",
     "InputFile",
     "Location",
@@ -549,6 +716,7 @@ __all__ = [
     "ShardRef",
     "describe_batch",
     "find_demo_batch",
+    "has_inputs",
     "make_batch_id",
     "plan_shards",
     "resolve_location",

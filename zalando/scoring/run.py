@@ -23,9 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
-import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict
 
 from zalando.errors import ZalandoError
@@ -38,6 +37,7 @@ from zalando.scoring.batch import (
     _as_date,
     default_source_slug,
     describe_batch,
+    has_inputs,
     make_batch_id,
     plan_shards,
     resolve_location,
@@ -81,13 +81,17 @@ def prepare_batch(
     runtime: Runtime = "auto",
     threads: int | None = None,
     check_model: bool = True,
+    allow_empty: bool = False,
 ) -> BatchPlan:
     """Pin the model version, skip a committed batch (unless ``force``), describe and shard the rest.
 
-    With ``check_model`` the model is loaded and fully checked here, once, before any shard runs
-    (a bad champion fails the batch at planning), and ``runtime="auto"`` is measured into the
-    concrete runtime the workers should use (``plan.runtime``).
+    The location's boundary is checked first (:func:`~zalando.scoring.batch.resolve_location`):
+    a location outside it fails before the model or any input is read. With ``check_model`` the
+    model is loaded and fully checked here, once, before any shard runs (a bad champion fails the
+    batch at planning), and ``runtime="auto"`` is measured into the concrete runtime the workers
+    should use (``plan.runtime``). A batch without input files is an error unless ``allow_empty``.
     """
+    resolve_location(lake, location)
     bdate = _as_date(batch_date)
     slug = slugify(source) if source else default_source_slug(location)
     batch_id = make_batch_id(bdate, slug)
@@ -105,7 +109,9 @@ def prepare_batch(
         chosen = load_champion_predictor(
             lake, runtime, model_version=version, threads=threads, verify="full"
         ).runtime
-    batch = describe_batch(lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs)
+    batch = describe_batch(
+        lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs, allow_empty=allow_empty
+    )
     if force:
         reset_batch(lake, batch, version)
     shards = plan_shards(batch, shard_size, embedding_sample=embedding_sample)
@@ -185,6 +191,7 @@ def score_batch(
     progress: Callable[[ShardResult], None] | None = None,
     predictor: Predictor | None = None,
     on_plan: Callable[[BatchPlan], None] | None = None,
+    allow_empty: bool = False,
 ) -> BatchResult:
     """Score a batch end to end with the champion (or ``model_version``); skip it when committed.
 
@@ -194,6 +201,7 @@ def score_batch(
     after every shard.
     ``on_plan`` sees the plan first (its ``batch.records``: the total for a progress bar's ETA).
     ``predictor`` (with ``model_version``) replaces the registry's champion, e.g. in tests.
+    A batch without input files is an error unless ``allow_empty`` (then an empty batch is committed).
     """
     if predictor is not None and model_version is None:
         raise ScoringInputError("score_batch: a predictor needs its model_version")
@@ -210,24 +218,38 @@ def score_batch(
         runtime=runtime,
         threads=threads,
         check_model=predictor is None,
+        allow_empty=allow_empty,
     )
     if plan.committed:
         return batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
     assert plan.batch is not None
     if on_plan:
         on_plan(plan)
-    t_plan = time.perf_counter() - t0
+    t_plan = time.perf_counter()
     results = _score_shards(lake, plan, opts, predictor, threads, map_shards, progress)
-    t_shards = time.perf_counter() - t0 - t_plan
+    t_shards = time.perf_counter()
     result = finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
+    return timed_batch(result, results, started=t0, planned=t_plan, scored=t_shards)
+
+
+R = TypeVar("R", bound=BatchResult)
+
+
+def timed_batch(
+    result: R, results: Sequence[ShardResult], *, started: float, planned: float, scored: float
+) -> R:
+    """``result`` with the batch's own time: ``seconds`` from planning to commit (wall clock,
+    ``time.perf_counter`` values), ``images_per_s`` over it, and ``timings``: plan, shards, finalize
+    (the commit's own ``seconds``) and the shards' read/predict/write sums."""
+    now = time.perf_counter()
     result.timings = {
-        "plan": round(t_plan, 4),
-        "shards": round(t_shards, 4),
+        "plan": round(planned - started, 4),
+        "shards": round(scored - planned, 4),
         "finalize": round(result.seconds, 4),
     }
     for key in ("read_decode", "predict", "write"):
         result.timings[f"shard_{key}"] = round(sum(r.timings.get(key, 0.0) for r in results), 4)
-    result.seconds = time.perf_counter() - t0
+    result.seconds = now - started
     result.images_per_s = result.records / result.seconds if result.seconds > 0 else 0.0
     return result
 
@@ -327,7 +349,7 @@ def backfill(
     out: list[BackfillEntry] = []
     for loc, d, src in todo:
         try:
-            if d is not None and not _has_inputs(lake, loc):
+            if d is not None and not has_inputs(lake, loc):
                 entry = BackfillEntry(location=loc, batch_date=d, status="no_input")
             else:
                 r = score_one(loc, batch_date=d, source=src, model_version=version)
@@ -346,10 +368,3 @@ def backfill(
         if on_entry:
             on_entry(entry)
     return out
-
-
-def _has_inputs(lake: Lake, location: str) -> bool:
-    """Whether the location holds at least one file (a day of a backfill may have none)."""
-    loc = resolve_location(lake, location)
-    sel = pafs.FileSelector(loc.root, recursive=True, allow_not_found=True)
-    return any(i.type == pafs.FileType.File for i in loc.fs.get_file_info(sel))

@@ -36,9 +36,11 @@ def plan_batch(
     shard_size: int,
     force: bool = False,
     runtime: Runtime = "auto",
+    allow_empty: bool = False,
 ) -> BatchPlan:
     """Pin the model version (the champion unless given), list the batch's inputs (default: the demo
-    batch), cut shards, and check the model once (``auto``: measuring which runtime shards should use)."""
+    batch), cut shards, and check the model once (``auto``: measuring which runtime shards should use).
+    A location without input files is an error unless ``allow_empty``."""
     return prepare_batch(
         lake,
         location or find_demo_batch(lake),
@@ -47,6 +49,7 @@ def plan_batch(
         shard_size=shard_size,
         force=force,
         runtime=runtime,
+        allow_empty=allow_empty,
     )
 
 
