@@ -204,6 +204,7 @@ def _normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 _GROUP_INDEX = [list(g) for g in GROUP_LABELS]
+LABEL_TO_GROUP_T = torch.tensor(np.array(LABEL_TO_GROUP), dtype=torch.long)
 
 
 def group_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -213,7 +214,11 @@ def group_log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingLoss(nn.Module):
-    """Class-weighted cross-entropy (+ label smoothing) and an optional group-level term."""
+    """Class-weighted cross-entropy (+ label smoothing) and an optional group-level term.
+
+    The weights are buffers: ``.to(device)`` puts them where the logits are, so a training step never
+    copies them from the CPU (a blocking copy that would make every GPU step wait for the one before).
+    """
 
     def __init__(
         self,
@@ -225,8 +230,9 @@ class TrainingLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.target = target
-        self.class_weights = class_weights
-        self.group_weights = group_weights
+        self.register_buffer("class_weights", class_weights)
+        self.register_buffer("group_weights", group_weights)
+        self.register_buffer("label_to_group", LABEL_TO_GROUP_T.clone())
         self.label_smoothing = label_smoothing
         self.group_loss_weight = group_loss_weight if target == "labels" else 0.0
 
@@ -236,13 +242,10 @@ class TrainingLoss(nn.Module):
         cw = None if self.class_weights is None else self.class_weights.to(logits.device)
         loss = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls)
         if self.group_loss_weight > 0:
-            g = LABEL_TO_GROUP_T.to(y.device)[y]
+            g = self.label_to_group.to(y.device)[y]
             gw = None if self.group_weights is None else self.group_weights.to(logits.device)
             loss = loss + self.group_loss_weight * F.nll_loss(group_log_probs(logits), g, weight=gw)
         return loss
-
-
-LABEL_TO_GROUP_T = torch.tensor(np.array(LABEL_TO_GROUP), dtype=torch.long)
 
 
 def make_optimizer(
@@ -516,7 +519,7 @@ def setup_training(
         macs=macs,
         device=device,
         precision=precision,
-        loss_fn=TrainingLoss(spec.target, cw, gw, spec.label_smoothing, spec.group_loss_weight),
+        loss_fn=TrainingLoss(spec.target, cw, gw, spec.label_smoothing, spec.group_loss_weight).to(device),
         optimizer=optimizer,
         scheduler=scheduler,
         sched_when=sched_when,
@@ -844,7 +847,7 @@ class ValidationChoices:
 def choose_on_validation(
     model: ClassifierNet, spec: ExperimentSpec, loss_fn: TrainingLoss, data: TrainData
 ) -> ValidationChoices:
-    """TTA, then the temperature and the operating point, all on VALIDATION (``model`` in eval mode, on any device)."""
+    """TTA, then the temperature and the operating point, all on VALIDATION (``model`` in eval mode, any device)."""
     x_va, y_va, mean, std = data.x_val, data.y_val, data.mean, data.std
     plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
     tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va, mean, std, loss_fn, plain_logits)
@@ -923,7 +926,7 @@ def _choose_tta(
 def _finish(
     spec: ExperimentSpec, setup: TrainSetup, data: TrainData, state: RunState, *, seed: int, t_start: float
 ) -> TrainResult:
-    """Back to the best epoch's weights; the choices on validation (on the training device); the result on the CPU."""
+    """The best epoch's weights; the choices on validation (on the training device); the result on the CPU."""
     model = setup.model
     if state.best_state is not None:
         model.load_state_dict(state.best_state)

@@ -271,3 +271,39 @@ def test_on_a_gpu_training_is_mixed_precision_and_returns_a_cpu_model() -> None:
     on_cpu = predict_logits(res.model, x, MEAN, STD)
     on_gpu = predict_logits(res.model.to("cuda"), x, MEAN, STD)
     assert torch.allclose(on_cpu, on_gpu, atol=1e-3)
+
+
+@cuda
+def test_on_a_gpu_an_epoch_waits_for_the_gpu_only_when_it_ends() -> None:
+    import warnings
+
+    from zalando.train import select_training_data, setup_training
+
+    gpu = torch.device("cuda")
+    s = spec(precision="auto", augmentation="strong", group_loss_weight=1.0)
+    train = select_training_data(data(), PROFILE, "labels", MEAN, STD, seed=0)
+    setup = setup_training(s, PROFILE, train, seed=0, device=gpu, lake=None, allow_download=False)
+    x, y = hardware.to_device(train.x_train, gpu), hardware.to_device(train.y_train, gpu)
+
+    def epoch() -> None:
+        loader = EpochLoader(x, y, setup.batch_size, s.augmentation, MEAN, STD, gpu, seed=0)
+        train_one_epoch(
+            setup.model,
+            setup.loss_fn,
+            setup.optimizer,
+            loader,
+            gpu,
+            amp_dtype=setup.amp_dtype,
+            scaler=setup.scaler,
+        )
+
+    epoch()  # cuDNN's autotuning and the allocator's first blocks
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epoch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, [str(w.message) for w in syncs]  # the loss and accuracy read at the end

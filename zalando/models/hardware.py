@@ -79,7 +79,7 @@ def configure_backend(device: torch.device) -> None:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``: CPU -> GPU through pinned memory and a non-blocking copy; ``t`` itself where it is."""
+    """``t`` on ``device``: CPU -> GPU through pinned memory and a non-blocking copy; else ``t.to(device)``."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     if not t.is_pinned():
