@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 EXPERIMENTS = ("mobilenet_v2_full", "squeezenet1_1_full")
 SMOKE = {"train": 256, "val": 128, "test": 256, "input_size": 32, "batch_size": 64}
 FAST_BATCH = 128
-PROBE_STEPS = {"gpu": (5, 25), "smoke": (1, 2)}  # (warm-up, timed) training steps per model
+PROBE_STEPS = {"gpu": (5, 50), "smoke": (1, 2)}  # (warm-up, timed) training steps per model
 SAFETY = 0.9  # of the time left for training: what the epoch cap plans to use
 log = logging.getLogger("paper_gpu")
 
@@ -275,9 +275,8 @@ def cap_epochs(
     plan: Plan, probes: dict[str, dict[str, float]], left_s: float, n_test: int, max_epochs: int | None
 ) -> tuple[int, str]:
     """The same epoch cap for both models so that training, validation and the test pass fit ``left_s``."""
-    recipe_epochs = min(
-        _resolve(s, plan.profile).epochs for s in plan.specs.values()
-    )  # profile caps included
+    # the profile's epochs (with its cap), and what --max-epochs allows
+    recipe_epochs = min(_resolve(s, plan.profile).epochs for s in plan.specs.values())
     wanted = min(recipe_epochs, max_epochs or recipe_epochs)
     # after training: the choices on validation (one pass, two with TTA) and the test split, scored twice
     after = sum(p["n_val"] * p["val_img_s"] * 2 + n_test * p["val_img_s"] * 3 + 5.0 for p in probes.values())

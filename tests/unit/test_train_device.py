@@ -307,3 +307,24 @@ def test_on_a_gpu_an_epoch_waits_for_the_gpu_only_when_it_ends() -> None:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 2, [str(w.message) for w in syncs]  # the loss and accuracy read at the end
+
+
+def test_the_gpu_benchmark_caps_epochs_to_its_budget() -> None:
+    """benchmarks/paper_gpu.py has one try on a GPU: its epoch cap must keep the run inside the budget."""
+    from benchmarks.paper_gpu import cap_epochs, make_plan, parse_args
+
+    plan = make_plan(parse_args([]), smoke=False)
+    assert {s.batch_size for s in plan.specs.values()} == {16} and "the study's recipe" in plan.recipe
+    probe = {"epoch_s": 20.0, "step_s": 0.006, "timed_steps": 50, "val_img_s": 1e-4, "n_val": 12_000}
+    probes = {"a": probe, "b": {**probe, "epoch_s": 10.0}}
+    epochs, why = cap_epochs(plan, probes, left_s=600.0, n_test=10_000, max_epochs=None)
+    after = 2 * (12_000 * 1e-4 * 2 + 10_000 * 1e-4 * 3 + 5.0)
+    assert int((0.9 * 600 - after) // 30) == 17 and epochs == 15 and "CAPPED" not in why  # the recipe's 15
+    epochs, why = cap_epochs(plan, probes, left_s=300.0, n_test=10_000, max_epochs=None)
+    assert epochs * 30 + after <= 300 and epochs == 8 and "CAPPED from 15" in why
+    assert cap_epochs(plan, probes, left_s=300.0, n_test=10_000, max_epochs=3)[0] == 3
+    epochs, why = cap_epochs(plan, probes, left_s=10.0, n_test=10_000, max_epochs=None)
+    assert epochs == 1 and "overrun" in why
+    fast = make_plan(parse_args(["--fast"]), smoke=False)
+    assert {s.batch_size for s in fast.specs.values()} == {128}
+    assert all(s.lr == pytest.approx(5e-5 * 8**0.5) for s in fast.specs.values()) and "--fast" in fast.recipe
