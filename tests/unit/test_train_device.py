@@ -257,7 +257,7 @@ def test_on_a_gpu_the_loader_gives_the_cpus_batches() -> None:
     )
     for (xc, yc), (xg, yg) in zip(on_cpu, on_gpu, strict=True):
         assert xg.device.type == "cuda" and torch.equal(yc, yg.cpu())
-        assert torch.allclose(xc, xg.cpu(), atol=1e-4)  # grid sampling may round differently
+        assert torch.allclose(xc, xg.cpu(), atol=1e-3)  # grid sampling may round differently
 
 
 @cuda
@@ -270,7 +270,7 @@ def test_on_a_gpu_training_is_mixed_precision_and_returns_a_cpu_model() -> None:
     x = data()["x_val"]
     on_cpu = predict_logits(res.model, x, MEAN, STD)
     on_gpu = predict_logits(res.model.to("cuda"), x, MEAN, STD)
-    assert torch.allclose(on_cpu, on_gpu, atol=1e-3)
+    assert torch.allclose(on_cpu, on_gpu, atol=1e-2, rtol=1e-2)  # cuDNN convolutions run in TF32
 
 
 @cuda
