@@ -203,9 +203,15 @@ def start_cluster(
     *,
     nthreads: int = 1,
     env: dict[str, str] | None = None,
+    worker_args: Sequence[str] = (),
     timeout: float = START_TIMEOUT_S,
 ) -> DaskCluster:
-    """Start a scheduler on a free port and the named workers, and wait until all are registered."""
+    """Start a scheduler on a free port and the named workers, and wait until all are registered.
+
+    ``env`` is added to this process's environment for every cluster process (the workers read their
+    ``ZALANDO_*`` settings from it: set them here, not after the start); ``worker_args`` go to every
+    ``dask worker`` (``--resources threads=1``, ``--no-nanny``, ...).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -220,7 +226,7 @@ def start_cluster(
     try:
         _wait_for_port(port, cluster.scheduler, timeout, folder / "scheduler.log")
         for name in workers:
-            cluster.start_worker(name)
+            cluster.start_worker(name, *worker_args)
         cluster.wait_for_workers(workers, timeout=timeout)
     except BaseException:
         cluster.stop()

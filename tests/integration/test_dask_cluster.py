@@ -88,11 +88,22 @@ def test_a_task_on_a_killed_worker_finishes_on_the_other(tmp_path: Path) -> None
     ]
 
 
+def _env(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
 def test_stopping_leaves_no_process_behind(tmp_path: Path) -> None:
-    with local_cluster(tmp_path / "dask", workers=("solo",)) as cluster:
+    kw = dict(workers=("solo",), env={"ZALANDO_PROFILE": "quick"}, worker_args=("--resources", "threads=1"))
+    with local_cluster(tmp_path / "dask", **kw) as cluster:
         pids = cluster.pids()
         assert len(pids) >= 3  # scheduler, nanny, worker
-        assert cluster.client().submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        client = cluster.client()
+        assert client.submit(sum, [1, 2, 3], resources={"threads": 1}).result(timeout=60) == 6
+        assert list(client.run(_env, "ZALANDO_PROFILE").values()) == ["quick"]
+        (info,) = client.scheduler_info()["workers"].values()
+        assert info["resources"] == {"threads": 1}
     assert not [
         p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
     ]
