@@ -10,6 +10,12 @@ Laid out as pytorch/vision's ``references/classification/train.py``: :func:`sele
 and :func:`setup_training` (setup), :class:`EpochCheckpoint` (resume), :func:`train_one_epoch` and
 :func:`evaluate` (one epoch), :func:`fit` (the epoch loop), :func:`choose_on_validation` (TTA,
 temperature and operating point after training), and :func:`train_experiment`, which runs them.
+
+One code path for every device: the uint8 images go to the device as they are and are cast,
+augmented and normalised there (the network resizes them there too); on a CUDA GPU the copies are
+pinned and non-blocking, the weights channels_last, the arithmetic mixed precision where the spec's
+precision resolves to it (``zalando.models.hardware``), and nothing waits for the GPU within an
+epoch. On the CPU a seeded run gives the same numbers, bit for bit, as before the GPU path existed.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ from zalando.errors import ConfigError, DataError
 from zalando.labels import GROUP_LABELS, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
 from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
 from zalando.models.experiments import AugmentPolicy, ExperimentSpec, ProfileParams, resolve_spec
-from zalando.models.hardware import resolve_device, resolve_precision
+from zalando.models.hardware import (
+    amp_dtype,
+    configure_backend,
+    make_grad_scaler,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from zalando.models.weights import WeightsInfo, init_weights
 
 log = logging.getLogger(__name__)
@@ -115,12 +128,30 @@ def balanced_class_weights(targets: np.ndarray, num_classes: int) -> torch.Tenso
     return torch.tensor(w, dtype=torch.float32)
 
 
-def augment_batch(x: torch.Tensor, policy: AugmentPolicy, gen: torch.Generator) -> torch.Tensor:
-    """Random flip / affine (shift, rotate, zoom) / erase of a (N, 1, H, W) batch in [0, 1]."""
-    n, _, h, w = x.shape
+@dataclass(frozen=True)
+class AugmentDraw:
+    """One batch's random augmentation, drawn on the CPU: the same seed gives the same draw on every device.
+
+    ``flip`` (N,) bool; ``theta`` (N, 2, 3) affine matrices; ``erase`` (N, 5): do (0/1), height, width,
+    top, left in pixels. A field is None where the policy does not use it.
+    """
+
+    flip: torch.Tensor | None
+    theta: torch.Tensor | None
+    erase: torch.Tensor | None
+
+    def to(self, device: torch.device) -> AugmentDraw:
+        """The draw on ``device`` (pinned and non-blocking on a GPU)."""
+        return AugmentDraw(
+            *(None if t is None else to_device(t, device) for t in (self.flip, self.theta, self.erase))
+        )
+
+
+def draw_augment(n: int, h: int, w: int, policy: AugmentPolicy, gen: torch.Generator) -> AugmentDraw:
+    """Random flip / affine (shift, rotate, zoom) / erase parameters for ``n`` images of ``h`` x ``w``."""
+    flip = theta = erase = None
     if policy.hflip:
         flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if policy.shift > 0 or policy.rotate > 0 or policy.scale > 0:
         ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(policy.rotate)
         s = 1 + (torch.rand(n, generator=gen) * 2 - 1) * policy.scale
@@ -129,25 +160,43 @@ def augment_batch(x: torch.Tensor, policy: AugmentPolicy, gen: torch.Generator) 
         ty = torch.randint(-max_px, max_px + 1, (n,), generator=gen).float() * 2 / h
         cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if policy.erase > 0:
         do = torch.rand(n, generator=gen) < policy.erase
         eh = (torch.rand(n, generator=gen) * 0.3 + 0.1) * h
         ew = (torch.rand(n, generator=gen) * 0.3 + 0.1) * w
         y0 = torch.rand(n, generator=gen) * (h - eh)
         x0 = torch.rand(n, generator=gen) * (w - ew)
-        rows = torch.arange(h).float()[None, :, None]
-        cols = torch.arange(w).float()[None, None, :]
+        erase = torch.stack([do.float(), eh, ew, y0, x0], 1)
+    return AugmentDraw(flip, theta, erase)
+
+
+def apply_augment(x: torch.Tensor, draw: AugmentDraw) -> torch.Tensor:
+    """Apply a draw to a (N, 1, H, W) batch in [0, 1], on the batch's device (grid sampling at 28x28)."""
+    _, _, h, w = x.shape
+    if draw.flip is not None:
+        x = torch.where(draw.flip[:, None, None, None], x.flip(-1), x)
+    if draw.theta is not None:
+        grid = F.affine_grid(draw.theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if draw.erase is not None:
+        do, eh, ew, y0, x0 = draw.erase.unbind(1)
+        rows = torch.arange(h, device=x.device).float()[None, :, None]
+        cols = torch.arange(w, device=x.device).float()[None, None, :]
         box = (
             (rows >= y0[:, None, None])
             & (rows < (y0 + eh)[:, None, None])
             & (cols >= x0[:, None, None])
             & (cols < (x0 + ew)[:, None, None])
-            & do[:, None, None]
+            & (do > 0)[:, None, None]
         )
         x = x.masked_fill(box[:, None], 0.0)
     return x
+
+
+def augment_batch(x: torch.Tensor, policy: AugmentPolicy, gen: torch.Generator) -> torch.Tensor:
+    """Random flip / affine (shift, rotate, zoom) / erase of a (N, 1, H, W) batch in [0, 1]."""
+    n, _, h, w = x.shape
+    return apply_augment(x, draw_augment(n, h, w, policy, gen).to(x.device))
 
 
 def _normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -155,6 +204,7 @@ def _normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 _GROUP_INDEX = [list(g) for g in GROUP_LABELS]
+LABEL_TO_GROUP_T = torch.tensor(np.array(LABEL_TO_GROUP), dtype=torch.long)
 
 
 def group_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -164,7 +214,11 @@ def group_log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingLoss(nn.Module):
-    """Class-weighted cross-entropy (+ label smoothing) and an optional group-level term."""
+    """Class-weighted cross-entropy (+ label smoothing) and an optional group-level term.
+
+    The weights are buffers: ``.to(device)`` puts them where the logits are, so a training step never
+    copies them from the CPU (a blocking copy that would make every GPU step wait for the one before).
+    """
 
     def __init__(
         self,
@@ -176,8 +230,9 @@ class TrainingLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.target = target
-        self.class_weights = class_weights
-        self.group_weights = group_weights
+        self.register_buffer("class_weights", class_weights)
+        self.register_buffer("group_weights", group_weights)
+        self.register_buffer("label_to_group", LABEL_TO_GROUP_T.clone())
         self.label_smoothing = label_smoothing
         self.group_loss_weight = group_loss_weight if target == "labels" else 0.0
 
@@ -187,24 +242,25 @@ class TrainingLoss(nn.Module):
         cw = None if self.class_weights is None else self.class_weights.to(logits.device)
         loss = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls)
         if self.group_loss_weight > 0:
-            g = LABEL_TO_GROUP_T.to(y.device)[y]
+            g = self.label_to_group.to(y.device)[y]
             gw = None if self.group_weights is None else self.group_weights.to(logits.device)
             loss = loss + self.group_loss_weight * F.nll_loss(group_log_probs(logits), g, weight=gw)
         return loss
 
 
-LABEL_TO_GROUP_T = torch.tensor(np.array(LABEL_TO_GROUP), dtype=torch.long)
-
-
-def make_optimizer(spec: ExperimentSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: ExperimentSpec, params: list[nn.Parameter], *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """The spec's optimiser; ``fused``: one kernel for all parameters (on a GPU: fewer launches per step)."""
     if not params:
         raise ConfigError(f"experiment {spec.name!r} has no trainable parameters (check freeze)")
+    kw: dict[str, Any] = {"fused": True} if fused else {}  # absent on the CPU: its default kernels
     if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, **kw)
     if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **kw)
     return torch.optim.SGD(
-        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True
+        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True, **kw
     )
 
 
@@ -270,15 +326,16 @@ def predict_logits(
     xt = torch.as_tensor(x_u8)
     if xt.ndim == 3:
         xt = xt[:, None]
+    xt = to_device(xt, device)  # uint8 over the bus, once; cast and normalised on the device
     out = []
     for i in range(0, len(xt), batch_size):
-        xb = _normalise(xt[i : i + batch_size].to(device).float().div_(255.0), mean, std)
+        xb = _normalise(xt[i : i + batch_size].float().div_(255.0), mean, std)
         logits = model(xb)
         if hflip:
             p = (F.softmax(logits, 1) + F.softmax(model(xb.flip(-1)), 1)) / 2
             logits = torch.log(p.clamp_min(1e-12))
-        out.append(logits.float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+        out.append(logits.float())
+    return torch.cat(out).cpu() if out else torch.empty(0, 0)
 
 
 def _val_metrics(
@@ -402,7 +459,7 @@ class TrainSetup:
     params: int
     macs: int
     device: torch.device
-    precision: str  # 'fp32', or 'bf16' (autocast; the weights stay fp32)
+    precision: str  # 'fp32', 'bf16' or 'fp16' (autocast; the weights stay fp32)
     loss_fn: TrainingLoss
     optimizer: torch.optim.Optimizer
     scheduler: Any | None
@@ -410,10 +467,12 @@ class TrainSetup:
     stopper: EarlyStopping
     batch_size: int
     steps_per_epoch: int
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    train_forward: nn.Module | None = None  # the compiled model (``compile_model``); None: ``model`` itself
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.precision == "bf16" else None
+        return amp_dtype(self.precision)
 
 
 def setup_training(
@@ -425,8 +484,14 @@ def setup_training(
     device: torch.device,
     lake: Any | None,
     allow_download: bool,
+    compile_model: bool = False,
 ) -> TrainSetup:
-    """The seeded model (weights as spec and profile allow), its loss, optimiser, scheduler and stopper."""
+    """The seeded model (weights as spec and profile allow), its loss, optimiser, scheduler and stopper.
+
+    On a GPU: channels_last weights, mixed precision as the spec's precision resolves there (a gradient
+    scaler for fp16), fused optimiser kernels and cuDNN autotuning. ``compile_model`` compiles the
+    training forward with ``torch.compile`` (off by default: see :func:`train_experiment`).
+    """
     torch.manual_seed(seed)
     model = build_model(spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params)
     weights = init_weights(
@@ -436,13 +501,16 @@ def setup_training(
     params, macs = count_parameters(model), count_macs(model)
     model = model.to(device=device, memory_format=torch.channels_last)
     precision = resolve_precision(spec.precision, device)
+    configure_backend(device)
 
     balanced = spec.class_weighting == "balanced"
     cw = balanced_class_weights(data.y_train.numpy(), spec.num_outputs) if balanced else None
     gw = balanced_class_weights(data.y_train_groups, NUM_GROUPS) if balanced else None
     bs = min(spec.batch_size, data.n_train)
     steps_per_epoch = max(1, data.n_train // bs)  # the ragged tail is dropped (BatchNorm needs > 1 image)
-    optimizer = make_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(
+        spec, [p for p in model.parameters() if p.requires_grad], fused=device.type == "cuda"
+    )
     scheduler, sched_when = make_scheduler(spec, optimizer, steps_per_epoch)
     return TrainSetup(
         model=model,
@@ -451,13 +519,15 @@ def setup_training(
         macs=macs,
         device=device,
         precision=precision,
-        loss_fn=TrainingLoss(spec.target, cw, gw, spec.label_smoothing, spec.group_loss_weight),
+        loss_fn=TrainingLoss(spec.target, cw, gw, spec.label_smoothing, spec.group_loss_weight).to(device),
         optimizer=optimizer,
         scheduler=scheduler,
         sched_when=sched_when,
         stopper=EarlyStopping(spec.early_stopping_patience, spec.min_delta),
         batch_size=bs,
         steps_per_epoch=steps_per_epoch,
+        scaler=make_grad_scaler(precision, device),
+        train_forward=torch.compile(model) if compile_model else None,
     )
 
 
@@ -494,6 +564,8 @@ class EpochCheckpoint:
         if setup.scheduler is not None:
             setup.scheduler.load_state_dict(ck["scheduler"])
         setup.stopper.load_state_dict(ck["stopper"])
+        if setup.scaler is not None and ck.get("scaler"):
+            setup.scaler.load_state_dict(ck["scaler"])
         epoch = int(ck["epoch"])
         log.info("%s: resuming after epoch %d from %s", experiment, epoch + 1, self.path)
         return RunState(
@@ -519,6 +591,7 @@ class EpochCheckpoint:
                 "optimizer": setup.optimizer.state_dict(),
                 "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else {},
                 "stopper": setup.stopper.state_dict(),
+                "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
                 "history": state.history,
                 "best_state": state.best_state,
                 "best_val_loss": state.best_val_loss,
@@ -535,11 +608,15 @@ class EpochCheckpoint:
 class EpochLoader:
     """One epoch's training batches: shuffled and augmented by one seeded generator, normalised, on the device.
 
-    The ragged tail is dropped (BatchNorm needs more than one image).
+    The uint8 28x28 images stay uint8 until they are on the device (``fit`` puts the whole training set
+    there once: 48,000 images are 38 MB); each batch is cast, augmented and normalised there, and the
+    network resizes it to its input size there too, so a GPU at 224x224 never waits for the CPU. The
+    shuffle and the augmentation are drawn on the CPU from one generator, so a seed gives the same
+    batches on every device. The ragged tail is dropped (BatchNorm needs more than one image).
     """
 
-    x: torch.Tensor  # uint8 (N, 1, 28, 28)
-    y: torch.Tensor  # int64 (N,)
+    x: torch.Tensor  # uint8 (N, 1, 28, 28), on any device
+    y: torch.Tensor  # int64 (N,), on the same device
     batch_size: int
     augmentation: AugmentPolicy
     mean: float
@@ -552,15 +629,16 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(len(self.y), generator=gen)
+        perm = to_device(torch.randperm(len(self.y), generator=gen), self.device)
+        x, y = to_device(self.x, self.device), to_device(self.y, self.device)  # no copy once staged
+        _, _, h, w = x.shape
         bs = self.batch_size
         for step in range(len(self)):
             idx = perm[step * bs : (step + 1) * bs]
-            xb = self.x[idx].float().div_(255.0)
+            xb = x[idx].float().div_(255.0)
             if self.augmentation.active:
-                xb = augment_batch(xb, self.augmentation, gen)
-            xb = _normalise(xb.to(self.device, non_blocking=True), self.mean, self.std)
-            yield xb, self.y[idx].to(self.device, non_blocking=True)
+                xb = apply_augment(xb, draw_augment(len(idx), h, w, self.augmentation, gen).to(self.device))
+            yield _normalise(xb, self.mean, self.std), y[idx]
 
 
 class EpochReporter:
@@ -583,11 +661,12 @@ class EpochReporter:
         self.progress = progress
         self.t0 = self.last = time.perf_counter()
 
-    def __call__(self, step: int, train_loss: float, seen: int) -> None:
+    def __call__(self, step: int, running_loss: Callable[[], float], seen: int) -> None:
         now = time.perf_counter()
         if not (now - self.last > LOG_EVERY_S or step == self.steps - 1):
             return
         self.last = now
+        train_loss = running_loss()  # the only read of the loss: on a GPU it waits for the queued steps
         ips = seen / max(now - self.t0, 1e-9)
         left = (self.epoch_images - seen) + (self.epochs - self.epoch - 1) * (
             self.epoch_images + self.n_val / 4
@@ -615,39 +694,52 @@ class EpochStats:
 
 
 def train_one_epoch(
-    model: ClassifierNet,
+    model: nn.Module,
     loss_fn: TrainingLoss,
     optimizer: torch.optim.Optimizer,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     *,
     amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     step_scheduler: Any | None = None,
-    on_batch: Callable[[int, float, int], None] | None = None,
+    on_batch: Callable[[int, Callable[[], float], int], None] | None = None,
 ) -> EpochStats:
     """One pass over ``loader``: forward (autocast to ``amp_dtype`` when given), loss, backward, step.
 
-    ``step_scheduler`` is stepped after every batch; ``on_batch(step, running train loss, images seen)``
-    after every batch too. Batch-norm layers with frozen parameters stay in inference mode.
+    ``scaler`` (fp16) scales the loss and skips steps with inf/NaN gradients. ``step_scheduler`` is
+    stepped after every batch; ``on_batch(step, running train loss (a function), images seen)`` after
+    every batch too. The running sums stay on the device (in float64: the same numbers as summing
+    Python floats), so nothing waits for the GPU until someone reads them. Batch-norm layers with
+    frozen parameters stay in inference mode.
     """
     model.train()
     _frozen_bn_eval(model)
-    run_loss, run_correct, seen = 0.0, 0, 0
+    run_loss = torch.zeros((), dtype=torch.float64, device=device)
+    run_correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     for step, (xb, yb) in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(xb)
         loss = loss_fn(logits, yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if step_scheduler is not None:
             step_scheduler.step()
-        run_loss += float(loss.detach()) * len(yb)
-        run_correct += int((logits.detach().argmax(1) == yb).sum())
-        seen += len(yb)
+        n = len(yb)
+        run_loss.add_(loss.detach().double() * n)
+        run_correct.add_((logits.detach().argmax(1) == yb).sum())
+        seen += n
         if on_batch is not None:
-            on_batch(step, run_loss / seen, seen)
-    return EpochStats(train_loss=run_loss / max(seen, 1), train_acc=run_correct / max(seen, 1), images=seen)
+            on_batch(step, lambda total=run_loss, seen=seen: float(total) / seen, seen)
+    images = max(seen, 1)
+    return EpochStats(train_loss=float(run_loss) / images, train_acc=int(run_correct) / images, images=seen)
 
 
 def evaluate(
@@ -685,18 +777,20 @@ def fit(
     """
     model, loss_fn, optimizer = setup.model, setup.loss_fn, setup.optimizer
     step_scheduler = setup.scheduler if setup.sched_when == "step" else None
+    # the training set goes to the device once, as uint8 (on the CPU: no copy)
+    x_train, y_train = to_device(data.x_train, setup.device), to_device(data.y_train, setup.device)
     for epoch in range(state.next_epoch, spec.epochs):
         if state.stopped_early:
             break
         report = EpochReporter(spec, epoch, setup.steps_per_epoch, setup.batch_size, data.n_val, progress)
         loader = EpochLoader(
-            data.x_train, data.y_train, setup.batch_size, spec.augmentation, data.mean, data.std,
+            x_train, y_train, setup.batch_size, spec.augmentation, data.mean, data.std,
             setup.device, seed=seed * 1_000_003 + epoch,
         )  # fmt: skip
-        torch.manual_seed(seed * 7_919 + epoch)  # dropout
+        torch.manual_seed(seed * 7_919 + epoch)  # dropout (every device's generator)
         stats = train_one_epoch(
-            model, loss_fn, optimizer, loader, setup.device,
-            amp_dtype=setup.amp_dtype, step_scheduler=step_scheduler, on_batch=report,
+            setup.train_forward or model, loss_fn, optimizer, loader, setup.device,
+            amp_dtype=setup.amp_dtype, scaler=setup.scaler, step_scheduler=step_scheduler, on_batch=report,
         )  # fmt: skip
         train_s = time.perf_counter() - report.t0
         vm = evaluate(
@@ -753,7 +847,7 @@ class ValidationChoices:
 def choose_on_validation(
     model: ClassifierNet, spec: ExperimentSpec, loss_fn: TrainingLoss, data: TrainData
 ) -> ValidationChoices:
-    """TTA, then the temperature and the operating point, all on VALIDATION (``model`` on the CPU, eval mode)."""
+    """TTA, then the temperature and the operating point, all on VALIDATION (``model`` in eval mode, any device)."""
     x_va, y_va, mean, std = data.x_val, data.y_val, data.mean, data.std
     plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
     tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va, mean, std, loss_fn, plain_logits)
@@ -787,14 +881,17 @@ def _calibrate(
     temperature = fit_temperature(plain_logits.numpy(), y_va if spec.target == "labels" else y_grp)
     if spec.decision_rule == "argmax":
         return temperature, None
-    scoring = ScoringModel(model, mean, std, spec.target, temperature, spec.tta)
+    device = next(model.parameters()).device
+    scoring = ScoringModel(model, mean, std, spec.target, temperature, spec.tta).to(device)
+    x_dev = to_device(torch.as_tensor(x_va)[:, None], device)
     with torch.no_grad():
-        probs = torch.cat(
-            [
-                scoring(torch.as_tensor(x_va[i : i + EVAL_BATCH])[:, None].float())[0]
-                for i in range(0, len(x_va), EVAL_BATCH)
-            ]
-        ).numpy()
+        probs = (
+            torch.cat(
+                [scoring(x_dev[i : i + EVAL_BATCH].float())[0] for i in range(0, len(x_va), EVAL_BATCH)]
+            )
+            .cpu()
+            .numpy()
+        )
     floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
     op = fit_group_weights(probs, y_grp, floors)
     log.info(
@@ -829,13 +926,13 @@ def _choose_tta(
 def _finish(
     spec: ExperimentSpec, setup: TrainSetup, data: TrainData, state: RunState, *, seed: int, t_start: float
 ) -> TrainResult:
-    """Back to the best epoch's weights, on the CPU; the choices on validation; the result."""
+    """The best epoch's weights; the choices on validation (on the training device); the result on the CPU."""
     model = setup.model
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
-    model = model.to("cpu")
     model.eval()
     chosen = choose_on_validation(model, spec, setup.loss_fn, data)
+    model = model.to("cpu")
     wall = time.perf_counter() - t_start
     resumed = state.resumed_from
     prior = sum(h["epoch_s"] for h in state.history[: (resumed + 1) if resumed is not None else 0])
@@ -886,6 +983,7 @@ def train_experiment(
     lake: Any | None = None,
     allow_download: bool = True,
     device: str = "auto",
+    compile_model: bool = False,
 ) -> TrainResult:
     """Train ``spec`` as ``profile`` says on ``data`` (x_train, y_train, x_val, y_val: uint8 / int labels).
 
@@ -893,7 +991,10 @@ def train_experiment(
     epoch checkpoint is written after each epoch and a run with the same spec, seed and data
     resumes from it. ``lake`` is only needed when the spec starts from weights in the lake.
     ``device`` is 'auto' (a CUDA GPU when there is one), 'cpu' or 'cuda'; the returned model is
-    always on the CPU.
+    always on the CPU. ``compile_model`` trains through ``torch.compile``; it is off by default because
+    its first steps compile for tens of seconds per model (a large share of a short run; again for
+    every new batch shape), it needs a C compiler (and Triton on a GPU) on every worker, and on the
+    CPU its fused kernels round differently, so a seeded run would no longer repeat the eager numbers.
     """
     if spec.profile is None:
         spec = resolve_spec(spec, profile)
@@ -912,8 +1013,9 @@ def train_experiment(
     try:
         train_data = select_training_data(data, profile, spec.target, mean, std, seed)
         setup = setup_training(
-            spec, profile, train_data, seed=seed, device=dev, lake=lake, allow_download=allow_download
-        )
+            spec, profile, train_data, seed=seed, device=dev, lake=lake, allow_download=allow_download,
+            compile_model=compile_model,
+        )  # fmt: skip
         fingerprint = _spec_fingerprint(
             spec, seed, train_data.n_train, train_data.n_val, train_data.mean, train_data.std
         )
