@@ -10,8 +10,8 @@ batch of 10,000 images a test flags shifts of a fraction of a percent that no on
 an effect size alone is noise on a small batch (the PSI of 50 clean images averages about
 (bins - 1) / 50, and more with sparse bins). Needing both avoids either failure. The tests: chi-square
 on the group counts, a Monte Carlo multinomial test for each PSI (:func:`psi_test`, exact at any n),
-Kolmogorov-Smirnov on the confidence, a z-test on each pixel statistic's batch mean; the MMD threshold
-is a null quantile rescaled to the batch size.
+Kolmogorov-Smirnov on the confidence, a z-test on each pixel statistic's batch mean, and for the MMD
+random splits of the reference embeddings at the batch's size (sequential Monte Carlo).
 
 A statistic also has a smallest batch it is trusted on (``min_n``: ``min_batch_size``, and for the
 group mix enough images that every group expects ``min_expected_count``): below it the row is reported
@@ -458,10 +458,9 @@ def _mmd2_split_p_value(k_ref: np.ndarray, n: int, mmd2: float, th: DriftThresho
 def _embedding_stat(emb: np.ndarray, reference: Mapping[str, Any], th: DriftThresholds) -> _Stat:
     """Unbiased RBF MMD^2 of (a sample of) the batch's embeddings vs the reference sample.
 
-    Its p-value: the share of ``mmd_draws`` random splits of the reference sample into parts of
-    min(n, m/2) and the rest whose MMD^2, rescaled to n vs m rows (the null spread goes like
-    1/n + 1/m), reaches the batch's. The threshold is the reference's stored half-split q99 x
-    ``mmd_factor`` at these sizes; an alarm needs both.
+    Its p-value comes from random splits of the reference sample at the batch's size
+    (:func:`_mmd2_split_p_value`); the threshold is the reference's stored half-split q99 x
+    ``mmd_factor`` rescaled to these sizes, as before. An alarm needs both.
     """
     ref_emb = np.asarray(reference["embedding_sample"], dtype=np.float64)
     rng = np.random.default_rng(th.seed)
@@ -512,8 +511,8 @@ def drift_report(
 ) -> pd.DataFrame:
     """Drift statistics of one scored batch against the reference profile, one row per statistic.
 
-    Columns: statistic, value (compared with threshold), threshold, p_value (of the test at this
-    batch size; NaN for the MMD, whose threshold is itself a null quantile), alarm, trusted and min_n
+    Columns: statistic, value (compared with threshold), threshold, p_value (of the row's test at
+    this batch size), alarm, trusted and min_n
     (a statistic is trusted on batches of at least min_n images; below, it never alarms),
     batch_value, reference_value, detail. Rows: group_mix_psi, group_mix_chi2 (value is Cohen's w),
     confidence_psi, confidence_ks, pixel_mean / pixel_std / dark_fraction (value is the
