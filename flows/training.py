@@ -1,7 +1,7 @@
 """The `training` flow: ingest -> preprocess -> train every experiment -> evaluate -> promote.
 
 Deployed as `training/retrain` (by hand, or by the drift alarm automation) and run inside `nightly`.
-The experiments train in the `train-experiments` subflow, whose task runner is chosen per run:
+The experiments train in the `experiment-training` subflow, whose task runner is chosen per run:
 Prefect's thread pool, one experiment at a time (`local`), or prefect-dask's DaskTaskRunner (`dask`:
 the scheduler at `dask_address`, or a local cluster), one experiment per worker at a time. Workers
 read the dataset version from the lake; they need the same ZALANDO_* settings as the flow.
@@ -59,8 +59,9 @@ class TrainOutcome(BaseModel):
     error: str | None = None
 
 
-# one task at a time: torch uses every core for one model; .map still shows the fan-out
-@flow(name="train-experiments", task_runner=ThreadPoolTaskRunner(max_workers=1))
+# one task at a time: torch uses every core for one model; .map still shows the fan-out. (Not named
+# train-…: the parent lists a subflow run as a task run of the flow's name, beside the train-… tasks.)
+@flow(name="experiment-training", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def train_experiments(
     cfg: RunConfig, plan: list[PlannedExperiment], dataset_version: str, force: bool = False
 ) -> list[TrainOutcome]:
@@ -164,7 +165,7 @@ def _train_all(
     runner: Runner,
     dask_address: str | None,
 ) -> list[TrainOutcome]:
-    """The `train-experiments` subflow on the chosen runner."""
+    """The `experiment-training` subflow on the chosen runner."""
     if runner == "local":
         return train_experiments(cfg, plan, dataset_version, force)
     import dask  # imported only when asked for: dask is heavy

@@ -111,7 +111,7 @@ def test_two_experiments_train_in_parallel_on_two_workers(
         assert bundle.card["run_id"] == out["run_id"] and bundle.card["training"]["epochs_run"] == 1
     assert out["champion"] in out["models"].values()
 
-    # one train task per experiment, in the `train-experiments` subflow, run at the same time
+    # one train task per experiment, in the `experiment-training` subflow, run at the same time
     runs = {t.name: t for t in _task_runs(dask_run["flow_run_id"])}
     trains = [runs[f"train-{e}"] for e in EXPERIMENTS]
     assert all(t.state.is_completed() and t.run_count == 1 for t in trains), [t.state for t in trains]
