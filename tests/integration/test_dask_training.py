@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from prefect.exceptions import ParameterTypeError
 
 from flows.nightly import nightly
 from flows.training import EXPERIMENT_RESOURCE, training
@@ -56,6 +57,7 @@ def cluster(dask_lake: Lake, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings exported (endpoint, keys, work folder), `--nthreads 1 --resources experiment=1`."""
     env = {k: v for k, v in os.environ.items() if k.startswith("ZALANDO_")}
     assert {"ZALANDO_S3_ENDPOINT", "ZALANDO_S3_ACCESS_KEY", "ZALANDO_S3_SECRET_KEY"} <= set(env)
+    env.pop("ZALANDO_TORCH_THREADS")  # a worker's --nthreads says how many threads torch gets
     with dask_cluster(
         tmp_path_factory.mktemp("dask"), n_workers=2, resources={EXPERIMENT_RESOURCE: 1}, env=env
     ) as c:
@@ -119,6 +121,30 @@ def test_two_experiments_train_in_parallel_on_two_workers(
         (t.name, t.start_time, t.end_time) for t in trains
     ]
     assert all(runs[f"evaluate-{e}"].state.is_completed() for e in EXPERIMENTS)
+    # torch trained with the worker's one thread (its environment names none: all cores otherwise)
+    logs = _task_logs([t.id for t in trains], "torch thread")
+    assert len(logs) == 2 and all("with 1 torch thread(s)" in m for m in logs), logs
+
+
+def _task_logs(task_run_ids: list[Any], contains: str, timeout: float = 30) -> list[str]:
+    """Log messages of the task runs (workers send their logs in batches: wait for them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    deadline, found = time.monotonic() + timeout, []
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=task_run_ids)))
+            found = [log.message for log in logs if contains in log.message]
+            if len(found) >= len(task_run_ids):
+                break
+            time.sleep(1)
+    return found
+
+
+def test_the_runner_is_a_typed_parameter(prefect_harness: None) -> None:
+    with pytest.raises(ParameterTypeError, match="runner"):
+        training(profile="quick", runner="spark")  # type: ignore[arg-type]
 
 
 def test_dask_metrics_equal_the_local_runner(dask_lake: Lake, dask_run: dict[str, Any]) -> None:
