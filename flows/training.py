@@ -169,25 +169,33 @@ def _train_all(
     if runner == "local":
         return train_experiments(cfg, plan, dataset_version, force)
     import dask  # imported only when asked for: dask is heavy
-    from prefect_dask import DaskTaskRunner
 
     if dask_address:
         _check_experiment_workers(dask_address)
-        task_runner = DaskTaskRunner(address=dask_address)
-    else:
-        workers = max(1, min(len(plan), os.cpu_count() or 1))
-        task_runner = DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": workers,
-                "threads_per_worker": max(1, (os.cpu_count() or 1) // workers),
-                "processes": True,
-                "dashboard_address": None,
-                "resources": {EXPERIMENT_RESOURCE: 1},
-            }
-        )
+    task_runner = _experiment_runner(dask_address, len(plan))
     # every training task holds a worker's whole `experiment` resource: one experiment per worker
     with dask.annotate(resources={EXPERIMENT_RESOURCE: 1}):
         return train_experiments.with_options(task_runner=task_runner)(cfg, plan, dataset_version, force)
+
+
+def _experiment_runner(dask_address: str | None, experiments: int, cores: int | None = None) -> Any:
+    """The DaskTaskRunner of the experiments: the scheduler at ``dask_address``, or a local cluster of
+    one worker process per experiment (at most one per core), the cores shared out as threads."""
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    cores = cores or os.cpu_count() or 1
+    workers = max(1, min(experiments, cores))
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": max(1, cores // workers),
+            "processes": True,
+            "dashboard_address": None,
+            "resources": {EXPERIMENT_RESOURCE: 1},
+        }
+    )
 
 
 def _check_experiment_workers(address: str) -> None:

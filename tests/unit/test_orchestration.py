@@ -267,3 +267,24 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
         # ... and every deployment parameter is one of that flow's parameters
         signature = inspect.signature(getattr(module, func).fn)
         assert set(dep.get("parameters") or {}) <= set(signature.parameters), dep["name"]
+
+
+def test_experiments_get_one_dask_worker_each() -> None:
+    """The training flow's Dask runner: an existing scheduler, or a local cluster of one worker per
+    experiment (at most one per core) offering the `experiment` resource every training task holds."""
+    from flows.training import EXPERIMENT_RESOURCE, _experiment_runner
+
+    assert _experiment_runner("tcp://10.0.0.5:8786", 5).address == "tcp://10.0.0.5:8786"
+    for experiments, cores, workers, threads in [(2, 2, 2, 1), (5, 2, 2, 1), (1, 8, 1, 8), (3, 8, 3, 2)]:
+        kwargs = _experiment_runner(None, experiments, cores=cores).cluster_kwargs
+        assert (kwargs["n_workers"], kwargs["threads_per_worker"]) == (workers, threads), experiments
+        assert kwargs["resources"] == {EXPERIMENT_RESOURCE: 1} and kwargs["processes"] is True
+
+
+def test_the_train_task_is_not_on_a_dask_worker_in_the_flow_process() -> None:
+    """Off Dask the train task keeps the settings' threads and records `local`."""
+    import distributed  # loaded, as in a flow process that started a local cluster
+
+    from tasks.training import _dask_worker
+
+    assert distributed is not None and _dask_worker() is None
