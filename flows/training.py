@@ -171,7 +171,8 @@ def _train_all(
     import dask  # imported only when asked for: dask is heavy
 
     if dask_address:
-        _check_experiment_workers(dask_address)
+        workers = _check_experiment_workers(dask_address)
+        get_run_logger().info("training on the Dask cluster at %s: %s", dask_address, ", ".join(workers))
     task_runner = _experiment_runner(dask_address, len(plan))
     # every training task holds a worker's whole `experiment` resource: one experiment per worker
     with dask.annotate(resources={EXPERIMENT_RESOURCE: 1}):
@@ -198,8 +199,9 @@ def _experiment_runner(dask_address: str | None, experiments: int, cores: int | 
     )
 
 
-def _check_experiment_workers(address: str) -> None:
-    """Fail now, not never: without a worker offering the `experiment` resource the tasks would wait."""
+def _check_experiment_workers(address: str) -> list[str]:
+    """The workers at ``address`` that train ("name (K threads)"); none is an error now, where the
+    tasks would otherwise wait forever."""
     from distributed import Client
 
     try:
@@ -214,12 +216,7 @@ def _check_experiment_workers(address: str) -> None:
             f"resource: start training workers with `dask worker {address} --nthreads K "
             f"--resources {EXPERIMENT_RESOURCE}=1` (and the ZALANDO_* settings of the lake)"
         )
-    get_run_logger().info(
-        "training on the Dask cluster at %s: %d worker(s) train, %s",
-        address,
-        len(offering),
-        ", ".join(f"{w.get('name')} ({w.get('nthreads')} threads)" for w in offering),
-    )
+    return sorted(f"{w.get('name')} ({w.get('nthreads')} threads)" for w in offering)
 
 
 def _collect(

@@ -24,7 +24,7 @@ import pytest
 from prefect.exceptions import ParameterTypeError
 
 from flows.nightly import nightly
-from flows.training import EXPERIMENT_RESOURCE, training
+from flows.training import EXPERIMENT_RESOURCE, _check_experiment_workers, training
 from tests.dask_support import DaskCluster, dask_cluster
 from tests.integration.test_flows import _task_runs
 from zalando.errors import ConfigError
@@ -162,12 +162,12 @@ def test_dask_metrics_equal_the_local_runner(dask_lake: Lake, dask_run: dict[str
 
 
 def test_a_scheduler_without_training_workers_fails_at_once(cluster: DaskCluster) -> None:
-    """A worker offering no `experiment` resource would never get a training task: fail, don't wait."""
-    with dask_cluster(cluster.log_dir / "plain", n_workers=1, env={}) as plain:
-        with pytest.raises(ConfigError, match="offers the `experiment` resource"):
-            training(
-                profile="quick", experiments=["fashion_cnn_small"], runner="dask", dask_address=plain.address
-            )
+    """A worker offering no `experiment` resource would never get a training task: the flow checks
+    the scheduler before it submits one, and fails naming the command that starts a training worker."""
+    with dask_cluster(cluster.log_dir / "plain", n_workers=1) as plain:
+        with pytest.raises(ConfigError, match="none of the 1 Dask worker.* offers the `experiment` resource"):
+            _check_experiment_workers(plain.address)
+    assert _check_experiment_workers(cluster.address) == ["w1 (1 threads)", "w2 (1 threads)"]
 
 
 def test_a_worker_killed_mid_training_loses_nothing(
