@@ -159,7 +159,7 @@ def main() -> int:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.training import EXPERIMENT_RESOURCE
-    from tests.dask_support import dask_cluster
+    from tests.dask_support import local_cluster
     from zalando.s3server import S3Server, free_port_block
 
     rows: list[tuple[str, str]] = [("machine", f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")]
@@ -187,7 +187,8 @@ def main() -> int:
                     local = _run("thread pool", rows, experiments)
                     env = {k: v for k, v in os.environ.items() if k.startswith("ZALANDO_")}
                     t0 = time.perf_counter()
-                    with dask_cluster(work / "dask", 2, resources={EXPERIMENT_RESOURCE: 1}, env=env) as c:
+                    args = ("--resources", f"{EXPERIMENT_RESOURCE}=1")
+                    with local_cluster(work / "dask", ("w1", "w2"), env=env, worker_args=args) as c:
                         rows.append(
                             (
                                 "Dask: start scheduler + 2 worker processes",

@@ -1,6 +1,6 @@
-"""Training on a real Dask cluster: `dask scheduler` and two `dask worker --nthreads 1` processes on
-127.0.0.1 (tests/dask_support.py), started with the ZALANDO_* settings of the session's SeaweedFS
-lake, under the session's Prefect test harness, `quick` profile on the mini data set.
+"""Training on a real Dask cluster: `dask scheduler` and two `dask worker --nthreads 1 --resources
+experiment=1` processes on 127.0.0.1 (tests/dask_support.py), started with the ZALANDO_* settings of
+the session's SeaweedFS lake, under the session's Prefect test harness, `quick` profile, mini data.
 
 Two experiments train in parallel, one per worker, with the same metrics as the local runner; a
 worker killed mid-training loses nothing: its experiment finishes on the other one, and the night
@@ -25,7 +25,7 @@ from prefect.exceptions import ParameterTypeError
 
 from flows.nightly import nightly
 from flows.training import EXPERIMENT_RESOURCE, _check_experiment_workers, training
-from tests.dask_support import DaskCluster, dask_cluster
+from tests.dask_support import DaskCluster, local_cluster
 from tests.integration.test_flows import _task_runs
 from zalando.errors import ConfigError
 from zalando.lake import Lake
@@ -58,10 +58,21 @@ def cluster(dask_lake: Lake, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     env = {k: v for k, v in os.environ.items() if k.startswith("ZALANDO_")}
     assert {"ZALANDO_S3_ENDPOINT", "ZALANDO_S3_ACCESS_KEY", "ZALANDO_S3_SECRET_KEY"} <= set(env)
     env.pop("ZALANDO_TORCH_THREADS")  # a worker's --nthreads says how many threads torch gets
-    with dask_cluster(
-        tmp_path_factory.mktemp("dask"), n_workers=2, resources={EXPERIMENT_RESOURCE: 1}, env=env
-    ) as c:
+    args = ("--resources", f"{EXPERIMENT_RESOURCE}=1")
+    with local_cluster(tmp_path_factory.mktemp("dask"), ("w1", "w2"), env=env, worker_args=args) as c:
         yield c
+
+
+def _workers(cluster: DaskCluster) -> dict[str, dict[str, Any]]:
+    """The scheduler's view of every live worker, by name (address, nthreads, resources)."""
+    with cluster.client(set_as_default=False) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {str(w["name"]): {**w, "address": addr} for addr, w in workers.items()}
+
+
+def _logs(cluster: DaskCluster) -> str:
+    """The end of the scheduler's and every worker's output (for assertion messages)."""
+    return "\n".join(f"--- {n}\n{cluster.log(n)[-3000:]}" for n in ["scheduler", *cluster.workers])
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,7 @@ def dask_run(cluster: DaskCluster) -> dict[str, Any]:
         return_state=True,
     )
     seconds = time.monotonic() - t0
-    assert state.is_completed(), f"{state.message}\n{cluster.logs()}"
+    assert state.is_completed(), f"{state.message}\n{_logs(cluster)}"
     return {"result": state.result(), "flow_run_id": state.state_details.flow_run_id, "seconds": seconds}
 
 
@@ -88,8 +99,8 @@ def _metrics(lake: Lake, run_id: str, experiment: str) -> dict[str, list[dict[st
     return out
 
 
-def test_the_cluster_is_two_separate_worker_processes(cluster: DaskCluster) -> None:
-    info = cluster.worker_info()
+def test_the_cluster_is_two_training_workers(cluster: DaskCluster) -> None:
+    info = _workers(cluster)
     assert sorted(info) == ["w1", "w2"]
     assert all(w["nthreads"] == 1 and w["resources"] == {EXPERIMENT_RESOURCE: 1} for w in info.values())
     assert len({w["address"] for w in info.values()}) == 2
@@ -101,7 +112,7 @@ def test_two_experiments_train_in_parallel_on_two_workers(
 ) -> None:
     out = dask_run["result"]
     assert set(out["models"]) == set(EXPERIMENTS) and not out["failed"], out
-    workers = {w["address"] for w in cluster.worker_info().values()}
+    workers = {w["address"] for w in _workers(cluster).values()}
     assert set(out["trained_on"]) == set(EXPERIMENTS)
     assert set(out["trained_on"].values()) == workers, (out["trained_on"], workers)  # one on each
 
@@ -164,7 +175,7 @@ def test_dask_metrics_equal_the_local_runner(dask_lake: Lake, dask_run: dict[str
 def test_a_scheduler_without_training_workers_fails_at_once(cluster: DaskCluster) -> None:
     """A worker offering no `experiment` resource would never get a training task: the flow checks
     the scheduler before it submits one, and fails naming the command that starts a training worker."""
-    with dask_cluster(cluster.log_dir / "plain", n_workers=1) as plain:
+    with local_cluster(cluster.folder / "plain", ("p1",)) as plain:
         with pytest.raises(ConfigError, match="none of the 1 Dask worker.* offers the `experiment` resource"):
             _check_experiment_workers(plain.address)
     assert _check_experiment_workers(cluster.address) == ["w1 (1 threads)", "w2 (1 threads)"]
@@ -183,14 +194,15 @@ def test_a_worker_killed_mid_training_loses_nothing(
     )
     monkeypatch.setenv("ZALANDO_EXPERIMENTS_FILE", str(experiments))  # read where the plan is made
     checkpoints = Path(os.environ["ZALANDO_WORK_DIR"]) / "checkpoints" / "slow_cnn"
-    before = cluster.worker_info()
+    before = _workers(cluster)
     killed: dict[str, Any] = {}
 
     def killer() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if list(checkpoints.glob("*/last.pt")):
-                busy = [addr for addr, keys in cluster.processing().items() if keys]
+                with cluster.client(set_as_default=False) as client:
+                    busy = [addr for addr, keys in client.processing().items() if keys]
                 (name,) = [n for n, w in before.items() if w["address"] in busy]
                 cluster.kill_worker(name)
                 killed.update(name=name, address=before[name]["address"], at=time.monotonic())
@@ -207,8 +219,8 @@ def test_a_worker_killed_mid_training_loses_nothing(
         return_state=True,
     )
     thread.join(timeout=10)
-    assert killed, f"no checkpoint of slow_cnn appeared under {checkpoints}\n{cluster.logs()}"
-    assert state.is_completed(), f"{state.message}\n{cluster.logs()}"
+    assert killed, f"no checkpoint of slow_cnn appeared under {checkpoints}\n{_logs(cluster)}"
+    assert state.is_completed(), f"{state.message}\n{_logs(cluster)}"
     out = state.result()
     trained = out["training"]
     survivor = next(w["address"] for n, w in before.items() if n != killed["name"])
@@ -222,4 +234,4 @@ def test_a_worker_killed_mid_training_loses_nothing(
     # Prefect saw one task run, which completed (run twice: once on each worker)
     runs = {t.name: t for t in _task_runs(state.state_details.flow_run_id)}
     assert runs["train-slow_cnn"].state.is_completed(), runs["train-slow_cnn"].state
-    assert sorted(cluster.worker_info()) == sorted(set(before) - {killed["name"]})
+    assert sorted(_workers(cluster)) == sorted(set(before) - {killed["name"]})
