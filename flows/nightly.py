@@ -26,6 +26,7 @@ def nightly(
     shard_size: Annotated[int, Field(ge=1)] = DEFAULT_SHARD_SIZE,
     runner: Runner = "local",
     workers: Annotated[int, Field(ge=1, le=64)] = 1,
+    dask_address: str | None = None,
     force: bool = False,
     allow_empty: bool = False,
 ) -> dict[str, Any]:
@@ -37,18 +38,29 @@ def nightly(
         batch_uri: the night's batch (default: the Fashion-MNIST test split, the demo batch).
         batch_date: the batch's date (default: today, UTC).
         shard_size: rows per scoring shard.
-        runner: `local` or `dask` for the scoring shards.
-        workers: shard tasks at a time.
+        runner: `local` or `dask`, for the training tasks (one experiment per Dask worker) and the
+            scoring shards.
+        workers: shard tasks at a time (without `dask_address`: the local cluster's workers).
+        dask_address: the Dask scheduler both use (runner `dask`), e.g. tcp://10.0.0.5:8786;
+            default: a local cluster each.
         force: redo cached steps and re-score a committed batch.
         allow_empty: score a batch location without input files as an empty batch (else an error).
     """
-    trained = training(profile=profile, experiments=experiments, force=force, reason="nightly")
+    trained = training(
+        profile=profile,
+        experiments=experiments,
+        force=force,
+        reason="nightly",
+        runner=runner,
+        dask_address=dask_address,
+    )
     scored = batch_scoring(
         batch_uri=batch_uri,
         batch_date=batch_date,
         shard_size=shard_size,
         runner=runner,
         workers=workers,
+        dask_address=dask_address,
         force=force,
         profile=profile,
         allow_empty=allow_empty,

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from zalando.s3server import pid_alive  # noqa: E402
 
 POOL = "zalando"
+GPU_POOL = "gpu"  # prefect.yaml's training/paper-gpu runs there
 SERVER_TIMEOUT_S = 120.0
 WORKER_TIMEOUT_S = 90.0
 
@@ -329,8 +330,9 @@ class Stack:
     def deploy(self) -> None:
         if not _http_ok(f"{self.api_url}/health"):
             raise StackError(f"no Prefect server answers on {self.api_url}; run `make up` first")
-        if not _http_ok(f"{self.api_url}/work_pools/{POOL}"):
-            self.run_cli("work-pool", "create", POOL, "--type", "process")
+        for pool in (POOL, GPU_POOL):  # GPU_POOL: for workers on CUDA machines (none started here)
+            if not _http_ok(f"{self.api_url}/work_pools/{pool}"):
+                self.run_cli("work-pool", "create", pool, "--type", "process")
         env = self.prefect_env()
         # Leave ZALANDO_HOME unresolved in the pull step: the worker's own value is used at run time,
         # so the deployments work from wherever the checkout (or the container) is.

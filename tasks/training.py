@@ -7,6 +7,7 @@ table of every model, the champion decision, links to the lake's report.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -50,17 +51,41 @@ def train_model(cfg: RunConfig, planned: PlannedExperiment, dataset_version: str
 
     Cached on the resolved spec, the dataset version and the seed: an unchanged night retrains nothing.
     A retry (or a re-run after a crash) resumes from the last epoch checkpoint in the work folder.
+    On a Dask worker (the training flow's `dask` runner) torch uses the worker's threads
+    (`dask worker --nthreads K`); the result records where it trained (``trained_on``).
     """
-    out = training.train_model(cfg.lake(), cfg.settings(), planned, dataset_version, cfg.run_id)
+    settings, trained_on = cfg.settings(), "local"
+    worker = _dask_worker()
+    if worker is not None:  # one experiment per worker: torch gets the worker's threads
+        settings = settings.model_copy(update={"torch_threads": worker.state.nthreads})
+        trained_on = worker.address
+    out = training.train_model(cfg.lake(), settings, planned, dataset_version, cfg.run_id)
     get_run_logger().info(
-        "%s -> model %s (%d epoch(s), %.1fs, T=%.3f)",
+        "%s -> model %s (%d epoch(s), %.1fs, T=%.3f) on %s with %s torch thread(s)",
         out.experiment,
         out.model_version,
         out.epochs_run,
         out.wall_s,
         out.temperature,
+        trained_on,
+        settings.torch_threads or "all",
     )
-    return out
+    return out.model_copy(update={"trained_on": trained_on})
+
+
+def _dask_worker() -> Any | None:
+    """The Dask worker running this task, or None on the flow's own thread pool.
+
+    Only a process that imported distributed can be a Dask worker, so the local path never
+    imports it.
+    """
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return distributed.get_worker()
+    except ValueError:  # distributed is loaded (a local cluster, the client) but this is no worker
+        return None
 
 
 @task(

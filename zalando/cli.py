@@ -234,10 +234,15 @@ def run(
     experiments: list[str] = typer.Option(None, "--experiment", "-e", help="Train only these (repeatable)"),
     batch: str = typer.Option(None, help="The night's batch (default: the Fashion-MNIST test split)"),
     force: bool = typer.Option(False, help="Redo cached steps and re-score a committed batch"),
+    runner: str = typer.Option(
+        "local", help="local (one experiment at a time here) or dask (one per Dask worker; shards too)"
+    ),
+    dask_address: str = typer.Option(None, help="The Dask scheduler, tcp://HOST:8786 (with --runner dask)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """The nightly pipeline now: ingest → preprocess → train → evaluate → promote → score the batch."""
     setup_logging(verbose)
+    _check_runner(runner, dask_address)
     settings = settings_from(profile=profile)
     _flow_env(settings)
     from flows.nightly import nightly
@@ -245,7 +250,12 @@ def run(
     t0 = time.perf_counter()
     with lake_session(settings):  # one S3 server for the whole run (the flows reuse it)
         result = nightly(
-            profile=settings.profile, experiments=experiments or None, batch_uri=batch, force=force
+            profile=settings.profile,
+            experiments=experiments or None,
+            batch_uri=batch,
+            force=force,
+            runner=runner,
+            dask_address=dask_address,
         )
     _print_training(result["training"])
     _print_scoring(result["scoring"])
@@ -259,12 +269,19 @@ def train(
     all_experiments: bool = typer.Option(False, "--all", help="Every experiment of the profile"),
     profile: str = typer.Option(None, help="paper | cpu | quick (default: ZALANDO_PROFILE, cpu)"),
     force: bool = typer.Option(False, help="Retrain even when the cache says nothing changed"),
+    runner: str = typer.Option(
+        "local", help="local (one experiment at a time here) or dask (one per Dask worker, in parallel)"
+    ),
+    dask_address: str = typer.Option(
+        None, help="The Dask scheduler, tcp://HOST:8786 (with --runner dask; default: a local cluster)"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train, evaluate and gate experiments (the `training` flow); the best passing one is promoted."""
     from zalando.models.experiments import load_catalog
 
     setup_logging(verbose)
+    _check_runner(runner, dask_address)
     settings = settings_from(profile=profile)
     if not experiments and not all_experiments:
         fail(
@@ -278,9 +295,21 @@ def train(
 
     with lake_session(settings):
         result = training(
-            profile=settings.profile, experiments=experiments or None, force=force, reason="cli"
+            profile=settings.profile,
+            experiments=experiments or None,
+            force=force,
+            reason="cli",
+            runner=runner,
+            dask_address=dask_address,
         )
     _print_training(result)
+
+
+def _check_runner(runner: str, dask_address: str | None) -> None:
+    if runner not in ("local", "dask"):
+        fail(f"--runner {runner!r}: use local or dask")
+    if dask_address and runner != "dask":
+        fail("--dask-address goes with --runner dask")
 
 
 def _print_training(result: dict[str, Any]) -> None:

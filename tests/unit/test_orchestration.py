@@ -4,6 +4,7 @@ task receives, the stack's environment, prefect.yaml as data."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import subprocess
 import sys
 import threading
@@ -242,10 +243,18 @@ def test_stack_down_without_up_stops_nothing(tmp_path: Path, capsys: pytest.Capt
 def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> None:
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"nightly", "retrain", "score"}
+    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu"}
     assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
-    assert deps["nightly"]["parameters"] == {"profile": "cpu"}
-    assert {d["work_pool"]["name"] for d in deps.values()} == {"zalando"}
+    local = {"runner": "local", "dask_address": None}  # the Dask cluster is chosen per run
+    assert deps["nightly"]["parameters"] == {"profile": "cpu", **local}
+    assert deps["retrain"]["parameters"] == {"profile": "cpu", **local}
+    assert {d["work_pool"]["name"] for n, d in deps.items() if n != "paper-gpu"} == {"zalando"}
+    # the study's set-up goes to the GPU machines' own pool, which tells the engine to use CUDA
+    gpu = deps["paper-gpu"]
+    assert gpu["entrypoint"] == "flows/training.py:training" and gpu["parameters"] == {"profile": "paper"}
+    assert gpu["work_pool"]["name"] == "gpu"
+    assert gpu["work_pool"]["job_variables"] == {"env": {"ZALANDO_DEVICE": "cuda"}}
+    assert "device" in Settings.model_fields  # ZALANDO_DEVICE is a real setting
     assert doc["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ZALANDO_HOME }}"}}
     ]
@@ -255,3 +264,27 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert hasattr(getattr(module, func), "deploy"), dep["entrypoint"]
+        # ... and every deployment parameter is one of that flow's parameters
+        signature = inspect.signature(getattr(module, func).fn)
+        assert set(dep.get("parameters") or {}) <= set(signature.parameters), dep["name"]
+
+
+def test_experiments_get_one_dask_worker_each() -> None:
+    """The training flow's Dask runner: an existing scheduler, or a local cluster of one worker per
+    experiment (at most one per core) offering the `experiment` resource every training task holds."""
+    from flows.training import EXPERIMENT_RESOURCE, _experiment_runner
+
+    assert _experiment_runner("tcp://10.0.0.5:8786", 5).address == "tcp://10.0.0.5:8786"
+    for experiments, cores, workers, threads in [(2, 2, 2, 1), (5, 2, 2, 1), (1, 8, 1, 8), (3, 8, 3, 2)]:
+        kwargs = _experiment_runner(None, experiments, cores=cores).cluster_kwargs
+        assert (kwargs["n_workers"], kwargs["threads_per_worker"]) == (workers, threads), experiments
+        assert kwargs["resources"] == {EXPERIMENT_RESOURCE: 1} and kwargs["processes"] is True
+
+
+def test_the_train_task_is_not_on_a_dask_worker_in_the_flow_process() -> None:
+    """Off Dask the train task keeps the settings' threads and records `local`."""
+    import distributed  # loaded, as in a flow process that started a local cluster
+
+    from tasks.training import _dask_worker
+
+    assert distributed is not None and _dask_worker() is None

@@ -69,6 +69,7 @@ class TrainedModel(BaseModel):
     wall_s: float
     epochs_run: int
     best_val_loss: float
+    trained_on: str | None = None  # the Dask worker's address, or "local"; set by the train task
 
 
 class GroupMetrics(BaseModel):
