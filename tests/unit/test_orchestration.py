@@ -201,9 +201,10 @@ def test_run_context_follows_the_environment_and_keeps_no_secret(
     assert (
         second is not first and second.settings.s3_secret_key.get_secret_value() == "second-secret-value-456"
     )
-    monkeypatch.setenv("ZALANDO_TORCH_THREADS", "3")  # any ZALANDO_* setting counts
-    assert cfg.settings().torch_threads == 3
-    monkeypatch.delenv("ZALANDO_TORCH_THREADS")
+    with monkeypatch.context() as inner:  # any ZALANDO_* setting counts
+        inner.setenv("ZALANDO_TORCH_THREADS", "3")
+        assert cfg.settings().torch_threads == 3
+    # (the context restores whatever the session had, e.g. the flow tests' ZALANDO_TORCH_THREADS=1)
     monkeypatch.setenv("ZALANDO_S3_SECRET_KEY", "first-secret-value-123")
     assert cfg.context() is first  # the same environment again: the same context
     for secret in ("first-secret-value-123", "second-secret-value-456"):
