@@ -59,4 +59,19 @@ CREATE TABLE IF NOT EXISTS product_classification (
     image_sha256  text
 );
 
+-- The write-back's ledger (zalando/catalogue/writeback.py): one row per lake batch whose predictions are
+-- in product_classification, written in the same transaction as its upsert. A batch the lake committed
+-- without a row here was not written back (a crash between the lake commit and the upsert): the next
+-- run's repair writes it.
+CREATE TABLE IF NOT EXISTS catalogue_batches (
+    batch_id        text        PRIMARY KEY,
+    committed_at    timestamptz,                                       -- the lake commit, when known
+    written_back_at timestamptz NOT NULL,
+    predictions     integer     NOT NULL CHECK (predictions >= 0),     -- rows handed to the write-back
+    written         integer     NOT NULL CHECK (written >= 0),         -- inserted or updated
+    unchanged       integer     NOT NULL CHECK (unchanged >= 0),       -- the same row was already there
+    kept_newer      integer     NOT NULL CHECK (kept_newer >= 0),      -- a later score was already there
+    products_gone   integer     NOT NULL CHECK (products_gone >= 0)    -- deleted from the catalogue since
+);
+
 INSERT INTO catalogue_schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
