@@ -284,7 +284,11 @@ def test_urls_outside_the_allowed_schemes_or_hosts_are_refused(http_server: _Ser
         f"http://user:pw@127.0.0.1:{port}/png",
         "http:///no-host.png",
         "http://127.0.0.1:notaport/png",
+        "http://user:pw@127.0.0.1:notaport/png",
+        "ftp://user:pw@127.0.0.1/a.png",
+        "s3://user:pw@bucket/key.png",
         "s3://bucket/key.png",  # no S3 lake
+        f"file://user:pw@localhost{tmp_path}/a.png",
     ):
         got = _one(fetcher, url)
         assert got.problem == URL_NOT_ALLOWED, (url, got)

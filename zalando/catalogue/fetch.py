@@ -34,6 +34,7 @@ import errno
 import hashlib
 import http.client
 import logging
+import re
 import socket
 import ssl
 import time
@@ -78,6 +79,7 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _OCTET_STREAM = ("application/octet-stream", "binary/octet-stream")
 _USER_AGENT = "zalando-catalogue-fetch/1"
 _MAX_BACKOFF_S = 5.0
+_USER_INFO = re.compile(r"//[^/?#@]*@")
 
 
 class FetchProblem(ZalandoError):
@@ -209,7 +211,7 @@ class ImageFetcher:
             except FetchProblem as p:
                 if p.transient and attempts <= self.config.retries:
                     delay = min(self.config.backoff_s * 2 ** (attempts - 1), _MAX_BACKOFF_S)
-                    log.debug("%s: %s; retry %d in %.2fs", row.image_url, p.detail, attempts, delay)
+                    log.debug("%s; retry %d in %.2fs", p.detail, attempts, delay)
                     time.sleep(delay)
                     continue
                 return FetchedImage(
@@ -242,23 +244,27 @@ class ImageFetcher:
         )
 
     def _get(self, url: str) -> bytes:
-        """The bytes behind one URL (one attempt, redirects included), or a FetchProblem."""
+        """The bytes behind one URL (one attempt, redirects included), or a FetchProblem.
+
+        Messages name the URL without its user info (a password in a catalogue URL stays out of logs)."""
+        where = redact_url(url)
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - a port that is not a number raises ValueError here
-        except ValueError as e:
-            raise FetchProblem(URL_NOT_ALLOWED, f"{url!r}: not a valid URL ({e})") from None
+        except ValueError:
+            raise FetchProblem(URL_NOT_ALLOWED, f"{where!r}: not a valid URL") from None
         scheme = parts.scheme.lower()
         if scheme == "s3":
-            return self._get_s3(url, parts)
+            return self._get_s3(where, parts)
         if scheme == "file":
-            return self._get_file(url, parts)
+            return self._get_file(where, parts)
         if scheme in ("http", "https"):
-            return self._get_http(url, parts)
-        raise FetchProblem(URL_NOT_ALLOWED, f"{url!r}: scheme must be s3://, file://, http:// or https://")
+            return self._get_http(parts)
+        raise FetchProblem(URL_NOT_ALLOWED, f"{where!r}: scheme must be s3://, file://, http:// or https://")
 
     # ---------------------------------------------------------------- s3://
     def _get_s3(self, url: str, parts: SplitResult) -> bytes:
+        """``url``: the URL as messages show it (no user info)."""
         lake = self.lake
         if lake is None or lake.s3 is None:
             where = lake.uri_root if lake is not None else "none"
@@ -288,6 +294,7 @@ class ImageFetcher:
 
     # ---------------------------------------------------------------- file://
     def _get_file(self, url: str, parts: SplitResult) -> bytes:
+        """``url``: the URL as messages show it (no user info)."""
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
             raise FetchProblem(
                 URL_NOT_ALLOWED, f"{url}: a file:// URL names a file of this machine (file:///abs/path)"
@@ -317,7 +324,7 @@ class ImageFetcher:
             raise FetchProblem(FETCH_HTTP_ERROR, f"{url}: {_first_line(e)}") from None
 
     # ---------------------------------------------------------------- http(s)://
-    def _get_http(self, url: str, parts: SplitResult) -> bytes:
+    def _get_http(self, parts: SplitResult) -> bytes:
         host = (parts.hostname or "").lower()
         if not host or parts.username is not None or parts.password is not None:
             raise FetchProblem(URL_NOT_ALLOWED, f"{_safe(parts)}: a host is needed, and no user info")
@@ -450,13 +457,17 @@ def fetch_images(
     return ImageFetcher.from_settings(settings, lake, image_config).fetch_all(rows)
 
 
+def redact_url(url: str) -> str:
+    """A URL without its user info: ``http://user:pw@host/x`` -> ``http://host/x``."""
+    return _USER_INFO.sub("//", url, count=1)
+
+
 def _content_problem(data: bytes, url: str) -> FetchProblem | None:
+    where = redact_url(url)
     if not data:
-        return FetchProblem(EMPTY_FILE, f"{_safe(urlsplit(url))}: zero bytes", size=0)
+        return FetchProblem(EMPTY_FILE, f"{where}: zero bytes", size=0)
     if sniff_format(data) is None:
-        return FetchProblem(
-            NOT_AN_IMAGE, f"{_safe(urlsplit(url))}: no known image signature (first bytes {data[:8]!r})"
-        )
+        return FetchProblem(NOT_AN_IMAGE, f"{where}: no known image signature (first bytes {data[:8]!r})")
     return None
 
 
