@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from zalando.catalogue.incremental import (
 from zalando.catalogue.query import ProductRow, catalogue_snapshot, iter_products
 from zalando.catalogue.schema import check_schema, init_schema
 from zalando.catalogue.text import summarize_text_checks
-from zalando.catalogue.writeback import PredictionRow, pending_batches, repair, write_back
+from zalando.catalogue.writeback import PredictionRow, pending_batches, register_batch, repair, write_back
 from zalando.data.idx import read_idx_images, read_idx_labels
 from zalando.images import decode_image
 from zalando.lake import Lake
@@ -390,44 +390,54 @@ def test_the_ledger_is_part_of_the_schema(catalog_conn: psycopg.Connection) -> N
         check_schema(catalog_conn)
 
 
-# the flow's last two steps in a process of their own: commit the batch's predictions to a (file) lake,
-# then write them back; KILL_AT says where it stops to be SIGKILLed
+# the flow's last steps in a process of their own: register the batch, commit its predictions to a (file)
+# lake, write them back; KILL_AT says where it stops to be SIGKILLed
 _WRITER = r"""
 import json, os, sys, time
 import pyarrow as pa
 from zalando.catalogue.db import connect
-from zalando.catalogue.writeback import PredictionRow, write_back
+from zalando.catalogue.writeback import PredictionRow, register_batch, write_back
 from zalando.lake import Lake
 
 batch, kill_at = os.environ["BATCH_ID"], os.environ["KILL_AT"]
 rows = [PredictionRow.model_validate(r) for r in json.loads(os.environ["ROWS"])]
 table = pa.Table.from_pylist([r.model_dump() for r in rows])
-Lake.local(os.environ["LAKE"]).commit_partition(f"catalogue/predictions/batch_id={batch}", {"predictions": table}, "r1")
-print("COMMITTED", flush=True)
-if kill_at == "after_commit":
-    time.sleep(300)
-
-def stream():
-    for i, r in enumerate(rows):
-        if i == len(rows) // 2:
-            print("MID_UPSERT", flush=True)
-            time.sleep(300)
-        yield r
-
 with connect(os.environ["CONNINFO"]) as conn:
+    register_batch(conn, batch)
+    print("REGISTERED", flush=True)
+    if kill_at == "before_commit":
+        time.sleep(300)
+    Lake.local(os.environ["LAKE"]).commit_partition(
+        f"catalogue/predictions/batch_id={batch}", {"predictions": table}, "r1"
+    )
+    print("COMMITTED", flush=True)
+    if kill_at == "after_commit":
+        time.sleep(300)
+
+    def stream():
+        for i, r in enumerate(rows):
+            if i == len(rows) // 2:
+                print("MID_UPSERT", flush=True)
+                time.sleep(300)
+            yield r
+
     write_back(conn, batch, stream())
 print("WRITTEN", flush=True)
 """
 
+MARKERS = {"before_commit": "REGISTERED", "after_commit": "COMMITTED", "mid_upsert": "MID_UPSERT"}
+
 
 def _committed(lake: Lake) -> dict[str, datetime | None]:
-    """The lake's committed catalogue batches, oldest commit first (what the flow passes to repair)."""
+    """The lake's committed catalogue batches and their commit times (what the flow passes to repair)."""
     parts = lake.list_partitions("catalogue/predictions")
-    created = {p: datetime.fromisoformat(lake.read_manifest(p)["created_at"]) for p in parts}
-    return {p.rsplit("batch_id=", 1)[1]: created[p] for p in sorted(parts, key=created.__getitem__)}
+    return {
+        p.rsplit("batch_id=", 1)[1]: datetime.fromisoformat(lake.read_manifest(p)["created_at"])
+        for p in parts
+    }
 
 
-def _read_predictions(lake: Lake) -> object:
+def _read_predictions(lake: Lake) -> Callable[[str], list[PredictionRow]]:
     def read(batch_id: str) -> list[PredictionRow]:
         table = lake.read_partition(f"catalogue/predictions/batch_id={batch_id}")
         return [PredictionRow.model_validate(r) for r in table.to_pylist()]
@@ -435,41 +445,32 @@ def _read_predictions(lake: Lake) -> object:
     return read
 
 
-@pytest.mark.parametrize("kill_at", ["after_commit", "mid_upsert"])
-def test_a_kill_between_the_lake_commit_and_the_upsert_is_repaired_by_the_next_run(
-    kill_at: str, catalog_conn: psycopg.Connection, fresh_db: Settings, tmp_path: Path
-) -> None:
-    conn = catalog_conn
-    conn.execute("INSERT INTO product (id, title) SELECT g, 't' FROM generate_series(1, 40) AS g")
-    conn.commit()
-    lake = Lake.local(tmp_path / "lake")
-    lake.commit_partition(  # an earlier batch, committed and written back
-        "catalogue/predictions/batch_id=b0",
-        {"predictions": pa.Table.from_pylist([_pred(p, "b0", T0).model_dump() for p in range(1, 41)])},
-        "r0",
-    )
-    write_back(conn, "b0", _read_predictions(lake)("b0"))  # type: ignore[operator]
-    rows = [_pred(p, "b1", T0 + timedelta(days=1), "Footwear", 0.7) for p in range(1, 31)]
+def _commit(lake: Lake, batch_id: str, rows: list[PredictionRow]) -> None:
+    table = pa.Table.from_pylist([r.model_dump() for r in rows])
+    lake.commit_partition(f"catalogue/predictions/batch_id={batch_id}", {"predictions": table}, "r0")
+
+
+def _kill_writer(kill_at: str, rows: list[PredictionRow], lake: Lake, settings: Settings) -> None:
+    """Run the writer process until it prints the marker of ``kill_at``, then SIGKILL it."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "BATCH_ID": "b1",
+        "BATCH_ID": rows[0].batch_id,
         "KILL_AT": kill_at,
-        "LAKE": str(tmp_path / "lake"),
-        "CONNINFO": conninfo_for(fresh_db),
+        "LAKE": lake.root,
+        "CONNINFO": conninfo_for(settings),
         "ROWS": json.dumps([r.model_dump(mode="json") for r in rows]),
     }
     proc = subprocess.Popen([sys.executable, "-c", _WRITER], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        marker = "COMMITTED" if kill_at == "after_commit" else "MID_UPSERT"
         seen = []
         for line in proc.stdout:  # type: ignore[union-attr]
             seen.append(line.strip())
-            if line.strip() == marker:
+            if line.strip() == MARKERS[kill_at]:
                 break
-        assert marker in seen, seen
+        assert MARKERS[kill_at] in seen, seen
         if kill_at == "mid_upsert":  # the writer is inside its transaction, streaming rows into the stage
-            with connect(conninfo_for(fresh_db), autocommit=True) as watcher:
+            with connect(conninfo_for(settings), autocommit=True) as watcher:
                 busy = watcher.execute(
                     "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
                     "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL AND query LIKE 'COPY%'"
@@ -480,23 +481,49 @@ def test_a_kill_between_the_lake_commit_and_the_upsert_is_repaired_by_the_next_r
     finally:
         if proc.poll() is None:
             proc.kill()
-    # the lake has the batch; the catalogue has none of it
-    assert list(_committed(lake)) == ["b0", "b1"]
-    assert {r[4] for r in _table(conn)} == {"b0"} and set(_ledger(conn)) == {"b0"}
-    assert pending_batches(conn, _committed(lake)) == ["b1"]
 
-    # the next run repairs it before anything else
-    results = repair(conn, _committed(lake), _read_predictions(lake))  # type: ignore[arg-type]
-    assert [(r.batch_id, r.repaired, r.written) for r in results] == [("b1", True, 30)]
+
+@pytest.mark.parametrize("kill_at", ["before_commit", "after_commit", "mid_upsert"])
+def test_a_kill_between_the_lake_commit_and_the_upsert_is_repaired_by_the_next_run(
+    kill_at: str, catalog_conn: psycopg.Connection, fresh_db: Settings, tmp_path: Path
+) -> None:
+    conn = catalog_conn
+    conn.execute("INSERT INTO product (id, title) SELECT g, 't' FROM generate_series(1, 40) AS g")
+    conn.commit()
+    lake = Lake.local(tmp_path / "lake")
+    read = _read_predictions(lake)
+    _commit(lake, "b0", [_pred(p, "b0", T0) for p in range(1, 41)])  # an earlier batch, written back
+    register_batch(conn, "b0")
+    write_back(conn, "b0", read("b0"))
+    # another catalogue's batch in the same lake: committed, never registered here, never written here
+    _commit(
+        lake, "elsewhere", [_pred(p, "elsewhere", T0 + timedelta(days=9), "One piece") for p in range(1, 41)]
+    )
+    rows = [_pred(p, "b1", T0 + timedelta(days=1), "Footwear", 0.7) for p in range(1, 31)]
+    _kill_writer(kill_at, rows, lake, fresh_db)
+
+    # the catalogue has none of b1; it is registered and pending
+    assert {r[4] for r in _table(conn)} == {"b0"}
+    assert pending_batches(conn) == ["b1"]
+    assert ("b1" in _committed(lake)) == (kill_at != "before_commit")
+    results = repair(conn, _committed(lake), read)  # the next run repairs before anything else
+    if kill_at == "before_commit":  # nothing in the lake to repair from: still pending; the re-run does it
+        assert results == [] and pending_batches(conn) == ["b1"] and {r[4] for r in _table(conn)} == {"b0"}
+        register_batch(conn, "b1")
+        _commit(lake, "b1", rows)
+        results = [write_back(conn, "b1", rows, committed_at=_committed(lake)["b1"])]
+    else:
+        assert [(r.batch_id, r.repaired) for r in results] == [("b1", True)]
+    assert results[0].written == 30 and pending_batches(conn) == []
     table = {r[0]: r for r in _table(conn)}
     assert {p for p, r in table.items() if r[4] == "b1"} == set(range(1, 31))
-    assert {p for p, r in table.items() if r[4] == "b0"} == set(range(31, 41))
+    assert {p for p, r in table.items() if r[4] == "b0"} == set(range(31, 41))  # "elsewhere" never written
     assert table[1][1:3] == ("Footwear", 0.7)
-    ledger = _ledger(conn)
     committed_at = conn.execute("SELECT committed_at FROM catalogue_batches WHERE batch_id = 'b1'").fetchone()
     conn.rollback()
-    assert ledger["b1"] == (30, 30, 0, 0, 0) and committed_at == (_committed(lake)["b1"],)
-    assert repair(conn, _committed(lake), _read_predictions(lake)) == []  # type: ignore[arg-type]
+    assert _ledger(conn)["b1"] == (30, 30, 0, 0, 0) and committed_at == (_committed(lake)["b1"],)
+    assert "elsewhere" not in _ledger(conn)
+    assert repair(conn, _committed(lake), read) == []  # a second run finds nothing to do
     snapshot = _table(conn)
     rerun = write_back(conn, "b1", rows)  # the flow re-run: the same rows, nothing changes
     assert (rerun.written, rerun.unchanged) == (0, 30) and _table(conn) == snapshot

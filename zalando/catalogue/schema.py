@@ -38,6 +38,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "catalogue_batches": (
         "batch_id",
+        "registered_at",
         "committed_at",
         "written_back_at",
         "predictions",

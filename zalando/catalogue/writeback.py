@@ -11,9 +11,17 @@ is there afterwards, or none of it.
   repairing an older batch never overwrites a newer one (``kept_newer``).
 * A product deleted from the catalogue since it was scored is left out (``products_gone``), not an error.
 
-:func:`repair` closes the gap between the lake commit and the upsert: every batch the lake committed
-without a ledger row (a crash, a kill, a lost connection in between) is written back by the next run,
-from the lake's committed predictions.
+The gap between the lake commit and the upsert is closed with the ledger:
+
+1. :func:`register_batch` BEFORE the lake commit records that this catalogue expects the batch;
+2. the lake commit;
+3. :func:`write_back` (sets ``written_back_at`` in the upsert's transaction).
+
+A crash, kill or lost connection after 1 leaves the batch registered and not written back;
+:func:`repair`, at the start of the next run, writes back every such batch the lake did commit, from
+the lake's committed predictions (one it did not commit stays pending: a re-run commits it). Only
+batches registered in this database are ever repaired, so a lake that also holds another catalogue's
+(or an earlier demo's) batches never writes them into this one.
 """
 
 from __future__ import annotations
@@ -85,10 +93,19 @@ WHERE pc.scored_at <= EXCLUDED.scored_at
   AND ({_CURRENT}) IS DISTINCT FROM ({_EXCLUDED})
 """
 
+REGISTER_SQL = """
+INSERT INTO catalogue_batches (batch_id, registered_at) VALUES (%s, now())
+ON CONFLICT (batch_id) DO UPDATE SET written_back_at = NULL
+"""
+
+PENDING_SQL = """
+SELECT batch_id FROM catalogue_batches WHERE written_back_at IS NULL ORDER BY registered_at, batch_id
+"""
+
 LEDGER_SQL = """
-INSERT INTO catalogue_batches
-    (batch_id, committed_at, written_back_at, predictions, written, unchanged, kept_newer, products_gone)
-VALUES (%(batch_id)s, %(committed_at)s, now(), %(predictions)s, %(written)s, %(unchanged)s,
+INSERT INTO catalogue_batches (batch_id, registered_at, committed_at, written_back_at, predictions, written,
+                               unchanged, kept_newer, products_gone)
+VALUES (%(batch_id)s, now(), %(committed_at)s, now(), %(predictions)s, %(written)s, %(unchanged)s,
         %(kept_newer)s, %(products_gone)s)
 ON CONFLICT (batch_id) DO UPDATE
 SET committed_at    = COALESCE(EXCLUDED.committed_at, catalogue_batches.committed_at),
@@ -214,16 +231,24 @@ def write_back(
     return result
 
 
-def written_back_batches(conn: psycopg.Connection) -> set[str]:
-    """The batch ids the ledger holds (their write-back committed)."""
+def register_batch(conn: psycopg.Connection, batch_id: str) -> None:
+    """Record, BEFORE the lake commit, that this batch is to be written back (its own transaction).
+
+    Registering a batch again (a re-run) marks it pending again until its write-back."""
+    try:
+        with conn.transaction():
+            conn.execute(REGISTER_SQL, (batch_id,))
+    except psycopg.Error as e:
+        raise CatalogueError(
+            f"registering batch {batch_id} for its write-back failed: {_first_line(e)}",
+            transient=isinstance(e, _TRANSIENT),
+        ) from None
+
+
+def pending_batches(conn: psycopg.Connection) -> list[str]:
+    """Registered batches without a write-back, oldest registration first."""
     with conn.transaction():
-        return {b for (b,) in conn.execute("SELECT batch_id FROM catalogue_batches")}
-
-
-def pending_batches(conn: psycopg.Connection, committed_batches: Iterable[str]) -> list[str]:
-    """The committed lake batches without a write-back, in the order given (oldest commit first)."""
-    done = written_back_batches(conn)
-    return [b for b in dict.fromkeys(committed_batches) if b not in done]
+        return [b for (b,) in conn.execute(PENDING_SQL)]
 
 
 def repair(
@@ -231,21 +256,23 @@ def repair(
     committed_batches: Mapping[str, datetime | None] | Iterable[str],
     read_predictions: Callable[[str], Iterable[PredictionRow]],
 ) -> list[WriteBackResult]:
-    """Write back every committed batch the ledger lacks, oldest first, each in its own transaction.
+    """Write back every registered batch the lake committed and the ledger has not written back,
+    oldest registration first, each in its own transaction. Run it before a new batch's write-back;
+    a second call finds nothing to do.
 
-    ``committed_batches``: the lake's committed catalogue batch ids in commit order (a mapping gives
-    their commit times too); ``read_predictions(batch_id)``: that batch's committed prediction rows.
-    Run it before a new batch's write-back; a second call finds nothing to do.
+    ``committed_batches``: the lake's committed catalogue batch ids (a mapping gives their commit times
+    too); ``read_predictions(batch_id)``: that batch's committed prediction rows (champion rows only).
+    A pending batch the lake has not committed is left pending (the crash came before the commit).
     """
     times = committed_batches if isinstance(committed_batches, Mapping) else dict.fromkeys(committed_batches)
     results = []
-    for batch_id in pending_batches(conn, times):
+    for batch_id in pending_batches(conn):
+        if batch_id not in times:
+            log.info("batch %s is registered but not committed in the lake: nothing to repair yet", batch_id)
+            continue
         log.warning("batch %s was committed in the lake but never written back: repairing it", batch_id)
-        results.append(
-            write_back(
-                conn, batch_id, read_predictions(batch_id), committed_at=times[batch_id], repaired=True
-            )
-        )
+        rows = read_predictions(batch_id)
+        results.append(write_back(conn, batch_id, rows, committed_at=times[batch_id], repaired=True))
     return results
 
 
