@@ -69,6 +69,41 @@ def _scorer(bundle: str | None, threads: int) -> tuple[ScoreFn, str, float]:
     return score, name.rsplit("/", 1)[-1], time.perf_counter() - t
 
 
+def _decode(to_score: list[Any]) -> tuple[list[Any], list[np.ndarray], list[int]]:
+    """(fetched images that decode, their pixels, ids of the rest): a fetch problem or a decode
+    rejection (a decompression bomb, a corrupt PNG) is quarantined."""
+    from zalando.images import ImageRejected, decode_image
+
+    ok, pixels, rejected = [], [], []
+    for f in to_score:
+        try:
+            if f.ok:
+                pixels.append(decode_image(f.data, name=str(f.product_id)))
+                ok.append(f)
+                continue
+        except ImageRejected:
+            pass
+        rejected.append(f.product_id)
+    return ok, pixels, rejected
+
+
+def _prediction(f: Any, group: str, confidence: float, version: str, batch_id: str, at: Any) -> Any:
+    """The write-back row of one scored image (the flow reads these from the lake's committed predictions)."""
+    from zalando.catalogue.writeback import PredictionRow
+
+    return PredictionRow(
+        product_id=f.product_id,
+        group=group,
+        confidence=min(max(confidence, 0.0), 1.0),
+        model_version=version,
+        batch_id=batch_id,
+        scored_at=at,
+        image_id=f.image_id,
+        image_url=f.url,
+        image_sha256=f.sha256,
+    )
+
+
 def run_once(cfg: dict[str, Any]) -> dict[str, Any]:
     """One catalogue batch, query to write-back, timed step by step (runs in its own process)."""
     from datetime import UTC, datetime
@@ -79,7 +114,6 @@ def run_once(cfg: dict[str, Any]) -> dict[str, Any]:
     from zalando.catalogue.query import catalogue_snapshot
     from zalando.catalogue.text import summarize_text_checks
     from zalando.catalogue.writeback import PredictionRow, write_back
-    from zalando.images import ImageRejected, decode_image
     from zalando.labels import GROUP_NAMES
     from zalando.lake import Lake
     from zalando.settings import Settings
@@ -111,40 +145,19 @@ def run_once(cfg: dict[str, Any]) -> dict[str, Any]:
             to_score, unchanged = drop_unchanged(chunk, fetched)
             skipped += [s.product_id for s in unchanged]
             t = time.perf_counter()
-            ok, pixels = [], []
-            for f in to_score:  # a fetch problem, or a decode rejection (bombs are caught here): quarantined
-                try:
-                    pixels.append(decode_image(f.data or b"", name=str(f.product_id)) if f.ok else None)
-                except ImageRejected:
-                    pixels.append(None)
-                if pixels[-1] is None:
-                    pixels.pop()
-                    quarantined.append(f.product_id)
-                else:
-                    ok.append(f)
+            ok, pixels, rejected = _decode(to_score)
+            quarantined += rejected
             times["decode_s"] += time.perf_counter() - t
             t = time.perf_counter()
             if ok:
                 groups, confidence = score(np.stack(pixels))
                 rows_of = {c.row.product_id: c.row for c in chunk}
                 for f, g, c in zip(ok, groups.tolist(), confidence.tolist(), strict=True):
-                    scored.append(
-                        PredictionRow(
-                            product_id=f.product_id,
-                            group=GROUP_NAMES[g],
-                            confidence=min(max(c, 0.0), 1.0),
-                            model_version=version,
-                            batch_id=cfg["batch_id"],
-                            scored_at=at,
-                            image_id=f.image_id,
-                            image_url=f.url,
-                            image_sha256=f.sha256,
-                        )
-                    )
+                    scored.append(_prediction(f, GROUP_NAMES[g], c, version, cfg["batch_id"], at))
                     texts.append((rows_of[f.product_id].description, GROUP_NAMES[g]))
             times["scoring_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        result = write_back(conn, cfg["batch_id"], scored) if scored else None
+        result = write_back(conn, cfg["batch_id"], scored)
         times["upsert_s"] = time.perf_counter() - t
     total = time.perf_counter() - t_all
     rec = reconcile([r.product_id for r in rows], [p.product_id for p in scored], quarantined, skipped)
@@ -158,7 +171,7 @@ def run_once(cfg: dict[str, Any]) -> dict[str, Any]:
         "scored": rec.scored,
         "quarantined": rec.quarantined,
         "skipped": rec.skipped,
-        "written": result.written if result else 0,
+        "written": result.written,
         "products_per_s": rec.products / total,
         "peak_rss_mb": int(hwm.split()[1]) / 1024,
         "text_disagrees": (
