@@ -55,6 +55,23 @@ class Settings(BaseSettings):
     )
     catalog_db: str = Field(default="catalog", description="Database of the embedded catalogue server")
     catalog_port: int = Field(default=5433, description="Port of the embedded catalogue server (127.0.0.1)")
+    # fetching the catalogue's primary images (zalando.catalogue.fetch)
+    catalog_fetch_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Images fetched at once (one thread each)"
+    )
+    catalog_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Per attempt: connecting, each read, and the whole download"
+    )
+    catalog_fetch_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries of a transient fault (5xx, 408/429, time-out, reset)"
+    )
+    catalog_fetch_max_redirects: int = Field(
+        default=3, ge=0, le=20, description="Redirects followed to the same host (another host: refused)"
+    )
+    catalog_fetch_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts an http(s):// image URL may name (JSON list or commas); empty = any host",
+    )
 
     # data and run
     data_source: str = Field(
@@ -94,7 +111,7 @@ class Settings(BaseSettings):
             raise ValueError("ZALANDO_LAKE_URI needs a bucket name: s3://BUCKET[/prefix]")
         return v.rstrip("/")
 
-    @field_validator("batch_roots", "batch_buckets", mode="before")
+    @field_validator("batch_roots", "batch_buckets", "catalog_fetch_hosts", mode="before")
     @classmethod
     def _split_list(cls, v: Any, info: Any) -> Any:
         """A JSON list, or one string of items: paths split on os.pathsep, buckets on commas."""

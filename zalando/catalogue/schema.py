@@ -1,7 +1,8 @@
 """Our catalogue schema (``schema.sql``, shipped in the package): apply it, and check a database has it.
 
 :func:`init_schema` is idempotent and safe to run twice at once (an advisory lock serialises it).
-:func:`check_schema` names the first table or column the query and the write-back need that is missing.
+:func:`check_schema` names the first table or column the query, the incremental selection and the
+write-back (with its ledger, ``catalogue_batches``) need that is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,28 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": ("id", "url"),
     "product_images": ("product_id", "image_id", "image_index"),
     "product_description": ("product_id", "country_code", "original_text", "translated_text"),
-    "product_classification": ("product_id", "group", "confidence", "model_version", "batch_id", "scored_at"),
+    "product_classification": (
+        "product_id",
+        "group",
+        "confidence",
+        "model_version",
+        "batch_id",
+        "scored_at",
+        "image_id",
+        "image_url",
+        "image_sha256",
+    ),
+    "catalogue_batches": (
+        "batch_id",
+        "registered_at",
+        "committed_at",
+        "written_back_at",
+        "predictions",
+        "written",
+        "unchanged",
+        "kept_newer",
+        "products_gone",
+    ),
 }
 
 

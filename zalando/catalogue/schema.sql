@@ -59,4 +59,23 @@ CREATE TABLE IF NOT EXISTS product_classification (
     image_sha256  text
 );
 
+-- The write-back's ledger (zalando/catalogue/writeback.py): one row per batch of this catalogue.
+-- The flow registers a batch BEFORE its lake commit (registered_at); the write-back fills in the rest in
+-- the same transaction as its upsert (written_back_at and the counts). A registered batch that the lake
+-- committed but that has no written_back_at (a crash between the lake commit and the upsert) is written
+-- back by the next run's repair, from the lake's committed predictions.
+CREATE TABLE IF NOT EXISTS catalogue_batches (
+    batch_id        text        PRIMARY KEY,
+    registered_at   timestamptz NOT NULL,
+    committed_at    timestamptz,                  -- the lake commit, when known
+    written_back_at timestamptz,                  -- NULL: not written back (yet)
+    predictions     integer CHECK (predictions >= 0),    -- rows handed to the write-back
+    written         integer CHECK (written >= 0),        -- inserted or updated
+    unchanged       integer CHECK (unchanged >= 0),      -- the same row was already there
+    kept_newer      integer CHECK (kept_newer >= 0),     -- a later score was already there
+    products_gone   integer CHECK (products_gone >= 0),  -- deleted from the catalogue since
+    CHECK (written_back_at IS NULL OR (predictions IS NOT NULL AND written IS NOT NULL
+           AND unchanged IS NOT NULL AND kept_newer IS NOT NULL AND products_gone IS NOT NULL))
+);
+
 INSERT INTO catalogue_schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
