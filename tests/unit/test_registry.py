@@ -14,9 +14,10 @@ from zalando.drift import reference_profile
 from zalando.errors import ModelError, ZalandoError
 from zalando.gates import evaluate_gates, select_canary_set
 from zalando.lake import Lake
+from zalando.lake import commit as lc
+from zalando.lake.keys import CHAMPION_KEY
 from zalando.registry import (
-    CHAMPION_KEY,
-    DECISIONS_PREFIX,
+    DECISIONS_TABLE,
     NoChampionError,
     RegistryError,
     UnknownModelError,
@@ -146,9 +147,10 @@ def test_promote_and_rollback_change_pointer_and_log(lake: Lake) -> None:
     assert log["actor"].tolist()[-1] == "bob"
     assert json.loads(log["decision"][1]) == {"promote": True, "rows": []}
     assert log["decision_id"].is_monotonic_increasing and log["decision_id"].is_unique
-    # append-only: one object per decision, none rewritten
-    keys = lake.list_keys(DECISIONS_PREFIX)
-    assert len(keys) == 5
+    # append-only: one append commit per decision, none rewritten (no delete or overwrite)
+    history = lc.snapshot_log(lake.catalog(), DECISIONS_TABLE)
+    assert [h["operation"] for h in history] == ["append"] * 5
+    assert [h["added_rows"] for h in history] == [1] * 5 and not any(h["deleted_rows"] for h in history)
     assert champion_history(lake) == ["v1"]
     assert get_champion(lake)["decision_id"] == log["decision_id"].iloc[-1]
 
