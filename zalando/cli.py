@@ -600,7 +600,7 @@ def runs(limit: int = typer.Option(10, min=1, help="How many recent runs")) -> N
         )
     for rec in df.to_dict("records"):
         table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in rec.values()))
-    console.print(table)
+    _table_console().print(table)
 
 
 # --------------------------------------------------------------------------- registry

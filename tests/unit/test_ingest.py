@@ -96,7 +96,9 @@ def test_ingest_twice_is_idempotent(tmp_path: Path, mini_dir: Path) -> None:
     assert second["skipped"] and not first["skipped"] and not forced["skipped"]
     assert forced["splits"] == first["splits"] and forced["quarantine"] == first["quarantine"]
     raw = lc.scan(lake.catalog(), "raw_images", columns=["image_id", "split"])
-    assert raw.num_rows == 2500 and len(set(raw.column("image_id").to_pylist())) == 2500  # replaced, not added
+    assert (
+        raw.num_rows == 2500 and len(set(raw.column("image_id").to_pylist())) == 2500
+    )  # replaced, not added
     assert load_raw(lake, "train").num_rows == 2000
 
 

@@ -242,8 +242,14 @@ def test_stack_down_without_up_stops_nothing(tmp_path: Path, capsys: pytest.Capt
 def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> None:
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"nightly", "retrain", "score"}
+    assert set(deps) == {"nightly", "retrain", "score", "weekly"}
     assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
+    # the lake's maintenance: weekly (Sundays 03:00 UTC, after the night's run), one at a time
+    weekly = deps["weekly"]
+    assert weekly["entrypoint"] == "flows/maintenance.py:lake_maintenance"
+    assert weekly["schedules"] == [{"cron": "0 3 * * 0", "timezone": "UTC", "active": True}]
+    assert weekly["parameters"] == {"older_than_days": 7, "orphans_older_than_days": 3}
+    assert weekly["concurrency_limit"] == 1
     assert deps["nightly"]["parameters"] == {"profile": "cpu"}
     assert {d["work_pool"]["name"] for d in deps.values()} == {"zalando"}
     assert doc["pull"] == [
@@ -255,3 +261,5 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert hasattr(getattr(module, func), "deploy"), dep["entrypoint"]
+        # and the parameters are ones the flow takes
+        assert set(dep.get("parameters") or {}) <= set(getattr(module, func).parameters.properties), dep
