@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import make_images, write_idx_folder
 from zalando.data.eda import build_eda
-from zalando.data.ingest import ingest, load_raw
+from zalando.data.ingest import ingest, load_raw, raw_split_files
 from zalando.data.sources import fetch_source
 from zalando.data.split import load_dataset_arrays, preprocess, stratified_split
 from zalando.data.validate import REASONS, check_images
@@ -100,6 +101,16 @@ def test_ingest_twice_is_idempotent(tmp_path: Path, mini_dir: Path) -> None:
         raw.num_rows == 2500 and len(set(raw.column("image_id").to_pylist())) == 2500
     )  # replaced, not added
     assert load_raw(lake, "train").num_rows == 2000
+    # the split's files are the current snapshot's only: the forced re-ingest's, not the first one's
+    files = raw_split_files(lake, "test")
+    assert sum(rows for _, _, rows in files) == 500 and all(
+        k.startswith("zalando/raw_images/data/") for k, _, _ in files
+    )
+    first = pq.read_table(Path(lake.root) / files[0][0], columns=["image_id", "image"])
+    assert (
+        first.column("image_id")[0].as_py().startswith("test-")
+        and first.schema.field("image").type.byte_width == 784
+    )
 
 
 def test_stratified_split_is_seeded_and_stratified() -> None:

@@ -19,7 +19,7 @@ from zalando.data.arrays import RAW_SCHEMA, images_to_arrow, raw_table
 from zalando.data.idx import read_split
 from zalando.data.sources import FILES, SourceFiles
 from zalando.data.validate import REASONS, check_images
-from zalando.errors import NotCommittedError
+from zalando.errors import LakeError, NotCommittedError
 from zalando.labels import GROUP_NAMES, LABEL_TO_GROUP
 from zalando.lake import Lake
 
@@ -175,6 +175,32 @@ def load_raw(lake: Lake, split: str, columns: list[str] | None = None) -> pa.Tab
             "run `zalando ingest` first"
         )
     return table.sort_by("image_id").select(want)
+
+
+def raw_split_files(lake: Lake, split: str) -> list[tuple[str, int, int]]:
+    """The committed data files of one raw split as (lake key, bytes, rows), in key order: plain
+    Parquet files with the raw columns (``image_id``, ``image``, ...), e.g. for scoring the test
+    split as a batch. Only files of the current snapshot: never a replaced or uncommitted one."""
+    from zalando.lake.commit import row_filter
+    from zalando.lake.tables import load_table
+
+    cat = lake.catalog()
+    table = load_table(cat, RAW_TABLE)
+    if table is None:
+        return []
+    tasks = cat.call(
+        f"plan {cat.identifier(RAW_TABLE)}",
+        lambda: list(table.scan(row_filter=row_filter({"split": split})).plan_files()),
+    )
+    out = []
+    for t in tasks:
+        key = cat.key_of(t.file.file_path)
+        if key is None:
+            raise LakeError(
+                f"table {cat.identifier(RAW_TABLE)}: data file {t.file.file_path} is outside the lake"
+            )
+        out.append((key, int(t.file.file_size_in_bytes), int(t.file.record_count)))
+    return sorted(out)
 
 
 def group_counts(labels: np.ndarray) -> dict[str, int]:
