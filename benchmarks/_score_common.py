@@ -246,14 +246,13 @@ def copy_champion_from_settings(lake: Lake) -> dict:
     )
     record = registry.get_model(src, pointer["model_version"])
     dv = record.get("dataset_version")
-    if dv and src.is_committed(f"datasets/{dv}"):
-        m = src.read_manifest(f"datasets/{dv}")
-        lake.commit_files(
-            f"datasets/{dv}",
-            {n: src.read_file(f"datasets/{dv}", n) for n in m["files"]},
-            m["run_id"],
-            m["extra"],
-        )
+    if dv:  # the dataset version's rows (split indices, statistics), when the source lake has them
+        from zalando.lake.commit import replace_partition, scan
+
+        for table in ("datasets", "dataset_versions"):
+            rows = scan(src.catalog(), table, {"dataset_version": dv})
+            if rows.num_rows:
+                replace_partition(lake.catalog(), table, rows, {"dataset_version": dv})
     registry.register_model(
         lake,
         model_version=pointer["model_version"],
