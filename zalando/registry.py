@@ -35,6 +35,7 @@ from zalando.drift import reference_from_table, reference_to_table
 from zalando.errors import ModelError, NotCommittedError
 from zalando.lake import Lake
 from zalando.lake import keys as lake_keys
+from zalando.lake.tables import DECISION_ID_PROPERTY
 
 log = logging.getLogger(__name__)
 
@@ -201,16 +202,30 @@ def require_champion(lake: Lake) -> dict[str, Any]:
 def _new_decision_id(lake: Lake) -> tuple[str, datetime]:
     """A sortable id: UTC time (made strictly later than the latest logged decision) + uuid."""
     now = _now()
-    ids = _decision_rows(lake, columns=["decision_id"]).column("decision_id").to_pylist()
-    if ids:
-        last = max(ids).split("-", 1)[0]
+    last = _last_decision_id(lake)
+    if last:
         try:
-            last_t = datetime.strptime(last, _TS_FORMAT).replace(tzinfo=UTC)
+            last_t = datetime.strptime(last.split("-", 1)[0], _TS_FORMAT).replace(tzinfo=UTC)
             if now <= last_t:
                 now = last_t + timedelta(microseconds=1)
         except ValueError:
-            log.warning("decision id %s does not start with a timestamp", max(ids))
+            log.warning("decision id %s does not start with a timestamp", last)
     return f"{now.strftime(_TS_FORMAT)}-{uuid.uuid4().hex[:12]}", now
+
+
+def _last_decision_id(lake: Lake) -> str | None:
+    """The newest logged decision's id: the current snapshot says which (no data file is read);
+    a log without that property (written by other means) is scanned."""
+    from zalando.lake.tables import load_table
+
+    table = load_table(lake.catalog(), DECISIONS_TABLE)
+    snapshot = table.current_snapshot() if table is not None else None
+    if snapshot is None:
+        return None
+    if snapshot.summary is not None and snapshot.summary[DECISION_ID_PROPERTY]:
+        return str(snapshot.summary[DECISION_ID_PROPERTY])
+    ids = _decision_rows(lake, columns=["decision_id"]).column("decision_id").to_pylist()
+    return max((i for i in ids if i), default=None)
 
 
 def _decision_rows(lake: Lake, columns: list[str] | None = None) -> pa.Table:
@@ -265,9 +280,8 @@ def _record_decision(
         "at": at,
         "decision": None if record["decision"] is None else json.dumps(record["decision"], sort_keys=True),
     }
-    append(
-        lake.catalog(), DECISIONS_TABLE, pa.Table.from_pylist([row]), properties={"zalando.action": action}
-    )
+    props = {"zalando.action": action, DECISION_ID_PROPERTY: decision_id}
+    append(lake.catalog(), DECISIONS_TABLE, pa.Table.from_pylist([row]), properties=props)
     return record
 
 

@@ -230,3 +230,27 @@ def test_concurrent_decisions_are_all_kept(lake: Lake) -> None:
         list(pool.map(lambda i: reject(lake, "v1", reason=f"r{i}", actor=f"w{i}"), range(16)))
     log = decision_log(lake)
     assert sorted(log["reason"]) == sorted(f"r{i}" for i in range(16)) and log["decision_id"].is_unique
+
+
+def test_a_decision_after_one_from_a_fast_clock_still_sorts_last(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next id is made later than the newest logged one, which the log's current snapshot names
+    (no data file of the log is read to find it)."""
+    from datetime import UTC, datetime
+
+    import zalando.registry as reg
+
+    _register(lake, "v1")
+    monkeypatch.setattr(reg, "_now", lambda: datetime(2099, 1, 1, tzinfo=UTC))
+    future = reject(lake, "v1", reason="from a clock running ahead", actor="w1")
+    monkeypatch.undo()
+    scanned: list[str] = []
+    real_scan = lc.scan
+    monkeypatch.setattr(lc, "scan", lambda *a, **kw: scanned.append(a[1]) or real_scan(*a, **kw))
+    later = reject(lake, "v1", reason="from a right clock", actor="w2")
+    assert DECISIONS_TABLE not in scanned
+    assert later["decision_id"] > future["decision_id"] and later["at"].startswith(
+        "2099-01-01T00:00:00.000001"
+    )
+    assert decision_log(lake)["reason"].tolist() == ["from a clock running ahead", "from a right clock"]

@@ -278,6 +278,7 @@ def migrate_partition(cat: LakeCatalog, src: LegacySource, key: str, report: Mig
 def migrate_decisions(cat: LakeCatalog, report: MigrationReport) -> None:
     """The decision log's objects into registry_decisions (those not there yet), then moved aside."""
     from zalando.lake.commit import append, scan
+    from zalando.lake.tables import DECISION_ID_PROPERTY
 
     lake = cat.lake
     keys = legacy_decisions(lake)
@@ -296,12 +297,9 @@ def migrate_decisions(cat: LakeCatalog, report: MigrationReport) -> None:
             }
             for r in new
         ]
-        result = append(
-            cat,
-            "registry_decisions",
-            pa.Table.from_pylist(rows),
-            properties={"zalando.migrated-from": k.LEGACY_DECISIONS},
-        )
+        newest = max(have | {r["decision_id"] for r in rows})
+        props = {"zalando.migrated-from": k.LEGACY_DECISIONS, DECISION_ID_PROPERTY: newest}
+        result = append(cat, "registry_decisions", pa.Table.from_pylist(rows), properties=props)
         report.rows["registry_decisions"] = report.rows.get("registry_decisions", 0) + result.added_rows
     for key in keys:
         lake.write_bytes(f"{k.MIGRATED_DECISIONS}/{key.rsplit('/', 1)[-1]}", lake.read_bytes(key))

@@ -120,7 +120,8 @@ def _commit_drift(
     )
     cat = lake.catalog()
     props = {"zalando.run-id": run_id, "zalando.sampled-rows": rows}
-    flt = {"batch_id": batch_id, "model_version": model_version}
+    # batch_date, the partition, first: the replace's delete then reads only that day's files
+    flt = {"batch_date": batch_date, "batch_id": batch_id, "model_version": model_version}
     replace_partition(cat, MONITORING_TABLE, table, flt, properties=props)
     return lake.uri(f"{cat.namespace}/{MONITORING_TABLE}")
 
