@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.e2e.conftest import RETRAIN_EXPERIMENTS, FlowRunResult, LiveStack
-from zalando.labels import GROUP_NAMES
 from zalando.data.ingest import load_raw
+from zalando.labels import GROUP_NAMES
 from zalando.lake import Lake
 from zalando.lake import commit as lc
 from zalando.registry import get_champion
