@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zalando.lake import Lake, S3Config  # noqa: E402
+from zalando.lake import Lake  # noqa: E402
 
 FULL_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 BENCH_DIR = ROOT / ".zalando" / "bench"
@@ -49,7 +49,7 @@ def s3_lake(keep: bool = False) -> Iterator[tuple[Lake, object]]:
                 s3_secret_key=SECRET,
                 work_dir=Path(tmp) / "work",
             )
-            lake = Lake.from_uri(settings.lake_uri, S3Config(server.endpoint, ACCESS, SECRET))
+            lake = Lake.from_settings(settings)  # its tables' catalog: SQLite in the work folder
             lake.ensure_ready()
             yield lake, settings
         finally:
