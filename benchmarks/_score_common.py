@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zalando.lake import Lake, S3Config  # noqa: E402
+from zalando.lake import Lake  # noqa: E402
 
 FULL_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 BENCH_DIR = ROOT / ".zalando" / "bench"
@@ -49,7 +49,7 @@ def s3_lake(keep: bool = False) -> Iterator[tuple[Lake, object]]:
                 s3_secret_key=SECRET,
                 work_dir=Path(tmp) / "work",
             )
-            lake = Lake.from_uri(settings.lake_uri, S3Config(server.endpoint, ACCESS, SECRET))
+            lake = Lake.from_settings(settings)  # its tables' catalog: SQLite in the work folder
             lake.ensure_ready()
             yield lake, settings
         finally:
@@ -246,14 +246,13 @@ def copy_champion_from_settings(lake: Lake) -> dict:
     )
     record = registry.get_model(src, pointer["model_version"])
     dv = record.get("dataset_version")
-    if dv and src.is_committed(f"datasets/{dv}"):
-        m = src.read_manifest(f"datasets/{dv}")
-        lake.commit_files(
-            f"datasets/{dv}",
-            {n: src.read_file(f"datasets/{dv}", n) for n in m["files"]},
-            m["run_id"],
-            m["extra"],
-        )
+    if dv:  # the dataset version's rows (split indices, statistics), when the source lake has them
+        from zalando.lake.commit import replace_partition, scan
+
+        for table in ("datasets", "dataset_versions"):
+            rows = scan(src.catalog(), table, {"dataset_version": dv})
+            if rows.num_rows:
+                replace_partition(lake.catalog(), table, rows, {"dataset_version": dv})
     registry.register_model(
         lake,
         model_version=pointer["model_version"],

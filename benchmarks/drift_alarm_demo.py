@@ -82,15 +82,19 @@ async def retrain_runs_since(since: datetime) -> list[dict]:
 
 
 def drift_table(lake: Lake, batch_date: str, batch_id_part: str) -> str:
-    keys = [k for k in lake.list_partitions(f"monitoring/batch_date={batch_date}") if batch_id_part in k]
-    if not keys:
+    from zalando.lake.commit import scan
+
+    df = scan(lake.catalog(), "monitoring", {"batch_date": batch_date}).to_pandas()
+    df = df[df["batch_id"].str.contains(batch_id_part, regex=False)]
+    if df.empty:
         return "(no drift table)"
-    df = lake.read_partition(keys[-1]).to_pandas()
+    batch_id = sorted(df["batch_id"])[-1]
+    df = df[df["batch_id"] == batch_id]
     cols = [c for c in ("statistic", "value", "threshold", "p_value", "alarm") if c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in df[cols].itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
-    return f"{keys[-1]}\n" + "\n".join(lines)
+    return f"monitoring rows of batch {batch_id}\n" + "\n".join(lines)
 
 
 def main() -> int:

@@ -30,6 +30,8 @@ app = typer.Typer(
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, kept running between commands.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(catalog_app, name="catalog")
+lake_app = typer.Typer(no_args_is_help=True, help="The lake's Iceberg tables: maintenance and migration.")
+app.add_typer(lake_app, name="lake")
 
 PIPE_WIDTH = 400  # columns of output to a pipe or a file: wide enough that rich cuts no table cell
 
@@ -587,24 +589,13 @@ def predictions(
 
 # --------------------------------------------------------------------------- reports
 def _run_tables(lake: Any, run_id: str) -> dict[str, Any]:
-    import io
-
-    import pandas as pd
-    import pyarrow.parquet as pq
-
     from zalando.errors import NotCommittedError
+    from zalando.steps.training import metric_table, read_metric_tables
 
-    parts = lake.list_partitions(f"metrics/run_id={run_id}")
-    if not parts:
-        raise NotCommittedError(f"run {run_id!r} has no metrics in {lake.uri('metrics')}; see `zalando runs`")
-    out = {}
-    for name in ("per_group", "performance", "energy", "summary"):
-        frames = [
-            pq.read_table(io.BytesIO(lake.read_file(p, f"{name}.parquet"))).to_pandas()
-            for p in parts
-            if f"{name}.parquet" in lake.read_manifest(p)["files"]
-        ]
-        out[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    out = read_metric_tables(lake, run_id, names=("per_group", "performance", "energy", "summary"))
+    if out["summary"].empty and out["per_group"].empty:
+        where = lake.catalog().identifier(metric_table("summary"))
+        raise NotCommittedError(f"run {run_id!r} has no metrics in table {where}; see `zalando runs`")
     return out
 
 
@@ -615,6 +606,7 @@ def report(
     out: Path = typer.Option(None, help="Where to write the Markdown report (default: report-<run id>.md)"),
 ) -> None:
     """Print a run's tables (per group × experiment, performance, energy) and write its Markdown report."""
+    from zalando.lake.keys import report_key
     from zalando.report import display_tables, render_tables
 
     setup_logging(False)
@@ -628,7 +620,7 @@ def report(
             display_tables(per_group, t["performance"], t["energy"], t["summary"]),
             title_prefix=f"run {run_id}: ",
         )
-        key = f"reports/run_id={run_id}"
+        key = report_key(run_id)
         if not lake.is_committed(key):
             fail(f"run {run_id}: no committed report at {lake.uri(key)}")
         md = lake.read_file(key, "report.md")
@@ -643,34 +635,31 @@ def runs(limit: int = typer.Option(10, min=1, help="How many recent runs")) -> N
     """Recent training runs with their headline numbers (test split)."""
     import pandas as pd
 
+    from zalando.steps.training import read_metric_tables
+
     setup_logging(False)
     with lake_session(settings_from()) as lake:
-        parts = lake.list_partitions("metrics")
-        run_ids = sorted({p.split("run_id=", 1)[1].split("/", 1)[0] for p in parts}, reverse=True)[:limit]
-        rows = []
-        for rid in run_ids:
-            t = _run_tables(lake, rid)
-            s = t["summary"]
-            s = s[s["split"] == "test"] if "split" in s.columns else s
-            pg = t["per_group"]
-            pg = (
-                pg[(pg["split"] == "test") & (pg["group_name"] == "One piece")]
-                if "split" in pg.columns
-                else pg[pg["group_name"] == "One piece"]
+        t = read_metric_tables(lake, names=("summary", "per_group"))
+    s, pg = t["summary"], t["per_group"]
+    run_ids = sorted(set(s["run_id"]) | set(pg["run_id"]), reverse=True)[:limit]
+    s = s[s["split"] == "test"] if "split" in s.columns else s
+    pg = pg[(pg["split"] == "test") & (pg["group_name"] == "One piece")]
+    rows = []
+    for rid in run_ids:
+        op_run = pg[pg["run_id"] == rid]
+        for rec in s[s["run_id"] == rid].sort_values("experiment").to_dict("records"):
+            op = op_run[op_run["experiment"] == rec["experiment"]]
+            rows.append(
+                {
+                    "run_id": rid,
+                    "experiment": rec["experiment"],
+                    "model_version": rec.get("model_version", ""),
+                    "accuracy": rec.get("accuracy"),
+                    "macro_f1": rec.get("macro_f1"),
+                    "one_piece_recall": op["recall"].iloc[0] if len(op) else None,
+                    "one_piece_precision": op["precision"].iloc[0] if len(op) else None,
+                }
             )
-            for rec in s.to_dict("records"):
-                op = pg[pg["experiment"] == rec["experiment"]]
-                rows.append(
-                    {
-                        "run_id": rid,
-                        "experiment": rec["experiment"],
-                        "model_version": rec.get("model_version", ""),
-                        "accuracy": rec.get("accuracy"),
-                        "macro_f1": rec.get("macro_f1"),
-                        "one_piece_recall": op["recall"].iloc[0] if len(op) else None,
-                        "one_piece_precision": op["precision"].iloc[0] if len(op) else None,
-                    }
-                )
     if not rows:
         console.print("no runs yet: `zalando run` (or `make run`) makes one")
         return
@@ -876,6 +865,72 @@ def profiles() -> None:
         if field != "name":
             table.add_row(field, *(_profile_value(getattr(p, field)) for p in catalog.profiles.values()))
     console.print(table)
+
+
+# --------------------------------------------------------------------------- the lake's tables
+@lake_app.command("maintain")
+@handle_errors
+def lake_maintain(
+    older_than_days: float = typer.Option(7.0, min=0, help="Expire snapshots older than this many days"),
+    orphans_older_than_days: float = typer.Option(
+        3.0, min=0, help="Remove unreferenced files older than this many days"
+    ),
+    dry_run: bool = typer.Option(False, help="Expire nothing; list the orphan files that would go"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Expire old snapshots of every table and remove the files nothing references (per table)."""
+    from zalando.steps.maintenance import maintain_lake
+
+    setup_logging(verbose)
+    with lake_session(settings_from()) as lake:
+        with spinner("maintaining the lake's tables"):
+            out = maintain_lake(
+                lake,
+                older_than_days=older_than_days,
+                orphans_older_than_days=orphans_older_than_days,
+                dry_run=dry_run,
+            )
+    title = (
+        f"Lake maintenance{' (dry run)' if dry_run else ''}: snapshots older than {older_than_days:g} days"
+    )
+    table = Table(title=title)
+    table.add_column("table")
+    table.add_column("snapshots expired", justify="right")
+    table.add_column(f"orphan files {'found' if dry_run else 'removed'}", justify="right")
+    for t in out.tables:
+        table.add_row(t.table, str(t.snapshots_expired), str(t.orphan_files))
+    table.add_row("[bold]total", f"[bold]{out.snapshots_expired}", f"[bold]{out.orphan_files}")
+    console.print(table)
+    if verbose:
+        for t in out.tables:
+            for key in t.orphan_keys:
+                console.print(f"  {t.table}: {key}", highlight=False)
+    console.print(f"done in {out.seconds:.1f}s")
+
+
+@lake_app.command("migrate")
+@handle_errors
+def lake_migrate(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Move a lake written before the Iceberg tables into them (committed files only; idempotent)."""
+    from zalando.lake.migrate import migrate_lake
+
+    setup_logging(verbose)
+    with lake_session(settings_from()) as lake:
+        with spinner("migrating the legacy partitions"):
+            report = migrate_lake(lake)
+    if report.nothing_to_do:
+        console.print(f"nothing to migrate: {lake.uri()} holds no legacy partition")
+        return
+    table = Table(title=f"Migrated {len(report.partitions)} partitions and {report.decisions} decisions")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, rows in sorted(report.rows.items()):
+        table.add_row(name, str(rows))
+    console.print(table)
+    if report.left_out:
+        console.print(f"left out {len(report.left_out)} uncommitted files (no manifest lists them):")
+        for key in report.left_out:
+            console.print(f"  {key}", highlight=False)
 
 
 # --------------------------------------------------------------------------- stack

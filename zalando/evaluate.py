@@ -15,10 +15,9 @@ Quality gates should treat NaN as failing a floor (``not value >= floor``).
 
 Lake tables: :func:`metric_tables` builds the per_group, confusion, performance, energy and summary tables
 for one (run_id, experiment, model_version); :func:`metric_arrow_tables` casts them to the schemas below
-so they can be committed with ``lake.commit_partition(f"metrics/run_id={run}/experiment={exp}", tables,
-run_id)``. ``run_id`` and ``experiment`` are dictionary-encoded strings, the type pyarrow infers for hive
-path keys, so one ``pandas.read_parquet`` over ``metrics/`` merges the path keys with the file columns
-(see :func:`metric_table_read_kwargs` for reading one table out of the shared partition folders).
+so they can be committed to the lake's metric tables (``zalando.steps.training.commit_metric_tables``:
+one Iceberg table each, the model's rows replaced by run_id and experiment). ``run_id`` and
+``experiment`` are dictionary-encoded strings here; the tables store them as plain strings.
 """
 
 from __future__ import annotations
@@ -600,26 +599,5 @@ def _integral(values: pd.Series, table: str, column: str) -> list[int | None]:
 
 
 def metric_arrow_tables(frames: Mapping[str, pd.DataFrame]) -> dict[str, pa.Table]:
-    """Arrow tables (with the documented schemas) for ``lake.commit_partition``; empty tables are kept."""
+    """Arrow tables (with the documented schemas) for the lake's metric tables; empty tables are kept."""
     return {name: to_arrow(name, frame) for name, frame in frames.items()}
-
-
-def metrics_partition_key(run_id: str, experiment: str) -> str:
-    """The lake key of one model's metric tables: ``metrics/run_id=<run_id>/experiment=<experiment>``."""
-    for name, value in (("run_id", run_id), ("experiment", experiment)):
-        if not value or "/" in value or "=" in value:
-            raise DataError(f"{name}: {value!r} cannot be a path key (empty, or holds '/' or '=')")
-    return f"metrics/run_id={run_id}/experiment={experiment}"
-
-
-def metric_table_read_kwargs(table: str) -> dict[str, Any]:
-    """Keyword arguments for ``pandas.read_parquet(<lake>/metrics/, **kwargs)`` that read one table.
-
-    All tables of a model share one partition folder, so the other tables' files are skipped by name
-    prefix. Example: ``pd.read_parquet("s3://bucket/lake/metrics/", filesystem=fs,
-    **metric_table_read_kwargs("per_group"))``. The lake's ``read_dataset`` is the committed-only path.
-    """
-    if table not in METRIC_SCHEMAS:
-        raise DataError(f"metric table: unknown name {table!r}, expected one of {sorted(METRIC_SCHEMAS)}")
-    others = [name for name in METRIC_SCHEMAS if name != table]
-    return {"ignore_prefixes": [".", "_", *others]}

@@ -1,17 +1,18 @@
 """The model registry in the lake: registered versions, the champion pointer, the decision log.
 
-Lake keys (all under ``registry/``):
+The decision log is the Iceberg table ``registry_decisions``: one row per decision (promote,
+reject, rollback), appended and never rewritten. Concurrent writers each append their own commit
+(a lost race is retried on the fresh snapshot), so none can clobber another's history; decision ids
+sort in time order. The rest are plain objects (keys in :mod:`zalando.lake.keys`):
 
 * ``registry/models/<model_version>.json`` — one record per registered version (metrics, spec,
   dataset and code version, bundle key). Re-registering a version replaces its record.
 * ``registry/champion.json`` — the pointer: model_version, experiment, bundle_key, since, reason,
-  actor, decision_id.
-* ``registry/decisions/<UTC timestamp>-<uuid>.json`` — the append-only log: one object per
-  decision (promote, reject, rollback), never rewritten. Concurrent writers each add their own object,
-  so none can clobber another's history; names sort in time order.
+  actor, decision_id. One small object, replaced whole: every reader needs just this.
 * ``registry/canary/`` — the canary set (committed partition, ``canary.parquet``), chosen once.
 * ``registry/references/model_version=<v>/`` — each model's drift reference profile
   (committed partition, ``reference.parquet``, one row; see ``zalando.drift.reference_to_table``).
+  Both are read whole by key, never queried: objects, not tables.
 
 Order of writes: the decision first, then the pointer. A crash in between leaves a logged decision
 whose pointer update is missing; re-running the promotion (same version) finishes it.
@@ -31,17 +32,14 @@ import pandas as pd
 import pyarrow as pa
 
 from zalando.drift import reference_from_table, reference_to_table
-from zalando.errors import LakeError, ModelError, NotCommittedError
+from zalando.errors import ModelError, NotCommittedError
 from zalando.lake import Lake
+from zalando.lake import keys as lake_keys
+from zalando.lake.tables import DECISION_ID_PROPERTY
 
 log = logging.getLogger(__name__)
 
-REGISTRY = "registry"
-MODELS_PREFIX = f"{REGISTRY}/models"
-DECISIONS_PREFIX = f"{REGISTRY}/decisions"
-CHAMPION_KEY = f"{REGISTRY}/champion.json"
-CANARY_KEY = f"{REGISTRY}/canary"
-REFERENCES_PREFIX = f"{REGISTRY}/references"
+DECISIONS_TABLE = "registry_decisions"
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@,-]{0,127}$")
 _TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
@@ -77,7 +75,7 @@ def _check_version(model_version: str) -> str:
 
 
 def _model_key(model_version: str) -> str:
-    return f"{MODELS_PREFIX}/{_check_version(model_version)}.json"
+    return lake_keys.model_record_key(_check_version(model_version))
 
 
 def _now() -> datetime:
@@ -128,8 +126,9 @@ def register_model(
 
 def registered_versions(lake: Lake) -> list[str]:
     """Every registered model version, sorted by name."""
-    n = len(MODELS_PREFIX) + 1
-    return sorted(k[n:-5] for k in lake.list_keys(MODELS_PREFIX) if k.endswith(".json") and "/" not in k[n:])
+    n = len(lake_keys.MODEL_RECORDS) + 1
+    keys = lake.list_keys(lake_keys.MODEL_RECORDS)
+    return sorted(key[n:-5] for key in keys if key.endswith(".json") and "/" not in key[n:])
 
 
 def get_model(lake: Lake, model_version: str) -> dict[str, Any]:
@@ -178,9 +177,9 @@ def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
 
 def get_champion(lake: Lake) -> dict[str, Any] | None:
     """The champion pointer (model_version, experiment, bundle_key, since, reason, ...) or None."""
-    if not lake.exists(CHAMPION_KEY):
+    if not lake.exists(lake_keys.CHAMPION_KEY):
         return None
-    return lake.read_json(CHAMPION_KEY)
+    return lake.read_json(lake_keys.CHAMPION_KEY)
 
 
 def require_champion(lake: Lake) -> dict[str, Any]:
@@ -193,7 +192,7 @@ def require_champion(lake: Lake) -> dict[str, Any]:
             if known
             else "train one with `zalando train` (the training flow promotes a champion that passes the gates)"
         )
-        raise NoChampionError(f"no champion model in {lake.uri(REGISTRY)}: {hint}")
+        raise NoChampionError(f"no champion model in {lake.uri(lake_keys.REGISTRY)}: {hint}")
     return champion
 
 
@@ -203,16 +202,36 @@ def require_champion(lake: Lake) -> dict[str, Any]:
 def _new_decision_id(lake: Lake) -> tuple[str, datetime]:
     """A sortable id: UTC time (made strictly later than the latest logged decision) + uuid."""
     now = _now()
-    keys = lake.list_keys(DECISIONS_PREFIX)
-    if keys:
-        last = keys[-1].rsplit("/", 1)[-1].split("-", 1)[0]
+    last = _last_decision_id(lake)
+    if last:
         try:
-            last_t = datetime.strptime(last, _TS_FORMAT).replace(tzinfo=UTC)
+            last_t = datetime.strptime(last.split("-", 1)[0], _TS_FORMAT).replace(tzinfo=UTC)
             if now <= last_t:
                 now = last_t + timedelta(microseconds=1)
         except ValueError:
-            log.warning("decision log key %s does not start with a timestamp", keys[-1])
+            log.warning("decision id %s does not start with a timestamp", last)
     return f"{now.strftime(_TS_FORMAT)}-{uuid.uuid4().hex[:12]}", now
+
+
+def _last_decision_id(lake: Lake) -> str | None:
+    """The newest logged decision's id: the current snapshot says which (no data file is read);
+    a log without that property (written by other means) is scanned."""
+    from zalando.lake.tables import load_table
+
+    table = load_table(lake.catalog(), DECISIONS_TABLE)
+    snapshot = table.current_snapshot() if table is not None else None
+    if snapshot is None:
+        return None
+    if snapshot.summary is not None and snapshot.summary[DECISION_ID_PROPERTY]:
+        return str(snapshot.summary[DECISION_ID_PROPERTY])
+    ids = _decision_rows(lake, columns=["decision_id"]).column("decision_id").to_pylist()
+    return max((i for i in ids if i), default=None)
+
+
+def _decision_rows(lake: Lake, columns: list[str] | None = None) -> pa.Table:
+    from zalando.lake.commit import scan
+
+    return scan(lake.catalog(), DECISIONS_TABLE, columns=columns)
 
 
 def _jsonable_decision(decision: Any) -> dict[str, Any] | None:
@@ -237,6 +256,8 @@ def _record_decision(
     reason: str,
     decision: Any,
 ) -> dict[str, Any]:
+    from zalando.lake.commit import append
+
     if not actor or not isinstance(actor, str):
         raise RegistryError(f"{action} {model_version}: actor must be a non-empty string (who decided)")
     if not reason or not isinstance(reason, str):
@@ -254,7 +275,13 @@ def _record_decision(
         "reason": reason,
         "decision": _jsonable_decision(decision),
     }
-    lake.write_json(f"{DECISIONS_PREFIX}/{decision_id}.json", record)
+    row = {
+        **record,
+        "at": at,
+        "decision": None if record["decision"] is None else json.dumps(record["decision"], sort_keys=True),
+    }
+    props = {"zalando.action": action, DECISION_ID_PROPERTY: decision_id}
+    append(lake.catalog(), DECISIONS_TABLE, pa.Table.from_pylist([row]), properties=props)
     return record
 
 
@@ -269,7 +296,7 @@ def _set_champion(lake: Lake, record: Mapping[str, Any], model: Mapping[str, Any
         "actor": record["actor"],
         "decision_id": record["decision_id"],
     }
-    lake.write_json(CHAMPION_KEY, pointer)
+    lake.write_json(lake_keys.CHAMPION_KEY, pointer)
     return pointer
 
 
@@ -341,23 +368,20 @@ def apply_gate_decision(lake: Lake, model_version: str, decision: Any, *, actor:
 
 
 def _decision_records(lake: Lake) -> list[dict[str, Any]]:
-    keys = [k for k in lake.list_keys(DECISIONS_PREFIX) if k.endswith(".json")]
+    """Every logged decision as the dict ``_record_decision`` returned, oldest first."""
     out = []
-    for k in keys:
-        try:
-            out.append(lake.read_json(k))
-        except (LakeError, ValueError) as e:  # a torn or foreign object must not hide the rest
-            log.warning("skipping unreadable decision %s: %s", k, e)
-    return sorted(out, key=lambda r: r.get("decision_id", ""))
+    for r in _decision_rows(lake).sort_by("decision_id").to_pylist():
+        r["at"] = r["at"].isoformat() if r.get("at") is not None else None
+        r["decision"] = None if r.get("decision") is None else json.loads(r["decision"])
+        out.append(r)
+    return out
 
 
 def decision_log(lake: Lake) -> pd.DataFrame:
     """Every promotion, rejection and rollback, oldest first (``decision`` holds the gate table as JSON)."""
-    rows = []
-    for r in _decision_records(lake):
-        row = {c: r.get(c) for c in DECISION_COLUMNS}
-        row["decision"] = None if r.get("decision") is None else json.dumps(r["decision"], sort_keys=True)
-        rows.append(row)
+    rows = _decision_rows(lake).sort_by("decision_id").to_pylist()
+    for r in rows:
+        r["at"] = r["at"].isoformat() if r.get("at") is not None else None
     return pd.DataFrame(rows, columns=DECISION_COLUMNS)
 
 
@@ -411,35 +435,35 @@ def rollback(lake: Lake, *, actor: str, reason: str) -> dict[str, Any]:
 def save_canary_set(lake: Lake, table: pa.Table, *, run_id: str, force: bool = False) -> str:
     """Commit the canary set (from ``gates.select_canary_set``) once; later calls keep the first
     one unless ``force``, so every night scores the same images. Returns the partition key."""
-    if lake.is_committed(CANARY_KEY) and not force:
-        log.info("canary set already in %s; keeping it", lake.uri(CANARY_KEY))
-        return CANARY_KEY
+    if lake.is_committed(lake_keys.CANARY_KEY) and not force:
+        log.info("canary set already in %s; keeping it", lake.uri(lake_keys.CANARY_KEY))
+        return lake_keys.CANARY_KEY
     lake.commit_partition(
-        CANARY_KEY,
+        lake_keys.CANARY_KEY,
         {"canary": table},
         run_id,
         extra={"method": table.column("method")[0].as_py() if len(table) else None},
     )
-    log.info("canary set of %d images committed to %s", table.num_rows, lake.uri(CANARY_KEY))
-    return CANARY_KEY
+    log.info("canary set of %d images committed to %s", table.num_rows, lake.uri(lake_keys.CANARY_KEY))
+    return lake_keys.CANARY_KEY
 
 
 def has_canary_set(lake: Lake) -> bool:
-    return lake.is_committed(CANARY_KEY)
+    return lake.is_committed(lake_keys.CANARY_KEY)
 
 
 def load_canary_set(lake: Lake) -> pa.Table:
     """The committed canary set (raw-table schema plus val_index, margin, method)."""
     try:
-        return lake.read_partition(CANARY_KEY)
+        return lake.read_partition(lake_keys.CANARY_KEY)
     except NotCommittedError:
         raise RegistryError(
-            f"no canary set in {lake.uri(CANARY_KEY)}: the training flow selects one from the validation split"
+            f"no canary set in {lake.uri(lake_keys.CANARY_KEY)}: the training flow selects one from the validation split"
         ) from None
 
 
 def reference_key(model_version: str) -> str:
-    return f"{REFERENCES_PREFIX}/model_version={_check_version(model_version)}"
+    return lake_keys.reference_key(_check_version(model_version))
 
 
 def save_reference(lake: Lake, model_version: str, reference: Mapping[str, Any], *, run_id: str) -> str:

@@ -2,7 +2,7 @@
 
 :func:`build_run_report` returns ``{"report.md": ..., "confusion_<exp>.png": ..., "pr_<exp>.png": ...,
 "training_curves.png": ..., "worst_one_piece.png": ..., "gradcam_<...>.png": ...}`` for
-``lake.commit_files(f"reports/run_id={run_id}", files, run_id)``. :func:`display_tables` gives the
+``lake.commit_files(zalando.lake.keys.report_key(run_id), files, run_id)``. :func:`display_tables` gives the
 same tables as DataFrames (for Prefect table artifacts: ``df.to_dict("records")``) and
 :func:`render_tables` prints them with rich for the CLI.
 

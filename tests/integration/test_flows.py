@@ -21,13 +21,19 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.exceptions import NotPausedError, ParameterTypeError
 
 from flows.batch_scoring import batch_scoring
+from flows.maintenance import lake_maintenance
 from flows.nightly import nightly
 from flows.training import training
+from zalando.data.ingest import load_raw
+from zalando.data.split import read_dataset_version
 from zalando.errors import ModelError
 from zalando.lake import Lake, table_to_parquet_bytes
+from zalando.lake import commit as lc
+from zalando.lake.keys import bundle_key, report_key
 from zalando.registry import decision_log, get_champion
 from zalando.scoring import layout
 from zalando.settings import load_settings
+from zalando.steps.training import read_metric_tables
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 EXPERIMENTS = ["fashion_cnn", "squeezenet1_1_full"]
@@ -91,15 +97,18 @@ def test_nightly_trains_promotes_scores_and_reports(flows_lake: Lake, nightly_ru
     assert set(trained["models"]) == set(EXPERIMENTS)
 
     # the lake holds every stage's output, committed
-    assert flows_lake.is_committed("raw/fashion-mnist/split=train")
-    assert flows_lake.is_committed(f"datasets/{trained['dataset_version']}")
+    assert load_raw(flows_lake, "train", columns=["image_id"]).num_rows == 2000
+    assert read_dataset_version(flows_lake, trained["dataset_version"]).n_train == 1600
+    metrics = read_metric_tables(flows_lake, trained["run_id"])
     for experiment, version in trained["models"].items():
-        assert flows_lake.is_committed(f"models/{experiment}/{version}")
-        assert flows_lake.is_committed(f"metrics/run_id={trained['run_id']}/experiment={experiment}")
+        assert flows_lake.is_committed(bundle_key(experiment, version))
+        summary = metrics["summary"][metrics["summary"]["experiment"] == experiment]
+        assert set(summary["split"]) == {"val", "test"} and set(summary["model_version"]) == {version}
+        assert len(metrics["per_group"][metrics["per_group"]["experiment"] == experiment]) == 2 * 5
     champion = get_champion(flows_lake)
     assert champion is not None and champion["model_version"] == trained["champion"]
     assert set(decision_log(flows_lake)["model_version"]) == set(trained["models"].values())
-    report = flows_lake.read_file(f"reports/run_id={trained['run_id']}", "report.md").decode()
+    report = flows_lake.read_file(report_key(trained["run_id"]), "report.md").decode()
     assert "How each model decides" in report  # from the model cards: TTA, temperature, operating point
     assert all(f"| {experiment} | {version} |" in report for experiment, version in trained["models"].items())
 
@@ -240,7 +249,7 @@ def test_drifted_batch_raises_the_alarm_event(flows_lake: Lake, nightly_run: dic
     clean = nightly_run["result"]["scoring"]["drift"]
     assert clean["rows"] > 100 and not pixel_stats & set(clean["alarms"]), clean
 
-    test = flows_lake.read_partition("raw/fashion-mnist/split=test", columns=["image_id", "image"])
+    test = load_raw(flows_lake, "test", columns=["image_id", "image"])
     pixels = np.frombuffer(test.column("image").combine_chunks().buffers()[1], np.uint8)[
         : test.num_rows * 784
     ]
@@ -260,7 +269,12 @@ def test_drifted_batch_raises_the_alarm_event(flows_lake: Lake, nightly_run: dic
     assert state.is_completed(), state.message
     drift = state.result()["drift"]
     assert drift["alarm"] is True and pixel_stats & set(drift["alarms"]), drift
-    assert flows_lake.is_committed(drift["uri"].split(flows_lake.uri() + "/", 1)[1])
+    rows = lc.scan(flows_lake.catalog(), "monitoring", {"batch_id": state.result()["batch_id"]}).to_pylist()
+    assert {r["statistic"] for r in rows if r["alarm"]} == set(drift["alarms"]) and len(rows) > len(
+        drift["alarms"]
+    )
+    assert {r["batch_date"].isoformat() for r in rows} == {"2026-01-03"}
+    assert drift["uri"] == flows_lake.uri("zalando/monitoring")
 
     batch_id = state.result()["batch_id"]
     deadline, events = time.monotonic() + 30, []
@@ -306,3 +320,28 @@ def test_a_broken_experiment_does_not_lose_the_night(
 
     with pytest.raises(ModelError, match="every experiment failed: broken_cnn"):
         training(profile="quick", experiments=["broken_cnn"])
+
+
+def test_weekly_lake_maintenance_expires_history_and_keeps_every_committed_row(
+    flows_lake: Lake, nightly_run: dict[str, Any]
+) -> None:
+    """The `lake-maintenance` deployment's flow, run last: with no grace period it expires every
+    old snapshot and removes what nothing references; every table still reads the same rows."""
+    cat = flows_lake.catalog()
+    tables = ("raw_images", "metrics_summary", "registry_decisions", "monitoring")
+    before = {t: lc.scan(cat, t).num_rows for t in tables}
+    history = {t: len(lc.snapshot_log(cat, t)) for t in tables}
+    state = lake_maintenance(older_than_days=0, orphans_older_than_days=0, return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    by_table = {t["table"]: t for t in out["tables"]}
+    assert set(tables) <= set(by_table) and out["dry_run"] is False
+    for t in tables:
+        assert by_table[t]["snapshots_expired"] == history[t] - 1, (t, by_table[t], history[t])
+        assert len(lc.snapshot_log(cat, t)) == 1 and lc.scan(cat, t).num_rows == before[t]
+    assert by_table["metrics_summary"]["orphan_files"] > 0 or history["metrics_summary"] == 1
+    runs = {_base_name(t.name): t for t in _task_runs(state.state_details.flow_run_id)}
+    assert runs["maintain-lake"].state.is_completed()
+    assert "lake-maintenance" in _artifact_keys([state.state_details.flow_run_id])
+    again = lake_maintenance(older_than_days=0, orphans_older_than_days=0)
+    assert sum(t["snapshots_expired"] + t["orphan_files"] for t in again["tables"]) == 0

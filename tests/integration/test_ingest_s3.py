@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_images, s3_config, write_idx_folder
-from zalando.data.ingest import ingest, raw_key
+from zalando.data.ingest import ingest, load_raw
 from zalando.data.sources import fetch_source
-from zalando.data.split import preprocess
+from zalando.data.split import preprocess, read_dataset_version
 from zalando.errors import LakeError
 from zalando.lake import Lake
+from zalando.lake import commit as lc
 from zalando.s3server import S3Server
 
 
@@ -21,13 +22,15 @@ def test_ingest_mini_into_s3_is_idempotent(s3_lake: Lake, mini_dir: Path, tmp_pa
     first = ingest(s3_lake, src)
     assert first["splits"]["train"]["rows"] == 2000 and first["splits"]["test"]["rows"] == 500
     keys = s3_lake.list_keys()
+    assert ingest(s3_lake, src)["skipped"] and s3_lake.list_keys() == keys  # nothing written
     again = ingest(s3_lake, src, force=True)
     assert again["splits"] == first["splits"]
-    assert s3_lake.list_keys() == keys
-    ids = s3_lake.read_partition(raw_key("train"), columns=["image_id"]).column("image_id").to_pylist()
+    ids = load_raw(s3_lake, "train", columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 2000
+    # every object is a table's (data or metadata, under the namespace); the catalog is in the work folder
+    assert {k.split("/")[0] for k in s3_lake.list_keys()} == {"zalando"}
     dv = preprocess(s3_lake, seed=1)
-    assert s3_lake.is_committed(dv.key) and dv.n_train == 1600
+    assert read_dataset_version(s3_lake, dv.dataset_version) == dv and dv.n_train == 1600
 
 
 def test_quarantine_contents_in_s3(s3_lake: Lake, tmp_path: Path) -> None:
@@ -36,7 +39,7 @@ def test_quarantine_contents_in_s3(s3_lake: Lake, tmp_path: Path) -> None:
     test[0][1] = train[0][4]
     folder = write_idx_folder(tmp_path / "src", train, test)
     summary = ingest(s3_lake, fetch_source(str(folder), cache_dir=tmp_path))
-    q = s3_lake.read_partition(f"quarantine/run_id={summary['run_id']}").to_pandas()
+    q = lc.scan(s3_lake.catalog(), "quarantine", {"run_id": summary["run_id"]}).to_pandas()
     assert sorted(zip(q["image_id"], q["reason"], strict=True)) == [
         ("test-00001", "duplicate_across_splits"),
         ("train-00002", "blank_image"),

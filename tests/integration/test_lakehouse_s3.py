@@ -105,8 +105,8 @@ def test_second_engines_see_only_committed_rows_on_s3(
 
 def test_wrong_s3_credentials_fail_a_commit_with_one_line(s3_settings: Settings, s3_lake: Lake) -> None:
     bad = s3_settings.model_copy(update={"s3_secret_key": type(s3_settings.s3_secret_key)("not-the-key")})
-    cat = open_catalog(bad, retry=RetryPolicy(attempts=2, base_delay=0.01))
-    with pytest.raises(LakeError) as err:
+    with pytest.raises(LakeError) as err:  # opening reads the lake already (its layout check)
+        cat = open_catalog(bad, retry=RetryPolicy(attempts=2, base_delay=0.01))
         lc.append(cat, "predictions", prediction_rows(3, "b1"))
     msg = str(err.value)
     assert "\n" not in msg and "not-the-key" not in msg

@@ -427,8 +427,11 @@ def test_cli_pipeline_with_a_canary_secret_leaks_nothing_and_binds_to_localhost(
         r = _cli(["stack", "down"], env)
         outputs += [r.stdout, r.stderr]
     assert r.returncode == 0
-    assert n_objects >= 6 and in_lake == []  # raw splits, quarantine, dataset version
+    assert (
+        n_objects >= 6 and in_lake == []
+    )  # raw splits, quarantine, dataset version: data and Iceberg metadata
     assert not any(secret in out for out in outputs)
+    assert (work / "iceberg" / "catalog.db").is_file()  # the Iceberg catalog is scanned with the work folder
     n_files, in_files = leaks_in_files(work, secret, allowed={identities.resolve()})
     assert n_files > 3 and in_files == []  # weed.log, PID file, caches, the S3 data files
     record_case(
@@ -603,6 +606,17 @@ def test_compose_gives_the_worker_a_user_limited_to_the_project_bucket(
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
     assert "ports" not in services["postgres"]
+    # the Iceberg catalog: its own Postgres user and database, which cannot reach Prefect's
+    catalog = services["worker"]["environment"]["ZALANDO_ICEBERG_CATALOG_URI"]
+    assert catalog.startswith("postgresql+psycopg://iceberg:${ICEBERG_DB_PASSWORD:-") and catalog.endswith(
+        "@postgres:5432/iceberg"
+    )
+    assert "PREFECT_DB_PASSWORD" not in worker_env  # nor the Prefect database's password
+    pg_setup = "\n".join(services["postgres-setup"]["command"])
+    assert "OWNER iceberg" in pg_setup and "REVOKE ALL ON DATABASE prefect FROM PUBLIC" in pg_setup
+    assert services["worker"]["depends_on"]["postgres-setup"] == {
+        "condition": "service_completed_successfully"
+    }
     record_case(
         record_property,
         "docker-compose: the worker's S3 user and the published ports",

@@ -14,6 +14,7 @@ import pytest
 from zalando import evaluate as ev
 from zalando.errors import DataError
 from zalando.labels import GROUP_NAMES, group_of
+from zalando.steps.training import commit_metric_tables, metric_keys, read_metric_tables
 
 # Group 3 occurs three times but is never predicted; group 4 never occurs but is predicted once.
 Y_TRUE = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
@@ -306,17 +307,17 @@ def test_metric_tables_reject_bad_rows() -> None:
         ev.to_arrow("nope", frames["performance"])
     with pytest.raises(DataError, match="run_id"):
         ev.metric_tables("", "cnn", "v1", [0], [0])
-    with pytest.raises(DataError, match="path key"):
-        ev.metrics_partition_key("r1", "a/b")
+    with pytest.raises(DataError, match="metrics key"):
+        metric_keys("r1", "a/b")
 
 
-def test_one_read_parquet_over_the_lake_prefix_gives_one_table_across_runs(local_lake, tmp_path) -> None:
+def test_one_scan_of_a_metric_table_gives_one_table_across_runs(local_lake) -> None:
     for run_id in ("20260101T020000Z-aaaaaa", "20260102T020000Z-bbbbbb"):
         for experiment in ("cnn", "squeezenet1_1_full"):
-            tables = ev.metric_arrow_tables(_tables(run_id, experiment))
-            local_lake.commit_partition(ev.metrics_partition_key(run_id, experiment), tables, run_id)
-    root = tmp_path / "lake" / "metrics"
-    per_group = pd.read_parquet(root, **ev.metric_table_read_kwargs("per_group"))
+            commit_metric_tables(
+                local_lake, run_id, experiment, ev.metric_arrow_tables(_tables(run_id, experiment))
+            )
+    per_group = read_metric_tables(local_lake, names=("per_group",))["per_group"]
     assert len(per_group) == 2 * 2 * 5
     one_piece = per_group[per_group["group_name"] == "One piece"].sort_values(["run_id", "experiment"])
     assert list(one_piece["run_id"].astype(str).unique()) == [
@@ -324,8 +325,11 @@ def test_one_read_parquet_over_the_lake_prefix_gives_one_table_across_runs(local
         "20260102T020000Z-bbbbbb",
     ]
     assert one_piece["precision"].between(0, 1).all()
-    energy = pd.read_parquet(root, **ev.metric_table_read_kwargs("energy"))
+    energy = read_metric_tables(local_lake, names=("energy",))["energy"]
     assert len(energy) == 4 and "power_method" in energy.columns and "recall" not in energy.columns
-    # and through the lake: one committed partition reads back with the documented columns
-    part = local_lake.read_partition(ev.metrics_partition_key("20260101T020000Z-aaaaaa", "cnn"))
-    assert set(ev.PER_GROUP_SCHEMA.names) <= set(part.column_names)
+    # one model's rows, with the documented columns; a re-commit replaces them, never adds
+    one = read_metric_tables(local_lake, "20260101T020000Z-aaaaaa", ["cnn"])
+    assert set(ev.PER_GROUP_SCHEMA.names) <= set(one["per_group"].columns) and len(one["per_group"]) == 5
+    again = ev.metric_arrow_tables(_tables("20260101T020000Z-aaaaaa", "cnn"))
+    commit_metric_tables(local_lake, "20260101T020000Z-aaaaaa", "cnn", again)
+    assert len(read_metric_tables(local_lake, names=("per_group",))["per_group"]) == 2 * 2 * 5

@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import make_images, write_idx_folder
 from zalando.data.eda import build_eda
-from zalando.data.ingest import ingest, raw_key
+from zalando.data.ingest import ingest, load_raw, raw_split_files
 from zalando.data.sources import fetch_source
 from zalando.data.split import load_dataset_arrays, preprocess, stratified_split
 from zalando.data.validate import REASONS, check_images
 from zalando.errors import DataError
 from zalando.lake import Lake
+from zalando.lake import commit as lc
 
 
 def test_check_images_reason_codes() -> None:
@@ -54,10 +56,11 @@ def test_ingest_quarantines_and_reconciles(tmp_path: Path) -> None:
         "duplicate_within_split": 1,
     }
     assert summary["splits"]["train"]["rows"] == 38 and summary["splits"]["test"]["rows"] == 19
-    q = lake.read_partition(f"quarantine/run_id={summary['run_id']}").to_pandas().set_index("image_id")
+    q = lc.scan(lake.catalog(), "quarantine", {"run_id": summary["run_id"]}).to_pandas().set_index("image_id")
     assert q.loc["test-00004", "detail"].endswith("(same as train-00010)")
     assert q.loc["train-00007", "reason"] == "duplicate_within_split"
-    raw = lake.read_partition(raw_key("train")).to_pandas()
+    assert q.loc["train-00007", "row"] == 7 and q["batch_id"].isna().all()  # ingest's rows: no batch
+    raw = load_raw(lake, "train").to_pandas()
     assert "train-00003" not in set(raw["image_id"]) and raw["image_id"].is_unique
     assert set(raw.columns) == {"image_id", "image", "label", "label_name", "group", "group_name"}
 
@@ -79,7 +82,8 @@ def test_bad_source_commits_nothing(tmp_path: Path) -> None:
     lake = Lake.local(tmp_path / "lake")
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: label 11 at index 0"):
         ingest(lake, fetch_source(str(folder), cache_dir=tmp_path))
-    assert lake.list_keys() == []
+    assert [k for k in lake.list_keys() if not k.startswith("_catalog/")] == []  # only the empty catalog
+    assert lake.catalog().catalog.list_tables("zalando") == []
 
 
 def test_ingest_twice_is_idempotent(tmp_path: Path, mini_dir: Path) -> None:
@@ -88,10 +92,25 @@ def test_ingest_twice_is_idempotent(tmp_path: Path, mini_dir: Path) -> None:
     first = ingest(lake, src)
     keys = lake.list_keys()
     second = ingest(lake, src)
+    assert lake.list_keys() == keys  # skipped: nothing written
     forced = ingest(lake, src, force=True)
     assert second["skipped"] and not first["skipped"] and not forced["skipped"]
-    assert lake.list_keys() == keys
-    assert lake.read_partition(raw_key("train")).num_rows == 2000
+    assert forced["splits"] == first["splits"] and forced["quarantine"] == first["quarantine"]
+    raw = lc.scan(lake.catalog(), "raw_images", columns=["image_id", "split"])
+    assert (
+        raw.num_rows == 2500 and len(set(raw.column("image_id").to_pylist())) == 2500
+    )  # replaced, not added
+    assert load_raw(lake, "train").num_rows == 2000
+    # the split's files are the current snapshot's only: the forced re-ingest's, not the first one's
+    files = raw_split_files(lake, "test")
+    assert sum(rows for _, _, rows in files) == 500 and all(
+        k.startswith("zalando/raw_images/data/") for k, _, _ in files
+    )
+    first = pq.read_table(Path(lake.root) / files[0][0], columns=["image_id", "image"])
+    assert (
+        first.column("image_id")[0].as_py().startswith("test-")
+        and first.schema.field("image").type.byte_width == 784
+    )
 
 
 def test_stratified_split_is_seeded_and_stratified() -> None:

@@ -244,7 +244,7 @@ def test_stack_down_without_up_stops_nothing(tmp_path: Path, capsys: pytest.Capt
 def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> None:
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu"}
+    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu", "weekly"}
     assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     local = {"runner": "local", "dask_address": None}  # the Dask cluster is chosen per run
     assert deps["nightly"]["parameters"] == {"profile": "cpu", **local}
@@ -256,6 +256,12 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
     assert gpu["work_pool"]["name"] == "gpu"
     assert gpu["work_pool"]["job_variables"] == {"env": {"ZALANDO_DEVICE": "cuda"}}
     assert "device" in Settings.model_fields  # ZALANDO_DEVICE is a real setting
+    # the lake's maintenance: weekly (Sundays 03:00 UTC, after the night's run), one at a time
+    weekly = deps["weekly"]
+    assert weekly["entrypoint"] == "flows/maintenance.py:lake_maintenance"
+    assert weekly["schedules"] == [{"cron": "0 3 * * 0", "timezone": "UTC", "active": True}]
+    assert weekly["parameters"] == {"older_than_days": 7, "orphans_older_than_days": 3}
+    assert weekly["concurrency_limit"] == 1
     assert doc["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ZALANDO_HOME }}"}}
     ]

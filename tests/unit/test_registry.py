@@ -14,9 +14,10 @@ from zalando.drift import reference_profile
 from zalando.errors import ModelError, ZalandoError
 from zalando.gates import evaluate_gates, select_canary_set
 from zalando.lake import Lake
+from zalando.lake import commit as lc
+from zalando.lake.keys import CHAMPION_KEY
 from zalando.registry import (
-    CHAMPION_KEY,
-    DECISIONS_PREFIX,
+    DECISIONS_TABLE,
     NoChampionError,
     RegistryError,
     UnknownModelError,
@@ -146,9 +147,10 @@ def test_promote_and_rollback_change_pointer_and_log(lake: Lake) -> None:
     assert log["actor"].tolist()[-1] == "bob"
     assert json.loads(log["decision"][1]) == {"promote": True, "rows": []}
     assert log["decision_id"].is_monotonic_increasing and log["decision_id"].is_unique
-    # append-only: one object per decision, none rewritten
-    keys = lake.list_keys(DECISIONS_PREFIX)
-    assert len(keys) == 5
+    # append-only: one append commit per decision, none rewritten (no delete or overwrite)
+    history = lc.snapshot_log(lake.catalog(), DECISIONS_TABLE)
+    assert [h["operation"] for h in history] == ["append"] * 5
+    assert [h["added_rows"] for h in history] == [1] * 5 and not any(h["deleted_rows"] for h in history)
     assert champion_history(lake) == ["v1"]
     assert get_champion(lake)["decision_id"] == log["decision_id"].iloc[-1]
 
@@ -228,3 +230,27 @@ def test_concurrent_decisions_are_all_kept(lake: Lake) -> None:
         list(pool.map(lambda i: reject(lake, "v1", reason=f"r{i}", actor=f"w{i}"), range(16)))
     log = decision_log(lake)
     assert sorted(log["reason"]) == sorted(f"r{i}" for i in range(16)) and log["decision_id"].is_unique
+
+
+def test_a_decision_after_one_from_a_fast_clock_still_sorts_last(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next id is made later than the newest logged one, which the log's current snapshot names
+    (no data file of the log is read to find it)."""
+    from datetime import UTC, datetime
+
+    import zalando.registry as reg
+
+    _register(lake, "v1")
+    monkeypatch.setattr(reg, "_now", lambda: datetime(2099, 1, 1, tzinfo=UTC))
+    future = reject(lake, "v1", reason="from a clock running ahead", actor="w1")
+    monkeypatch.undo()
+    scanned: list[str] = []
+    real_scan = lc.scan
+    monkeypatch.setattr(lc, "scan", lambda *a, **kw: scanned.append(a[1]) or real_scan(*a, **kw))
+    later = reject(lake, "v1", reason="from a right clock", actor="w2")
+    assert DECISIONS_TABLE not in scanned
+    assert later["decision_id"] > future["decision_id"] and later["at"].startswith(
+        "2099-01-01T00:00:00.000001"
+    )
+    assert decision_log(lake)["reason"].tolist() == ["from a clock running ahead", "from a right clock"]

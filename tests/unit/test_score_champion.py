@@ -173,15 +173,18 @@ def test_refuses_corrupt_or_inconsistent_bundles(tmp_path: Path) -> None:
         "dataset_version": "dv-test", "mean": 0.5, "std": 0.353, "n_train": 1, "n_val": 1, "n_test": 1,
         "seed": 0, "val_fraction": 0.2, "source_digest": "x",
     }  # fmt: skip
-    lake.commit_partition(
-        "datasets/dv-test", {"split": pa.table({"image_id": ["a"]})}, "t", extra={"stats": stats}
-    )
+    _put_dataset_version(lake, stats)
     with pytest.raises(ModelError, match="differs from dataset version"):
         load_champion_predictor(lake, "onnx", threads=1)
-    lake.commit_partition(
-        "datasets/dv-test",
-        {"split": pa.table({"image_id": ["a"]})},
-        "t",
-        extra={"stats": {**stats, "mean": 0.286}},
-    )
+    _put_dataset_version(lake, {**stats, "mean": 0.286})
     assert load_champion_predictor(lake, "onnx", threads=1).checks["dataset_stats"] == "ok"
+
+
+def _put_dataset_version(lake: Lake, stats: dict) -> None:
+    """A dataset version's statistics row, as preprocess commits it (the dataset_versions table)."""
+    from datetime import UTC, datetime
+
+    from zalando.lake.commit import replace_partition
+
+    row = pa.Table.from_pylist([{**stats, "created_at": datetime.now(UTC)}])
+    replace_partition(lake.catalog(), "dataset_versions", row, {"dataset_version": stats["dataset_version"]})

@@ -153,18 +153,19 @@ def build_eda(lake: Lake) -> tuple[dict[str, pd.DataFrame], dict[str, bytes]]:
 
 
 def write_eda(lake: Lake, run_id: str) -> dict[str, Any]:
-    """Build the EDA and commit it to ``reports/run_id=<run_id>/eda`` (tables as Parquet beside it)."""
+    """Build the EDA and commit it to ``reports/run_id=<run_id>/eda``.
+
+    Its small tables stay plain Parquet objects beside the report (``eda_<name>.parquet``), not
+    Iceberg tables: they are a picture of one ingest, rebuilt from raw_images at will.
+    """
     import pyarrow as pa
 
+    from zalando.lake import table_to_parquet_bytes
+    from zalando.lake.keys import eda_key
+
     tables, files = build_eda(lake)
-    key = f"reports/run_id={run_id}/eda"
+    key = eda_key(run_id)
     for name, df in tables.items():
-        files[f"eda_{name}.parquet"] = _parquet(pa.Table.from_pandas(df, preserve_index=False))
+        files[f"eda_{name}.parquet"] = table_to_parquet_bytes(pa.Table.from_pandas(df, preserve_index=False))
     lake.commit_files(key, files, run_id)
     return {"key": key, "uri": lake.uri(key), "files": sorted(files)}
-
-
-def _parquet(table: Any) -> bytes:
-    from zalando.lake import table_to_parquet_bytes
-
-    return table_to_parquet_bytes(table)

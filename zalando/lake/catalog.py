@@ -53,11 +53,17 @@ _HTTP_5XX = re.compile(r"\b(500|502|503|504)\b")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long to retry a transient catalog error or a commit conflict."""
+    """How often and how long to retry a transient catalog error or a commit conflict.
+
+    A lost commit race is cheap to redo and only means others committed meanwhile, so conflicts get
+    their own, larger budget (many writers of one table: the decision log, a batch's re-runs); a
+    catalog that does not answer fails after ``attempts``.
+    """
 
     attempts: int = 6
     base_delay: float = 0.1
     max_delay: float = 5.0
+    conflict_attempts: int = 12
 
     def delay(self, attempt: int) -> float:
         """Exponential back-off with jitter for the (0-based) attempt that just failed."""
@@ -103,11 +109,13 @@ class LakeCatalog:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def default_catalog_uri(settings: Any) -> str:
-    """``sqlite:///<work_dir>/iceberg/catalog.db`` (the folder is made here, at first use)."""
-    path = Path(settings.work_dir).resolve() / "iceberg" / "catalog.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+def catalog_uri_of(settings: Any) -> str:
+    """The catalog a Settings names: ``ZALANDO_ICEBERG_CATALOG_URI``, else
+    ``sqlite:///<work_dir>/iceberg/catalog.db`` (its folder is made when the catalog opens)."""
+    secret = getattr(settings, "iceberg_catalog_uri", None)
+    if secret is not None and secret.get_secret_value():
+        return str(secret.get_secret_value())
+    return f"sqlite:///{Path(settings.work_dir).resolve() / 'iceberg' / 'catalog.db'}"
 
 
 def catalog_kind(uri: str) -> str:
@@ -149,15 +157,34 @@ def open_catalog(
     lake: Lake | None = None,
     retry: RetryPolicy | None = None,
     namespace: str = DEFAULT_NAMESPACE,
+    check_layout: bool = True,
 ) -> LakeCatalog:
     """The catalog a Settings describes, with its namespace created if missing.
 
     ``lake`` defaults to ``Lake.from_settings(settings)`` (the S3 server must already run).
     """
     lake = lake or Lake.from_settings(settings)
-    secret = getattr(settings, "iceberg_catalog_uri", None)
-    uri = secret.get_secret_value() if secret is not None else default_catalog_uri(settings)
+    return open_catalog_at(
+        catalog_uri_of(settings), lake, retry=retry, namespace=namespace, check_layout=check_layout
+    )
+
+
+def open_catalog_at(
+    uri: str,
+    lake: Lake,
+    *,
+    retry: RetryPolicy | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    check_layout: bool = True,
+) -> LakeCatalog:
+    """The catalog at ``uri`` (sqlite, postgresql or REST) over ``lake``, its namespace created if missing.
+
+    With ``check_layout`` (everything but ``zalando lake migrate``), a lake that still holds tables
+    in the layout before Iceberg is refused with one line saying to migrate it.
+    """
     kind = catalog_kind(uri)
+    if kind == "sql" and uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     props = {"warehouse": lake.uri_root, **io_properties(lake)}
     describe = f"iceberg catalog {redact_uri(uri)}"
     policy = retry or RetryPolicy()
@@ -176,9 +203,14 @@ def open_catalog(
 
     catalog = with_retries(_open, what="open", describe=describe, policy=policy)
     log.debug("%s open, warehouse %s, namespace %s", describe, lake.uri_root, namespace)
-    return LakeCatalog(
+    cat = LakeCatalog(
         catalog=catalog, lake=lake, namespace=namespace, describe=describe, retry=policy, kind=kind
     )
+    if check_layout:
+        from zalando.lake.migrate import check_layout as refuse_legacy
+
+        refuse_legacy(cat)
+    return cat
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -272,11 +304,14 @@ def error_text(e: BaseException) -> str:
 
 
 def to_lake_error(e: BaseException, *, what: str, describe: str, attempts: int = 1) -> LakeError:
-    """The LakeError for e: '<catalog>: <what>: <problem>[ (transient; gave up after N attempts)]'."""
+    """The LakeError for e: '<catalog>: <what>: <problem>[ (transient; gave up after N attempts)]'.
+
+    Its ``transient`` flag says whether a later try may succeed (a locked or unreachable catalog),
+    so a Prefect task's retry condition can retry it once more after our own attempts."""
     if isinstance(e, LakeError):
         return e
     tail = f" (transient; gave up after {attempts} attempts)" if attempts > 1 else ""
-    return LakeError(f"{describe}: {what}: {error_text(e)}{tail}")
+    return LakeError(f"{describe}: {what}: {error_text(e)}{tail}", transient=is_transient(e))
 
 
 def with_retries(
@@ -290,25 +325,30 @@ def with_retries(
     """Call fn; retry transient errors (and, with conflicts, lost commit races) with back-off;
     raise every error as one LakeError line."""
     policy = policy or RetryPolicy()
-    for attempt in range(policy.attempts):
+    failures = races = 0
+    while True:
         try:
             return fn()
         except LakeError:
             raise
         except Exception as e:  # noqa: BLE001 - every catalog error becomes one LakeError line
             conflict = conflicts and is_conflict(e)
-            if not (conflict or is_transient(e)) or attempt == policy.attempts - 1:
-                if conflict:
+            if conflict:
+                races += 1
+                if races >= policy.conflict_attempts:
                     raise LakeError(
-                        f"{describe}: {what}: lost {attempt + 1} commit races against concurrent writers "
-                        f"({error_text(e)})"
+                        f"{describe}: {what}: lost {races} commit races against concurrent writers "
+                        f"({error_text(e)})",
+                        transient=True,
                     ) from None
-                raise to_lake_error(e, what=what, describe=describe, attempts=attempt + 1) from None
-            delay = policy.delay(attempt)
+            else:
+                failures += 1
+                if not is_transient(e) or failures >= policy.attempts:
+                    raise to_lake_error(e, what=what, describe=describe, attempts=failures) from None
+            delay = policy.delay((races if conflict else failures) - 1)
             why = "commit conflict" if conflict else error_text(e)
             log.warning("%s: %s: %s; retrying in %.2fs", describe, what, why, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,9 +1,11 @@
-"""The data lake: the one owner of storage I/O.
+"""The data lake's object store: the one owner of storage I/O.
 
-A lake is a root (``s3://bucket/prefix`` or ``file:///abs/path``) holding '/'-separated keys.
-Tables are Parquet. A *partition* is a key prefix holding data files and a ``_MANIFEST.json``;
-writers put the data files first and the manifest last, and readers only see partitions whose
-manifest exists and only the files the manifest lists. Re-committing a partition replaces it.
+A lake is a root (``s3://bucket/prefix`` or ``file:///abs/path``) holding '/'-separated keys. Its
+tables are Iceberg tables (:meth:`Lake.catalog`, :mod:`zalando.lake.commit`); the rest are plain
+objects (:mod:`zalando.lake.keys`). A group of objects that must appear together (a model bundle, a
+report) is a *partition*: a key prefix holding the files and a ``_MANIFEST.json``; writers put the
+files first and the manifest last, and readers only see partitions whose manifest exists and only
+the files the manifest lists. Re-committing a partition replaces it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import io
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -27,6 +30,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from zalando.errors import LakeError, NotCommittedError, http_status_is_transient
+
+if TYPE_CHECKING:
+    from zalando.lake.catalog import LakeCatalog
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +82,41 @@ class S3Config:
 
 
 class Lake:
-    """Storage for every table, model and report of the system, on S3 or a local folder."""
+    """Storage for every table, model and report of the system, on S3 or a local folder.
 
-    def __init__(self, fs: pafs.FileSystem, root: str, uri: str, s3: S3Config | None = None) -> None:
+    ``catalog_uri`` names the Iceberg catalog of the lake's tables (opened at first use by
+    :meth:`catalog`); a local lake made without one keeps an embedded SQLite catalog in
+    ``_catalog/catalog.db`` under its root. It may hold a password: it is never shown.
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        root: str,
+        uri: str,
+        s3: S3Config | None = None,
+        catalog_uri: str | None = None,
+    ) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
         self.uri_root = uri.rstrip("/")
         self.s3 = s3
+        self._catalog_uri = catalog_uri
+        self._catalog: LakeCatalog | None = None
+        self._catalog_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def local(cls, path: str | Path) -> Lake:
+    def local(cls, path: str | Path, catalog_uri: str | None = None) -> Lake:
         p = Path(path).resolve()
         p.mkdir(parents=True, exist_ok=True)
-        return cls(pafs.LocalFileSystem(), str(p), p.as_uri())
+        return cls(pafs.LocalFileSystem(), str(p), p.as_uri(), catalog_uri=catalog_uri)
 
     @classmethod
-    def from_uri(cls, uri: str, s3: S3Config | None = None) -> Lake:
+    def from_uri(cls, uri: str, s3: S3Config | None = None, catalog_uri: str | None = None) -> Lake:
         parsed = urlparse(uri)
         if parsed.scheme == "file":
-            return cls.local(parsed.path)
+            return cls.local(parsed.path, catalog_uri)
         if parsed.scheme != "s3":
             raise LakeError(f"lake URI {uri!r}: scheme must be s3:// or file://")
         if s3 is None:
@@ -119,20 +140,57 @@ class Lake:
             allow_delayed_open=True,
         )
         root = (parsed.netloc + parsed.path).rstrip("/")
-        return cls(fs, root, uri, s3)
+        return cls(fs, root, uri, s3, catalog_uri)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Lake:
-        """Build the lake of a :class:`zalando.settings.Settings` (the S3 server must already run)."""
+        """Build the lake of a :class:`zalando.settings.Settings` (the S3 server must already run),
+        with the catalog the settings name (by default SQLite in the work folder)."""
+        from zalando.lake.catalog import catalog_uri_of
+
         if not settings.uses_s3:
-            return cls.from_uri(settings.lake_uri)
+            return cls.from_uri(settings.lake_uri, catalog_uri=catalog_uri_of(settings))
         s3 = S3Config(
             endpoint=settings.effective_s3_endpoint,
             access_key=settings.s3_access_key,
             secret_key=settings.s3_secret_key.get_secret_value(),
             region=settings.s3_region,
         )
-        return cls.from_uri(settings.lake_uri, s3)
+        return cls.from_uri(settings.lake_uri, s3, catalog_uri_of(settings))
+
+    def catalog(self, *, check_layout: bool = True) -> LakeCatalog:
+        """The Iceberg catalog of this lake's tables, opened once (at first use) and then shared.
+
+        The first open refuses, in one line, a lake that still holds tables in the layout before
+        Iceberg (:func:`zalando.lake.migrate.check_layout`); ``zalando lake migrate`` moves them
+        and opens it with ``check_layout=False``.
+        """
+        with self._catalog_lock:
+            if self._catalog is None:
+                from zalando.lake.catalog import open_catalog_at
+
+                uri = self._catalog_uri or self._local_catalog_uri()
+                self._catalog = open_catalog_at(uri, self, check_layout=check_layout)
+            return self._catalog
+
+    def _local_catalog_uri(self) -> str:
+        if self.s3 is not None:
+            raise LakeError(
+                f"lake {self.uri_root}: no Iceberg catalog configured (build the lake with "
+                "Lake.from_settings, or set ZALANDO_ICEBERG_CATALOG_URI)"
+            )
+        from zalando.lake.keys import CATALOG_FILE
+
+        return f"sqlite:///{self.root}/{CATALOG_FILE}"
+
+    def __getstate__(self) -> dict[str, Any]:  # the open catalog and its lock stay in this process
+        state = dict(self.__dict__)
+        state["_catalog"], state["_catalog_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._catalog_lock = threading.Lock()
 
     @property
     def bucket(self) -> str | None:

@@ -12,6 +12,7 @@ refused with a LakeError naming the columns; the table's schema changes only thr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,11 @@ class TableSpec:
 
 def _metric_keys() -> list[tuple[str, pa.DataType]]:
     return [("run_id", pa.string()), ("experiment", pa.string()), ("model_version", pa.string())]
+
+
+# a metric table gets one commit per model and run, each replacing its (run_id, experiment): by run,
+# a commit's delete prunes the other runs' manifests from the manifest list instead of reading each
+_BY_RUN = (PartitionBy("run_id"),)
 
 
 PROB_COLUMNS = tuple(f"prob_{k}" for k in GROUP_KEYS)
@@ -169,7 +175,7 @@ _SPECS = (
                 ("created_at", UTC_US),
             ]
         ),
-        (),
+        _BY_RUN,
         "evaluate.PER_GROUP_SCHEMA (run_id and experiment as plain strings)",
     ),
     TableSpec(
@@ -184,7 +190,7 @@ _SPECS = (
                 ("created_at", UTC_US),
             ]
         ),
-        (),
+        _BY_RUN,
         "evaluate.CONFUSION_SCHEMA: the 5x5 group confusion matrix in long format",
     ),
     TableSpec(
@@ -204,7 +210,7 @@ _SPECS = (
                 ("created_at", UTC_US),
             ]
         ),
-        (),
+        _BY_RUN,
         "evaluate.SUMMARY_SCHEMA: accuracy and macro / weighted averages per split",
     ),
     TableSpec(
@@ -225,7 +231,7 @@ _SPECS = (
                 ("created_at", UTC_US),
             ]
         ),
-        (),
+        _BY_RUN,
         "evaluate.PERFORMANCE_SCHEMA: one row per scoring runtime",
     ),
     TableSpec(
@@ -250,7 +256,7 @@ _SPECS = (
                 ("created_at", UTC_US),
             ]
         ),
-        (),
+        _BY_RUN,
         "evaluate.ENERGY_SCHEMA: one row per measured phase",
     ),
     TableSpec(
@@ -296,6 +302,10 @@ _SPECS = (
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}
 """Every table of the lake by name."""
+
+DECISION_ID_PROPERTY = "zalando.decision-id"
+"""Snapshot property of a registry_decisions append: the newest decision id it committed (so the
+next decision's id is made later without reading the log)."""
 
 
 def table_spec(name: str) -> TableSpec:
@@ -446,6 +456,8 @@ def ensure_table(cat: LakeCatalog, name: str) -> Any:
     if cat.kind == "sql":
         key = table_location_key(cat, name)
         old = [k for k in cat.lake.list_keys(f"{key}/metadata") if k.endswith(".metadata.json")]
+        if old and (table := _created_meanwhile(cat, name)) is not None:
+            return table
         if old:
             raise LakeError(
                 f"iceberg table {cat.identifier(name)} is not in {cat.describe}, but {cat.lake.uri(key)} "
@@ -464,6 +476,17 @@ def ensure_table(cat: LakeCatalog, name: str) -> Any:
             return cat.catalog.load_table(cat.identifier(name))
 
     return cat.call(f"create table {cat.identifier(name)}", _create)
+
+
+def _created_meanwhile(cat: LakeCatalog, name: str, waits: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)) -> Any:
+    """The table, if a concurrent writer is creating it right now: pyiceberg writes the first
+    metadata file before the catalog row, so for a moment the files exist and the row does not."""
+    for wait in waits:
+        time.sleep(wait)
+        table = load_table(cat, name)
+        if table is not None:
+            return table
+    return None
 
 
 def ensure_tables(cat: LakeCatalog, names: Sequence[str] | None = None) -> list[str]:

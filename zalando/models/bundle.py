@@ -29,6 +29,7 @@ from torch import nn
 import zalando
 from zalando.errors import ModelError, NotCommittedError
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
+from zalando.lake.keys import bundle_key
 from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
 from zalando.models.experiments import ExperimentSpec
 from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
@@ -126,10 +127,6 @@ class ModelBundle:
             self.spec.tta,
             self.group_weights,
         ).eval()
-
-
-def bundle_key(experiment: str, model_version: str) -> str:
-    return f"models/{experiment}/{model_version}"
 
 
 def code_version() -> str:

@@ -26,7 +26,8 @@ import numpy as np
 
 from zalando.errors import LakeError, ModelError, NotCommittedError, ZalandoError
 from zalando.lake import Lake
-from zalando.registry import CHAMPION_KEY, NoChampionError, get_champion, get_model, require_champion
+from zalando.lake.keys import CHAMPION_KEY
+from zalando.registry import NoChampionError, get_champion, get_model, require_champion
 from zalando.runtime import (
     ONNX_INPUT,
     ONNX_OUTPUTS,

@@ -1,7 +1,8 @@
 """Monitoring step: the label-free drift of one scored batch against its model's reference profile.
 
 It reads the batch's embedding sample (kept by scoring), the predictions of those rows and their
-images again from the batch's inputs, and commits the drift table to ``monitoring/…``. Torch-free.
+images again from the batch's inputs, and commits the batch's drift rows to the ``monitoring``
+table (replacing the batch's earlier rows for that model). Torch-free.
 """
 
 from __future__ import annotations
@@ -27,20 +28,18 @@ from zalando.scoring.run import BatchPlan
 log = logging.getLogger(__name__)
 
 
+MONITORING_TABLE = "monitoring"
+
+
 class DriftResult(BaseModel):
-    """The drift of one batch: which statistics alarm, and where the table was committed."""
+    """The drift of one batch: which statistics alarm, and where its rows were committed."""
 
     alarm: bool = False
     alarms: list[str] = []  # names of the statistics that alarm
-    key: str | None = None
-    uri: str | None = None
+    uri: str | None = None  # the monitoring table's location (its rows: batch_id and model_version)
     rows: int = 0  # sampled rows measured
     skipped: bool = False  # the batch was committed (and measured) by an earlier run
     table: list[dict[str, Any]] = []  # the committed drift table's rows (statistic, value, threshold, ...)
-
-
-def monitoring_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
-    return f"monitoring/batch_date={batch_date}/model_version={model_version}/batch_id={batch_id}"
 
 
 def monitor_batch(
@@ -65,7 +64,6 @@ def monitor_batch(
     if plan.batch is None:
         log.info("batch %s already committed: drift was measured when it was scored", b)
         return DriftResult(skipped=True)
-    key = monitoring_key(d, v, b)
     emb_key = layout.embeddings_key(d, v, b)
     if not lake.is_committed(emb_key):
         raise DataError(f"batch {b}: no embedding sample in {lake.uri(emb_key)}; score it first")
@@ -95,21 +93,37 @@ def monitor_batch(
     )
     for col in ("batch_value", "reference_value"):  # numbers for some statistics, text for others
         report[col] = report[col].map(str)
-    report.insert(0, "batch_id", b)
-    report.insert(1, "model_version", v)
-    lake.commit_partition(
-        key, {"drift": pa.Table.from_pandas(report, preserve_index=False)}, run_id, extra={"rows": len(keep)}
-    )
+    uri = _commit_drift(lake, report, d, b, v, run_id, rows=len(keep))
     alarms = report.loc[report["alarm"].astype(bool), "statistic"].astype(str).tolist()
     log.info("drift of batch %s (%d sampled rows): %s", b, len(keep), ", ".join(alarms) or "no alarm")
     return DriftResult(
         alarm=any_alarm(report),
         alarms=alarms,
-        key=key,
-        uri=lake.uri(key),
+        uri=uri,
         rows=len(keep),
-        table=json.loads(report.drop(columns=["batch_id", "model_version"]).to_json(orient="records")),
+        table=json.loads(report.to_json(orient="records")),
     )
+
+
+def _commit_drift(
+    lake: Lake, report: Any, batch_date: date, batch_id: str, model_version: str, run_id: str, *, rows: int
+) -> str:
+    """Replace the batch's drift rows (for this model) in the monitoring table; returns its location."""
+    from zalando.lake.commit import replace_partition
+
+    table = pa.Table.from_pandas(report, preserve_index=False)
+    n = table.num_rows
+    table = (
+        table.append_column("batch_date", pa.array([batch_date] * n, pa.date32()))
+        .append_column("batch_id", pa.array([batch_id] * n, pa.string()))
+        .append_column("model_version", pa.array([model_version] * n, pa.string()))
+    )
+    cat = lake.catalog()
+    props = {"zalando.run-id": run_id, "zalando.sampled-rows": rows}
+    # batch_date, the partition, first: the replace's delete then reads only that day's files
+    flt = {"batch_date": batch_date, "batch_id": batch_id, "model_version": model_version}
+    replace_partition(cat, MONITORING_TABLE, table, flt, properties=props)
+    return lake.uri(f"{cat.namespace}/{MONITORING_TABLE}")
 
 
 def _sample_images(

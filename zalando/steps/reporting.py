@@ -1,12 +1,11 @@
 """Reporting step: the study's report of one training run (Markdown + PNGs) in ``reports/run_id=…/``.
 
-It reads back what the run committed (every evaluated model's metric tables and test
-probabilities, the bundles' histories and model cards) and renders it with :mod:`zalando.report`.
+It reads back what the run committed (every evaluated model's rows of the metric tables and its
+test probabilities, the bundles' histories and model cards) and renders it with :mod:`zalando.report`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Sequence
@@ -14,19 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from zalando.errors import DataError
 from zalando.lake import Lake
-from zalando.steps.training import METRIC_TABLES, Evaluation
+from zalando.lake.keys import bundle_key, report_key
+from zalando.steps.training import Evaluation, read_metric_tables
 
 log = logging.getLogger(__name__)
-
-
-def report_key(run_id: str) -> str:
-    return f"reports/run_id={run_id}"
 
 
 class RunReport(BaseModel):
@@ -57,15 +51,10 @@ def write_run_report(
     evaluation, and the gallery and Grad-CAM maps of the champion (or else the best model)."""
     from zalando.report import build_run_report, display_tables
 
-    evaluations = [e for e in evaluations if e.metrics_key and e.eval_key]  # the registered ones
+    evaluations = [e for e in evaluations if e.registered and e.eval_key]  # the registered ones
     if not evaluations:
         raise DataError(f"report for run {run_id}: no evaluated model")
-    tables = {
-        name: pd.concat(
-            [_read_metric_table(lake, str(e.metrics_key), name) for e in evaluations], ignore_index=True
-        )
-        for name in METRIC_TABLES
-    }
+    tables = _metric_tables_of(lake, evaluations)
     figures = _per_model_figures(lake, evaluations)
     # the gallery and Grad-CAM maps of the champion if it was evaluated tonight, else the best model
     focus = next((e for e in evaluations if e.model_version == champion), None) or max(
@@ -99,8 +88,23 @@ def write_run_report(
     )
 
 
-def _read_metric_table(lake: Lake, key: str, name: str) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(lake.read_file(key, f"{name}.parquet"))).to_pandas()
+def _metric_tables_of(lake: Lake, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
+    """Each metric table's rows of these evaluations, in their order (one scan per run and table)."""
+    import pandas as pd
+
+    runs: dict[str, list[str]] = {}
+    for e in evaluations:
+        runs.setdefault(e.run_id, []).append(e.experiment)
+    per_run = [read_metric_tables(lake, run_id, experiments) for run_id, experiments in runs.items()]
+    out = {}
+    for name in per_run[0]:
+        frames = [t[name] for t in per_run]
+        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        order = {(e.run_id, e.experiment): i for i, e in enumerate(evaluations)}
+        rank = [order[(r, x)] for r, x in zip(df["run_id"], df["experiment"], strict=True)]
+        out[name] = df.assign(_order=rank).sort_values("_order", kind="stable").drop(columns="_order")
+        out[name] = out[name].reset_index(drop=True)
+    return out
 
 
 def _read_probs(lake: Lake, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +117,6 @@ def _per_model_figures(lake: Lake, evaluations: Sequence[Evaluation]) -> _Figure
     """Per experiment: test probabilities, PR curves, label x group matrix, training history; the model cards."""
     from zalando.evaluate import label_group_matrix, pr_curves, predicted_groups
     from zalando.labels import group_of
-    from zalando.models.bundle import bundle_key
 
     out = _Figures()
     for e in evaluations:

@@ -4,6 +4,11 @@
 experiments file); :func:`train_model` trains exactly that resolved spec, and the spec's digest
 (the train task's cache key) comes from the same object. :func:`evaluate_model` measures a trained
 model and commits its metric tables; :mod:`zalando.steps.promotion` gates the results.
+
+The metrics are five Iceberg tables (``metrics_per_group``, ``metrics_confusion``,
+``metrics_summary``, ``metrics_performance``, ``metrics_energy``): an evaluation replaces the rows
+of its (run_id, experiment) in each. A model's test-split probabilities stay a plain Parquet object
+(:func:`zalando.lake.keys.eval_key`): only the run's report reads them, whole.
 """
 
 from __future__ import annotations
@@ -33,9 +38,55 @@ METRIC_TABLES = ("per_group", "confusion", "summary", "performance", "energy")
 TIMING_BATCH = 128
 
 
-def eval_key(run_id: str, experiment: str) -> str:
-    """Where a run keeps one model's test-split probabilities (for PR curves and the report)."""
-    return f"reports/run_id={run_id}/eval/experiment={experiment}"
+def metric_table(name: str) -> str:
+    """The Iceberg table of one metric table: ``per_group`` -> ``metrics_per_group``."""
+    return f"metrics_{name}"
+
+
+def metric_keys(run_id: str, experiment: str) -> dict[str, str]:
+    """The (run_id, experiment) filter of one model's metric rows; both must be plain names."""
+    from zalando.errors import DataError
+
+    for name, value in (("run_id", run_id), ("experiment", experiment)):
+        if not value or "/" in value or "=" in value:
+            raise DataError(f"{name}: {value!r} cannot be a metrics key (empty, or holds '/' or '=')")
+    return {"run_id": run_id, "experiment": experiment}
+
+
+def commit_metric_tables(lake: Lake, run_id: str, experiment: str, tables: Mapping[str, pa.Table]) -> None:
+    """Replace one model's rows in each metric table (an empty table deletes them)."""
+    from zalando.lake.commit import replace_partition
+
+    flt = metric_keys(run_id, experiment)
+    for name, rows in tables.items():
+        replace_partition(
+            lake.catalog(), metric_table(name), rows, flt, properties={"zalando.run-id": run_id}
+        )
+
+
+def read_metric_tables(
+    lake: Lake,
+    run_id: str | None = None,
+    experiments: list[str] | None = None,
+    names: tuple[str, ...] = METRIC_TABLES,
+) -> dict[str, pd.DataFrame]:
+    """The committed rows of each metric table, of one run (and some experiments) or of all."""
+    from zalando.lake.commit import scan
+
+    out = {}
+    for name in names:
+        df = scan(lake.catalog(), metric_table(name), {"run_id": run_id} if run_id else None).to_pandas()
+        if experiments is not None:
+            df = df[df["experiment"].isin(experiments)].reset_index(drop=True)
+        out[name] = df
+    return out
+
+
+def metrics_location(lake: Lake, run_id: str, experiment: str) -> str:
+    """Where one model's metric rows are, for people: the tables' location and the filter."""
+    names = ",".join(METRIC_TABLES)
+    cat = lake.catalog()
+    return f"{lake.uri(cat.namespace)}/metrics_{{{names}}} (run_id={run_id}, experiment={experiment})"
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -89,8 +140,9 @@ class Evaluation(BaseModel):
     experiment: str
     model_version: str
     dataset_version: str
-    metrics_key: str | None  # None when not registered (the champion measured on other data)
-    metrics_uri: str | None
+    run_id: str
+    registered: bool  # False: the champion measured on other data, nothing committed
+    metrics_uri: str | None  # where its metric rows are (the tables and the filter), when registered
     eval_key: str | None
     gate_metrics: dict[str, Any]  # what zalando.monitor.evaluate_gates reads (validation split)
     per_group_test: list[GroupMetrics]
@@ -225,8 +277,8 @@ def evaluate_model(
     """
     from zalando.data.split import load_dataset_arrays
     from zalando.energy import measure_energy
-    from zalando.evaluate import metrics_partition_key
     from zalando.gates import gate_metrics
+    from zalando.lake.keys import eval_key
     from zalando.models.bundle import load_bundle, load_onnx_bytes
     from zalando.models.predictor import make_predictor
 
@@ -257,7 +309,6 @@ def evaluate_model(
         canary_accuracy=canary,
         split="val",
     )
-    metrics_key = metrics_partition_key(run_id, experiment)
     if register:
         probs = _probs_table(data["ids_test"], np.asarray(data["y_test"]), test_probs)
         extra = {"model_version": model_version, "dataset_version": dv, "canary_accuracy": canary}
@@ -268,8 +319,9 @@ def evaluate_model(
         experiment=experiment,
         model_version=model_version,
         dataset_version=dv,
-        metrics_key=metrics_key if register else None,
-        metrics_uri=lake.uri(metrics_key) if register else None,
+        run_id=run_id,
+        registered=register,
+        metrics_uri=metrics_location(lake, run_id, experiment) if register else None,
         eval_key=eval_key(run_id, experiment) if register else None,
         gate_metrics=json.loads(json.dumps(gm, default=_jsonable)),
         per_group_test=json.loads(
@@ -352,16 +404,17 @@ def _commit_evaluation(
     gm: Mapping[str, Any],
     extra: Mapping[str, Any],
 ) -> None:
-    """Commit the metric tables and the test probabilities; register the model with its gate metrics.
+    """Commit the metric tables and the test probabilities; register the model with its gate metrics
+    (the registration is the commit point: the report reads only registered evaluations).
 
-    ``extra`` (model_version, dataset_version, canary_accuracy) goes in both manifests.
+    ``extra`` (model_version, dataset_version, canary_accuracy) goes in the probabilities' manifest.
     """
-    from zalando.evaluate import metric_arrow_tables, metrics_partition_key
+    from zalando.evaluate import metric_arrow_tables
+    from zalando.lake.keys import eval_key
     from zalando.registry import register_model
 
     extra = dict(extra)
-    metrics = metric_arrow_tables(frames)
-    lake.commit_partition(metrics_partition_key(run_id, experiment), metrics, run_id, extra=extra)
+    commit_metric_tables(lake, run_id, experiment, metric_arrow_tables(frames))
     lake.commit_partition(eval_key(run_id, experiment), {"test_probs": test_probs}, run_id, extra=extra)
     register_model(
         lake,

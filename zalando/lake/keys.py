@@ -1,0 +1,121 @@
+"""Every lake key that is not an Iceberg table: where the plain objects live, in one place.
+
+The tables (raw images, quarantine, datasets, metrics, monitoring, the decision log, ...) are named in
+:mod:`zalando.lake.tables` and live under ``<namespace>/<table>/`` (the catalog keeps them there).
+Everything else is a plain object, written once and read whole:
+
+::
+
+    models/<experiment>/<model_version>/          a model bundle (weights, ONNX, model card; manifest last)
+    registry/models/<model_version>.json          a registered version's record
+    registry/champion.json                        the champion pointer
+    registry/canary/                              the canary set (one Parquet file; manifest last)
+    registry/references/model_version=<v>/        a model's drift reference profile (one Parquet file)
+    reports/run_id=<run_id>/                      a training run's report (Markdown + PNGs)
+    reports/run_id=<run_id>/eda/                  the EDA report, its tables as Parquet beside it
+    reports/run_id=<run_id>/eval/experiment=<e>/  a model's test-split probabilities (for the report)
+
+The scoring layout (batch inputs, shard files) is :mod:`zalando.scoring.layout` for now.
+
+:data:`LEGACY` names where the lake kept its tables before they were Iceberg tables (a folder of
+Parquet files and a ``_MANIFEST.json`` per partition): ``zalando lake migrate`` reads them, and every
+table read or write refuses a lake that still holds them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from zalando.errors import LakeError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@,-]{0,127}$")
+
+CATALOG_FILE = "_catalog/catalog.db"
+"""The embedded SQLite catalog of a local lake made without settings (``Lake.local``)."""
+
+MIGRATED_MARKER = "_lake/migrated.json"
+"""Written by ``zalando lake migrate`` once no legacy partition is left: later opens skip the check."""
+
+# ---------------------------------------------------------------------------------------------- models
+
+MODELS = "models"
+
+
+def bundle_key(experiment: str, model_version: str) -> str:
+    """A model bundle: ``models/<experiment>/<model_version>``."""
+    return f"{MODELS}/{_name(experiment, 'experiment')}/{_name(model_version, 'model version')}"
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+REGISTRY = "registry"
+MODEL_RECORDS = f"{REGISTRY}/models"
+CHAMPION_KEY = f"{REGISTRY}/champion.json"
+CANARY_KEY = f"{REGISTRY}/canary"
+REFERENCES = f"{REGISTRY}/references"
+
+
+def model_record_key(model_version: str) -> str:
+    """A registered version's record: ``registry/models/<model_version>.json``."""
+    return f"{MODEL_RECORDS}/{model_version}.json"
+
+
+def reference_key(model_version: str) -> str:
+    """A model's drift reference: ``registry/references/model_version=<v>``."""
+    return f"{REFERENCES}/model_version={model_version}"
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+REPORTS = "reports"
+
+
+def report_key(run_id: str) -> str:
+    """A training run's report: ``reports/run_id=<run_id>``."""
+    return f"{REPORTS}/run_id={_name(run_id, 'run id')}"
+
+
+def eda_key(run_id: str) -> str:
+    """The EDA report of a run: ``reports/run_id=<run_id>/eda``."""
+    return f"{report_key(run_id)}/eda"
+
+
+def eval_key(run_id: str, experiment: str) -> str:
+    """One model's test-split probabilities: ``reports/run_id=<run_id>/eval/experiment=<e>``."""
+    return f"{report_key(run_id)}/eval/experiment={_name(experiment, 'experiment')}"
+
+
+# ---------------------------------------------------------------------------------------------- legacy
+
+LEGACY_RAW = "raw/fashion-mnist"  # split=<split>/part-NNNNN.parquet
+LEGACY_QUARANTINE = "quarantine"  # run_id=ingest-<digest>/quarantine.parquet (scoring: run_id=score-…)
+LEGACY_DATASETS = "datasets"  # <dataset_version>/split.parquet, the stats in the manifest's extra
+LEGACY_METRICS = (
+    "metrics"  # run_id=<r>/experiment=<e>/{per_group,confusion,summary,performance,energy}.parquet
+)
+LEGACY_MONITORING = "monitoring"  # batch_date=<d>/model_version=<v>/batch_id=<b>/drift.parquet
+LEGACY_DECISIONS = f"{REGISTRY}/decisions"  # <UTC timestamp>-<uuid>.json, one object per decision
+LEGACY_PREDICTIONS = "predictions"  # batch_date=<d>/model_version=<v>/batch_id=<b>/part-NNNNN.parquet
+MIGRATED_MANIFEST = "_MIGRATED.json"  # a legacy partition's manifest, renamed once its rows are in a table
+MIGRATED_DECISIONS = f"{LEGACY_DECISIONS}/_migrated"  # legacy decision objects, moved once in the table
+
+LEGACY: dict[str, str] = {
+    "raw_images": LEGACY_RAW,
+    "quarantine": LEGACY_QUARANTINE,
+    "datasets": LEGACY_DATASETS,
+    "dataset_versions": LEGACY_DATASETS,
+    "metrics_*": LEGACY_METRICS,
+    "monitoring": LEGACY_MONITORING,
+    "registry_decisions": LEGACY_DECISIONS,
+    "predictions": LEGACY_PREDICTIONS,
+}
+"""Table(s) -> the key prefix that held them before Iceberg."""
+
+
+def _name(value: str, what: str) -> str:
+    """One key segment from a name: refused when it could not be one (empty, '/', '=', '..')."""
+    if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
+        raise LakeError(
+            f"{what} {value!r}: must be 1-128 characters of [A-Za-z0-9._:+@,-], starting with one"
+        )
+    return value
