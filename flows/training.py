@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.common import RunConfig
 from tasks.data import ingest_source, make_dataset_version, verify_source, write_eda_report
+from tasks.feedback import add_feedback_labels  # issue 15: feedback labels
 from tasks.lake import prepare_lake
 from tasks.training import (
     decide_champion,
@@ -81,6 +82,7 @@ def training(
         digest = verify_source(cfg)
         ingest_source.with_options(refresh_cache=force)(cfg, digest, force=force)
         dataset = make_dataset_version.with_options(refresh_cache=force)(cfg, digest, force=force)
+        dataset = add_feedback_labels(cfg, dataset)  # issue 15: feedback labels (a new version when any)
         eda = write_eda_report(cfg, digest)
         plan = plan_experiments(cfg, experiments)
         trained = train_model.with_options(refresh_cache=force).map(
