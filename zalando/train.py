@@ -292,8 +292,11 @@ def make_scheduler(
     if spec.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), "step"
     if spec.scheduler == "onecycle":
+        # OneCycleLR divides by zero when the warm-up is exactly one step (pct_start * total == 1, e.g.
+        # 0.2 of 5 steps, as feedback images can make it): then warm up for no step, as below one step
+        pct = spec.warmup_frac * (0.999 if math.isclose(spec.warmup_frac * total, 1.0) else 1.0)
         sch = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.lr, total_steps=total, pct_start=spec.warmup_frac, div_factor=20.0
+            optimizer, max_lr=spec.lr, total_steps=total, pct_start=pct, div_factor=20.0
         )
         return sch, "step"
     return None, "none"

@@ -401,3 +401,19 @@ def test_gate_metrics_carry_the_held_out_feedback_numbers() -> None:
     assert (m["feedback_accuracy"], m["feedback_items"]) == (0.7, 3)
     plain = gate_metrics(per_group, summary, model_version="v", dataset_version="ds-1")
     assert (plain["feedback_accuracy"], plain["feedback_items"]) == (None, 0)
+
+
+@pytest.mark.parametrize("steps", [4, 5, 6])
+def test_onecycle_survives_a_warm_up_of_exactly_one_step(steps: int) -> None:
+    """0.2 x 5 steps is one warm-up step, where OneCycleLR divided by zero (feedback images change the
+    number of steps an epoch has)."""
+    from zalando.train import make_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sch, when = make_scheduler(_spec(scheduler="onecycle", warmup_frac=0.2, lr=0.01), opt, steps)
+    assert when == "step"
+    for _ in range(steps):
+        opt.step()
+        sch.step()
+    assert opt.param_groups[0]["lr"] < 0.01
