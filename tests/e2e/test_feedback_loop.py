@@ -83,11 +83,12 @@ def test_a_kpi_alarm_from_labels_import_creates_a_retrain_run(deployed: LiveStac
         assert runs, "the KPI alarm automation did not create a retrain flow run within 90 s"
         assert runs[0]["parameters"]["profile"] == "quick"  # the profile the import ran with
         # the feedback flow ran against the live server: its run and artifact are there
-        flows = {f["id"]: f["name"] for f in deployed.post("/flows/filter", {})}
         fb_runs = [
             r
-            for r in deployed.post("/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 20})
-            if flows.get(r["flow_id"]) == "feedback" and r["parameters"].get("batch_id") == batch
+            for r in deployed.post(
+                "/flow_runs/filter", {"flows": {"name": {"any_": ["feedback"]}}, "limit": 50}
+            )
+            if r["parameters"].get("batch_id") == batch
         ]
         assert fb_runs and fb_runs[0]["state"]["type"] == "COMPLETED", fb_runs
         for run in runs:
