@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from flows.batch_scoring import Runner
 from tasks.common import RunConfig
 from tasks.data import ingest_source, make_dataset_version, verify_source, write_eda_report
+from tasks.feedback import add_feedback_labels  # issue 15: feedback labels
 from tasks.lake import prepare_lake
 from tasks.training import (
     decide_champion,
@@ -128,6 +129,7 @@ def training(
         digest = verify_source(cfg)
         ingest_source.with_options(refresh_cache=force)(cfg, digest, force=force)
         dataset = make_dataset_version.with_options(refresh_cache=force)(cfg, digest, force=force)
+        dataset = add_feedback_labels(cfg, dataset)  # issue 15: feedback labels (a new version when any)
         eda = write_eda_report(cfg, digest)
         plan = plan_experiments(cfg, experiments)
         outcomes = _train_all(cfg, plan, dataset.dataset_version, force, runner, dask_address)

@@ -1,5 +1,12 @@
 """The review desk's commands: ``zalando ui`` (the web page) and ``zalando labels import|export|config``.
 
+``zalando labels import`` measures the labelled KPIs of the batches it recorded decisions for at once
+(issue 15). With a Prefect API set (``PREFECT_API_URL``) it runs the ``feedback`` flow, whose alarm
+event reaches that server's automation and starts ``retrain``; without one it calls the step
+directly: a flow would start a throw-away Prefect server (tens of seconds) whose event no automation
+ever sees. The KPI table is committed either way; an alarm measured without an API is recorded as not
+sent, and the next ``feedback/kpis`` run sends it.
+
 Registered in :mod:`zalando.cli`; the shared helpers (settings, the lake session, error handling) are
 imported from there when a command runs, so this module never imports the CLI at import time.
 """
@@ -94,6 +101,9 @@ def import_labels(
     reviewer: str = typer.Option(
         None, help="Reviewer recorded for rows that name none (default: import:<file>)"
     ),
+    kpis: bool = typer.Option(
+        True, help="Measure the labelled KPIs of the batches with new decisions (an alarm retrains)"
+    ),
 ) -> None:
     """Record reviewers' decisions from a file; bad rows are rejected with a reason, good ones kept."""
     from zalando.cli import console, lake_session, settings_from, setup_logging
@@ -102,13 +112,16 @@ def import_labels(
 
     setup_logging(False)
     parsed = read_feedback_file(file)  # an unreadable file: one line, exit 2
-    with lake_session(settings_from()) as lake:
+    settings = settings_from()
+    with lake_session(settings) as lake:
         result = record_decisions(
             LakeStore(lake),
             parsed.proposals,
             source="import",
             default_reviewer=reviewer or f"import:{file.name}",
         )
+        batches = sorted({d.batch_id for d in result.accepted})
+        measured = _measure_kpis(settings, lake, batches) if kpis and batches else []
     unlabelled = f", {parsed.unlabelled} tasks without annotations skipped" if parsed.unlabelled else ""
     console.print(
         f"{file}: {len(parsed.proposals)} decisions read ({parsed.kind}{unlabelled}): "
@@ -121,6 +134,62 @@ def import_labels(
         console.print(f"  rejected {r.where}: {r.reason}", highlight=False, markup=False, soft_wrap=True)
     if len(result.rejected) > MAX_REASONS:
         console.print(f"  ... and {len(result.rejected) - MAX_REASONS} more rejected rows", highlight=False)
+    for kpi in measured:
+        _print_kpis(kpi)
+
+
+def _measure_kpis(settings: Any, lake: Any, batches: list[str]) -> list[Any]:
+    """The labelled KPIs of ``batches``: through the ``feedback`` flow when a Prefect API is set (its
+    alarm event reaches the automation), else the step directly (the alarm is recorded as not sent)."""
+    import os
+
+    from zalando.kpis import reviewed_thresholds
+    from zalando.steps.feedback import KpiResult, measure_labelled_kpis
+
+    if os.environ.get("PREFECT_API_URL"):
+        from flows.feedback import labelled_kpis
+
+        out = []
+        for batch_id in batches:
+            run = labelled_kpis(batch_id=batch_id, profile=settings.profile)
+            out.extend(KpiResult.model_validate(r) for r in run["batches"].values())
+        return out
+    th = reviewed_thresholds(settings.kpi_thresholds)
+    return [measure_labelled_kpis(lake, b, thresholds=th, run_id=f"labels-import-{b}") for b in batches]
+
+
+def _print_kpis(kpi: Any) -> None:
+    """One batch's labelled KPIs: a table per group and the alarm (or why nothing was measured)."""
+    from rich.table import Table
+
+    from zalando.cli import console
+
+    if kpi.skipped:
+        console.print(f"batch {kpi.batch_id}: {kpi.skipped}; no labelled KPIs", highlight=False)
+        return
+    table = Table(
+        title=f"labelled KPIs of batch {kpi.batch_id} (model {kpi.model_version}, {kpi.reviewed} reviewed items)"
+    )
+    for col in ("group", "reviewed", "predicted", "TP", "min TP", "recall", "precision", "alarm"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for g in kpi.groups:
+        table.add_row(
+            g.group_name, str(g.support), str(g.predicted), str(g.tp), "-" if g.min_tp is None else str(g.min_tp),
+            "-" if g.recall is None else f"{g.recall:.3f}", "-" if g.precision is None else f"{g.precision:.3f}",
+            g.reason or "-",
+        )  # fmt: skip
+    console.print(table)
+    if not kpi.alarm:
+        console.print("no KPI alarm", highlight=False)
+    elif kpi.alarm_sent:
+        console.print(f"KPI ALARM ({', '.join(kpi.alarm_groups)}): zalando.kpi.alarm sent", highlight=False)
+    else:
+        console.print(
+            f"KPI ALARM ({', '.join(kpi.alarm_groups)}): recorded in {kpi.uri}; no Prefect API "
+            "(PREFECT_API_URL) set, so the next `feedback/kpis` run sends zalando.kpi.alarm",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @labels_app.command("export")

@@ -2,7 +2,8 @@
 
 :func:`evaluate_gates` compares a challenger's metrics (built by :func:`gate_metrics` from
 ``zalando.evaluate``'s frames) with per-group floors on recall, precision and NPV, latency, size, canary
-accuracy, and a macro-F1 margin over the champion. The canary set (:func:`select_canary_set`) is a fixed
+accuracy, a macro-F1 margin over the champion, and (with held-out feedback items) accuracy on those
+items not below the champion's. The canary set (:func:`select_canary_set`) is a fixed
 slice of the hardest One piece / Upper part look-alikes, committed once and scored by every challenger.
 Pure numpy/pandas/pyarrow: the callers read inputs from the lake and write the results back.
 """
@@ -56,6 +57,11 @@ class GateConfig(BaseModel):
 
     Champion margin: the challenger's macro F1 must be >= champion macro F1 + ``min_f1_margin``
     (not rounded). With the default 0.001 a tie fails; set 0.0 to let ties pass.
+
+    Feedback gate: when the dataset version holds feedback items held out to validate on
+    (``feedback_val``, see ``zalando.data.feedback_data``), the challenger's group accuracy on them must
+    be >= the champion's minus ``max_feedback_drop`` (default 0: must not drop). Off (no row) when there
+    are no such items, no champion number, or ``max_feedback_drop`` is None.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -66,6 +72,7 @@ class GateConfig(BaseModel):
     min_f1_margin: float = Field(default=0.001, ge=0.0)
     canary_floor: float | None = Field(default=0.5, ge=0.0, le=1.0)
     max_canary_drop: float | None = Field(default=0.05, ge=0.0, le=1.0)
+    max_feedback_drop: float | None = Field(default=0.0, ge=0.0, le=1.0)  # issue 15: feedback gate
     require_same_dataset: bool = True
 
     @field_validator("floors", mode="before")
@@ -164,8 +171,13 @@ def gate_metrics(
     dataset_version: str,
     canary_accuracy: float | None = None,
     split: str = "val",
+    feedback_accuracy: float | None = None,
+    feedback_items: int = 0,
 ) -> dict[str, Any]:
     """Build the metric dict :func:`evaluate_gates` reads from ``zalando.evaluate``'s frames.
+
+    ``feedback_accuracy`` / ``feedback_items``: group accuracy on the dataset version's held-out
+    feedback items and how many (``zalando.data.feedback_data.feedback_holdout_metrics``).
 
     ``per_group`` and ``summary`` rows are filtered to ``split`` when they have a split column.
     Latency is that of the fastest runtime in ``performance`` (ms per 1,000 images =
@@ -199,6 +211,8 @@ def gate_metrics(
         "size_mb": None,
         "runtime": None,
         "canary_accuracy": canary_accuracy,
+        "feedback_accuracy": feedback_accuracy,
+        "feedback_items": int(feedback_items),
     }
     if performance is not None and len(performance) and "images_per_s" in performance.columns:
         perf = performance[performance["images_per_s"].astype(float) > 0]
@@ -297,6 +311,28 @@ def _check_canary(
         )  # fmt: skip
 
 
+def _check_feedback(
+    checks: _Checks, challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig
+) -> None:
+    """Accuracy on the held-out feedback items not more than ``max_feedback_drop`` below the champion's
+    (both measured on the same items: the challenger's dataset version)."""
+    n = int(challenger.get("feedback_items") or 0)
+    champ = _num(champion.get("feedback_accuracy")) if champion else None
+    if config.max_feedback_drop is None or n == 0 or champ is None:
+        if n and champion is not None and champ is None:
+            log.warning(
+                "feedback gate off: the champion has no accuracy on the %d held-out feedback items", n
+            )
+        return
+    acc = _num(challenger.get("feedback_accuracy"))
+    thr = champ - config.max_feedback_drop
+    checks.add(
+        "feedback_accuracy_vs_champion", acc, thr, ">=", acc is not None and acc >= thr - 1e-12,
+        f"accuracy on the {n} held-out feedback items {'missing' if acc is None else f'{acc:.4f}'} is "
+        f"more than {config.max_feedback_drop:.4f} below the champion's {champ:.4f}",
+    )  # fmt: skip
+
+
 def _check_champion_margin(
     checks: _Checks, challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig
 ) -> None:
@@ -337,7 +373,7 @@ def evaluate_gates(
         {"model_version": str, "dataset_version": str,
          "per_group": {"Upper part": {"recall": .97, "precision": .98, "npv": .99}, ...},
          "macro_f1": float, "latency_ms_per_1000": float, "size_mb": float,
-         "canary_accuracy": float}
+         "canary_accuracy": float, "feedback_accuracy": float | None, "feedback_items": int}
 
     ``per_group`` may also be a list of records or a DataFrame with a ``group_name`` column. The
     champion's numbers must come from the same validation data (same ``dataset_version``).
@@ -347,6 +383,7 @@ def evaluate_gates(
     _check_floors(checks, _per_group_map(challenger.get("per_group"), "challenger"), config)
     _check_latency_and_size(checks, challenger, config)
     _check_canary(checks, challenger, champion, config)
+    _check_feedback(checks, challenger, champion, config)
     _check_champion_margin(checks, challenger, champion, config)
     decision = GateDecision(
         promote=all(r["passed"] for r in checks.rows),

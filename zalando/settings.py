@@ -91,6 +91,22 @@ class Settings(BaseSettings):
         description="where training runs: 'auto' = a CUDA GPU when torch sees one, else the CPU",
     )
 
+    # issue 15: feedback labels (the study's alarm on reviewed items; how a retrain weighs them)
+    kpi_thresholds: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The alarm on reviewed items (JSON of zalando.kpis.KpiThresholds fields, each "
+        'changing the default), e.g. {"min_tp": {"Footwear": 30}, "min_support": 20}',
+    )
+    feedback_weight: float = Field(
+        default=2.0, gt=0.0, le=100.0, description="Loss weight of a feedback image in training (others: 1)"
+    )
+    feedback_holdout: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of feedback images held out (chosen by image id) to validate on, never trained on",
+    )
+
     # where batches may come from (nothing outside is ever listed or read)
     batch_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

@@ -6,6 +6,12 @@ scheduler, stops early on validation loss, keeps the best checkpoint by validati
 writes an epoch checkpoint so a killed run resumes where it stopped. The test split never
 comes here.
 
+Feedback images (``x_feedback``/``g_feedback``/``w_feedback``, see :mod:`zalando.data.feedback_data`)
+join the training images with their own loss weight. Reviewers give a group, not a fine label: a
+labels-target model learns them through the group-level term only (:class:`SampleWeights` masks their
+label term), a groups-target model learns them as any other image. Without feedback the loss is
+computed exactly as before.
+
 Laid out as pytorch/vision's ``references/classification/train.py``: :func:`select_training_data`
 and :func:`setup_training` (setup), :class:`EpochCheckpoint` (resume), :func:`train_one_epoch` and
 :func:`evaluate` (one epoch), :func:`fit` (the epoch loop), :func:`choose_on_validation` (TTA,
@@ -105,6 +111,23 @@ def _check_arrays(data: dict[str, np.ndarray]) -> None:
             raise DataError(f"x_{split} is empty")
         if y.min() < 0 or y.max() >= NUM_LABELS:
             raise DataError(f"y_{split} labels must be in 0..{NUM_LABELS - 1}, got {y.min()}..{y.max()}")
+    if "x_feedback" in data:
+        _check_feedback_arrays(data)
+
+
+def _check_feedback_arrays(data: dict[str, np.ndarray]) -> None:
+    """Feedback images: uint8 (N, 28, 28), a group (0..4) and a positive finite weight each."""
+    x, g, w = data["x_feedback"], data.get("g_feedback"), data.get("w_feedback")
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise DataError(f"x_feedback must be uint8 (N, 28, 28), got {x.dtype} {x.shape}")
+    if g is None or w is None or np.shape(g) != (len(x),) or np.shape(w) != (len(x),):
+        raise DataError(
+            f"g_feedback and w_feedback must hold one group and one weight per feedback image ({len(x)})"
+        )
+    if len(g) and (g.min() < 0 or g.max() >= NUM_GROUPS):
+        raise DataError(f"g_feedback groups must be in 0..{NUM_GROUPS - 1}, got {g.min()}..{g.max()}")
+    if len(w) and not (np.isfinite(w).all() and (w > 0).all()):
+        raise DataError("w_feedback weights must be finite and > 0")
 
 
 def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -213,11 +236,30 @@ def group_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.logsumexp(logp[:, idx], dim=1) for idx in _GROUP_INDEX], dim=1)
 
 
+@dataclass(frozen=True)
+class SampleWeights:
+    """Per-image loss weights, and whose fine label is known (a feedback image knows only its group)."""
+
+    weight: torch.Tensor  # float32 (N,)
+    label_known: torch.Tensor  # bool (N,)
+
+    def to(self, device: torch.device) -> SampleWeights:
+        """On ``device`` (through pinned memory on a GPU; on the CPU the same tensors)."""
+        return SampleWeights(to_device(self.weight, device), to_device(self.label_known, device))
+
+    def take(self, idx: torch.Tensor) -> SampleWeights:
+        """The rows ``idx`` (on the weights' device)."""
+        return SampleWeights(self.weight[idx], self.label_known[idx])
+
+
 class TrainingLoss(nn.Module):
     """Class-weighted cross-entropy (+ label smoothing) and an optional group-level term.
 
     The weights are buffers: ``.to(device)`` puts them where the logits are, so a training step never
     copies them from the CPU (a blocking copy that would make every GPU step wait for the one before).
+    With :class:`SampleWeights` every image's terms are weighted, and an image whose fine label is
+    unknown has its label term replaced by the group-level NLL (balanced by the group weights); the
+    weighted means are normalised like PyTorch's weighted means (by the summed weights).
     """
 
     def __init__(
@@ -236,15 +278,44 @@ class TrainingLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.group_loss_weight = group_loss_weight if target == "labels" else 0.0
 
-    def forward(self, logits: torch.Tensor, y: torch.Tensor, smoothing: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        smoothing: bool = True,
+        sample_weights: SampleWeights | None = None,
+    ) -> torch.Tensor:
         ls = self.label_smoothing if smoothing else 0.0
         logits = logits.float()  # bf16 autocast output: the loss is computed in fp32
         cw = None if self.class_weights is None else self.class_weights.to(logits.device)
+        if sample_weights is not None:
+            return self._weighted(logits, y, cw, ls, sample_weights)
         loss = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls)
         if self.group_loss_weight > 0:
             g = self.label_to_group.to(y.device)[y]
             gw = None if self.group_weights is None else self.group_weights.to(logits.device)
             loss = loss + self.group_loss_weight * F.nll_loss(group_log_probs(logits), g, weight=gw)
+        return loss
+
+    def _weighted(
+        self, logits: torch.Tensor, y: torch.Tensor, cw: torch.Tensor | None, ls: float, sw: SampleWeights
+    ) -> torch.Tensor:
+        """The loss with per-image weights; label terms of images without a known fine label masked."""
+        w = sw.weight.to(logits.device, torch.float32)
+        ones = torch.ones_like(w)
+        ce = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls, reduction="none")
+        ce_norm = ones if cw is None else cw[y]
+        if self.target != "labels":  # the group is the target: every image's target is known
+            return (w * ce).sum() / (w * ce_norm).sum()
+        g = LABEL_TO_GROUP_T.to(y.device)[y]  # an unknown fine label stands for its group (any of its labels)
+        gw = None if self.group_weights is None else self.group_weights.to(logits.device)
+        gnll = F.nll_loss(group_log_probs(logits), g, weight=gw, reduction="none")
+        g_norm = ones if gw is None else gw[g]
+        known = sw.label_known.to(logits.device)
+        first = torch.where(known, ce, gnll)
+        loss = (w * first).sum() / (w * torch.where(known, ce_norm, g_norm)).sum()
+        if self.group_loss_weight > 0:
+            loss = loss + self.group_loss_weight * (w * gnll).sum() / (w * g_norm).sum()
         return loss
 
 
@@ -277,8 +348,11 @@ def make_scheduler(
     if spec.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), "step"
     if spec.scheduler == "onecycle":
+        # OneCycleLR divides by zero when the warm-up is exactly one step (pct_start * total == 1, e.g.
+        # 0.2 of 5 steps, as feedback images can make it): then warm up for no step, as below one step
+        pct = spec.warmup_frac * (0.999 if math.isclose(spec.warmup_frac * total, 1.0) else 1.0)
         sch = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.lr, total_steps=total, pct_start=spec.warmup_frac, div_factor=20.0
+            optimizer, max_lr=spec.lr, total_steps=total, pct_start=pct, div_factor=20.0
         )
         return sch, "step"
     return None, "none"
@@ -421,6 +495,7 @@ class TrainData:
     y_val: np.ndarray  # int64 (M,): labels
     mean: float
     std: float
+    sample_weights: SampleWeights | None = None  # with feedback images only: weights and known labels
 
     @property
     def n_train(self) -> int:
@@ -434,19 +509,37 @@ class TrainData:
 def select_training_data(
     data: dict[str, np.ndarray], profile: ProfileParams, target: str, mean: float, std: float, seed: int
 ) -> TrainData:
-    """The profile's class-stratified subsets of ``data`` (``seed`` for training, ``seed + 1`` for validation)."""
+    """The profile's class-stratified subsets of ``data`` (``seed`` for training, ``seed + 1`` for validation).
+
+    Feedback images, when ``data`` has any, are all appended to the training subset after it, with
+    their weights; the profile's image limit applies to the split's images only.
+    """
     tr_idx = stratified_subset(data["y_train"], profile.max_train_images, seed)
     va_idx = stratified_subset(data["y_val"], profile.max_val_images, seed + 1)
+    x_tr = np.ascontiguousarray(data["x_train"][tr_idx])
     y_tr_lab = np.asarray(data["y_train"][tr_idx], dtype=np.int64)
     y_tr_grp = np.asarray(LABEL_TO_GROUP)[y_tr_lab]
+    y_tr = y_tr_lab if target == "labels" else y_tr_grp
+    sample_weights = None
+    n_fb = len(data["x_feedback"]) if "x_feedback" in data else 0
+    if n_fb:
+        g_fb = np.asarray(data["g_feedback"], dtype=np.int64)
+        # a labels target has no fine label for them: any label of the group, masked in the loss
+        y_fb = np.asarray([GROUP_LABELS[g][0] for g in g_fb], dtype=np.int64) if target == "labels" else g_fb
+        x_tr = np.ascontiguousarray(np.concatenate([x_tr, np.asarray(data["x_feedback"])]))
+        y_tr, y_tr_grp = np.concatenate([y_tr, y_fb]), np.concatenate([y_tr_grp, g_fb])
+        weight = np.concatenate([np.ones(len(tr_idx)), np.asarray(data["w_feedback"], dtype=np.float64)])
+        known = np.concatenate([np.ones(len(tr_idx), bool), np.full(n_fb, target != "labels")])
+        sample_weights = SampleWeights(torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(known))
     return TrainData(
-        x_train=torch.from_numpy(np.ascontiguousarray(data["x_train"][tr_idx]))[:, None],
-        y_train=torch.from_numpy(y_tr_lab if target == "labels" else y_tr_grp),
+        x_train=torch.from_numpy(x_tr)[:, None],
+        y_train=torch.from_numpy(y_tr),
         y_train_groups=y_tr_grp,
         x_val=np.ascontiguousarray(data["x_val"][va_idx]),
         y_val=np.asarray(data["y_val"][va_idx], dtype=np.int64),
         mean=float(mean),
         std=float(std),
+        sample_weights=sample_weights,
     )
 
 
@@ -504,7 +597,10 @@ def setup_training(
     configure_backend(device)
 
     balanced = spec.class_weighting == "balanced"
-    cw = balanced_class_weights(data.y_train.numpy(), spec.num_outputs) if balanced else None
+    known = data.y_train.numpy()
+    if data.sample_weights is not None:  # class weights count the images whose target is known
+        known = known[data.sample_weights.label_known.numpy()]
+    cw = balanced_class_weights(known, spec.num_outputs) if balanced else None
     gw = balanced_class_weights(data.y_train_groups, NUM_GROUPS) if balanced else None
     bs = min(spec.batch_size, data.n_train)
     steps_per_epoch = max(1, data.n_train // bs)  # the ragged tail is dropped (BatchNorm needs > 1 image)
@@ -623,14 +719,16 @@ class EpochLoader:
     std: float
     device: torch.device
     seed: int
+    sample_weights: SampleWeights | None = None
 
     def __len__(self) -> int:
         return max(1, len(self.y) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, SampleWeights | None]]:
         gen = torch.Generator().manual_seed(self.seed)
         perm = to_device(torch.randperm(len(self.y), generator=gen), self.device)
         x, y = to_device(self.x, self.device), to_device(self.y, self.device)  # no copy once staged
+        weights = None if self.sample_weights is None else self.sample_weights.to(self.device)
         _, _, h, w = x.shape
         bs = self.batch_size
         for step in range(len(self)):
@@ -638,7 +736,7 @@ class EpochLoader:
             xb = x[idx].float().div_(255.0)
             if self.augmentation.active:
                 xb = apply_augment(xb, draw_augment(len(idx), h, w, self.augmentation, gen).to(self.device))
-            yield _normalise(xb, self.mean, self.std), y[idx]
+            yield _normalise(xb, self.mean, self.std), y[idx], None if weights is None else weights.take(idx)
 
 
 class EpochReporter:
@@ -697,7 +795,7 @@ def train_one_epoch(
     model: nn.Module,
     loss_fn: TrainingLoss,
     optimizer: torch.optim.Optimizer,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, SampleWeights | None]],
     device: torch.device,
     *,
     amp_dtype: torch.dtype | None = None,
@@ -718,10 +816,10 @@ def train_one_epoch(
     run_loss = torch.zeros((), dtype=torch.float64, device=device)
     run_correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for step, (xb, yb) in enumerate(loader):
+    for step, (xb, yb, sw) in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(xb)
-        loss = loss_fn(logits, yb)
+        loss = loss_fn(logits, yb, sample_weights=sw)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -785,7 +883,7 @@ def fit(
         report = EpochReporter(spec, epoch, setup.steps_per_epoch, setup.batch_size, data.n_val, progress)
         loader = EpochLoader(
             x_train, y_train, setup.batch_size, spec.augmentation, data.mean, data.std,
-            setup.device, seed=seed * 1_000_003 + epoch,
+            setup.device, seed=seed * 1_000_003 + epoch, sample_weights=data.sample_weights,
         )  # fmt: skip
         torch.manual_seed(seed * 7_919 + epoch)  # dropout (every device's generator)
         stats = train_one_epoch(

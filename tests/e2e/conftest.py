@@ -180,7 +180,13 @@ def retrain_run(deployed: LiveStack) -> FlowRunResult:
         timeout=230,
     )
     seconds = time.monotonic() - t0
-    runs = deployed.post("/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 5})
+    # the retrain deployment's runs only: scheduled deployments (nightly, feedback/kpis) have future
+    # runs that sort first by expected start time
+    retrain = [d["id"] for d in deployed.post("/deployments/filter", {}) if d["name"] == "retrain"]
+    runs = deployed.post(
+        "/flow_runs/filter",
+        {"deployments": {"id": {"any_": retrain}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 5},
+    )
     runs = [r for r in runs if r["parameters"].get("reason") == "e2e test"]
     assert runs, f"no retrain flow run found:\n{res.stdout}\n{res.stderr}\n{_log_tails(deployed.work_dir)}"
     run = runs[0]

@@ -244,7 +244,7 @@ def test_stack_down_without_up_stops_nothing(tmp_path: Path, capsys: pytest.Capt
 def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> None:
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu", "weekly"}
+    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu", "weekly", "kpis"}
     assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     local = {"runner": "local", "dask_address": None}  # the Dask cluster is chosen per run
     assert deps["nightly"]["parameters"] == {"profile": "cpu", **local}
@@ -265,8 +265,17 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
     assert doc["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ZALANDO_HOME }}"}}
     ]
-    (trigger,) = deps["retrain"]["triggers"]
-    assert trigger["expect"] == ["zalando.drift.alarm"]
+    drift, kpi = deps["retrain"]["triggers"]  # issue 15: the KPI alarm's trigger beside the drift one
+    assert drift["expect"] == ["zalando.drift.alarm"]
+    assert kpi["expect"] == ["zalando.kpi.alarm"] and kpi["name"] == "zalando-kpi-alarm-retrain"
+    for trigger in (drift, kpi):
+        assert trigger["match"] == {"prefect.resource.id": "zalando.batch.*"} and trigger["enabled"]
+        assert trigger["parameters"]["profile"] == "{{ event.payload.profile }}"
+    assert kpi["parameters"]["reason"] == "kpi alarm on {{ event.resource.id }}"
+    # the labelled KPIs run after the nightly (02:00), on the profile the alarm retrains
+    assert deps["kpis"]["entrypoint"] == "flows/feedback.py:labelled_kpis"
+    assert deps["kpis"]["schedules"] == [{"cron": "0 6 * * *", "timezone": "UTC", "active": True}]
+    assert deps["kpis"]["parameters"] == {"profile": "cpu"}
     for dep in deps.values():  # every entrypoint names a real flow
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))

@@ -187,13 +187,13 @@ def train_model(
     A killed run resumes from its last epoch checkpoint in the work folder (the training engine
     checks the checkpoint matches the spec, seed and data); the checkpoints go once the bundle is in.
     """
-    from zalando.data.split import load_dataset_arrays
     from zalando.energy import measure_energy
     from zalando.models.bundle import build_bundle, save_bundle
+    from zalando.steps.feedback import load_training_arrays  # issue 15: feedback labels
     from zalando.train import train_experiment
 
     checkpoint_dir = checkpoint_dir_for(settings, planned, dataset_version)
-    data = load_dataset_arrays(lake, dataset_version)
+    data = load_training_arrays(lake, dataset_version)  # issue 15: feedback labels (any dataset version)
     mean, std = float(data["mean"]), float(data["std"])
     with measure_energy("train", settings.country_iso_code) as meter:
         result = train_experiment(
@@ -275,17 +275,18 @@ def evaluate_model(
 
     ``dataset_version`` evaluates on other data than the model's own (the champion on tonight's data).
     """
-    from zalando.data.split import load_dataset_arrays
+    from zalando.data.feedback_data import feedback_holdout_metrics  # issue 15: feedback labels
     from zalando.energy import measure_energy
     from zalando.gates import gate_metrics
     from zalando.lake.keys import eval_key
     from zalando.models.bundle import load_bundle, load_onnx_bytes
     from zalando.models.predictor import make_predictor
+    from zalando.steps.feedback import load_training_arrays  # issue 15: feedback labels
 
     bundle = load_bundle(lake, experiment, model_version)
     onnx = load_onnx_bytes(lake, experiment, model_version)
     dv = dataset_version or bundle.dataset_version
-    data = load_dataset_arrays(lake, dv)
+    data = load_training_arrays(lake, dv)  # issue 15: feedback labels (any dataset version)
     onnx_pred = make_predictor(bundle, onnx, "onnx", threads=settings.torch_threads)
     x_test = data["x_test"]
     val_probs, _ = onnx_pred.predict(data["x_val"])
@@ -308,6 +309,7 @@ def evaluate_model(
         dataset_version=dv,
         canary_accuracy=canary,
         split="val",
+        **feedback_holdout_metrics(onnx_pred.predict, data),  # issue 15: feedback labels (the feedback gate)
     )
     if register:
         probs = _probs_table(data["ids_test"], np.asarray(data["y_test"]), test_probs)

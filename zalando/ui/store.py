@@ -10,7 +10,12 @@ Today's layout (read through :class:`~zalando.lake.Lake`, committed partitions o
 * pixels: read again from the batch's inputs as its manifest lists them (the demo batch: the raw test
   table; file batches: their Parquet files or image files), decoded as scoring decodes them;
 * feedback: one committed partition per write, ``feedback/batch_id=B/written=<UTC time>-<id>/``
-  holding ``feedback.parquet`` (:data:`zalando.feedback.FEEDBACK_SCHEMA`); never rewritten.
+  holding ``feedback.parquet`` (:data:`zalando.feedback.FEEDBACK_SCHEMA`); never rewritten;
+* labelled KPIs (issue 15): ``monitoring/kpis/batch_id=B/model_version=V/kpis.parquet``
+  (:data:`zalando.kpis.KPI_COLUMNS`), replaced when the batch's feedback is measured again; the
+  manifest's extra says which feedback it measured (``feedback_state``) and whether its alarm was sent;
+* feedback datasets (issue 15): ``reviewed_images/dataset_version=D/feedback.parquet``, the accepted
+  feedback images (pixels, group, weight, train or feedback_val) that extend a base dataset version.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from zalando.scoring import layout
 from zalando.scoring.query import batch_date_of, scored_versions
 from zalando.steps.monitoring import monitoring_key
 from zalando.steps.reporting import report_key
-from zalando.ui.security import Refused, check_batch_id, check_image_id, check_run_id
+from zalando.ui.security import Refused, check_batch_id, check_image_id, check_model_version, check_run_id
 
 log = logging.getLogger(__name__)
 
 FEEDBACK_PREFIX = "feedback"
+KPIS_PREFIX = "monitoring/kpis"  # issue 15: labelled KPIs per batch and model version
+FEEDBACK_DATASETS_PREFIX = "reviewed_images"  # issue 15: the feedback rows a dataset version adds
 METRICS_PREFIX = "metrics"  # metrics/run_id=…/experiment=… (zalando.evaluate.metrics_partition_key)
 FILE_PREFIXES = ("reports/",)
 """The only lake prefixes whose objects the page serves as files."""
@@ -109,6 +116,17 @@ class BatchSummary(BaseModel):
     @property
     def alarms(self) -> list[str]:
         return [d.statistic for d in self.drift if d.alarm]
+
+
+class KpiRecord(BaseModel):
+    """A committed labelled-KPI table of one batch and model version, with what its manifest says."""
+
+    key: str
+    batch_id: str
+    model_version: str
+    rows: list[dict[str, Any]]
+    extra: dict[str, Any] = Field(default_factory=dict)
+    committed_at: str | None = None
 
 
 class _Lru:
@@ -362,6 +380,38 @@ class LakeStore:
                 return images[index[image_id]]
         raise NotFoundError(f"image {image_id!r} is not among the inputs of batch {batch_id!r}")
 
+    def batch_pixels(
+        self, batch_id: str, image_ids: Sequence[str], model_version: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """The 28x28 uint8 images of many scored rows of one batch, each input file read once; ids the
+        inputs no longer give (gone, changed, undecodable) are left out of the answer."""
+        from zalando.scoring.batch import image_id_for_file
+
+        wanted = {check_image_id(i) for i in image_ids}
+        version = model_version or self._versions(batch_id)[-1]
+        manifest = self.lake.read_manifest(layout.predictions_key(batch_date_of(batch_id), version, batch_id))
+        files = ((manifest.get("extra") or {}).get("inputs") or {}).get("files") or []
+        found: dict[str, np.ndarray] = {}
+        for f in files:
+            if f.get("error") or len(found) == len(wanted):
+                continue
+            try:
+                if f.get("kind") == "image":
+                    image_id = image_id_for_file(str(f["name"]))
+                    if image_id in wanted and image_id not in found:
+                        found[image_id] = self._image_file(f)
+                    continue
+                index, images = self._inputs.get(
+                    (f["uri"], f.get("sha256")), lambda f=f: self._decode_parquet(f)
+                )
+            except NotFoundError as e:
+                log.warning("batch %s: %s", batch_id, e)
+                continue
+            for image_id in wanted - found.keys():
+                if image_id in index:
+                    found[image_id] = images[index[image_id]]
+        return found
+
     def _input_bytes(self, f: dict[str, Any]) -> bytes:
         """An input file's bytes, refused when they are no longer the ones the batch scored."""
         from zalando.scoring.batch import open_input
@@ -454,6 +504,83 @@ class LakeStore:
                     self._feedback[key] = rows
             out.extend(rows)
         return sorted(out, key=lambda d: (d.decided_at, d.image_id))
+
+    # ------------------------------------------------------------------------------ issue 15: labelled KPIs
+    def feedback_batches(self) -> list[str]:
+        """The ids of the batches with at least one committed feedback write, sorted."""
+        out = {_segment(key, "batch_id") for key in self.lake.list_partitions(FEEDBACK_PREFIX)}
+        return sorted(b for b in out if b)
+
+    def feedback_state(self, batch_id: str) -> str:
+        """A digest of the batch's feedback writes: feedback is append-only, so a new write changes it."""
+        keys = self.lake.list_partitions(f"{FEEDBACK_PREFIX}/batch_id={check_batch_id(batch_id)}")
+        return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def kpis_key(batch_id: str, model_version: str) -> str:
+        version = check_model_version(model_version)
+        if version is None:
+            raise Refused("model version: required for a KPI table")
+        return f"{KPIS_PREFIX}/batch_id={check_batch_id(batch_id)}/model_version={version}"
+
+    def commit_kpis(
+        self, batch_id: str, model_version: str, table: pa.Table, *, run_id: str, extra: dict[str, Any]
+    ) -> str:
+        """Commit (or replace) the batch's labelled-KPI table for one model version; returns its key."""
+        key = self.kpis_key(batch_id, model_version)
+        self.lake.commit_partition(key, {"kpis": table}, run_id, extra=dict(extra))
+        return key
+
+    def read_kpis(self, batch_id: str) -> list[KpiRecord]:
+        """Every committed labelled-KPI table of the batch (one per model version measured)."""
+        out = []
+        for key in self.lake.list_partitions(f"{KPIS_PREFIX}/batch_id={check_batch_id(batch_id)}"):
+            manifest = self.lake.read_manifest(key)
+            out.append(
+                KpiRecord(
+                    key=key,
+                    batch_id=batch_id,
+                    model_version=_segment(key, "model_version") or "",
+                    rows=self.lake.read_partition(key).to_pylist(),
+                    extra=manifest.get("extra") or {},
+                    committed_at=manifest.get("created_at"),
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------------------ issue 15: feedback datasets
+    @staticmethod
+    def feedback_dataset_key(dataset_version: str) -> str:
+        version = check_model_version(dataset_version)  # the same characters as a model version
+        if version is None:
+            raise Refused("dataset version: required")
+        return f"{FEEDBACK_DATASETS_PREFIX}/dataset_version={version}"
+
+    def commit_feedback_dataset(
+        self, dataset_version: str, table: pa.Table, *, run_id: str, extra: dict[str, Any]
+    ) -> str:
+        """Commit the feedback rows that extend a base dataset version into ``dataset_version``."""
+        key = self.feedback_dataset_key(dataset_version)
+        self.lake.commit_partition(key, {"feedback": table}, run_id, extra=dict(extra))
+        return key
+
+    def feedback_dataset_extra(self, dataset_version: str) -> dict[str, Any] | None:
+        """The manifest's extra of a feedback dataset version (its counts); None for any other version."""
+        try:
+            manifest = self.lake.read_manifest(self.feedback_dataset_key(dataset_version))
+        except NotCommittedError:
+            return None
+        return dict(manifest.get("extra") or {})
+
+    def read_feedback_dataset(self, dataset_version: str) -> tuple[pa.Table, dict[str, Any]] | None:
+        """The feedback rows of a feedback dataset version and its manifest's extra; None for any
+        other version (a plain split, or unknown)."""
+        key = self.feedback_dataset_key(dataset_version)
+        try:
+            manifest = self.lake.read_manifest(key)
+        except NotCommittedError:
+            return None
+        return self.lake.read_partition(key), dict(manifest.get("extra") or {})
 
 
 # ---------------------------------------------------------------------------------- helpers
