@@ -272,11 +272,16 @@ def error_text(e: BaseException) -> str:
 
 
 def to_lake_error(e: BaseException, *, what: str, describe: str, attempts: int = 1) -> LakeError:
-    """The LakeError for e: '<catalog>: <what>: <problem>[ (transient; gave up after N attempts)]'."""
+    """The LakeError for e: '<catalog>: <what>: <problem>[ (transient; gave up after N attempts)]'.
+
+    Its ``transient`` flag says whether a later retry (a task's) may succeed: a locked or
+    unreachable catalog, a refused connection, a 5xx; never a bad filter, schema or credential.
+    """
     if isinstance(e, LakeError):
         return e
+    transient = is_transient(e)
     tail = f" (transient; gave up after {attempts} attempts)" if attempts > 1 else ""
-    return LakeError(f"{describe}: {what}: {error_text(e)}{tail}")
+    return LakeError(f"{describe}: {what}: {error_text(e)}{tail}", transient=transient)
 
 
 def with_retries(
@@ -298,10 +303,11 @@ def with_retries(
         except Exception as e:  # noqa: BLE001 - every catalog error becomes one LakeError line
             conflict = conflicts and is_conflict(e)
             if not (conflict or is_transient(e)) or attempt == policy.attempts - 1:
-                if conflict:
+                if conflict:  # a later retry, on a fresher snapshot, may well win
                     raise LakeError(
                         f"{describe}: {what}: lost {attempt + 1} commit races against concurrent writers "
-                        f"({error_text(e)})"
+                        f"({error_text(e)})",
+                        transient=True,
                     ) from None
                 raise to_lake_error(e, what=what, describe=describe, attempts=attempt + 1) from None
             delay = policy.delay(attempt)

@@ -17,6 +17,7 @@ Iceberg reader sees them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -259,15 +260,26 @@ def data_file_key(
     )
 
 
-def write_data_file(lake: Lake, key: str, data: pa.Table, *, schema: Any) -> int:
+@dataclass(frozen=True)
+class WrittenFile:
+    """One data file written for a later commit: its key, size, sha256 (to tell later that nobody
+    rewrote it) and rows."""
+
+    key: str
+    bytes: int
+    sha256: str
+    rows: int
+
+
+def write_data_file(lake: Lake, key: str, data: pa.Table, *, schema: Any) -> WrittenFile:
     """Write one shard's rows as Parquet under key, for a later :func:`add_data_files`; not visible
     to any reader until then. Checked against and cast to ``schema``, the table's Iceberg schema
     (:func:`zalando.lake.tables.table_schema`, taken once by the driver): no catalog call here,
-    so a shard on any worker can write. Returns the bytes written."""
+    so a shard on any worker can write."""
     rows = conform(schema, data, where=f"data file {lake.uri(key)}")
     payload = table_to_parquet_bytes(rows)
     lake.write_bytes(key, payload)
-    return len(payload)
+    return WrittenFile(key, len(payload), hashlib.sha256(payload).hexdigest(), rows.num_rows)
 
 
 def add_data_files(
