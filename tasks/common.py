@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from zalando.errors import ZalandoError
 from zalando.lake import Lake, storage_fault_is_transient
+from zalando.lake.catalog import LakeCatalog, open_catalog
 from zalando.settings import Profile, Settings, load_settings
 
 # exponential back-off for storage and network tasks: 2 s, 4 s, 8 s (with jitter)
@@ -40,6 +41,7 @@ class RunContext:
 
 
 _CONTEXTS: dict[tuple[str, ...], RunContext] = {}
+_CATALOGS: dict[int, LakeCatalog] = {}  # by id of the RunContext whose lake they use
 _CONTEXTS_LOCK = threading.Lock()
 
 
@@ -94,6 +96,15 @@ class RunConfig(BaseModel):
 
     def lake(self) -> Lake:
         return self.context().lake
+
+    def catalog(self) -> LakeCatalog:
+        """This run's Iceberg catalog over its lake, opened on the first call in this process."""
+        ctx = self.context()
+        with _CONTEXTS_LOCK:
+            cat = _CATALOGS.get(id(ctx))
+            if cat is None:
+                cat = _CATALOGS[id(ctx)] = open_catalog(ctx.settings, lake=ctx.lake)
+        return cat
 
 
 def is_transient(exc: BaseException | None) -> bool:

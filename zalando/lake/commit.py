@@ -378,11 +378,13 @@ def resolve_as_of(table: Any, as_of: datetime | int | str | None, *, what: str =
         ms = int((as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)).timestamp() * 1000)
     else:
         ms = int(as_of)
+    try:
+        moment = datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+    except (OverflowError, OSError, ValueError):  # a number no clock reaches: a mistyped snapshot id
+        raise LakeError(f"{what}: {as_of!r} is no snapshot of the table and no time") from None
     snap = table.snapshot_as_of_timestamp(ms)
     if snap is None:
-        raise LakeError(
-            f"{what}: no snapshot at or before {datetime.fromtimestamp(ms / 1000, UTC).isoformat()}"
-        )
+        raise LakeError(f"{what}: no snapshot at or before {moment}")
     commit_id = snap.summary[COMMIT_ID] if snap.summary is not None else None
     if commit_id:
         later = [s for s in commit_snapshots(table, commit_id) if s.sequence_number > snap.sequence_number]
