@@ -457,3 +457,58 @@ def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
     q = batch_quarantine(cat, r.batch_id, V)  # the corrupt file's rows: its size and sha256, never its bytes
     assert set(q.column("sha256").to_pylist()) == {plan.batch.inputs[1].sha256}
     assert set(q.column("size").to_pylist()) == {len(bad)} and q.column("image").null_count == 30
+
+
+def test_quarantine_keeps_evidence_never_the_content_of_a_non_image(cat: LakeCatalog, tmp_path: Path) -> None:
+    """Issue 17: every quarantine row keeps reason, size and sha256; the first bytes (at most 64 KiB)
+    only of an input that claims to be an image; a text file's or any non-image's content never."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    big_png = png_bytes(rng.integers(0, 256, size=(400, 400), dtype=np.uint8))
+    assert len(big_png) > 100_000
+    truncated = big_png[:90_000]
+    text = b"root:x:0:0:root:/root:/bin/bash\nsecret-token=" + b"x" * 5000 + b"\n"
+    binary = bytes(rng.integers(0, 256, size=3000, dtype=np.uint8).tolist())
+    imgs = mnist_like(3)
+    files = {
+        "imgs/truncated.png": truncated,
+        "imgs/passwd.txt": text,
+        "imgs/blob.bin": binary,
+        "imgs/page.jpg": b"<html><body>not a jpeg</body></html>",
+        "imgs/tiny.png": png_bytes(np.zeros((1, 1), np.uint8)),
+        "rows.parquet": table_parquet(
+            pa.table(
+                {
+                    "image_id": ["ok", "short", "dup"],
+                    "image": pa.array([imgs[0].tobytes(), text[:100], imgs[1].tobytes()], pa.binary()),
+                }
+            )
+        ),
+        "dups.parquet": raw_parquet(["dup"], imgs[2:3]),
+        "broken.parquet": b"PAR1" + text,
+    }
+    src = write_files(tmp_path / "in", files)
+    r = score_batch(cat, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-12")
+    q = {row["source"].rsplit("/", 1)[1] + (f"#{row['row']}" if row["row"] > 0 else ""): row
+         for row in batch_quarantine(cat, r.batch_id, V).to_pylist()}  # fmt: skip
+    assert r.quarantined == len(q) == 8, sorted(q)
+    for row in q.values():  # every row: reason, size and sha256
+        assert row["reason"] and row["size"] is not None and row["sha256"], row
+    for name in ("truncated.png", "passwd.txt", "blob.bin", "page.jpg", "tiny.png", "broken.parquet"):
+        data = files[f"imgs/{name}"] if f"imgs/{name}" in files else files[name]
+        assert q[name]["size"] == len(data) and q[name]["sha256"] == hashlib.sha256(data).hexdigest(), name
+    # a truncated PNG claims to be an image: its first 64 KiB are kept, no more
+    assert q["truncated.png"]["reason"] == "corrupt_image"
+    assert q["truncated.png"]["image"] == truncated[: 64 * 1024]
+    assert q["tiny.png"]["image"] == files["imgs/tiny.png"]  # small, and an image: kept whole
+    # a text file, random bytes, HTML named .jpg, a corrupt Parquet file, 100 bytes of text in a row:
+    # measured and hashed, never stored
+    for name in ("passwd.txt", "blob.bin", "page.jpg", "broken.parquet", "rows.parquet#1"):
+        assert q[name]["image"] is None, name
+    assert q["passwd.txt"]["reason"] == "not_an_image"
+    assert q["rows.parquet#1"]["size"] == 100 and q["rows.parquet#1"]["reason"] == "wrong_shape"
+    dup = next(row for row in q.values() if row["reason"] == "duplicate_id")
+    assert dup["image"] is not None and len(dup["image"]) == 784  # raw pixels of an image column: an image
+    stored = b"".join(row["image"] or b"" for row in q.values())
+    assert b"secret-token" not in stored and b"root:x:0:0" not in stored
