@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -512,3 +513,43 @@ def test_quarantine_keeps_evidence_never_the_content_of_a_non_image(cat: LakeCat
     assert dup["image"] is not None and len(dup["image"]) == 784  # raw pixels of an image column: an image
     stored = b"".join(row["image"] or b"" for row in q.values())
     assert b"secret-token" not in stored and b"root:x:0:0" not in stored
+
+
+def test_second_engines_see_exactly_the_committed_batches_while_one_is_mid_write(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
+) -> None:
+    """DuckDB (iceberg_scan on the table's metadata) and a plain pyarrow scan of the files the
+    catalog's snapshot lists: while batch 2's shards are written but not finalized, exactly batch
+    1's rows; after its one commit, both batches'."""
+    import pyarrow.dataset as ds
+
+    from tests.lakehouse_support import duckdb_with_iceberg
+    from zalando.lake.catalog import storage_path
+    from zalando.lake.tables import load_table
+
+    src1, ids1 = _good_batch(tmp_path / "in1", n=30, seed=1)
+    src2, ids2 = _good_batch(tmp_path / "in2", n=40, seed=2)
+    one = score_batch(cat, src1.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-13")
+    plan = prepare_batch(cat, src2.as_uri(), model_version=V, batch_date="2026-03-14", check_model=False)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    assert all(not r.skipped for r in results) and sum(r.scored for r in results) == 40
+    assert len(lake.list_keys("zalando/predictions/data/batch_date=2026-03-14")) == len(plan.shards)
+    con = duckdb_with_iceberg()
+
+    def engines() -> tuple[dict[str, int], dict[str, int]]:
+        table = load_table(cat, "predictions")
+        duck = dict(
+            con.sql(
+                f"SELECT batch_id, count(*) FROM iceberg_scan('{table.metadata_location}') GROUP BY 1"
+            ).fetchall()
+        )
+        files = [storage_path(t.file.file_path) for t in table.scan().plan_files()]
+        plain = ds.dataset(files, format="parquet").to_table(columns=["batch_id"]).column("batch_id")
+        counts = pc.value_counts(plain).to_pylist()
+        return duck, {c["values"]: c["counts"] for c in counts}
+
+    assert engines() == ({one.batch_id: 30}, {one.batch_id: 30})  # mid-write: the committed rows only
+    two = finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    assert engines() == ({one.batch_id: 30, two.batch_id: 40}, {one.batch_id: 30, two.batch_id: 40})
+    both = scan(cat, "predictions").column("image_id").to_pylist()
+    assert sorted(both) == sorted(ids1 + ids2)
