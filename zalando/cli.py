@@ -515,6 +515,7 @@ def predictions(
         f"batch {p['batch_id']} scored by {p['model_version']}{when}: "
         f"{p['predictions_table']} where batch_id = '{p['batch_id']}'"
     )
+    console.print(f"table metadata (DuckDB: iceberg_scan('…')): {p['metadata_location']}", soft_wrap=True)
     if p["other_versions"]:
         console.print(f"also scored by: {', '.join(p['other_versions'])}")
     counts = Table(title="predicted group")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from zalando.errors import LakeError
-from zalando.lake import Lake
+from zalando.lake import Lake, storage_fault_is_transient
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,17 @@ def open_catalog(
         else:
             from pyiceberg.catalog.sql import SqlCatalog
 
-            catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
-        catalog.create_namespace_if_not_exists(namespace)
+            try:
+                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
+            except Exception as e:  # noqa: BLE001 - two first opens at once: the other made its tables
+                if "already exists" not in str(e).lower():
+                    raise
+                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
+        try:
+            catalog.create_namespace_if_not_exists(namespace)
+        except Exception:  # noqa: BLE001 - e.g. a UNIQUE violation: another process created it first
+            if namespace not in {n[0] for n in catalog.list_namespaces() if n}:
+                raise
         return catalog
 
     catalog = with_retries(_open, what="open", describe=describe, policy=policy)
@@ -242,7 +251,12 @@ def is_transient(e: BaseException) -> bool:
         pass
     if isinstance(e, ConnectionError | TimeoutError):
         return True
-    return isinstance(e, OSError) and _has_transient_text(str(e))
+    if isinstance(e, OSError):
+        text = str(e)
+        if "AWS Error" in text or "HTTP status" in text:  # the storage answered: the lake's rule decides
+            return storage_fault_is_transient(e)
+        return _has_transient_text(text)
+    return False
 
 
 def _has_transient_text(text: str) -> bool:

@@ -12,6 +12,7 @@ refused with a LakeError naming the columns; the table's schema changes only thr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -498,6 +499,12 @@ def ensure_table(cat: LakeCatalog, name: str) -> Any:
         key = table_location_key(cat, name)
         old = [k for k in cat.lake.list_keys(f"{key}/metadata") if k.endswith(".metadata.json")]
         if old:
+            # another process may be creating the table right now (metadata written, catalog row not yet)
+            for delay in (0.1, 0.2, 0.4, 0.8, 1.5):
+                time.sleep(delay)
+                table = load_table(cat, name)
+                if table is not None:
+                    return table
             raise LakeError(
                 f"iceberg table {cat.identifier(name)} is not in {cat.describe}, but {cat.lake.uri(key)} "
                 f"holds its metadata ({len(old)} metadata files, newest {old[-1].rsplit('/', 1)[-1]}): "

@@ -102,6 +102,7 @@ def predictions_preview(
     """
     sid, ms = _moment(cat, as_of)
     versions = _versions(cat, batch_id, sid, ms)
+    table = load_table(cat, layout.PREDICTIONS)
     when = f" as of {as_of}" if as_of is not None else ""
     if not versions:
         raise NotCommittedError(
@@ -127,6 +128,7 @@ def predictions_preview(
         "model_version": version,
         "other_versions": [v for v in versions if v != version],
         "predictions_table": cat.identifier(layout.PREDICTIONS),
+        "metadata_location": table.metadata_location if table is not None else None,
         "snapshot_id": sid,
         "as_of": datetime.fromtimestamp(ms / 1000, UTC).isoformat() if ms is not None else None,
         "counts": {

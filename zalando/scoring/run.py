@@ -35,7 +35,7 @@ from zalando.errors import LakeError, ZalandoError
 from zalando.lake import Lake, new_run_id
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import data_file_key
-from zalando.lake.tables import TABLES, check_schema, table_schema
+from zalando.lake.tables import TABLES, check_schema, ensure_table
 from zalando.runtime import Predictor, Runtime
 from zalando.scoring import layout
 from zalando.scoring.batch import (
@@ -157,13 +157,20 @@ def shard_target(cat: LakeCatalog, shard: ShardRef, model_version: str, write_id
 
 
 def check_scoring_tables(cat: LakeCatalog) -> None:
-    """The live predictions and quarantine tables (created when missing) have exactly the schema
-    shards write: a LakeError naming the columns when someone else changed one."""
+    """The live predictions and quarantine tables (created when missing) live in this lake and have
+    exactly the schema shards write: a LakeError naming the columns when someone else changed one."""
     for name in (layout.PREDICTIONS, layout.QUARANTINE):
-        live = table_schema(cat, name)
+        table = ensure_table(cat, name)
+        where = f"scoring into {cat.identifier(name)}"
+        if cat.key_of(table.location()) is None:  # a catalog shared by two lakes would mix their rows
+            raise LakeError(
+                f"{where}: the table lives at {table.location()}, outside the lake {cat.lake.uri_root}: "
+                f"{cat.describe} belongs to another lake (give each lake its own ZALANDO_WORK_DIR or "
+                "ZALANDO_ICEBERG_CATALOG_URI)"
+            )
+        live = table.schema()
         if live == table_iceberg_schema(name):
             continue
-        where = f"scoring into {cat.identifier(name)}"
         check_schema(live, TABLES[name].schema, where=where)  # names the missing/extra/mistyped columns
         raise LakeError(
             f"{where}: the table's column ids differ from the schema scoring writes "
