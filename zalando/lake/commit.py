@@ -23,6 +23,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -302,8 +303,10 @@ def add_data_files(
     expr = _replace_filter(replace, table_name) if replace is not None else None
 
     def build(table: Any, props: dict[str, str]) -> None:
-        for uri in uris:
-            check_schema(table.schema(), _file_schema(table, uri), where=f"data file {uri}")
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(uris)))) as ex:  # footers, in parallel
+            schemas = list(ex.map(lambda uri: _file_schema(table, uri), uris))
+        for uri, schema in zip(uris, schemas, strict=True):
+            check_schema(table.schema(), schema, where=f"data file {uri}")
         with table.transaction() as tx, _quiet_empty_delete():
             if expr is not None:
                 tx.delete(expr, snapshot_properties=props)
