@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 OURS = {
     "tests/integration/test_storage_faults.py": "storage faults",
+    "tests/integration/test_scoring_faults.py": "scoring commits (Iceberg)",
     "tests/integration/test_bad_input.py": "bad input (ingest)",
     "tests/integration/test_crash_resume.py": "crashes",
     "tests/integration/test_load.py": "load",
@@ -72,7 +73,7 @@ THEIRS: dict[str, tuple[str, str, str, str, str, str]] = {
     "tests/integration/test_scoring_s3.py::test_bad_inputs_on_s3_reconcile": (
         "bad input (scoring)",
         "the same bad batch on S3 with the real champion (ONNX Runtime)",
-        "10 reason codes quarantined; 7 scored; manifest counts match",
+        "10 reason codes quarantined (size + sha256, no text payload); 7 scored; the batch's row counts match",
         "-",
         "nothing (17 = 7 + 10)",
         "nothing",
@@ -104,7 +105,8 @@ THEIRS: dict[str, tuple[str, str, str, str, str, str]] = {
     "tests/integration/test_scoring_s3.py::test_killed_mid_batch_rerun_completes_only_missing_shards": (
         "crashes",
         "scoring process SIGKILLed in the middle of a 20-shard batch",
-        "no batch manifest; the re-run scored only the missing shards",
+        "its shard files invisible, the batch not committed; the re-run scored only the missing shards "
+        "and committed them all in one Iceberg commit",
         "the missing shards only",
         "nothing: exactly one row per input image (400)",
         "nothing",
@@ -119,7 +121,7 @@ THEIRS: dict[str, tuple[str, str, str, str, str, str]] = {
     ),
     "tests/unit/test_score_engine.py::test_half_written_shard_is_overwritten_not_duplicated": (
         "crashes",
-        "a half-written shard (part file without its marker)",
+        "a half-written shard (data file without its marker)",
         "overwritten by the re-run, never counted twice",
         "yes (that shard)",
         "nothing (no duplicates)",
@@ -127,11 +129,27 @@ THEIRS: dict[str, tuple[str, str, str, str, str, str]] = {
     ),
     "tests/unit/test_score_engine.py::test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored": (
         "crashes",
-        "a part file overwritten by a concurrent run",
-        "checksum mismatch detected, shard re-scored",
+        "a shard's data file rewritten by someone else after the shard committed",
+        "checksum mismatch detected before the commit, nothing committed, shard re-scored",
         "yes (that shard)",
         "nothing",
         "nothing",
+    ),
+    "tests/unit/test_score_engine.py::test_quarantine_keeps_evidence_never_the_content_of_a_non_image": (
+        "bad input (scoring)",
+        "a text file (passwd-like), random bytes, HTML named .jpg, corrupt Parquet, a truncated 90 KB PNG",
+        "every quarantine row: reason, size, sha256; only the PNG keeps bytes (its first 64 KiB)",
+        "-",
+        "-",
+        "nothing (no non-image content stored)",
+    ),
+    "tests/unit/test_score_engine.py::test_second_engines_see_exactly_the_committed_batches_while_one_is_mid_write": (
+        "scoring commits (Iceberg)",
+        "DuckDB and a pyarrow scan through the catalog while a batch's shards are written, not committed",
+        "both see exactly the committed batch; after the one commit, both batches",
+        "-",
+        "nothing",
+        "nothing (no uncommitted row visible)",
     ),
     "tests/unit/test_score_engine.py::test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined": (
         "storage faults",
@@ -143,7 +161,15 @@ THEIRS: dict[str, tuple[str, str, str, str, str, str]] = {
     ),
 }
 
-ORDER = ["storage faults", "bad input (ingest)", "bad input (scoring)", "crashes", "load", "security"]
+ORDER = [
+    "storage faults",
+    "scoring commits (Iceberg)",
+    "bad input (ingest)",
+    "bad input (scoring)",
+    "crashes",
+    "load",
+    "security",
+]
 
 
 @dataclass

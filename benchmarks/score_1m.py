@@ -128,12 +128,12 @@ def run_worker(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     import resource
 
-    from zalando.lake import Lake
+    from zalando.lake.catalog import open_catalog
     from zalando.scoring import BatchPlan, ScoringOptions, run_shard, score_batch
     from zalando.settings import load_settings
 
     settings = load_settings()
-    lake = Lake.from_settings(settings)
+    cat = open_catalog(settings)
     opts = ScoringOptions(sub_batch=args.sub_batch)
     t_ready = time.perf_counter()
     cluster_s = 0.0
@@ -177,7 +177,7 @@ def run_worker(args: argparse.Namespace) -> None:
     cpu0 = cpu_now()
     t = time.perf_counter()
     r = score_batch(
-        lake,
+        cat,
         args.location,
         source=args.source,
         batch_date="2026-02-01",
@@ -204,7 +204,8 @@ def run_worker(args: argparse.Namespace) -> None:
                 "cluster_s": cluster_s,
                 "timings": r.timings,
                 "shards": r.shards,
-                "key": r.predictions_key,
+                "data_files": r.data_files,
+                "batch_id": r.batch_id,
                 "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         ),
@@ -219,6 +220,7 @@ def spawn(settings, argv: list[str]) -> tuple[dict, float, float]:
         "ZALANDO_S3_ENDPOINT": settings.s3_endpoint,
         "ZALANDO_S3_ACCESS_KEY": settings.s3_access_key,
         "ZALANDO_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+        "ZALANDO_WORK_DIR": str(settings.work_dir),  # the same Iceberg catalog as the parent
     }
     t = time.perf_counter()
     proc = subprocess.Popen(
@@ -295,7 +297,7 @@ def main() -> None:
             print(
                 f"{runner:5s} {n:>9,}: {res['wall_s']:.1f}s scoring ({n / res['wall_s']:,.0f} img/s), "
                 f"CPU {res['cpu_s']:.0f}s, process {total:.1f}s, "
-                f"peak RSS {tree_peak:,.0f} MB, {res['timings']}",
+                f"peak RSS {tree_peak:,.0f} MB, {res.get('data_files', '-')} data files, {res['timings']}",
                 flush=True,
             )
         same = None
@@ -311,8 +313,16 @@ def main() -> None:
                 "prob_footwear",
                 "prob_bags",
             ]
-            a = lake.read_partition(rows[1][2]["key"], columns=cols).sort_by("image_id")
-            b = lake.read_partition(rows[2][2]["key"], columns=cols).sort_by("image_id")
+            from zalando.lake.catalog import open_catalog
+            from zalando.lake.commit import scan
+
+            cat = open_catalog(settings, lake=lake)
+            a = scan(cat, "predictions", {"batch_id": rows[1][2]["batch_id"]}, columns=cols).sort_by(
+                "image_id"
+            )
+            b = scan(cat, "predictions", {"batch_id": rows[2][2]["batch_id"]}, columns=cols).sort_by(
+                "image_id"
+            )
             same_ids = a.column("image_id").equals(b.column("image_id"))
             same_pred = a.column("pred_group").equals(b.column("pred_group"))
             diff = max(

@@ -91,7 +91,7 @@ def batch_scoring(
         runner: `local` (Prefect's thread pool) or `dask` (prefect-dask's DaskTaskRunner).
         workers: shard tasks at a time (threads, or Dask worker processes).
         dask_address: an existing Dask scheduler (runner `dask`); default: a local cluster.
-        confidence_threshold: predictions below it also go to needs_review.
+        confidence_threshold: predictions below it are marked needs_review (the review queue).
         force: score again even when this batch is already committed for this model.
         monitor: measure label-free drift against the model's reference; an alarm emits the
             `zalando.drift.alarm` event, which runs the `retrain` deployment.
@@ -100,7 +100,7 @@ def batch_scoring(
             bf16 autocast once at planning and scores every shard with the fastest (Dask workers:
             ONNX Runtime, so they never import torch); or name one. Runtimes agree to 1e-4
             (bf16: 0.02) in probability, so a near-tie may be decided differently between them;
-            the batch manifest records the runtime used.
+            the batch's row in the `batches` table records the runtime used.
         allow_empty: a batch location without input files is an error (a typo in `batch_uri` must
             not score nothing, night after night); set this for the rare batch that may be empty.
 
@@ -136,11 +136,12 @@ def batch_scoring(
         drift = monitor_drift(cfg, plan, options) if monitor and summary["scored"] > 0 else None
         summary["drift"] = drift.model_dump(mode="json", exclude={"table"}) if drift else None
     log.info(
-        "batch %s: %d scored, %d quarantined, model %s -> %s",
+        "batch %s: %d scored, %d quarantined, model %s -> %s (snapshot %s)",
         summary["batch_id"],
         summary["scored"],
         summary["quarantined"],
         summary["model_version"],
-        summary["predictions_uri"],
+        summary["predictions_table"],
+        summary["snapshot_id"],
     )
     return summary

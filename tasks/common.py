@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from zalando.errors import ZalandoError
 from zalando.lake import Lake, storage_fault_is_transient
+from zalando.lake.catalog import LakeCatalog
 from zalando.settings import Profile, Settings, load_settings
 
 # exponential back-off for storage and network tasks: 2 s, 4 s, 8 s (with jitter)
@@ -94,6 +95,10 @@ class RunConfig(BaseModel):
 
     def lake(self) -> Lake:
         return self.context().lake
+
+    def catalog(self) -> LakeCatalog:
+        """This run's Iceberg catalog: its lake's, opened on the first call in this process."""
+        return self.context().lake.catalog()
 
 
 def is_transient(exc: BaseException | None) -> bool:

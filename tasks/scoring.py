@@ -2,8 +2,9 @@
 measure its drift (and raise the alarm that retrains). Each calls one step of
 :mod:`zalando.steps.scoring` or :mod:`zalando.steps.monitoring`.
 
-Exactly-once lives in the library (deterministic shard outputs and markers, the batch manifest
-committed last), so these tasks are never cached: a retry or a re-run scores only what is missing.
+Exactly-once lives in the library (deterministic shard files and markers, the batch made visible
+in one Iceberg commit), so these tasks are never cached: a retry or a re-run scores only what is
+missing.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def plan_batch(
     """Pin the model version (the champion unless given), list the batch's inputs, cut shards,
     and check the model once (``auto``: measuring which runtime the shards should use)."""
     plan = scoring.plan_batch(
-        cfg.lake(),
+        cfg.catalog(),
         location,
         model_version=model_version,
         batch_date=batch_date,
@@ -82,8 +83,8 @@ def score_shard(
 def commit_batch(
     cfg: RunConfig, plan: BatchPlan, options: ScoringOptions, results: list[ShardResult] | None
 ) -> CommittedBatch:
-    """Reconcile the shards and commit the batch manifest last; publish the batch summary artifact."""
-    summary = scoring.commit_batch(cfg.lake(), plan, options, results)
+    """Reconcile the shards and commit the batch (one Iceberg commit); publish the batch summary artifact."""
+    summary = scoring.commit_batch(cfg.catalog(), plan, options, results)
     _batch_artifacts(summary)
     return summary
 
@@ -107,7 +108,8 @@ def _batch_artifacts(s: CommittedBatch) -> None:
             f"| low confidence (needs review) | {s.low_confidence} |\n"
             f"| shards | {s.shards} ({s.shards_skipped} already committed) |\n"
             f"| skipped (batch already committed) | {s.skipped} |\n\n"
-            f"Predictions: `{s.predictions_uri}`\n"
+            f"Predictions: `{s.predictions_table}` where `batch_id = '{s.batch_id}'` "
+            f"(snapshot {s.snapshot_id}, {s.data_files} data files; metadata `{s.predictions_uri}`)\n"
         ),
         description=f"Batch {s.batch_id} scored with {s.model_version}",
     )
@@ -120,7 +122,7 @@ DRIFT_EVENT = "zalando.drift.alarm"
 def monitor_drift(cfg: RunConfig, plan: BatchPlan, options: ScoringOptions) -> DriftResult:
     """Label-free drift of the scored batch; on an alarm, emit the event that triggers `retrain`."""
     log = get_run_logger()
-    out = monitoring.monitor_batch(cfg.lake(), plan, cfg.run_id, image_prep=options.image_prep)
+    out = monitoring.monitor_batch(cfg.catalog(), plan, cfg.run_id, image_prep=options.image_prep)
     if out.skipped:
         log.info("batch %s already committed: drift was measured when it was scored", plan.batch_id)
         return out

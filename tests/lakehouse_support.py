@@ -35,6 +35,7 @@ def prediction_rows(
         cols[c] = pa.array([0.2] * n, pa.float32())
     cols.update(
         confidence=pa.array([confidence] * n, pa.float32()),
+        needs_review=[confidence < 0.6] * n,
         model_version=[model_version] * n,
         batch_id=[batch_id] * n,
         batch_date=pa.array([batch_date] * n, pa.date32()),

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from zalando.labels import NUM_GROUPS
 from zalando.lake import Lake
+from zalando.lake.catalog import LakeCatalog
 
 TINY_ARCH = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}  # keys every FashionCNN version takes
 
@@ -152,3 +153,44 @@ def write_files(root: Path, files: dict[str, bytes]) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     return root
+
+
+def local_catalog(tmp_path: Path) -> LakeCatalog:
+    """A file lake under tmp_path with its embedded SQLite Iceberg catalog (fast retries)."""
+    from zalando.lake.catalog import RetryPolicy, open_catalog
+    from zalando.settings import Settings
+
+    settings = Settings(lake_uri=(tmp_path / "lake").as_uri(), work_dir=tmp_path / "work")
+    return open_catalog(settings, retry=RetryPolicy(attempts=6, base_delay=0.01, max_delay=0.2))
+
+
+def batch_predictions(
+    cat: LakeCatalog, batch_id: str, model_version: str | None = None, **kw: object
+) -> pa.Table:
+    """The committed predictions of one batch (and model version), through the table."""
+    from zalando.lake.commit import scan
+
+    flt: dict[str, object] = {"batch_id": batch_id}
+    if model_version is not None:
+        flt["model_version"] = model_version
+    return scan(cat, "predictions", flt, **kw)  # type: ignore[arg-type]
+
+
+def batch_quarantine(cat: LakeCatalog, batch_id: str, model_version: str) -> pa.Table:
+    """The committed quarantine rows of one batch and model version."""
+    from zalando.lake.commit import scan
+
+    return scan(cat, "quarantine", {"batch_id": batch_id, "model_version": model_version})
+
+
+def committed_files(cat: LakeCatalog, table: str, flt: dict[str, object]) -> list[str]:
+    """Lake keys of the data files the table's current snapshot holds for the filter."""
+    from zalando.lake.commit import row_filter
+    from zalando.lake.tables import load_table
+
+    t = load_table(cat, table)
+    if t is None or t.current_snapshot() is None:
+        return []
+    return sorted(
+        cat.key_of(task.file.file_path) or "" for task in t.scan(row_filter=row_filter(flt)).plan_files()
+    )

@@ -127,6 +127,11 @@ def lake_session(settings: Any) -> Iterator[Any]:
         yield lake
 
 
+def open_lake_catalog(settings: Any, lake: Any) -> Any:
+    """The Iceberg catalog of this (ready) lake, which ``Lake.from_settings`` gave the settings' one."""
+    return lake.catalog()
+
+
 @contextlib.contextmanager
 def spinner(text: str) -> Iterator[None]:
     with console.status(text, spinner="dots"):
@@ -362,10 +367,13 @@ def _print_scoring(summary: dict[str, Any]) -> None:
         console.print(
             f"drift alarm: {'[bold red]RAISED[/] (' + ', '.join(d.get('alarms', [])) + ')' if d.get('alarm') else 'no'}"
         )
-    console.print(f"predictions: {summary.get('predictions_uri', '')}")
+    console.print(
+        f"predictions: {summary.get('predictions_table', '')} where batch_id = '{summary['batch_id']}' "
+        f"(snapshot {summary.get('snapshot_id')})"
+    )
 
 
-def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
+def _watch_shards(lake: Any, markers: str, total: int | None, stop: Any) -> None:
     """Progress bar fed by the shard commit markers the scoring tasks write (images/s, ETA)."""
     from rich.progress import (
         BarColumn,
@@ -378,7 +386,7 @@ def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
 
     seen: dict[str, int] = {}
     try:  # markers of an earlier run (re-scored with --force): ignored until the reset removes them
-        old = set(lake.list_keys(f"{key}/_shards"))
+        old = set(lake.list_keys(markers))
     except Exception:  # noqa: BLE001 - a progress bar never fails the run
         old = set()
     t0 = time.perf_counter()
@@ -396,7 +404,7 @@ def _watch_shards(lake: Any, key: str, total: int | None, stop: Any) -> None:
         while True:
             done = stop.wait(0.5)
             try:
-                keys = set(lake.list_keys(f"{key}/_shards"))
+                keys = set(lake.list_keys(markers))
                 old &= keys
                 for k in sorted(keys - old):
                     if k not in seen:
@@ -433,7 +441,7 @@ def _score_one(
     from flows.batch_scoring import batch_scoring
     from zalando.scoring.batch import _as_date, default_source_slug, describe_batch, make_batch_id
     from zalando.scoring.champion import resolve_model_version
-    from zalando.scoring.layout import predictions_key
+    from zalando.scoring.layout import shard_markers_prefix
 
     bdate = _as_date(batch_date)
     version = model_version or resolve_model_version(
@@ -446,7 +454,9 @@ def _score_one(
     ).records
     stop = threading.Event()
     watcher = threading.Thread(
-        target=_watch_shards, args=(lake, predictions_key(bdate, version, batch_id), total, stop), daemon=True
+        target=_watch_shards,
+        args=(lake, shard_markers_prefix(bdate, version, batch_id), total, stop),
+        daemon=True,
     )
     watcher.start()
     try:
@@ -540,7 +550,7 @@ def score(
                 console.print(f"{entry.batch_date}: no input at {entry.location}, skipped")
 
         backfill(
-            lake,
+            open_lake_catalog(settings, lake),
             date_from=date_from,
             date_to=date_to,
             location_template=batch_uri if batch_uri and "{date}" in batch_uri else INBOX_TEMPLATE,
@@ -558,14 +568,26 @@ def predictions(
     batch_id: str = typer.Argument(..., help="e.g. 2026-11-29-fashion-mnist-test"),
     model_version: str = typer.Option(None, help="Default: the newest version that scored this batch"),
     rows: int = typer.Option(5, min=0, max=100),
+    as_of: str = typer.Option(
+        None,
+        "--as-of",
+        metavar="TIMESTAMP|SNAPSHOT",
+        help="Read the batch as it stood then: an ISO timestamp (UTC unless it says) or a snapshot id",
+    ),
 ) -> None:
-    """Per-group counts, the reconciliation and a few rows of a scored batch."""
+    """Per-group counts, the reconciliation and a few rows of a scored batch (now, or --as-of then)."""
     from zalando.scoring.query import predictions_preview
 
     setup_logging(False)
-    with lake_session(settings_from()) as lake:
-        p = predictions_preview(lake, batch_id, model_version, rows)
-    console.print(f"batch {p['batch_id']} scored by {p['model_version']}: {p['predictions_uri']}")
+    settings = settings_from()
+    with lake_session(settings) as lake:
+        p = predictions_preview(open_lake_catalog(settings, lake), batch_id, model_version, rows, as_of=as_of)
+    when = f" as of {p['as_of']} (snapshot {p['snapshot_id']})" if p["as_of"] else ""
+    console.print(
+        f"batch {p['batch_id']} scored by {p['model_version']}{when}: "
+        f"{p['predictions_table']} where batch_id = '{p['batch_id']}'"
+    )
+    console.print(f"table metadata (DuckDB: iceberg_scan('…')): {p['metadata_location']}", soft_wrap=True)
     if p["other_versions"]:
         console.print(f"also scored by: {', '.join(p['other_versions'])}")
     counts = Table(title="predicted group")

@@ -31,7 +31,6 @@ from zalando.lake import Lake, table_to_parquet_bytes
 from zalando.lake import commit as lc
 from zalando.lake.keys import bundle_key, report_key
 from zalando.registry import decision_log, get_champion
-from zalando.scoring import layout
 from zalando.settings import load_settings
 from zalando.steps.training import read_metric_tables
 
@@ -40,16 +39,29 @@ EXPERIMENTS = ["fashion_cnn", "squeezenet1_1_full"]
 
 
 @pytest.fixture(scope="module")
-def flows_lake(prefect_harness: None, flow_env: dict[str, str]) -> Iterator[Lake]:
-    """A lake prefix of this module's own (other modules share the session's S3 server)."""
+def flows_lake(
+    prefect_harness: None, flow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Lake]:
+    """A lake prefix of this module's own (other modules share the session's S3 server), with its
+    own work folder: the Iceberg catalog there belongs to this lake alone."""
     import os
 
-    old = os.environ["ZALANDO_LAKE_URI"]
+    old = {k: os.environ[k] for k in ("ZALANDO_LAKE_URI", "ZALANDO_WORK_DIR")}
     os.environ["ZALANDO_LAKE_URI"] = f"s3://zalando-flows/{uuid.uuid4().hex[:10]}"
+    os.environ["ZALANDO_WORK_DIR"] = str(tmp_path_factory.mktemp("flows-work"))
     try:
         yield Lake.from_settings(load_settings())
     finally:
-        os.environ["ZALANDO_LAKE_URI"] = old
+        os.environ.update(old)
+
+
+def _batch_rows(lake: Lake, batch_id: str, model_version: str, columns: list[str]) -> Any:
+    """A batch's committed predictions, read through the lake's catalog."""
+    from zalando.lake.catalog import open_catalog
+    from zalando.lake.commit import scan
+
+    cat = open_catalog(load_settings(), lake=lake)
+    return scan(cat, "predictions", {"batch_id": batch_id, "model_version": model_version}, columns=columns)
 
 
 def _task_runs(flow_run_id: Any) -> list[Any]:
@@ -112,9 +124,9 @@ def test_nightly_trains_promotes_scores_and_reports(flows_lake: Lake, nightly_ru
     assert "How each model decides" in report  # from the model cards: TTA, temperature, operating point
     assert all(f"| {experiment} | {version} |" in report for experiment, version in trained["models"].items())
 
-    key = layout.predictions_key(scored["batch_date"], champion["model_version"], scored["batch_id"])
-    assert flows_lake.is_committed(key)
-    assert flows_lake.read_partition(key, columns=["image_id"]).num_rows == scored["scored"] == 500
+    rows = _batch_rows(flows_lake, scored["batch_id"], champion["model_version"], ["image_id"])
+    assert scored["snapshot_id"] is not None and scored["predictions_table"] == "zalando.predictions"
+    assert rows.num_rows == scored["scored"] == 500
 
     # one task run per experiment (fanned out), all completed
     tasks = _task_runs(nightly_run["flow_run_id"])
@@ -230,8 +242,7 @@ def test_scoring_with_the_dask_runner(flows_lake: Lake, nightly_run: dict[str, A
     assert dask["shard_runtimes"] == ["onnx"], dask  # auto: Dask workers stay torch-free
     rows = {}
     for res in (local, dask):
-        key = layout.predictions_key(res["batch_date"], champion, res["batch_id"])
-        t = flows_lake.read_partition(key, columns=["image_id", "pred_group"]).to_pandas()
+        t = _batch_rows(flows_lake, res["batch_id"], champion, ["image_id", "pred_group"]).to_pandas()
         rows[res["batch_id"]] = t.sort_values("image_id").reset_index(drop=True)
     a, b = rows.values()
     assert a.equals(b)

@@ -2,8 +2,9 @@
 with exactly its own rows.
 
 * library level: ten separate OS processes, each scoring its own batch into the same lake under the
-  same batch date (a deterministic torch-free predictor: this is about the storage, and ten torch
-  imports would cost a minute of our two shared cores);
+  same batch date, and so committing into the same Iceberg tables through one SQLite catalog at
+  once (a deterministic torch-free predictor: this is about the storage and the commits, and ten
+  torch imports would cost a minute of our two shared cores);
 * Prefect level: ten ``batch_scoring`` flow runs at once, with the real (tiny) champion, against
   one Prefect server (the session's test server) and the same S3 server.
 """
@@ -24,9 +25,11 @@ from typing import Any
 import pytest
 
 from tests.faults import RecordProperty, record_case
-from tests.scoring_support import make_champion, mnist_like, raw_parquet
+from tests.scoring_support import batch_predictions, make_champion, mnist_like, raw_parquet
 from zalando.lake import Lake
-from zalando.scoring import layout
+from zalando.lake.catalog import LakeCatalog, open_catalog
+from zalando.lake.commit import scan
+from zalando.scoring.commit import batch_record
 from zalando.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration
@@ -50,16 +53,16 @@ def write_batches(lake: Lake, prefix: str) -> dict[str, list[str]]:
 
 
 def assert_each_run_has_exactly_its_rows(
-    lake: Lake, version: str, batches: dict[str, list[str]], batch_ids: dict[str, str]
+    cat: LakeCatalog, version: str, batches: dict[str, list[str]], batch_ids: dict[str, str]
 ) -> None:
     for loc, ids in batches.items():
-        key = layout.predictions_key(BATCH_DATE, version, batch_ids[loc])
-        table = lake.read_partition(key)
+        table = batch_predictions(cat, batch_ids[loc], version)
         got = table.column("image_id").to_pylist()
         assert sorted(got) == sorted(ids), f"{loc}: {len(got)} rows, {len(set(got) - set(ids))} foreign"
         assert set(table.column("batch_id").to_pylist()) == {batch_ids[loc]}
-        assert lake.read_manifest(key)["extra"]["reconciled"]
-    everything = lake.read_dataset(layout.batch_prefix(BATCH_DATE)).column("image_id").to_pylist()
+        row = batch_record(cat, batch_ids[loc], version)
+        assert row is not None and row["records"] == row["scored"] == len(ids)
+    everything = scan(cat, "predictions", {"batch_date": BATCH_DATE}).column("image_id").to_pylist()
     assert len(everything) == len(set(everything)) == RUNS * ROWS  # nothing lost, nothing duplicated
 
 
@@ -82,16 +85,16 @@ _WORKER = textwrap.dedent(
     """
     import json, sys
     from tests.scoring_support import FakePredictor
-    from zalando.lake import Lake
+    from zalando.lake.catalog import open_catalog
     from zalando.scoring import score_batch
     from zalando.settings import load_settings
 
     location, version, batch_date = sys.argv[1], sys.argv[2], sys.argv[3]
-    lake = Lake.from_settings(load_settings())
-    r = score_batch(lake, location, model_version=version, batch_date=batch_date, shard_size=40,
+    cat = open_catalog(load_settings())
+    r = score_batch(cat, location, model_version=version, batch_date=batch_date, shard_size=40,
                     predictor=FakePredictor())
     assert "torch" not in sys.modules
-    print(json.dumps({"batch_id": r.batch_id, "scored": r.scored, "key": r.predictions_key}))
+    print(json.dumps({"batch_id": r.batch_id, "scored": r.scored, "snapshot": r.snapshot_id}))
     """
 )
 
@@ -107,6 +110,7 @@ def test_ten_scoring_processes_at_once_into_one_lake(
         "ZALANDO_S3_ENDPOINT": s3_settings.s3_endpoint or "",
         "ZALANDO_S3_ACCESS_KEY": s3_settings.s3_access_key,
         "ZALANDO_S3_SECRET_KEY": s3_settings.s3_secret_key.get_secret_value(),
+        "ZALANDO_WORK_DIR": str(s3_settings.work_dir),  # one catalog for all ten
         "OMP_NUM_THREADS": "1",
     }
     procs = {
@@ -132,13 +136,15 @@ def test_ten_scoring_processes_at_once_into_one_lake(
                 proc.kill()
                 proc.wait()
     assert all(r["scored"] == ROWS for r in results.values())
+    cat = open_catalog(s3_settings, lake=s3_lake)
     assert_each_run_has_exactly_its_rows(
-        s3_lake, version, batches, {loc: r["batch_id"] for loc, r in results.items()}
+        cat, version, batches, {loc: r["batch_id"] for loc, r in results.items()}
     )
+    assert len({r["snapshot"] for r in results.values()}) == RUNS  # ten commits, none lost to a race
     record_case(
         record_property,
-        f"{RUNS} scoring processes at once, one S3 server, one batch date",
-        f"all {RUNS} completed",
+        f"{RUNS} scoring processes at once, one S3 server, one batch date, one Iceberg catalog",
+        f"all {RUNS} completed: {RUNS} predictions commits into one table (conflicts retried on the fresh snapshot)",
         lost=f"nothing: each batch exactly its own {ROWS} rows, {RUNS * ROWS} unique in all",
     )
 
@@ -185,7 +191,10 @@ def test_ten_batch_scoring_flow_runs_at_once_on_one_prefect_server(
     assert not errors, {k: repr(v) for k, v in errors.items()}
     assert len(results) == RUNS and all(r["scored"] == ROWS for r in results.values())
     assert_each_run_has_exactly_its_rows(
-        lake, version, batches, {k: r["batch_id"] for k, r in results.items()}
+        open_catalog(load_settings(), lake=lake),
+        version,
+        batches,
+        {k: r["batch_id"] for k, r in results.items()},
     )
 
     with get_client(sync_client=True) as client:

@@ -1,7 +1,9 @@
-"""Batch scoring against a real SeaweedFS S3 server with a real (tiny) champion bundle.
+"""Batch scoring against a real SeaweedFS S3 server with a real (tiny) champion bundle, into the
+lake's Iceberg tables (SQLite catalog in the work folder, warehouse in the lake's bucket).
 
 The demo batch (mini test split) end to end, identical rows through Dask, every bad input
-reconciled, image-file batches, and a scoring process killed mid-batch then finished exactly once.
+reconciled, image-file batches, a scoring process killed mid-batch then finished exactly once, and
+DuckDB reading the predictions table on S3 while a batch is mid-write.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from tests.conftest import MINI_DIR
+from tests.conftest import MINI_DIR, TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.scoring_support import (
     article,
+    batch_predictions,
+    batch_quarantine,
     huge_png_header,
     jpeg_bytes,
     make_champion,
@@ -31,17 +36,26 @@ from tests.scoring_support import (
 )
 from zalando.data.arrays import raw_table
 from zalando.data.idx import read_idx_images, read_idx_labels
+from zalando.labels import GROUP_KEYS
 from zalando.lake import Lake
+from zalando.lake.catalog import LakeCatalog, RetryPolicy, open_catalog
+from zalando.lake.commit import scan
 from zalando.scoring import (
     DEMO_BATCH_LOCATION,
     BatchPlan,
     ScoringOptions,
+    batch_summary,
     clear_predictor_cache,
+    finalize_batch,
+    is_batch_committed,
     layout,
     load_champion_predictor,
+    prepare_batch,
     run_shard,
     score_batch,
+    score_shard,
 )
+from zalando.scoring.commit import batch_record
 from zalando.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -57,6 +71,26 @@ def scored_lake(s3_lake: Lake) -> tuple[Lake, str]:
     return s3_lake, make_champion(s3_lake)
 
 
+@pytest.fixture
+def cat(s3_settings: Settings, s3_lake: Lake) -> LakeCatalog:
+    return open_catalog(
+        s3_settings, lake=s3_lake, retry=RetryPolicy(attempts=6, base_delay=0.05, max_delay=1.0)
+    )
+
+
+def _env(s3_settings: Settings) -> dict[str, str]:
+    """The environment a scoring subprocess reads its settings from: this lake and this catalog."""
+    return {
+        **os.environ,
+        "ZALANDO_LAKE_URI": s3_settings.lake_uri,
+        "ZALANDO_S3_ENDPOINT": s3_settings.s3_endpoint or "",
+        "ZALANDO_S3_ACCESS_KEY": s3_settings.s3_access_key,
+        "ZALANDO_S3_SECRET_KEY": s3_settings.s3_secret_key.get_secret_value(),
+        "ZALANDO_WORK_DIR": str(s3_settings.work_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def _ingest_mini_test(lake: Lake) -> int:
     images = read_idx_images(str(MINI_DIR / "t10k-images-idx3-ubyte.gz"))
     labels = read_idx_labels(str(MINI_DIR / "t10k-labels-idx1-ubyte.gz"))
@@ -70,26 +104,29 @@ def _without_time(table: pa.Table) -> pa.Table:
 
 
 def test_demo_batch_on_s3_and_identical_rows_through_dask(
-    scored_lake: tuple[Lake, str], s3_settings: Settings
+    scored_lake: tuple[Lake, str], cat: LakeCatalog, s3_settings: Settings
 ) -> None:
     lake, version = scored_lake
     n = _ingest_mini_test(lake)
     r = score_batch(
-        lake, DEMO_BATCH_LOCATION, batch_date="2026-05-01", shard_size=128, runtime="onnx", threads=1
+        cat, DEMO_BATCH_LOCATION, batch_date="2026-05-01", shard_size=128, runtime="onnx", threads=1
     )
     assert r.batch_id == "2026-05-01-fashion-mnist-test" and r.model_version == version
     assert (r.records, r.scored, r.quarantined) == (n, n, 0)
-    assert r.predictions_key.startswith("predictions/batch_date=2026-05-01/model_version=")
-    manifest = lake.read_manifest(r.predictions_key)
+    assert r.predictions_table == "zalando.predictions" and r.data_files == r.shards
+    row = batch_record(cat, r.batch_id, version)
+    assert row is not None
     assert (
-        manifest["extra"]["inputs"]["files"][0]["sha256"]
+        row["inputs"]["files"][0]["sha256"]
         == lake.read_manifest(DEMO_BATCH_LOCATION)["files"]["part-00000.parquet"]["sha256"]
     )
-    assert manifest["extra"]["reconciled"] and manifest["extra"]["runtimes"] == ["onnx"]
-    local = lake.read_partition(r.predictions_key)
+    assert row["records"] == n and row["runtimes"] == "onnx"
+    local = batch_predictions(cat, r.batch_id)
     assert local.num_rows == n and len(set(local.column("image_id").to_pylist())) == n
     assert sum(r.group_counts.values()) == n
-    assert lake.read_dataset("predictions_by_group/batch_date=2026-05-01").num_rows == n
+    for g, key in enumerate(GROUP_KEYS):  # the per-group view: a filter of the same rows
+        view = scan(cat, "predictions", {"batch_id": r.batch_id, "pred_group": g}, columns=["pred_group"])
+        assert view.num_rows == r.group_counts[key]
 
     # the same batch through a Dask cluster (threads), forced: identical rows but for scored_at
     from dask.distributed import Client, LocalCluster
@@ -112,7 +149,7 @@ def test_demo_batch_on_s3_and_identical_rows_through_dask(
             return client.gather(futures)
 
         r2 = score_batch(
-            lake,
+            cat,
             DEMO_BATCH_LOCATION,
             batch_date="2026-05-01",
             shard_size=128,
@@ -122,11 +159,11 @@ def test_demo_batch_on_s3_and_identical_rows_through_dask(
             threads=1,
         )
     assert (r2.records, r2.scored, r2.shards_skipped) == (n, n, 0)
-    dask_rows = lake.read_partition(r2.predictions_key)
+    dask_rows = batch_predictions(cat, r2.batch_id)
     assert _without_time(dask_rows).equals(_without_time(local))
 
 
-def test_bad_inputs_on_s3_reconcile(scored_lake: tuple[Lake, str]) -> None:
+def test_bad_inputs_on_s3_reconcile(scored_lake: tuple[Lake, str], cat: LakeCatalog) -> None:
     lake, version = scored_lake
     imgs = mnist_like(8, seed=5)
     files = {
@@ -154,7 +191,7 @@ def test_bad_inputs_on_s3_reconcile(scored_lake: tuple[Lake, str]) -> None:
         lake.write_bytes(f"incoming/bad/{name}", data)
     opts = ScoringOptions(sub_batch=4)
     r = score_batch(
-        lake, "incoming/bad", batch_date="2026-05-02", shard_size=3, options=opts, runtime="onnx", threads=1
+        cat, "incoming/bad", batch_date="2026-05-02", shard_size=3, options=opts, runtime="onnx", threads=1
     )
     assert r.scored == 7  # g0..g6
     assert r.reasons == {
@@ -170,34 +207,38 @@ def test_bad_inputs_on_s3_reconcile(scored_lake: tuple[Lake, str]) -> None:
         "wrong_shape": 1,
     }
     assert r.records == r.scored + r.quarantined == 17
-    q = lake.read_partition(layout.quarantine_key(r.batch_id, version))
+    q = batch_quarantine(cat, r.batch_id, version)
     assert sorted(q.column("reason").to_pylist()) == sorted(k for k, v in r.reasons.items() for _ in range(v))
-    assert lake.read_manifest(r.predictions_key)["extra"]["counts"]["quarantined"] == 10
+    assert batch_summary(cat, r.batch_id, version).quarantined == 10
+    text = q.filter(pc.equal(q.column("reason"), "not_an_image")).to_pylist()[0]
+    assert text["image"] is None and text["size"] == len(b"not an image")  # evidence, no payload
 
 
-def test_image_file_batch_png_and_jpeg_light_and_dark(scored_lake: tuple[Lake, str]) -> None:
+def test_image_file_batch_png_and_jpeg_light_and_dark(
+    scored_lake: tuple[Lake, str], cat: LakeCatalog
+) -> None:
     lake, _ = scored_lake
     for i, (fmt, light) in enumerate([("png", True), ("png", False), ("jpg", True), ("jpg", False)]):
         a = article((60 + 10 * i, 40), light_background=light, seed=i)
         data = png_bytes(a) if fmt == "png" else jpeg_bytes(a)
         lake.write_bytes(f"incoming/photos/item-{i}.{fmt}", data)
-    r = score_batch(lake, "incoming/photos", batch_date="2026-05-03", runtime="onnx", threads=1)
+    r = score_batch(cat, "incoming/photos", batch_date="2026-05-03", runtime="onnx", threads=1)
     assert (r.records, r.scored, r.quarantined) == (4, 4, 0)
-    ids = sorted(lake.read_partition(r.predictions_key).column("image_id").to_pylist())
+    ids = sorted(batch_predictions(cat, r.batch_id).column("image_id").to_pylist())
     assert ids == [f"item-{i}" for i in range(4)]
-    stats = lake.read_manifest(r.predictions_key)["extra"]["pixel_stats"]
+    stats = batch_record(cat, r.batch_id, r.model_version)["pixel_stats"]  # type: ignore[index]
     assert stats["mean"] < 0.45  # every picture ends up light-on-dark, the light ones inverted
 
 
 _KILLED_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from zalando.lake import Lake
+    from zalando.lake.catalog import open_catalog
     from zalando.scoring import load_champion_predictor, score_batch
     from zalando.settings import load_settings
 
-    lake = Lake.from_settings(load_settings())
-    champion = load_champion_predictor(lake, "onnx", threads=1)
+    cat = open_catalog(load_settings())
+    champion = load_champion_predictor(cat.lake, "onnx", threads=1)
 
     class Slow:
         runtime = "onnx"
@@ -206,7 +247,7 @@ _KILLED_SCRIPT = textwrap.dedent(
             return champion.predict(images)
 
     print("started", flush=True)
-    score_batch(lake, "incoming/big", predictor=Slow(), model_version=champion.model_version,
+    score_batch(cat, "incoming/big", predictor=Slow(), model_version=champion.model_version,
                 batch_date="2026-05-04", shard_size=20)
     print("finished", flush=True)
     """
@@ -214,7 +255,7 @@ _KILLED_SCRIPT = textwrap.dedent(
 
 
 def test_killed_mid_batch_rerun_completes_only_missing_shards(
-    scored_lake: tuple[Lake, str], s3_settings: Settings
+    scored_lake: tuple[Lake, str], cat: LakeCatalog, s3_settings: Settings
 ) -> None:
     lake, version = scored_lake
     n = 400
@@ -222,23 +263,15 @@ def test_killed_mid_batch_rerun_completes_only_missing_shards(
     ids = [f"k{i:04d}" for i in range(n)]
     lake.write_bytes("incoming/big/a.parquet", raw_parquet(ids[:200], imgs[:200], row_group_size=20))
     lake.write_bytes("incoming/big/b.parquet", raw_parquet(ids[200:], imgs[200:], row_group_size=20))
-    env = {
-        **os.environ,
-        "ZALANDO_LAKE_URI": s3_settings.lake_uri,
-        "ZALANDO_S3_ENDPOINT": s3_settings.s3_endpoint or "",
-        "ZALANDO_S3_ACCESS_KEY": s3_settings.s3_access_key,
-        "ZALANDO_S3_SECRET_KEY": s3_settings.s3_secret_key.get_secret_value(),
-        "OMP_NUM_THREADS": "1",
-    }
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_SCRIPT],
         cwd=ROOT,
-        env=env,
+        env=_env(s3_settings),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     batch_id = "2026-05-04-big"
-    markers = f"{layout.predictions_key('2026-05-04', version, batch_id)}/_shards"
+    markers = layout.shard_markers_prefix("2026-05-04", version, batch_id)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and len(lake.list_keys(markers)) < 4:
@@ -252,7 +285,9 @@ def test_killed_mid_batch_rerun_completes_only_missing_shards(
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
-    assert not lake.is_committed(layout.predictions_key("2026-05-04", version, batch_id))
+    assert not is_batch_committed(cat, batch_id, version)
+    assert batch_predictions(cat, batch_id).num_rows == 0  # its shard files: written, never visible
+    assert len(lake.list_keys("zalando/predictions/data/batch_date=2026-05-04")) >= done_before
 
     calls = []
     champion = load_champion_predictor(lake, "onnx", threads=1)
@@ -265,7 +300,7 @@ def test_killed_mid_batch_rerun_completes_only_missing_shards(
             return champion.predict(images)
 
     r = score_batch(
-        lake,
+        cat,
         "incoming/big",
         predictor=Counting(),
         model_version=version,
@@ -274,7 +309,7 @@ def test_killed_mid_batch_rerun_completes_only_missing_shards(
     )
     assert r.shards == 20 and r.shards_skipped >= done_before
     assert sum(calls) == (20 - r.shards_skipped) * 20  # only the missing shards were scored
-    table = lake.read_partition(r.predictions_key)
+    table = batch_predictions(cat, r.batch_id)
     assert table.num_rows == n and sorted(table.column("image_id").to_pylist()) == ids  # one row per image
 
 
@@ -328,3 +363,42 @@ def test_batch_scoring_flow_reports_the_wall_time_of_the_batch_and_refuses_outsi
     assert summary["images_per_s"] == pytest.approx(60 / summary["seconds"], rel=1e-3)
     with pytest.raises(ScoringInputError, match="ZALANDO_BATCH_ROOTS"):
         batch_scoring(batch_uri="file:///etc", batch_date=date(2026, 5, 9), runtime="onnx", monitor=False)
+
+
+def test_duckdb_on_s3_sees_only_committed_batches_while_one_is_mid_write(
+    cat: LakeCatalog, s3_settings: Settings, s3_lake: Lake
+) -> None:
+    """A second engine with the lake's S3 settings (the README's lines): while batch 2's shards are
+    on S3 but not committed, exactly batch 1's rows; after its one commit, both."""
+    from tests.lakehouse_support import duckdb_with_iceberg
+    from tests.scoring_support import FakePredictor
+    from zalando.lake.tables import load_table
+
+    v = "20260101T000000Z-fake"
+    for b, n in (("one", 30), ("two", 50)):
+        s3_lake.write_bytes(
+            f"incoming/{b}/a.parquet", raw_parquet([f"{b}-{i}" for i in range(n)], mnist_like(n))
+        )
+    one = score_batch(
+        cat, "incoming/one", predictor=FakePredictor(), model_version=v, batch_date="2026-05-05"
+    )
+    plan = prepare_batch(
+        cat, "incoming/two", model_version=v, batch_date="2026-05-05", shard_size=20, check_model=False
+    )
+    results = [score_shard(s3_lake, s, FakePredictor(), v) for s in plan.shards]
+    con = duckdb_with_iceberg()
+    host = (s3_settings.s3_endpoint or "").removeprefix("http://")
+    con.execute(
+        f"CREATE SECRET lake (TYPE s3, KEY_ID '{TEST_ACCESS_KEY}', SECRET '{TEST_SECRET_KEY}', "
+        f"ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false, REGION '{s3_settings.s3_region}')"
+    )
+
+    def counts() -> list[tuple[str, int]]:
+        metadata = load_table(cat, "predictions").metadata_location
+        sql = f"SELECT batch_id, count(*) FROM iceberg_scan('{metadata}') GROUP BY 1 ORDER BY 1"
+        return con.sql(sql).fetchall()
+
+    assert sum(r.scored for r in results) == 50
+    assert counts() == [(one.batch_id, 30)]
+    two = finalize_batch(cat, plan.batch, plan.shards, v, results=results)
+    assert counts() == [(one.batch_id, 30), (two.batch_id, 50)]

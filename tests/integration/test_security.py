@@ -443,6 +443,69 @@ def test_cli_pipeline_with_a_canary_secret_leaks_nothing_and_binds_to_localhost(
     )
 
 
+def test_scoring_into_iceberg_tables_leaks_no_secret_into_metadata_or_the_catalog(
+    tmp_path: Path, record_property: RecordProperty, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch scored into the Iceberg tables with a canary S3 secret, a forced re-run, a failing
+    commit (wrong secret) and a time-travel read: no trace of the secret in any object (data files,
+    manifests, manifest lists, metadata JSON, shard markers, the embedding sample), the SQLite
+    catalog, the work folder, a log line or an error."""
+    import logging
+
+    from tests.scoring_support import FakePredictor, mnist_like, raw_parquet
+    from zalando.lake.catalog import RetryPolicy, open_catalog
+    from zalando.scoring import predictions_preview, score_batch
+
+    secret = canary()
+    s3 = S3Server(
+        state_dir=tmp_path / "s3", port=free_port_block(), access_key="zalando-sec", secret_key=secret
+    )
+    s3.start(timeout=90)
+    work = tmp_path / "work"
+    caplog.set_level(logging.DEBUG)
+    try:
+        settings = Settings(
+            lake_uri="s3://zalando/lake", s3_endpoint=s3.endpoint, s3_access_key="zalando-sec",
+            s3_secret_key=secret, work_dir=work,
+        )  # fmt: skip
+        lake = Lake.from_settings(settings)
+        lake.ensure_ready()
+        cat = open_catalog(settings, lake=lake)
+        lake.write_bytes("inbox/a.parquet", raw_parquet([f"s{i}" for i in range(50)], mnist_like(50)))
+        lake.write_bytes("inbox/notes.txt", b"a text file: quarantined")
+        for force in (False, True):
+            r = score_batch(
+                cat, "inbox", predictor=FakePredictor(), model_version="v-sec", batch_date="2026-09-01",
+                shard_size=20, force=force,
+            )  # fmt: skip
+        preview = predictions_preview(cat, r.batch_id, as_of=str(r.snapshot_id))
+        assert preview["counts"]["scored"] == 50
+        wrong = settings.model_copy(update={"s3_secret_key": type(settings.s3_secret_key)(canary())})
+        bad = open_catalog(wrong, retry=RetryPolicy(attempts=2, base_delay=0.01))
+        errors = []
+        with pytest.raises(ZalandoError) as e:
+            score_batch(
+                bad, "inbox", predictor=FakePredictor(), model_version="v-other", batch_date="2026-09-02"
+            )
+        errors.append(str(e.value))
+        n_objects, in_lake = leaks_in_buckets(s3.endpoint, "zalando-sec", secret)
+    finally:
+        s3.stop()
+    assert n_objects > 20 and in_lake == [], in_lake  # data, metadata, avro manifests, markers, samples
+    assert (work / "iceberg" / "catalog.db").is_file()
+    n_files, in_files = leaks_in_files(work, secret)
+    assert n_files >= 1 and in_files == [], in_files
+    assert not any(secret in text for text in errors + [repr(cat), repr(bad), caplog.text])
+    record_case(
+        record_property,
+        "scoring into Iceberg tables with a canary secret (commit, forced re-run, failing commit, time travel)",
+        "completed; the failing commit said why in one line",
+        lost="-",
+        leaked=f"nothing ({n_objects} objects incl. Iceberg metadata, {n_files} work-folder files incl. "
+        "the SQLite catalog, every log line and error scanned)",
+    )
+
+
 # ------------------------------------------------------------------------------ a whole Prefect flow
 
 

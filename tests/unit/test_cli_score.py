@@ -1,4 +1,5 @@
-"""`zalando score --from --to`: the library backfill, with the flow (here a fake) scoring each day."""
+"""`zalando score --from --to`: the library backfill, with the flow (here a fake) scoring each day;
+`zalando predictions BATCH_ID [--as-of]`: a batch read back through the predictions table."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from tests.scoring_support import mnist_like, raw_parquet
 from zalando import cli
 from zalando.lake import Lake
-from zalando.scoring import BatchResult, ScoringError, layout
+from zalando.scoring import BatchResult, ScoringError
 
 V = "v-cli"
 
@@ -39,7 +40,7 @@ def _fake_flow(calls: list[dict[str, Any]], fail_on: date | None = None) -> Any:
         batch_id = f"{batch_date}-inbox-{batch_date}"
         r = BatchResult(
             batch_id=batch_id, batch_date=batch_date, model_version=kw["model_version"],
-            predictions_key=layout.predictions_key(batch_date, kw["model_version"], batch_id),
+            predictions_table="zalando.predictions",
             records=1, scored=1, quarantined=0, group_counts={"bags": 1},
         )  # fmt: skip
         return {**r.model_dump(mode="json"), "predictions_uri": "file:///p", "drift": None}
@@ -98,7 +99,7 @@ class _FakeFlowModule(types.ModuleType):
         bdate, version = params["batch_date"], params["model_version"]
         r = BatchResult(
             batch_id=self.batch_id, batch_date=bdate, model_version=version,
-            predictions_key=layout.predictions_key(bdate, version, self.batch_id),
+            predictions_table="zalando.predictions",
             records=0, scored=0, quarantined=0, seconds=1.06,
         )  # fmt: skip
         return {**r.model_dump(mode="json"), "predictions_uri": "file:///p", "drift": None}
@@ -178,3 +179,52 @@ def test_every_table_keeps_long_ids_whole_when_stdout_is_not_a_terminal(
     header = next(line for line in r.output.splitlines() if "records" in line)
     assert "batch wall s" in header, r.output
     assert "1.06" in r.output
+
+
+def test_predictions_reads_a_batch_now_and_as_of_a_time_or_a_snapshot(
+    lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    from tests.scoring_support import FakePredictor
+    from zalando.lake.catalog import open_catalog
+    from zalando.scoring import score_batch
+    from zalando.settings import load_settings
+
+    cat = open_catalog(load_settings(), lake=lake)
+    before_any = datetime.now(UTC)
+    time.sleep(0.05)
+    location = "inbox/batch_date=2026-05-01"
+    first = score_batch(cat, location, predictor=FakePredictor(), model_version=V, batch_date="2026-05-01")
+    time.sleep(0.05)
+    between = datetime.now(UTC)
+    time.sleep(0.05)
+    lake.write_bytes(f"{location}/b.parquet", raw_parquet(["2026-05-01-1", "2026-05-01-2"], mnist_like(2, 1)))
+    second = score_batch(
+        cat, location, predictor=FakePredictor(), model_version=V, batch_date="2026-05-01", force=True
+    )
+    assert (first.scored, second.scored) == (1, 3)
+    run = CliRunner()
+
+    def show(*extra: str) -> tuple[int, str]:
+        r = run.invoke(cli.app, ["predictions", first.batch_id, "--rows", "2", *extra])
+        return r.exit_code, " ".join(r.output.split())
+
+    code, out = show()
+    assert code == 0 and "reconciliation: records 3, scored 3, quarantined 0" in out, out
+    for as_of in (between.isoformat(), str(first.snapshot_id)):
+        code, out = show("--as-of", as_of)
+        assert code == 0 and "reconciliation: records 1, scored 1, quarantined 0" in out, out
+        assert f"snapshot {first.snapshot_id}" in out
+    code, out = show("--as-of", str(second.snapshot_id))
+    assert code == 0 and "records 3" in out
+    # a bad value, a time before the table existed, a snapshot that never was: one error line each
+    for bad, says in (
+        ("yesterday", "neither an ISO timestamp nor a snapshot id"),
+        (before_any.isoformat(), "no snapshot at or before"),
+        ("4913349759761406980", "no snapshot of the table and no time"),
+    ):
+        r = run.invoke(cli.app, ["predictions", first.batch_id, "--as-of", bad])
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and says in lines[0], r.output

@@ -199,6 +199,29 @@ def test_locked_sqlite_catalog_is_retried_then_one_line(tmp_path: Path) -> None:
     assert lc.scan(reader(s), "predictions").num_rows == 5
 
 
+def test_first_opens_of_a_new_catalog_at_once_all_succeed(tmp_path: Path) -> None:
+    """Workers starting together on a fresh work folder: each one's first open creates the catalog's
+    tables and the namespace, and losing that race to another is not an error."""
+    errors: list[BaseException] = []
+    for trial in range(3):
+        s = Settings(lake_uri=(tmp_path / f"lake{trial}").as_uri(), work_dir=tmp_path / f"work{trial}")
+        start = threading.Barrier(6)
+
+        def open_one(s: Settings = s, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                lt.ensure_table(open_catalog(s, retry=FAST), "batches")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+
+
 def test_a_lost_catalog_database_is_refused_not_recreated_empty(settings: Settings, tmp_path: Path) -> None:
     cat = open_catalog(settings, retry=FAST)
     lc.append(cat, "predictions", prediction_rows(7, "b1"))
@@ -223,7 +246,7 @@ def test_every_table_is_created_in_one_namespace_with_its_partitioning(
     assert set(names) == {
         "raw_images", "quarantine", "datasets", "dataset_versions", "predictions", "metrics_per_group",
         "metrics_confusion", "metrics_summary", "metrics_performance", "metrics_energy", "monitoring",
-        "registry_decisions",
+        "registry_decisions", "batches",
     }  # fmt: skip
     other = reader(settings)
     assert {i[-1] for i in other.catalog.list_tables("zalando")} == set(names)

@@ -1,17 +1,26 @@
-"""The scoring engine on a local lake with a fake predictor: outputs, exactly-once, bad input, backfill."""
+"""The scoring engine on a local lake (Iceberg tables, SQLite catalog) with a fake predictor: outputs,
+exactly-once, bad input, backfill."""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from tests.scoring_support import (
     FakePredictor,
+    batch_predictions,
+    batch_quarantine,
+    committed_files,
     huge_png_header,
     jpeg_bytes,
+    local_catalog,
     mnist_like,
     png_bytes,
     raw_parquet,
@@ -20,13 +29,16 @@ from tests.scoring_support import (
 )
 from zalando.labels import GROUP_KEYS
 from zalando.lake import Lake
+from zalando.lake.catalog import LakeCatalog
+from zalando.lake.commit import scan
+from zalando.lake.tables import TABLES
 from zalando.scoring import (
-    PREDICTION_SCHEMA,
     ScoringError,
     ScoringInputError,
     ScoringOptions,
     backfill,
     finalize_batch,
+    is_batch_committed,
     layout,
     prepare_batch,
     score_batch,
@@ -37,8 +49,13 @@ V = "v-test"
 
 
 @pytest.fixture
-def lake(tmp_path: Path) -> Lake:
-    return Lake.local(tmp_path / "lake")
+def cat(tmp_path: Path) -> LakeCatalog:
+    return local_catalog(tmp_path)
+
+
+@pytest.fixture
+def lake(cat: LakeCatalog) -> Lake:
+    return cat.lake
 
 
 def _good_batch(root: Path, n: int = 40, files: int = 2, seed: int = 0) -> tuple[Path, list[str]]:
@@ -57,11 +74,11 @@ def _good_batch(root: Path, n: int = 40, files: int = 2, seed: int = 0) -> tuple
     return root, ids
 
 
-def test_score_batch_writes_predictions_views_and_manifest_last(lake: Lake, tmp_path: Path) -> None:
+def test_score_batch_commits_predictions_views_and_its_row_last(cat: LakeCatalog, tmp_path: Path) -> None:
     src, ids = _good_batch(tmp_path / "in")
     opts = ScoringOptions(sub_batch=8, confidence_threshold=0.5)
     r = score_batch(
-        lake,
+        cat,
         src.as_uri(),
         predictor=FakePredictor(),
         model_version=V,
@@ -71,59 +88,70 @@ def test_score_batch_writes_predictions_views_and_manifest_last(lake: Lake, tmp_
         options=opts,
     )
     assert (r.records, r.scored, r.quarantined, r.skipped) == (40, 40, 0, False)
-    key = layout.predictions_key("2026-03-01", V, r.batch_id)
-    assert key == f"predictions/batch_date=2026-03-01/model_version={V}/batch_id=2026-03-01-shop"
-    table = lake.read_partition(key)
-    assert table.schema.equals(PREDICTION_SCHEMA)
+    assert r.batch_id == "2026-03-01-shop" and r.predictions_table == "zalando.predictions"
+    table = batch_predictions(cat, r.batch_id, V)
+    assert table.schema.equals(TABLES["predictions"].schema)
     assert sorted(table.column("image_id").to_pylist()) == sorted(ids)
     assert set(table.column("batch_id").to_pylist()) == {r.batch_id}
     probs = np.stack([table.column(f"prob_{k}").to_numpy() for k in GROUP_KEYS], 1)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(table.column("pred_group").to_numpy(), probs.argmax(1))
-    manifest = lake.read_manifest(key)
-    assert manifest["extra"]["counts"] == {
-        "records": 40,
-        "scored": 40,
-        "quarantined": 0,
-        "low_confidence": r.low_confidence,
-    }
-    assert len(manifest["extra"]["inputs"]["files"]) == 2 and manifest["rows"] == 40
-    assert sorted(manifest["files"]) == [layout.part_name(i) for i in range(r.shards)]
-    # one folder per predicted group, holding exactly the rows predicted as that group
-    by_group = lake.read_dataset("predictions_by_group/batch_date=2026-03-01")
-    assert by_group.num_rows == 40
+    row = scan(cat, "batches", {"batch_id": r.batch_id, "model_version": V}).to_pylist()
+    assert len(row) == 1
+    counts = {k: row[0][k] for k in ("records", "scored", "quarantined", "low_confidence")}
+    assert counts == {"records": 40, "scored": 40, "quarantined": 0, "low_confidence": r.low_confidence}
+    assert len(json.loads(row[0]["inputs"])["files"]) == 2 and row[0]["scored"] == 40
+    assert row[0]["predictions_snapshot_id"] == r.snapshot_id
+    # one data file per shard, named by (date, model, batch, plan, shard), all in one snapshot
+    files = committed_files(cat, "predictions", {"batch_id": r.batch_id})
+    assert len(files) == r.shards == r.data_files
+    prefix = (
+        f"zalando/predictions/data/batch_date=2026-03-01/model_version={V}/batch_id=2026-03-01-shop/run_id="
+    )
+    assert all(f.startswith(prefix) for f in files)
+    assert [f.rsplit("/", 1)[1] for f in files] == [f"part-{i:05d}.parquet" for i in range(r.shards)]
+    # the per-group view is a filter of the one table: each group's rows are exactly those predicted so
+    seen = 0
     for g, gkey in enumerate(GROUP_KEYS):
-        rows = [
-            p
-            for p, gg in zip(
-                by_group.column("pred_group").to_pylist(), by_group.column("group").to_pylist(), strict=True
-            )
-            if gg == gkey
-        ]
-        assert all(p == g for p in rows)
-    review = lake.read_partition(layout.review_key("2026-03-01", V, r.batch_id))
+        rows = scan(cat, "predictions", {"batch_id": r.batch_id, "pred_group": g})
+        assert all(p == g for p in rows.column("pred_group").to_pylist())
+        assert rows.num_rows == r.group_counts[gkey]
+        seen += rows.num_rows
+    assert seen == 40
+    # the review queue too: needs_review marks confidence below the threshold
+    review = scan(cat, "predictions", {"batch_id": r.batch_id, "needs_review": True})
     assert review.num_rows == r.low_confidence and all(
         c < 0.5 for c in review.column("confidence").to_pylist()
     )
-    emb = lake.read_partition(layout.embeddings_key("2026-03-01", V, r.batch_id))
+    assert scan(cat, "predictions", "confidence < 0.5").num_rows == r.low_confidence
+    emb_keys = json.loads(row[0]["embeddings"])
+    emb = pa.concat_tables([pq.read_table(io.BytesIO(cat.lake.read_bytes(k))) for k in emb_keys])
     assert emb.num_rows > 0 and emb.column("embedding").type.list_size == 4
-    # the whole day reads as one table, with the hive keys as columns
-    day = lake.read_dataset("predictions")
-    assert day.num_rows == 40 and set(day.column("batch_date").to_pylist()) == {"2026-03-01"}
+    assert all(k.startswith(f"scoring/batch_date=2026-03-01/model_version={V}/") for k in emb_keys)
+    # the whole day reads as one table
+    day = scan(cat, "predictions", {"batch_date": "2026-03-01"})
+    assert day.num_rows == 40 and {str(d) for d in day.column("batch_date").to_pylist()} == {"2026-03-01"}
+    # the snapshot that committed the batch says so, for any engine
+    from zalando.lake.tables import load_table
+
+    snap = load_table(cat, "predictions").snapshot_by_id(r.snapshot_id)
+    assert snap.summary["zalando.batch.id"] == r.batch_id and snap.summary["zalando.batch.scored"] == "40"
 
 
-def test_committed_batch_is_skipped_unless_forced(lake: Lake, tmp_path: Path) -> None:
+def test_committed_batch_is_skipped_unless_forced(cat: LakeCatalog, tmp_path: Path) -> None:
     src, _ = _good_batch(tmp_path / "in", n=20)
     first = FakePredictor()
-    score_batch(lake, src.as_uri(), predictor=first, model_version=V, batch_date="2026-03-02", shard_size=10)
+    done = score_batch(
+        cat, src.as_uri(), predictor=first, model_version=V, batch_date="2026-03-02", shard_size=10
+    )
     again = FakePredictor()
     r = score_batch(
-        lake, src.as_uri(), predictor=again, model_version=V, batch_date="2026-03-02", shard_size=10
+        cat, src.as_uri(), predictor=again, model_version=V, batch_date="2026-03-02", shard_size=10
     )
-    assert r.skipped and again.calls == 0 and r.scored == 20
+    assert r.skipped and again.calls == 0 and r.scored == 20 and r.snapshot_id == done.snapshot_id
     forced = FakePredictor()
     r = score_batch(
-        lake,
+        cat,
         src.as_uri(),
         predictor=forced,
         model_version=V,
@@ -132,15 +160,16 @@ def test_committed_batch_is_skipped_unless_forced(lake: Lake, tmp_path: Path) ->
         force=True,
     )
     assert not r.skipped and forced.calls > 0 and r.shards_skipped == 0
-    assert lake.read_partition(r.predictions_key).num_rows == 20
+    assert batch_predictions(cat, r.batch_id).num_rows == 20  # replaced, never duplicated
+    assert r.snapshot_id != done.snapshot_id
 
 
 def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
-    lake: Lake, tmp_path: Path
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
 ) -> None:
     src, ids = _good_batch(tmp_path / "in", n=60, files=3)
     plan = prepare_batch(
-        lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7, check_model=False
+        cat, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7, check_model=False
     )
     assert len(plan.shards) >= 6
     flaky = FakePredictor(fail_on_call=4)  # the 4th shard "crashes"
@@ -152,25 +181,31 @@ def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
             failed.append(s.shard_id)
     assert failed == [3]
     with pytest.raises(ScoringError, match=r"1 of \d+ shards not committed \(ids \[3\]\)"):
-        finalize_batch(lake, plan.batch, plan.shards, V)
-    assert not lake.is_committed(layout.predictions_key("2026-03-03", V, plan.batch_id))
-    # the re-run (same plan, as a retry or a new process would make it) scores only shard 3
+        finalize_batch(cat, plan.batch, plan.shards, V)
+    assert not is_batch_committed(cat, plan.batch_id, V)
+    assert batch_predictions(cat, plan.batch_id).num_rows == 0  # the written shard files: invisible
+    # the re-run (a new plan, as a retry or a new process would make it) scores only shard 3
     plan2 = prepare_batch(
-        lake, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7, check_model=False
+        cat, src.as_uri(), model_version=V, batch_date="2026-03-03", shard_size=7, check_model=False
     )
     counter = FakePredictor()
     results = [score_shard(lake, s, counter, V) for s in plan2.shards]
     assert [r.shard_id for r in results if not r.skipped] == [3] and counter.calls == 1
-    r = finalize_batch(lake, plan2.batch, plan2.shards, V, results=results)
+    r = finalize_batch(cat, plan2.batch, plan2.shards, V, results=results)
     assert r.shards_skipped == len(plan2.shards) - 1
-    table = lake.read_partition(r.predictions_key)
+    table = batch_predictions(cat, r.batch_id)
     assert sorted(table.column("image_id").to_pylist()) == sorted(ids)  # one row per image
+    # shard 3's file is the re-run's own; the others are the first plan's, committed as they were
+    files = committed_files(cat, "predictions", {"batch_id": r.batch_id})
+    assert sum(f"run_id={plan2.write_id}/" in f for f in files) == 1
 
 
-def test_half_written_shard_is_overwritten_not_duplicated(lake: Lake, tmp_path: Path) -> None:
+def test_half_written_shard_is_overwritten_not_duplicated(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
+) -> None:
     src, ids = _good_batch(tmp_path / "in", n=20)
     plan = prepare_batch(
-        lake, src.as_uri(), model_version=V, batch_date="2026-03-04", shard_size=10, check_model=False
+        cat, src.as_uri(), model_version=V, batch_date="2026-03-04", shard_size=10, check_model=False
     )
     score_shard(lake, plan.shards[0], FakePredictor(), V)
     # a crash after the part file but before the marker: delete the marker, keep the part
@@ -178,11 +213,11 @@ def test_half_written_shard_is_overwritten_not_duplicated(lake: Lake, tmp_path: 
     lake.delete(marker)
     results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
     assert not any(r.skipped for r in results)
-    r = finalize_batch(lake, plan.batch, plan.shards, V)
-    assert lake.read_partition(r.predictions_key).num_rows == 20
+    r = finalize_batch(cat, plan.batch, plan.shards, V)
+    assert batch_predictions(cat, r.batch_id).num_rows == 20
 
 
-def test_bad_inputs_are_quarantined_and_counts_reconcile(lake: Lake, tmp_path: Path) -> None:
+def test_bad_inputs_are_quarantined_and_counts_reconcile(cat: LakeCatalog, tmp_path: Path) -> None:
     imgs = mnist_like(12, seed=3)
     good_ids = [f"g{i}" for i in range(10)]
     nan_table = pa.table(
@@ -221,7 +256,7 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(lake: Lake, tmp_path: P
         },
     )
     r = score_batch(
-        lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-05", shard_size=4
+        cat, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-05", shard_size=4
     )
     # good: 10 + new-1 + f-ok + dark.png + light.jpg
     assert r.scored == 14
@@ -239,21 +274,23 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(lake: Lake, tmp_path: P
         "wrong_shape": 2,
     }
     assert r.records == r.scored + r.quarantined == 14 + 14
-    q = lake.read_partition(layout.quarantine_key(r.batch_id, V))
+    q = batch_quarantine(cat, r.batch_id, V)
     assert q.num_rows == r.quarantined
     assert all(q.column("detail").to_pylist()) and all(q.column("source").to_pylist())
-    preds = lake.read_partition(r.predictions_key)
+    assert sorted(q.column("reason").to_pylist()) == sorted(k for k, v in r.reasons.items() for _ in range(v))
+    assert q.column("size").null_count == 0  # evidence: every row says how big its input was
+    preds = batch_predictions(cat, r.batch_id)
     assert preds.column("image_id").null_count == 0
     assert len(set(preds.column("image_id").to_pylist())) == preds.num_rows
     assert {"g0", "g1", "new-1", "imgs/dark", "imgs/light"} <= set(preds.column("image_id").to_pylist())
 
 
-def test_empty_batch_commits_an_empty_table(lake: Lake, tmp_path: Path) -> None:
+def test_empty_batch_commits_an_empty_table(cat: LakeCatalog, tmp_path: Path) -> None:
     src = tmp_path / "empty"
     src.mkdir()
     # allowed empty: without allow_empty an empty folder is an error (tests/unit/test_batch_boundary.py)
     r = score_batch(
-        lake,
+        cat,
         src.as_uri(),
         predictor=FakePredictor(),
         model_version=V,
@@ -261,18 +298,21 @@ def test_empty_batch_commits_an_empty_table(lake: Lake, tmp_path: Path) -> None:
         allow_empty=True,
     )
     assert (r.records, r.scored, r.quarantined, r.shards) == (0, 0, 0, 0)
-    assert lake.read_partition(r.predictions_key).num_rows == 0
-    assert lake.read_dataset("predictions/batch_date=2026-03-06").num_rows == 0
+    assert batch_predictions(cat, r.batch_id).num_rows == 0
+    assert scan(cat, "predictions", {"batch_date": "2026-03-06"}).num_rows == 0
+    assert is_batch_committed(cat, r.batch_id, V)  # committed, with nothing in it
 
 
-def test_backfill_over_dates_skips_committed_and_reports_missing_days(lake: Lake, tmp_path: Path) -> None:
+def test_backfill_over_dates_skips_committed_and_reports_missing_days(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
+) -> None:
     imgs = mnist_like(6)
     for day in ("2026-04-01", "2026-04-03"):
         lake.write_bytes(
             f"inbox/batch_date={day}/a.parquet", raw_parquet([f"{day}-{i}" for i in range(6)], imgs)
         )
     entries = backfill(
-        lake, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
+        cat, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
     )
     assert [(str(e.batch_date), e.status) for e in entries] == [
         ("2026-04-01", "scored"),
@@ -281,12 +321,12 @@ def test_backfill_over_dates_skips_committed_and_reports_missing_days(lake: Lake
     ]
     assert entries[0].result is not None and entries[0].result.batch_id == "2026-04-01-inbox"
     again = backfill(
-        lake, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
+        cat, date_from="2026-04-01", date_to="2026-04-03", predictor=FakePredictor(), model_version=V
     )
     assert [e.status for e in again] == ["skipped", "no_input", "skipped"]
 
 
-def test_backfill_scores_through_score_one_and_reports_each_entry(lake: Lake) -> None:
+def test_backfill_scores_through_score_one_and_reports_each_entry(cat: LakeCatalog, lake: Lake) -> None:
     from datetime import date
 
     from zalando.scoring import BatchResult
@@ -303,11 +343,11 @@ def test_backfill_scores_through_score_one_and_reports_each_entry(lake: Lake) ->
             raise ScoringError("shard 0 lost")
         return BatchResult(
             batch_id=f"{batch_date}-x", batch_date=batch_date, model_version=model_version,
-            predictions_key="k", records=1, scored=1, quarantined=0, skipped=batch_date == date(2026, 4, 14),
+            predictions_table="k", records=1, scored=1, quarantined=0, skipped=batch_date == date(2026, 4, 14),
         )  # fmt: skip
 
     entries = backfill(
-        lake, date_from="2026-04-11", date_to="2026-04-14", location_template="in/{date}", source=None,
+        cat, date_from="2026-04-11", date_to="2026-04-14", location_template="in/{date}", source=None,
         model_version=V, score_one=score_one, on_entry=seen.append,
     )  # fmt: skip
     assert [(str(e.batch_date), e.status) for e in entries] == [
@@ -327,12 +367,12 @@ def test_backfill_scores_through_score_one_and_reports_each_entry(lake: Lake) ->
     seen.clear()
     with pytest.raises(ScoringError, match="shard 0 lost"):
         backfill(
-            lake, date_from="2026-04-12", date_to="2026-04-14", location_template="in/{date}",
+            cat, date_from="2026-04-12", date_to="2026-04-14", location_template="in/{date}",
             model_version=V, score_one=score_one, on_entry=seen.append, stop_on_error=True,
         )  # fmt: skip
     assert [c[1] for c in calls] == [date(2026, 4, 13)] and [e.status for e in seen] == ["no_input"]
     with pytest.raises(ScoringInputError, match="shard_size"):
-        backfill(lake, ["in/2026-04-11"], model_version=V, score_one=score_one, shard_size=5)
+        backfill(cat, ["in/2026-04-11"], model_version=V, score_one=score_one, shard_size=5)
 
 
 def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
@@ -351,44 +391,47 @@ def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
     np.testing.assert_array_equal(e1, FakePredictor().predict(imgs[:20])[1])
 
 
-def test_predictions_preview_and_progress(lake: Lake, tmp_path: Path) -> None:
+def test_predictions_preview_and_progress(cat: LakeCatalog, tmp_path: Path) -> None:
     from zalando.scoring import predictions_preview, scored_versions
 
     src, _ = _good_batch(tmp_path / "in", n=20)
     seen, plans = [], []
     r = score_batch(
-        lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-09", source="shop",
+        cat, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-09", source="shop",
         shard_size=5, progress=seen.append, on_plan=plans.append,
     )  # fmt: skip
     assert plans[0].batch.records == 20 and [s.shard_id for s in seen] == [0, 1, 2, 3]
-    assert scored_versions(lake, r.batch_id) == [V]
-    p = predictions_preview(lake, r.batch_id, rows=3)
+    assert scored_versions(cat, r.batch_id) == [V]
+    p = predictions_preview(cat, r.batch_id, rows=3)
     assert p["model_version"] == V and len(p["rows"]) == 3 and sum(p["group_counts"].values()) == 20
+    assert p["group_counts"] == r.group_counts and p["counts"]["low_confidence"] == r.low_confidence
 
 
 def test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored(
-    lake: Lake, tmp_path: Path
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
 ) -> None:
     src, ids = _good_batch(tmp_path / "in", n=20)
     plan = prepare_batch(
-        lake, src.as_uri(), model_version=V, batch_date="2026-03-10", shard_size=10, check_model=False
+        cat, src.as_uri(), model_version=V, batch_date="2026-03-10", shard_size=10, check_model=False
     )
     for s in plan.shards:
         score_shard(lake, s, FakePredictor(), V)
-    # another run rewrote shard 1's group file with other bytes after shard 1 committed
+    # someone rewrote shard 1's predictions data file with other bytes after shard 1 committed
     marker = lake.read_json(layout.shard_marker_key(plan.batch_date, V, plan.batch_id, 1))
-    group_file = next(k for k in marker["files"] if k.startswith("predictions_by_group/"))
-    lake.write_bytes(group_file, lake.read_bytes(group_file) + b"x")
+    data_file = next(k for k, e in marker["files"].items() if e["table"] == "predictions")
+    assert data_file.startswith("zalando/predictions/data/")
+    lake.write_bytes(data_file, lake.read_bytes(data_file) + b"x")
     with pytest.raises(ScoringError, match=r"shards \[1\] changed"):
-        finalize_batch(lake, plan.batch, plan.shards, V)
+        finalize_batch(cat, plan.batch, plan.shards, V)
+    assert not is_batch_committed(cat, plan.batch_id, V)
     results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
     assert [r.skipped for r in results] == [True, False]
-    r = finalize_batch(lake, plan.batch, plan.shards, V, results=results)
-    assert sorted(lake.read_partition(r.predictions_key).column("image_id").to_pylist()) == sorted(ids)
+    r = finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    assert sorted(batch_predictions(cat, r.batch_id).column("image_id").to_pylist()) == sorted(ids)
 
 
 def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
-    lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cat: LakeCatalog, lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import zalando.scoring.inputs as inputs
     from zalando.errors import LakeError
@@ -401,7 +444,7 @@ def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
     for i in range(mid, mid + 64):
         bad[i] ^= 0x5A
     src = write_files(tmp_path / "in", {"a.parquet": good, "b.parquet": bytes(bad)})
-    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-03-11", check_model=False)
+    plan = prepare_batch(cat, src.as_uri(), model_version=V, batch_date="2026-03-11", check_model=False)
 
     class DownFS:
         def open_input_file(self, path: str) -> None:
@@ -418,5 +461,103 @@ def test_storage_fault_is_raised_for_retry_but_corrupt_pages_are_quarantined(
     results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
     assert [(r.scored, r.quarantined) for r in results] == [(30, 0), (0, 30)]
     assert results[1].reasons == {"corrupt_parquet": 30}
-    r = finalize_batch(lake, plan.batch, plan.shards, V, results=results)
+    r = finalize_batch(cat, plan.batch, plan.shards, V, results=results)
     assert (r.records, r.scored, r.quarantined) == (60, 30, 30)
+    q = batch_quarantine(cat, r.batch_id, V)  # the corrupt file's rows: its size and sha256, never its bytes
+    assert set(q.column("sha256").to_pylist()) == {plan.batch.inputs[1].sha256}
+    assert set(q.column("size").to_pylist()) == {len(bad)} and q.column("image").null_count == 30
+
+
+def test_quarantine_keeps_evidence_never_the_content_of_a_non_image(cat: LakeCatalog, tmp_path: Path) -> None:
+    """Issue 17: every quarantine row keeps reason, size and sha256; the first bytes (at most 64 KiB)
+    only of an input that claims to be an image; a text file's or any non-image's content never."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    big_png = png_bytes(rng.integers(0, 256, size=(400, 400), dtype=np.uint8))
+    assert len(big_png) > 100_000
+    truncated = big_png[:90_000]
+    text = b"root:x:0:0:root:/root:/bin/bash\nsecret-token=" + b"x" * 5000 + b"\n"
+    binary = bytes(rng.integers(0, 256, size=3000, dtype=np.uint8).tolist())
+    imgs = mnist_like(3)
+    files = {
+        "imgs/truncated.png": truncated,
+        "imgs/passwd.txt": text,
+        "imgs/blob.bin": binary,
+        "imgs/page.jpg": b"<html><body>not a jpeg</body></html>",
+        "imgs/tiny.png": png_bytes(np.zeros((1, 1), np.uint8)),
+        "rows.parquet": table_parquet(
+            pa.table(
+                {
+                    "image_id": ["ok", "short", "dup"],
+                    "image": pa.array([imgs[0].tobytes(), text[:100], imgs[1].tobytes()], pa.binary()),
+                }
+            )
+        ),
+        "dups.parquet": raw_parquet(["dup"], imgs[2:3]),
+        "broken.parquet": b"PAR1" + text,
+    }
+    src = write_files(tmp_path / "in", files)
+    r = score_batch(cat, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-12")
+    q = {row["source"].rsplit("/", 1)[1] + (f"#{row['row']}" if row["row"] > 0 else ""): row
+         for row in batch_quarantine(cat, r.batch_id, V).to_pylist()}  # fmt: skip
+    assert r.quarantined == len(q) == 8, sorted(q)
+    for row in q.values():  # every row: reason, size and sha256
+        assert row["reason"] and row["size"] is not None and row["sha256"], row
+    for name in ("truncated.png", "passwd.txt", "blob.bin", "page.jpg", "tiny.png", "broken.parquet"):
+        data = files[f"imgs/{name}"] if f"imgs/{name}" in files else files[name]
+        assert q[name]["size"] == len(data) and q[name]["sha256"] == hashlib.sha256(data).hexdigest(), name
+    # a truncated PNG claims to be an image: its first 64 KiB are kept, no more
+    assert q["truncated.png"]["reason"] == "corrupt_image"
+    assert q["truncated.png"]["image"] == truncated[: 64 * 1024]
+    assert q["tiny.png"]["image"] == files["imgs/tiny.png"]  # small, and an image: kept whole
+    # a text file, random bytes, HTML named .jpg, a corrupt Parquet file, 100 bytes of text in a row:
+    # measured and hashed, never stored
+    for name in ("passwd.txt", "blob.bin", "page.jpg", "broken.parquet", "rows.parquet#1"):
+        assert q[name]["image"] is None, name
+    assert q["passwd.txt"]["reason"] == "not_an_image"
+    assert q["rows.parquet#1"]["size"] == 100 and q["rows.parquet#1"]["reason"] == "wrong_shape"
+    dup = next(row for row in q.values() if row["reason"] == "duplicate_id")
+    assert dup["image"] is not None and len(dup["image"]) == 784  # raw pixels of an image column: an image
+    stored = b"".join(row["image"] or b"" for row in q.values())
+    assert b"secret-token" not in stored and b"root:x:0:0" not in stored
+
+
+def test_second_engines_see_exactly_the_committed_batches_while_one_is_mid_write(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
+) -> None:
+    """DuckDB (iceberg_scan on the table's metadata) and a plain pyarrow scan of the files the
+    catalog's snapshot lists: while batch 2's shards are written but not finalized, exactly batch
+    1's rows; after its one commit, both batches'."""
+    import pyarrow.dataset as ds
+
+    from tests.lakehouse_support import duckdb_with_iceberg
+    from zalando.lake.catalog import storage_path
+    from zalando.lake.tables import load_table
+
+    src1, ids1 = _good_batch(tmp_path / "in1", n=30, seed=1)
+    src2, ids2 = _good_batch(tmp_path / "in2", n=40, seed=2)
+    one = score_batch(cat, src1.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-13")
+    plan = prepare_batch(cat, src2.as_uri(), model_version=V, batch_date="2026-03-14", check_model=False)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    assert all(not r.skipped for r in results) and sum(r.scored for r in results) == 40
+    assert len(lake.list_keys("zalando/predictions/data/batch_date=2026-03-14")) == len(plan.shards)
+    con = duckdb_with_iceberg()
+
+    def engines() -> tuple[dict[str, int], dict[str, int]]:
+        table = load_table(cat, "predictions")
+        duck = dict(
+            con.sql(
+                f"SELECT batch_id, count(*) FROM iceberg_scan('{table.metadata_location}') GROUP BY 1"
+            ).fetchall()
+        )
+        files = [storage_path(t.file.file_path) for t in table.scan().plan_files()]
+        plain = ds.dataset(files, format="parquet").to_table(columns=["batch_id"]).column("batch_id")
+        counts = pc.value_counts(plain).to_pylist()
+        return duck, {c["values"]: c["counts"] for c in counts}
+
+    assert engines() == ({one.batch_id: 30}, {one.batch_id: 30})  # mid-write: the committed rows only
+    two = finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    assert engines() == ({one.batch_id: 30, two.batch_id: 40}, {one.batch_id: 30, two.batch_id: 40})
+    both = scan(cat, "predictions").column("image_id").to_pylist()
+    assert sorted(both) == sorted(ids1 + ids2)

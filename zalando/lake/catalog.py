@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from zalando.errors import LakeError
-from zalando.lake import Lake
+from zalando.lake import Lake, storage_fault_is_transient
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,17 @@ def open_catalog_at(
         else:
             from pyiceberg.catalog.sql import SqlCatalog
 
-            catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
-        catalog.create_namespace_if_not_exists(namespace)
+            try:
+                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
+            except Exception as e:  # noqa: BLE001 - two first opens at once: the other made its tables
+                if "already exists" not in str(e).lower():
+                    raise
+                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
+        try:
+            catalog.create_namespace_if_not_exists(namespace)
+        except Exception:  # noqa: BLE001 - e.g. a UNIQUE violation: another process created it first
+            if namespace not in {n[0] for n in catalog.list_namespaces() if n}:
+                raise
         return catalog
 
     catalog = with_retries(_open, what="open", describe=describe, policy=policy)
@@ -274,7 +283,12 @@ def is_transient(e: BaseException) -> bool:
         pass
     if isinstance(e, ConnectionError | TimeoutError):
         return True
-    return isinstance(e, OSError) and _has_transient_text(str(e))
+    if isinstance(e, OSError):
+        text = str(e)
+        if "AWS Error" in text or "HTTP status" in text:  # the storage answered: the lake's rule decides
+            return storage_fault_is_transient(e)
+        return _has_transient_text(text)
+    return False
 
 
 def _has_transient_text(text: str) -> bool:
@@ -306,12 +320,14 @@ def error_text(e: BaseException) -> str:
 def to_lake_error(e: BaseException, *, what: str, describe: str, attempts: int = 1) -> LakeError:
     """The LakeError for e: '<catalog>: <what>: <problem>[ (transient; gave up after N attempts)]'.
 
-    Its ``transient`` flag says whether a later try may succeed (a locked or unreachable catalog),
-    so a Prefect task's retry condition can retry it once more after our own attempts."""
+    Its ``transient`` flag says whether a later retry (a task's) may succeed: a locked or
+    unreachable catalog, a refused connection, a 5xx; never a bad filter, schema or credential.
+    """
     if isinstance(e, LakeError):
         return e
+    transient = is_transient(e)
     tail = f" (transient; gave up after {attempts} attempts)" if attempts > 1 else ""
-    return LakeError(f"{describe}: {what}: {error_text(e)}{tail}", transient=is_transient(e))
+    return LakeError(f"{describe}: {what}: {error_text(e)}{tail}", transient=transient)
 
 
 def with_retries(

@@ -17,11 +17,13 @@ Iceberg reader sees them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -259,15 +261,26 @@ def data_file_key(
     )
 
 
-def write_data_file(lake: Lake, key: str, data: pa.Table, *, schema: Any) -> int:
+@dataclass(frozen=True)
+class WrittenFile:
+    """One data file written for a later commit: its key, size, sha256 (to tell later that nobody
+    rewrote it) and rows."""
+
+    key: str
+    bytes: int
+    sha256: str
+    rows: int
+
+
+def write_data_file(lake: Lake, key: str, data: pa.Table, *, schema: Any) -> WrittenFile:
     """Write one shard's rows as Parquet under key, for a later :func:`add_data_files`; not visible
     to any reader until then. Checked against and cast to ``schema``, the table's Iceberg schema
     (:func:`zalando.lake.tables.table_schema`, taken once by the driver): no catalog call here,
-    so a shard on any worker can write. Returns the bytes written."""
+    so a shard on any worker can write."""
     rows = conform(schema, data, where=f"data file {lake.uri(key)}")
     payload = table_to_parquet_bytes(rows)
     lake.write_bytes(key, payload)
-    return len(payload)
+    return WrittenFile(key, len(payload), hashlib.sha256(payload).hexdigest(), rows.num_rows)
 
 
 def add_data_files(
@@ -290,8 +303,10 @@ def add_data_files(
     expr = _replace_filter(replace, table_name) if replace is not None else None
 
     def build(table: Any, props: dict[str, str]) -> None:
-        for uri in uris:
-            check_schema(table.schema(), _file_schema(table, uri), where=f"data file {uri}")
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(uris)))) as ex:  # footers, in parallel
+            schemas = list(ex.map(lambda uri: _file_schema(table, uri), uris))
+        for uri, schema in zip(uris, schemas, strict=True):
+            check_schema(table.schema(), schema, where=f"data file {uri}")
         with table.transaction() as tx, _quiet_empty_delete():
             if expr is not None:
                 tx.delete(expr, snapshot_properties=props)
@@ -366,11 +381,13 @@ def resolve_as_of(table: Any, as_of: datetime | int | str | None, *, what: str =
         ms = int((as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)).timestamp() * 1000)
     else:
         ms = int(as_of)
+    try:
+        moment = datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+    except (OverflowError, OSError, ValueError):  # a number no clock reaches: a mistyped snapshot id
+        raise LakeError(f"{what}: {as_of!r} is no snapshot of the table and no time") from None
     snap = table.snapshot_as_of_timestamp(ms)
     if snap is None:
-        raise LakeError(
-            f"{what}: no snapshot at or before {datetime.fromtimestamp(ms / 1000, UTC).isoformat()}"
-        )
+        raise LakeError(f"{what}: no snapshot at or before {moment}")
     commit_id = snap.summary[COMMIT_ID] if snap.summary is not None else None
     if commit_id:
         later = [s for s in commit_snapshots(table, commit_id) if s.sequence_number > snap.sequence_number]

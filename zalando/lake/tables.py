@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -59,6 +59,12 @@ class TableSpec:
     schema: pa.Schema
     partition_by: tuple[PartitionBy, ...] = ()
     doc: str = ""
+    properties: Mapping[str, str] = field(default_factory=dict)  # on top of TABLE_PROPERTIES
+
+
+# exact (not 16-character) bounds of the batch id in every data file's statistics: a replace filtered
+# on batch_id then drops whole files from the statistics alone instead of reading each one back
+FULL_BATCH_ID_METRICS = {"write.metadata.metrics.column.batch_id": "full"}
 
 
 def _metric_keys() -> list[tuple[str, pa.DataType]]:
@@ -106,10 +112,15 @@ _SPECS = (
                 ("batch_id", pa.string()),
                 ("model_version", pa.string()),
                 ("shard_id", pa.int32()),
+                ("size", pa.int64()),
+                ("sha256", pa.string()),
             ]
         ),
         (),
-        "rejected records of ingest (split, label) and of scoring (row, batch_id, shard_id), with reason",
+        "rejected records of ingest (split, label) and of scoring (row, batch_id, shard_id), with reason; "
+        "evidence, never payloads: size and sha256 of every rejected input, and in image only the first "
+        "bytes (at most 64 KiB) of one that claims to be an image",
+        FULL_BATCH_ID_METRICS,
     ),
     TableSpec(
         "datasets",
@@ -145,6 +156,7 @@ _SPECS = (
                 ("pred_group_name", pa.string()),
                 *[(c, pa.float32()) for c in PROB_COLUMNS],
                 ("confidence", pa.float32()),
+                ("needs_review", pa.bool_()),
                 ("model_version", pa.string()),
                 ("batch_id", pa.string()),
                 ("batch_date", pa.date32()),
@@ -153,7 +165,43 @@ _SPECS = (
             ]
         ),
         (PartitionBy("batch_date"), PartitionBy("model_version")),
-        "scored rows (scoring PREDICTION_SCHEMA + batch_date + shadow); per-group and needs-review are filters",
+        "scored rows, one data file per shard; the per-group view is the filter pred_group = g, the "
+        "review queue needs_review (confidence below the batch's threshold)",
+        FULL_BATCH_ID_METRICS,
+    ),
+    TableSpec(
+        "batches",
+        pa.schema(
+            [
+                ("batch_id", pa.string()),
+                ("batch_date", pa.date32()),
+                ("model_version", pa.string()),
+                ("committed_at", UTC_US),
+                ("run_id", pa.string()),
+                ("location", pa.string()),
+                ("records", pa.int64()),
+                ("scored", pa.int64()),
+                ("quarantined", pa.int64()),
+                ("low_confidence", pa.int64()),
+                ("duplicates", pa.int64()),
+                ("shards", pa.int64()),
+                ("data_files", pa.int64()),
+                ("runtimes", pa.string()),
+                ("shard_seconds", pa.float64()),
+                ("confidence_threshold", pa.float64()),
+                ("predictions_snapshot_id", pa.int64()),
+                ("reasons", pa.string()),
+                ("group_counts", pa.string()),
+                ("confidence_hist", pa.string()),
+                ("pixel_stats", pa.string()),
+                ("inputs", pa.string()),
+                ("embeddings", pa.string()),
+            ]
+        ),
+        (),
+        "one row per committed batch and model version (what a batch manifest said): counts, reasons, "
+        "histograms and inputs (JSON text), the predictions snapshot and the embedding sample's objects",
+        FULL_BATCH_ID_METRICS,
     ),
     TableSpec(
         "metrics_per_group",
@@ -452,13 +500,22 @@ def ensure_table(cat: LakeCatalog, name: str) -> Any:
         return table
     spec = table_spec(name)
     schema = iceberg_schema(spec)
-    kwargs: dict[str, Any] = {"partition_spec": partition_spec(spec, schema), "properties": TABLE_PROPERTIES}
+    kwargs: dict[str, Any] = {
+        "partition_spec": partition_spec(spec, schema),
+        "properties": {**TABLE_PROPERTIES, **spec.properties},
+    }
     if cat.kind == "sql":
         key = table_location_key(cat, name)
         old = [k for k in cat.lake.list_keys(f"{key}/metadata") if k.endswith(".metadata.json")]
         if old and (table := _created_meanwhile(cat, name)) is not None:
             return table
         if old:
+            # another process may be creating the table right now (metadata written, catalog row not yet)
+            for delay in (0.1, 0.2, 0.4, 0.8, 1.5):
+                time.sleep(delay)
+                table = load_table(cat, name)
+                if table is not None:
+                    return table
             raise LakeError(
                 f"iceberg table {cat.identifier(name)} is not in {cat.describe}, but {cat.lake.uri(key)} "
                 f"holds its metadata ({len(old)} metadata files, newest {old[-1].rsplit('/', 1)[-1]}): "

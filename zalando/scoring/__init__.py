@@ -4,7 +4,8 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 
 * :func:`prepare_batch` -> :class:`BatchPlan` (describe + pin model version + skip committed + shards)
 * :func:`run_shard` / :func:`score_shard` -> :class:`ShardResult` (one shard, exactly once)
-* :func:`finalize_batch` -> :class:`BatchResult` (reconcile, commit the batch manifest last)
+* :func:`finalize_batch` -> :class:`BatchResult` (reconcile, then one Iceberg commit of the batch's
+  shard files into ``predictions``; its row in ``batches`` last)
 * :func:`score_batch` (all three in one call), :func:`backfill` (one batch per location or day)
 * :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process;
   the predictors themselves are :mod:`zalando.runtime` and :mod:`zalando.models.predictor`)
@@ -12,7 +13,8 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 Where each part lives: ``batch`` (a batch's inputs, planned into shards), ``inputs`` (reading and
 decoding a shard's inputs, quarantine reason codes), ``shard`` (scoring one shard, its marker),
 ``commit`` (reconciling and committing a batch), ``run`` (the drivers and the backfill),
-``schema`` (the prediction and quarantine tables), ``layout`` (lake keys), ``query`` (reading back).
+``layout`` (tables, filters and object keys), ``query`` (reading back, with time travel). The
+tables' schemas are :data:`zalando.lake.tables.TABLES` (``predictions``, ``quarantine``, ``batches``).
 """
 
 from zalando.scoring.batch import (
@@ -21,6 +23,7 @@ from zalando.scoring.batch import (
     InputFile,
     ScoringInputError,
     ShardRef,
+    ShardTarget,
     describe_batch,
     find_demo_batch,
     make_batch_id,
@@ -33,15 +36,12 @@ from zalando.scoring.champion import (
     resolve_model_version,
 )
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
-from zalando.scoring.query import predictions_preview, scored_versions
+from zalando.scoring.query import predictions_preview, recent_batches, scored_versions
 from zalando.scoring.run import BackfillEntry, BatchPlan, backfill, prepare_batch, run_shard, score_batch
-from zalando.scoring.schema import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
 from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, score_shard
 
 __all__ = [
     "DEMO_BATCH_LOCATION",
-    "PREDICTION_SCHEMA",
-    "QUARANTINE_SCHEMA",
     "BackfillEntry",
     "Batch",
     "BatchPlan",
@@ -53,6 +53,7 @@ __all__ = [
     "ScoringOptions",
     "ShardRef",
     "ShardResult",
+    "ShardTarget",
     "backfill",
     "batch_summary",
     "clear_predictor_cache",
@@ -64,6 +65,7 @@ __all__ = [
     "make_batch_id",
     "plan_shards",
     "predictions_preview",
+    "recent_batches",
     "scored_versions",
     "prepare_batch",
     "reset_batch",

@@ -263,6 +263,18 @@ class Batch(BaseModel):
         }
 
 
+class ShardTarget(BaseModel):
+    """Where one shard's outputs go: deterministic for one plan (a retried shard rewrites its own
+    files), new for every plan (a committed file is never rewritten in place). Set by the driver."""
+
+    model_config = ConfigDict(frozen=True)
+
+    write_id: str  # the plan that chose these names
+    predictions: str  # lake key of the shard's predictions data file (under the table's data/)
+    quarantine: str  # lake key of its quarantine data file
+    embeddings: str  # lake key of its embedding sample (a plain object)
+
+
 class ShardRef(BaseModel):
     """A small, serialisable reference to a slice of a batch: what a worker is handed."""
 
@@ -277,6 +289,7 @@ class ShardRef(BaseModel):
     uri: str | None = None
     name: str | None = None
     sha256: str | None = None
+    size: int | None = None  # parquet and bad_file: the file's bytes (quarantine evidence)
     row_start: int = 0
     row_end: int = 0
     files: tuple[tuple[str, str, str | None], ...] = ()  # images: (name, uri, sha256)
@@ -284,6 +297,7 @@ class ShardRef(BaseModel):
     error: str | None = None
     error_detail: str | None = None
     embedding_sample: int = 0  # rows of embeddings to keep for drift monitoring
+    target: ShardTarget | None = None  # where its outputs go (prepare_batch sets it)
 
     @property
     def records(self) -> int:
@@ -296,7 +310,7 @@ class ShardRef(BaseModel):
     @property
     def fingerprint(self) -> str:
         """Changes whenever what this shard covers changes (inputs, rows, duplicates)."""
-        payload = self.model_dump(mode="json", exclude={"num_shards", "embedding_sample"})
+        payload = self.model_dump(mode="json", exclude={"num_shards", "embedding_sample", "target"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -638,6 +652,7 @@ def plan_shards(
                     "uri": f.uri,
                     "name": f.name,
                     "sha256": f.sha256,
+                    "size": f.size,
                     "error": f.error,
                     "error_detail": f.error_detail,
                 }
@@ -652,6 +667,7 @@ def plan_shards(
                     "uri": f.uri,
                     "name": f.name,
                     "sha256": f.sha256,
+                    "size": f.size,
                     "row_start": start,
                     "row_end": end,
                     "duplicate_rows": tuple(int(r) for r in in_range),
@@ -714,6 +730,7 @@ __all__ = [
     "MANIFEST",
     "ScoringInputError",
     "ShardRef",
+    "ShardTarget",
     "describe_batch",
     "find_demo_batch",
     "has_inputs",

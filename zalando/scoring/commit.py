@@ -1,16 +1,26 @@
-"""Commit a scored batch: reconcile every shard marker against the plan, then commit its partitions.
+"""Commit a scored batch: reconcile every shard marker against the plan, then commit it to the tables.
 
 :func:`finalize_batch` checks that every shard committed and that the counts reconcile (input
-records = scored + quarantined; one row per image id), commits the per-group view, the
-needs-review and embedding-sample partitions and the quarantine (each one's manifest is its
-commit), and commits the batch manifest LAST of all: until then no reader sees the batch.
-:func:`reset_batch` un-commits a batch for a forced re-run; :func:`batch_summary` reads one back.
+records = scored + quarantined; one row per image id; every file still has the sha256 its shard
+wrote), then commits, each an atomic Iceberg commit that replaces the batch's earlier rows:
+
+1. ``quarantine``: the batch's rejected inputs (its shards' quarantine data files);
+2. ``predictions``: THE batch's commit, exactly the batch's shard data files. Until it lands no
+   reader (ours, DuckDB, Spark, a pyarrow scan through the catalog) sees any of the batch's rows;
+   its snapshot summary carries the batch's counts;
+3. ``batches``: the batch's one row (counts, reasons, histograms, inputs, the embedding sample's
+   objects), what :func:`is_batch_committed` and :func:`batch_summary` read. Written last: a crash
+   before it leaves the batch "not committed", and the re-run commits the same shard files again.
+
+:func:`reset_batch` removes the shard markers for a forced re-run; the committed rows stay visible
+until the re-run's commit replaces them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import time
 from collections import Counter
@@ -27,13 +37,23 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from zalando.labels import GROUP_KEYS, NUM_GROUPS
-from zalando.lake import MANIFEST, Lake
+from zalando.lake import Lake
+from zalando.lake.catalog import LakeCatalog
+from zalando.lake.commit import CommitResult, add_data_files, replace_partition, scan
+from zalando.lake.tables import TABLES
 from zalando.scoring import layout
 from zalando.scoring.batch import Batch, ShardRef
-from zalando.scoring.schema import CONFIDENCE_BINS, PREDICTION_SCHEMA
-from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, read_shard_markers, write_part
+from zalando.scoring.shard import (
+    CONFIDENCE_BINS,
+    ScoringError,
+    ScoringOptions,
+    ShardResult,
+    read_shard_markers,
+)
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "zalando.batch."  # snapshot summary properties of a batch's predictions commit
 
 
 class BatchResult(BaseModel):
@@ -42,7 +62,7 @@ class BatchResult(BaseModel):
     batch_id: str
     batch_date: date
     model_version: str
-    predictions_key: str
+    predictions_table: str  # the catalog identifier; the batch is the filter batch_id = ...
     records: int
     scored: int
     quarantined: int
@@ -52,6 +72,8 @@ class BatchResult(BaseModel):
     shards: int = 0
     shards_skipped: int = 0
     skipped: bool = False  # the batch was already committed and not forced
+    snapshot_id: int | None = None  # the predictions snapshot that committed the batch
+    data_files: int = 0  # predictions data files the batch added (one per shard with scored rows)
     seconds: float = 0.0
     images_per_s: float = 0.0
     timings: dict[str, float] = Field(default_factory=dict)  # plan / shards / finalize seconds
@@ -74,47 +96,51 @@ class _Totals:
 # ------------------------------------------------------------------------------------ state
 
 
-def is_batch_committed(lake: Lake, batch_date: date | str, batch_id: str, model_version: str) -> bool:
-    return lake.is_committed(layout.predictions_key(batch_date, model_version, batch_id))
+def batch_record(cat: LakeCatalog, batch_id: str, model_version: str) -> dict[str, Any] | None:
+    """The batch's row in ``batches`` (JSON columns decoded), or None when it is not committed."""
+    rows = scan(cat, layout.BATCHES, layout.batch_row(batch_id, model_version)).to_pylist()
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: r["committed_at"])  # one, unless someone appended by hand
+    for col in ("reasons", "group_counts", "confidence_hist", "pixel_stats", "inputs", "embeddings"):
+        row[col] = json.loads(row[col]) if row[col] else None
+    return row
+
+
+def is_batch_committed(cat: LakeCatalog, batch_id: str, model_version: str) -> bool:
+    return batch_record(cat, batch_id, model_version) is not None
 
 
 def reset_batch(lake: Lake, batch: Batch, model_version: str) -> None:
-    """Un-commit a batch's outputs (manifests first, then markers) so that it is scored again."""
-    d, b, v = batch.batch_date, batch.batch_id, model_version
-    lake.delete(f"{layout.predictions_key(d, v, b)}/{MANIFEST}")
-    for key in _side_partitions(d, v, b):
-        lake.delete(f"{key}/{MANIFEST}")
-    lake.delete_prefix(f"{layout.predictions_key(d, v, b)}/_shards")
-    log.info("batch %s (model %s): un-committed for a forced re-run", b, v)
+    """Forget the shard markers of a batch so that a forced re-run scores every shard again. The
+    committed rows (if any) stay visible until the re-run's commit replaces them."""
+    lake.delete_prefix(layout.shard_markers_prefix(batch.batch_date, model_version, batch.batch_id))
+    log.info("batch %s (model %s): shard markers removed for a forced re-run", batch.batch_id, model_version)
 
 
-def _side_partitions(d: date, v: str, b: str) -> list[str]:
-    return [
-        *[layout.group_key(d, g, v, b) for g in range(NUM_GROUPS)],
-        layout.review_key(d, v, b),
-        layout.embeddings_key(d, v, b),
-        layout.quarantine_key(b, v),
-    ]
+def batch_summary(cat: LakeCatalog, batch_id: str, model_version: str) -> BatchResult:
+    """The BatchResult of a committed batch, from its row in ``batches``."""
+    from zalando.errors import NotCommittedError
 
-
-def batch_summary(lake: Lake, batch_date: date | str, batch_id: str, model_version: str) -> BatchResult:
-    """The BatchResult of a committed batch, from its manifest."""
-    key = layout.predictions_key(batch_date, model_version, batch_id)
-    m = lake.read_manifest(key)
-    x = m["extra"]
-    c = x["counts"]
+    row = batch_record(cat, batch_id, model_version)
+    if row is None:
+        raise NotCommittedError(
+            f"batch {batch_id} (model {model_version}) is not committed in {cat.identifier(layout.BATCHES)}"
+        )
     return BatchResult(
         batch_id=batch_id,
-        batch_date=date.fromisoformat(str(batch_date)) if isinstance(batch_date, str) else batch_date,
+        batch_date=row["batch_date"],
         model_version=model_version,
-        predictions_key=key,
-        records=c["records"],
-        scored=c["scored"],
-        quarantined=c["quarantined"],
-        reasons=x.get("reasons", {}),
-        group_counts=x.get("group_counts", {}),
-        low_confidence=c.get("low_confidence", 0),
-        shards=x.get("shards", 0),
+        predictions_table=cat.identifier(layout.PREDICTIONS),
+        records=row["records"],
+        scored=row["scored"],
+        quarantined=row["quarantined"],
+        reasons=row["reasons"] or {},
+        group_counts=row["group_counts"] or {},
+        low_confidence=row["low_confidence"],
+        shards=row["shards"],
+        snapshot_id=row["predictions_snapshot_id"],
+        data_files=row["data_files"],
         skipped=True,
     )
 
@@ -123,7 +149,7 @@ def batch_summary(lake: Lake, batch_date: date | str, batch_id: str, model_versi
 
 
 def finalize_batch(
-    lake: Lake,
+    cat: LakeCatalog,
     batch: Batch,
     shards: Sequence[ShardRef],
     model_version: str,
@@ -132,65 +158,92 @@ def finalize_batch(
     options: ScoringOptions | None = None,
     results: Iterable[ShardResult] | None = None,
     verify_ids: bool = True,
-    extra: dict[str, Any] | None = None,
 ) -> BatchResult:
-    """Reconcile every shard marker, commit the side partitions, and commit the batch manifest LAST.
+    """Reconcile every shard marker, then commit quarantine, predictions (the batch's commit) and
+    the batch's row, each replacing the batch's earlier rows.
 
-    Reads only the shard markers (and, with ``verify_ids``, the image_id column of the part files).
-    ``results`` (the shard tasks' return values) are only used to count skipped shards.
-    Raises :class:`ScoringError` when shards are missing or counts do not reconcile.
+    Reads the shard markers (and, with ``verify_ids``, every file they list: sha256, and the
+    image_id column of the predictions files). ``results`` (the shard tasks' return values) are
+    only used to count skipped shards. Raises :class:`ScoringError` when shards are missing or
+    counts do not reconcile, and a LakeError when a commit fails (nothing of the batch visible
+    then but what an earlier run committed).
     """
     t0 = time.perf_counter()
     opts = options or ScoringOptions()
     d, b, v = batch.batch_date, batch.batch_id, model_version
     run_id = run_id or f"score-{b}-{v}"
+    lake = cat.lake
     done, totals = _reconcile(lake, batch, shards, v)
-    by_prefix: dict[str, dict[str, dict[str, Any]]] = {}  # partition key -> part name -> entry
-    for m in done:
-        for key, entry in m["files"].items():
-            prefix, _, name = key.rpartition("/")
-            by_prefix.setdefault(prefix, {})[name] = entry
-    pred_key = layout.predictions_key(d, v, b)
-    pred_files = _files_or_empty_part(lake, pred_key, by_prefix)  # an all-bad batch: a zero-row table
+    files = _files_by_table(done)
     if verify_ids:
-        _verify_shard_files(lake, done, pred_key, b)
-    schema_text = str(PREDICTION_SCHEMA)
-    for entry in pred_files.values():
-        entry["schema"] = schema_text
-
-    # side partitions first, stale ones from an earlier plan removed; the batch manifest is the last write
-    _commit_side_partitions(lake, batch, v, by_prefix, run_id, totals.reasons, opts.confidence_threshold)
-    _remove_stale_parts(lake, pred_key, set(pred_files))
-    manifest_extra = {
-        **_manifest_extra(batch, v, len(shards), done, totals, by_prefix, opts.confidence_threshold),
-        **(extra or {}),
+        _verify_shard_files(lake, done, b)
+    counts = {
+        "records": totals.records,
+        "scored": totals.scored,
+        "quarantined": totals.quarantined,
+        "low_confidence": totals.low_confidence,
     }
-    _commit_existing(lake, pred_key, pred_files, run_id, manifest_extra)  # the batch's commit point
+    add_data_files(
+        cat, layout.QUARANTINE, files[layout.QUARANTINE], replace=layout.quarantine_partition(b, v),
+        properties={f"{SNAPSHOT_PREFIX}id": b, f"{SNAPSHOT_PREFIX}model-version": v},
+    )  # fmt: skip
+    committed = add_data_files(
+        cat,
+        layout.PREDICTIONS,
+        files[layout.PREDICTIONS],
+        replace=layout.prediction_partition(d, v, b),
+        properties=_snapshot_properties(batch, v, run_id, len(shards), counts),
+    )  # the batch's commit point for every reader
+    group_counts = {GROUP_KEYS[g]: int(totals.group_counts[g]) for g in range(NUM_GROUPS)}
+    row = _batch_row(batch, v, run_id, shards, done, totals, group_counts, files, committed, opts)
+    replace_partition(cat, layout.BATCHES, row, layout.batch_row(b, v))
     result = BatchResult(
         batch_id=b,
         batch_date=d,
         model_version=v,
-        predictions_key=pred_key,
+        predictions_table=cat.identifier(layout.PREDICTIONS),
         records=totals.records,
         scored=totals.scored,
         quarantined=totals.quarantined,
         reasons=dict(sorted(totals.reasons.items())),
-        group_counts=manifest_extra["group_counts"],
+        group_counts=group_counts,
         low_confidence=totals.low_confidence,
         shards=len(shards),
         shards_skipped=sum(1 for r in results or () if r.skipped),
+        snapshot_id=committed.snapshot_id,
+        data_files=len(files[layout.PREDICTIONS]),
         seconds=time.perf_counter() - t0,
     )
     log.info(
-        "batch %s (model %s) committed: %d records = %d scored + %d quarantined %s",
-        b,
-        v,
-        totals.records,
-        totals.scored,
-        totals.quarantined,
-        dict(totals.reasons) or "",
-    )
+        "batch %s (model %s) committed: %d records = %d scored + %d quarantined %s (snapshot %s)",
+        b, v, totals.records, totals.scored, totals.quarantined, dict(totals.reasons) or "",
+        committed.snapshot_id,
+    )  # fmt: skip
     return result
+
+
+def _files_by_table(done: list[dict[str, Any]]) -> dict[str | None, list[str]]:
+    """The shards' files, in shard order: predictions and quarantine data files, embedding samples."""
+    out: dict[str | None, list[str]] = {layout.PREDICTIONS: [], layout.QUARANTINE: [], None: []}
+    for m in done:
+        for key, entry in m["files"].items():
+            out[entry.get("table")].append(key)
+    return out
+
+
+def _snapshot_properties(
+    batch: Batch, model_version: str, run_id: str, shards: int, counts: dict[str, int]
+) -> dict[str, Any]:
+    """What the predictions snapshot says about the batch it committed (readable by any engine)."""
+    p = SNAPSHOT_PREFIX
+    return {
+        f"{p}id": batch.batch_id,
+        f"{p}date": batch.batch_date.isoformat(),
+        f"{p}model-version": model_version,
+        f"{p}run-id": run_id,
+        f"{p}shards": shards,
+        **{f"{p}{k.replace('_', '-')}": n for k, n in counts.items()},
+    }
 
 
 def _reconcile(
@@ -237,119 +290,49 @@ def _add_up(done: list[dict[str, Any]]) -> _Totals:
     )
 
 
-def _files_or_empty_part(
-    lake: Lake, key: str, by_prefix: dict[str, dict[str, dict[str, Any]]]
-) -> dict[str, dict[str, Any]]:
-    """The partition's part files, sorted; with none, a zero-row part file is written (and listed)."""
-    files = dict(sorted(by_prefix.get(key, {}).items()))
-    if not files:
-        files[layout.EMPTY_PART] = write_part(
-            lake, f"{key}/{layout.EMPTY_PART}", PREDICTION_SCHEMA.empty_table()
-        )
-    return files
-
-
-def _common(batch: Batch, model_version: str) -> dict[str, Any]:
-    return {
-        "batch_id": batch.batch_id,
-        "batch_date": batch.batch_date.isoformat(),
-        "model_version": model_version,
-    }
-
-
-def _commit_side_partitions(
-    lake: Lake,
+def _batch_row(
     batch: Batch,
     model_version: str,
-    by_prefix: dict[str, dict[str, dict[str, Any]]],
     run_id: str,
-    reasons: Counter[str],
-    confidence_threshold: float,
-) -> None:
-    """Commit the per-group, needs-review, embeddings and quarantine partitions (in parallel: independent).
-
-    A partition no shard wrote is removed (stale from an earlier plan); needs-review always commits.
-    """
-    d, b, v = batch.batch_date, batch.batch_id, model_version
-    common = _common(batch, v)
-    review = layout.review_key(d, v, b)
-    review_files = _files_or_empty_part(lake, review, by_prefix)
-    emb = layout.embeddings_key(d, v, b)
-    qkey = layout.quarantine_key(b, v)
-    side: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
-        (
-            layout.group_key(d, g, v, b),
-            by_prefix.get(layout.group_key(d, g, v, b)),
-            {**common, "group": GROUP_KEYS[g]},
-        )
-        for g in range(NUM_GROUPS)
-    ]
-    side += [
-        (review, review_files, {**common, "confidence_threshold": confidence_threshold}),
-        (emb, by_prefix.get(emb), common),
-        (qkey, by_prefix.get(qkey), {**common, "reasons": dict(reasons)}),
-    ]
-
-    def commit_side(item: tuple[str, dict[str, Any] | None, dict[str, Any]]) -> None:
-        key, entries, side_extra = item
-        if entries:
-            _commit_existing(lake, key, dict(sorted(entries.items())), run_id, side_extra)
-        else:
-            lake.delete_prefix(key)
-
-    with ThreadPoolExecutor(max_workers=len(side)) as ex:
-        list(ex.map(commit_side, side))
-
-
-def _manifest_extra(
-    batch: Batch,
-    model_version: str,
-    num_shards: int,
+    shards: Sequence[ShardRef],
     done: list[dict[str, Any]],
     totals: _Totals,
-    by_prefix: dict[str, dict[str, dict[str, Any]]],
-    confidence_threshold: float,
-) -> dict[str, Any]:
-    """What the batch manifest says: inputs, counts, histograms for drift, runtimes, partitions."""
-    d, b, v = batch.batch_date, batch.batch_id, model_version
-    emb = layout.embeddings_key(d, v, b)
-    qkey = layout.quarantine_key(b, v)
+    group_counts: dict[str, int],
+    files: dict[str | None, list[str]],
+    committed: CommitResult,
+    opts: ScoringOptions,
+) -> pa.Table:
+    """The batch's row in ``batches``: what the batch manifest said (inputs, counts, histograms for
+    drift, runtimes), with the predictions snapshot and the embedding sample's objects."""
     seconds = sum(m.get("timings", {}).get(k, 0.0) for m in done for k in ("read_decode", "predict", "write"))
-    counts = {
+    row = {
+        "batch_id": batch.batch_id,
+        "batch_date": batch.batch_date,
+        "model_version": model_version,
+        "committed_at": datetime.now(UTC),
+        "run_id": run_id,
+        "location": batch.location_uri,
         "records": totals.records,
         "scored": totals.scored,
         "quarantined": totals.quarantined,
         "low_confidence": totals.low_confidence,
-    }
-    return {
-        **_common(batch, v),
-        "kind": "predictions",
-        "inputs": batch.input_manifest(),
-        "counts": counts,
-        "reconciled": True,
-        "reasons": dict(sorted(totals.reasons.items())),
-        "group_counts": {GROUP_KEYS[g]: int(totals.group_counts[g]) for g in range(NUM_GROUPS)},
-        "confidence_hist": {
-            "bins": CONFIDENCE_BINS,
-            "range": [0.0, 1.0],
-            "counts": totals.confidence_hist.tolist(),
-        },
-        "pixel_stats": _pixel_stats(totals.pixel_hist),
-        "shards": num_shards,
-        "runtimes": sorted({m.get("runtime", "") for m in done}),
+        "duplicates": batch.duplicate_count,
+        "shards": len(shards),
+        "data_files": len(files[layout.PREDICTIONS]),
+        "runtimes": ",".join(sorted({m.get("runtime", "") for m in done} - {""})),
         "shard_seconds": round(seconds, 3),
-        "confidence_threshold": confidence_threshold,
-        "partitions": {
-            "by_group": [
-                layout.group_key(d, g, v, b)
-                for g in range(NUM_GROUPS)
-                if layout.group_key(d, g, v, b) in by_prefix
-            ],
-            "needs_review": layout.review_key(d, v, b),
-            "embeddings": emb if emb in by_prefix else None,
-            "quarantine": qkey if qkey in by_prefix else None,
-        },
+        "confidence_threshold": opts.confidence_threshold,
+        "predictions_snapshot_id": committed.snapshot_id,
+        "reasons": json.dumps(dict(sorted(totals.reasons.items()))),
+        "group_counts": json.dumps(group_counts),
+        "confidence_hist": json.dumps(
+            {"bins": CONFIDENCE_BINS, "range": [0.0, 1.0], "counts": totals.confidence_hist.tolist()}
+        ),
+        "pixel_stats": json.dumps(_pixel_stats(totals.pixel_hist)),
+        "inputs": json.dumps(batch.input_manifest(), default=str),
+        "embeddings": json.dumps(files[None]),
     }
+    return pa.Table.from_pylist([row], schema=TABLES[layout.BATCHES].schema)
 
 
 def _pixel_stats(pixel_hist: np.ndarray) -> dict[str, Any]:
@@ -370,27 +353,12 @@ def _pixel_stats(pixel_hist: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _commit_existing(
-    lake: Lake, key: str, entries: dict[str, dict[str, Any]], run_id: str, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """Commit files already written under key: the manifest (Lake's format) is the only write."""
-    manifest = {
-        "partition": key,
-        "run_id": run_id,
-        "created_at": datetime.now(UTC).isoformat(),
-        "files": entries,
-        "rows": int(sum(e.get("rows", 0) for e in entries.values())),
-        "extra": extra,
-    }
-    lake.write_json(f"{key}/{MANIFEST}", manifest)
-    return manifest
+def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str) -> None:
+    """Every file a marker lists still has its checksum, and the predictions files hold each image
+    id once.
 
-
-def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], pred_key: str, batch_id: str) -> None:
-    """Every file a marker lists still has its checksum, and the part files hold each image id once.
-
-    A mismatch means two runs scored the same shard at the same time (same names, other bytes):
-    that shard's marker is removed, so the next run scores it again, and the batch is not committed.
+    A mismatch means someone rewrote a file after its shard committed: that shard's marker is
+    removed, so the next run scores it again, and the batch is not committed.
     """
     jobs = [(m, key, entry) for m in markers for key, entry in m["files"].items()]
 
@@ -399,10 +367,9 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], pred_key: str
         data = lake.read_bytes(key)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             return int(marker["shard_id"]), None
-        if key.rsplit("/", 1)[0] == pred_key:
-            return None, pq.read_table(io.BytesIO(data), columns=["image_id"]).column(
-                "image_id"
-            ).combine_chunks()
+        if entry.get("table") == layout.PREDICTIONS:
+            ids = pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id")
+            return None, ids.combine_chunks().cast(pa.string())
         return None, None
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(jobs)))) as ex:
@@ -425,11 +392,3 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], pred_key: str
         raise ScoringError(
             f"batch {batch_id}: {len(all_ids) - n_distinct} duplicate image ids across part files"
         )
-
-
-def _remove_stale_parts(lake: Lake, key: str, keep: set[str]) -> None:
-    for k in lake.list_keys(key):
-        name = k[len(key) + 1 :]
-        if "/" not in name and name.endswith(".parquet") and name not in keep:
-            log.info("removing stale part file %s", k)
-            lake.delete(k)

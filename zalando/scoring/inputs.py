@@ -6,11 +6,18 @@ pixels, encoded PNG/JPEG/..., or lists of numbers) into uint8 (N, 28, 28) images
 errors: each becomes a quarantine record with a reason code (those below, the file-level ones of
 :mod:`zalando.scoring.batch`, the decoding ones of :mod:`zalando.images`). A storage that does not
 answer is a :class:`~zalando.errors.LakeError` (the task retries), never a quarantined row.
+
+A quarantine record keeps evidence, never a payload: the reason, the input's size and sha256, and
+its first bytes (at most ``keep_rejected_bytes``, 64 KiB) only when the input claims to be an image
+(:func:`claims_image`: a signature and a header Pillow can read) or is 784 raw pixels of a Parquet
+image column. A text file, HTML named .jpg or a corrupt Parquet file is never stored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -183,7 +190,8 @@ def _decode_lists(
 def read_shard(lake: Lake, ref: ShardRef, cfg: ImagePrepConfig, keep_rejected_bytes: int) -> ShardInput:
     """Read and decode one shard's inputs; bad rows become quarantine records, never errors.
 
-    ``keep_rejected_bytes``: a rejected input up to this size is kept in its quarantine record.
+    ``keep_rejected_bytes``: at most this many first bytes of a rejected input that claims to be an
+    image are kept in its quarantine record (:class:`Evidence`).
     Raises :class:`LakeError` when the storage does not answer (a retry may succeed).
     """
     if ref.kind == "parquet":
@@ -212,9 +220,10 @@ class ShardInput:
         row: int,
         reason: str,
         detail: str,
-        blob: bytes | None,
+        evidence: Evidence | None = None,
     ) -> None:
         self.ok[i] = False
+        ev = evidence or Evidence()
         self.quarantine.append(
             {
                 "image_id": image_id,
@@ -222,9 +231,47 @@ class ShardInput:
                 "row": row,
                 "reason": reason,
                 "detail": detail,
-                "image": blob,
+                "image": ev.head,
+                "size": ev.size,
+                "sha256": ev.sha256,
             }
         )
+
+
+class Evidence:
+    """What a quarantine record keeps of a rejected input: size, sha256, and (images only) its head."""
+
+    __slots__ = ("head", "sha256", "size")
+
+    def __init__(self, size: int | None = None, sha256: str | None = None, head: bytes | None = None) -> None:
+        self.size = size
+        self.sha256 = sha256
+        self.head = head
+
+    @classmethod
+    def of(cls, blob: bytes, cap: int, *, raw_pixels: bool = False) -> Evidence:
+        """Size and sha256 of blob; its first ``cap`` bytes only when it claims to be an image, or
+        is 784 raw pixels of a Parquet image column (``raw_pixels``)."""
+        keep = cap > 0 and ((raw_pixels and len(blob) == IMAGE_BYTES) or claims_image(blob))
+        return cls(len(blob), hashlib.sha256(blob).hexdigest(), blob[:cap] if keep else None)
+
+
+def claims_image(blob: bytes) -> bool:
+    """True when blob starts like an image file: a known signature and a header Pillow can read
+    (the pixels need not decode: a truncated PNG claims to be one)."""
+    if sniff_format(blob[:16]) is None:
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            Image.open(io.BytesIO(blob))  # lazy: the header only
+        except Image.DecompressionBombError:
+            return True  # a header, declaring too many pixels
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return False
+    return True
 
 
 class _Unreadable(Exception):
@@ -275,8 +322,9 @@ def _read_parquet_shard(
         detail = f"{ref.name} rows {ref.row_start}..{ref.row_end}: {e.detail}"
         ids = _try_ids(fs, path, ref)
         out.ids = ids
+        whole_file = Evidence(ref.size, ref.sha256)  # the evidence is the file; its bytes are not an image
         for i in range(n):
-            out.reject(i, ids[i], ref.uri, int(out.rows[i]), e.reason, detail, None)
+            out.reject(i, ids[i], ref.uri, int(out.rows[i]), e.reason, detail, whole_file)
         return out
     ids_col = table.column(ID_COLUMN).combine_chunks()
     if not pa.types.is_string(ids_col.type):
@@ -323,11 +371,6 @@ def _reject_bad_rows(
     dups = {r - ref.row_start for r in ref.duplicate_rows}
     if not (bad_by_row or dups or missing_id.size):
         return
-    blob_ok = (
-        pa.types.is_binary(image_col.type)
-        or pa.types.is_large_binary(image_col.type)
-        or pa.types.is_fixed_size_binary(image_col.type)
-    )
     missing = set(missing_id.tolist())
     for i in sorted(set(bad_by_row) | dups | missing):
         image_id = ids_col[i].as_py()
@@ -341,11 +384,24 @@ def _reject_bad_rows(
             reason, detail = MISSING_ID, f"{where}: image_id is null or empty"
         else:
             reason, detail = bad_by_row[i]
-        blob = None
-        if blob_ok and image_col[i].is_valid:
-            b = image_col[i].as_py()
-            blob = b if len(b) <= keep_rejected_bytes else None
-        out.reject(i, image_id, ref.uri or "", ref.row_start + i, reason, detail, blob)
+        evidence = _row_evidence(image_col, i, keep_rejected_bytes)
+        out.reject(i, image_id, ref.uri or "", ref.row_start + i, reason, detail, evidence)
+
+
+def _row_evidence(image_col: pa.Array, i: int, cap: int) -> Evidence:
+    """A Parquet row's evidence: its image value's size and sha256 (lists: of their values' bytes),
+    and its first bytes when it is an image file or 784 raw pixels."""
+    value = image_col[i]
+    if not value.is_valid:
+        return Evidence(0)
+    t = image_col.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return Evidence.of(value.as_py(), cap, raw_pixels=True)
+    values = value.values  # a list of numbers: never kept, only measured
+    if values.null_count:
+        values = values.fill_null(0)
+    data = values.to_numpy(zero_copy_only=False).tobytes()
+    return Evidence(len(data), hashlib.sha256(data).hexdigest())
 
 
 def _try_ids(fs: Any, path: str, ref: ShardRef) -> list[str | None]:
@@ -370,17 +426,6 @@ def _read_image_shard(
     for i, (name, uri, sha) in enumerate(ref.files):
         image_id = image_id_for_file(name)
         ids.append(image_id)
-        if i in dups:
-            out.reject(
-                i,
-                image_id,
-                uri,
-                0,
-                DUPLICATE_ID,
-                f"{name}: image_id {image_id!r} already appears earlier in the batch",
-                None,
-            )
-            continue
         fs, path = open_input(uri, lake)
         try:
             info = fs.get_file_info(path)
@@ -388,19 +433,19 @@ def _read_image_shard(
             raise LakeError(
                 f"input {uri}: storage fault ({_detail(e)})", transient=storage_fault_is_transient(e)
             ) from None
+        planned = Evidence(info.size, sha)  # what describe_batch measured: no need to read it again
+        if i in dups:
+            detail = f"{name}: image_id {image_id!r} already appears earlier in the batch"
+            out.reject(i, image_id, uri, 0, DUPLICATE_ID, detail, planned)
+            continue
         if info.type != pafs.FileType.File:
-            out.reject(i, image_id, uri, 0, INPUT_CHANGED, f"{name}: gone since the batch was planned", None)
+            out.reject(i, image_id, uri, 0, INPUT_CHANGED, f"{name}: gone since the batch was planned")
             continue
         if (info.size or 0) > cfg.max_bytes:
-            out.reject(
-                i,
-                image_id,
-                uri,
-                0,
-                "too_large",
-                f"{name}: {info.size} bytes > max_bytes {cfg.max_bytes}",
-                None,
-            )
+            detail = f"{name}: {info.size} bytes > max_bytes {cfg.max_bytes}"
+            head = _read_head(fs, path, keep_rejected_bytes)
+            planned.head = head if head and claims_image(head) else None
+            out.reject(i, image_id, uri, 0, "too_large", detail, planned)
             continue
 
         def read_all(fs: Any = fs, path: str = path) -> bytes:
@@ -410,39 +455,39 @@ def _read_image_shard(
         try:
             blob = _read_or_classify(read_all, fs, path, uri)
         except _Unreadable as e:
-            out.reject(
-                i,
-                image_id,
-                uri,
-                0,
-                e.reason if e.reason != CORRUPT_PARQUET else UNREADABLE,
-                f"{name}: {e.detail}",
-                None,
-            )
+            reason = e.reason if e.reason != CORRUPT_PARQUET else UNREADABLE
+            out.reject(i, image_id, uri, 0, reason, f"{name}: {e.detail}", planned)
             continue
-        if sha is not None and hashlib.sha256(blob).hexdigest() != sha:
-            out.reject(
-                i,
-                image_id,
-                uri,
-                0,
-                INPUT_CHANGED,
-                f"{name}: content changed since the batch was planned",
-                None,
-            )
+        evidence = Evidence.of(blob, keep_rejected_bytes)
+        if sha is not None and evidence.sha256 != sha:
+            detail = f"{name}: content changed since the batch was planned"
+            out.reject(i, image_id, uri, 0, INPUT_CHANGED, detail, evidence)
             continue
         try:
             out.images[i] = decode_image(blob, cfg, name=name)
         except ImageRejected as e:
-            keep = blob if len(blob) <= keep_rejected_bytes else None
-            out.reject(i, image_id, uri, 0, e.reason, e.detail, keep)
+            out.reject(i, image_id, uri, 0, e.reason, e.detail, evidence)
     out.ids = pa.array(ids, pa.string())
     out.rows = np.zeros(n, dtype=np.int64)
     return out
 
 
+def _read_head(fs: Any, path: str, n: int) -> bytes | None:
+    """The first n bytes of a file (evidence of a too-large one); None when it cannot be read."""
+    if n <= 0:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read(n)
+    except OSError:
+        return None
+
+
 def _read_bad_file(ref: ShardRef) -> ShardInput:
+    """A whole unusable file (corrupt or wrong-schema Parquet, zero bytes): one record, its size and
+    sha256; a Parquet file's bytes are not an image, so none are kept."""
     out = ShardInput(1)
     out.ids = pa.array([None], pa.string())
-    out.reject(0, None, ref.uri or "", -1, ref.error or UNREADABLE, ref.error_detail or "", None)
+    evidence = Evidence(ref.size, ref.sha256)
+    out.reject(0, None, ref.uri or "", -1, ref.error or UNREADABLE, ref.error_detail or "", evidence)
     return out

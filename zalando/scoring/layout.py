@@ -1,59 +1,69 @@
-"""Where scoring writes in the lake: every name is a pure function of (date, model, batch, shard).
+"""Where scoring writes: its Iceberg tables, and the few plain objects beside them.
 
-::
+Tables (:mod:`zalando.lake.tables`), one row per input record, committed once per batch:
 
-    predictions/batch_date=D/model_version=V/batch_id=B/            the batch partition
-        part-00000.parquet ...                                      one part file per shard
-        _shards/shard-00000.json ...                                shard commit markers (written last)
-        _MANIFEST.json                                              batch manifest (written LAST of all)
-    predictions_by_group/batch_date=D/group=G/model_version=V/batch_id=B/part-NNNNN.parquet
-    needs_review/batch_date=D/model_version=V/batch_id=B/part-NNNNN.parquet   (confidence < threshold)
-    embeddings/batch_date=D/model_version=V/batch_id=B/part-NNNNN.parquet     (a sample, for drift)
-    quarantine/run_id=score-B/model_version=V/part-NNNNN.parquet              (rejected inputs + reason)
+* ``predictions`` (partitioned by batch date and model version): one data file per shard, under the
+  table's ``data/`` folder (:func:`zalando.lake.commit.data_file_key`, path segments
+  :func:`prediction_partition` plus the plan's ``run_id=<write id>``). The per-group view is the
+  filter ``pred_group = g``, the review queue ``needs_review`` (confidence below the threshold);
+* ``quarantine``: the batch's rejected inputs (the rows whose ``batch_id`` is set);
+* ``batches``: one row per committed (batch, model version), what a batch manifest used to say.
+
+Plain objects, per batch (every name a pure function of date, model, batch, plan and shard)::
+
+    scoring/batch_date=D/model_version=V/batch_id=B/
+        _shards/shard-00000.json ...                     shard markers: each shard's commit point
+        embeddings/run_id=W/part-00000.parquet ...       the embedding sample for drift (its batch row lists them)
 """
 
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
-from zalando.labels import GROUP_KEYS
-
-
-def batch_prefix(batch_date: date | str) -> str:
-    return f"predictions/batch_date={_d(batch_date)}"
-
-
-def predictions_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
-    return f"predictions/batch_date={_d(batch_date)}/model_version={model_version}/batch_id={batch_id}"
+PREDICTIONS = "predictions"
+QUARANTINE = "quarantine"
+BATCHES = "batches"
 
 
-def part_name(shard_id: int) -> str:
-    return f"part-{shard_id:05d}.parquet"
+def prediction_partition(batch_date: date | str, model_version: str, batch_id: str) -> dict[str, Any]:
+    """The batch's rows in ``predictions``: the replace filter of its commit and the path segments
+    of its data files (batch_date and model_version prune partitions, batch_id picks the files)."""
+    return {"batch_date": _as_date(batch_date), "model_version": model_version, "batch_id": batch_id}
 
 
-EMPTY_PART = "part-empty.parquet"
+def quarantine_partition(batch_id: str, model_version: str) -> dict[str, Any]:
+    """The batch's rows in ``quarantine`` (ingest's rows have no batch_id: never touched)."""
+    return {"batch_id": batch_id, "model_version": model_version}
+
+
+def batch_row(batch_id: str, model_version: str) -> dict[str, Any]:
+    """The batch's one row in ``batches``."""
+    return {"batch_id": batch_id, "model_version": model_version}
+
+
+def batch_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
+    """The prefix of a batch's plain objects."""
+    return f"scoring/batch_date={_d(batch_date)}/model_version={model_version}/batch_id={batch_id}"
+
+
+def shard_markers_prefix(batch_date: date | str, model_version: str, batch_id: str) -> str:
+    return f"{batch_key(batch_date, model_version, batch_id)}/_shards"
 
 
 def shard_marker_key(batch_date: date | str, model_version: str, batch_id: str, shard_id: int) -> str:
-    return f"{predictions_key(batch_date, model_version, batch_id)}/_shards/shard-{shard_id:05d}.json"
+    return f"{shard_markers_prefix(batch_date, model_version, batch_id)}/shard-{shard_id:05d}.json"
 
 
-def group_key(batch_date: date | str, group: int | str, model_version: str, batch_id: str) -> str:
-    g = GROUP_KEYS[group] if isinstance(group, int) else group
-    return f"predictions_by_group/batch_date={_d(batch_date)}/group={g}/model_version={model_version}/batch_id={batch_id}"
-
-
-def review_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
-    return f"needs_review/batch_date={_d(batch_date)}/model_version={model_version}/batch_id={batch_id}"
-
-
-def embeddings_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
-    return f"embeddings/batch_date={_d(batch_date)}/model_version={model_version}/batch_id={batch_id}"
-
-
-def quarantine_key(batch_id: str, model_version: str) -> str:
-    return f"quarantine/run_id=score-{batch_id}/model_version={model_version}"
+def embeddings_key(
+    batch_date: date | str, model_version: str, batch_id: str, write_id: str, shard_id: int
+) -> str:
+    return f"{batch_key(batch_date, model_version, batch_id)}/embeddings/run_id={write_id}/part-{shard_id:05d}.parquet"
 
 
 def _d(value: date | str) -> str:
     return value.isoformat() if isinstance(value, date) else str(value)
+
+
+def _as_date(value: date | str) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value))

@@ -9,6 +9,9 @@
 * :func:`backfill`: one batch per location or per day, skipping committed ones and empty days;
   each is scored by :func:`score_batch` or by the caller's ``score_one`` (the CLI runs the flow).
 
+The drivers take the lake's catalog (:class:`~zalando.lake.catalog.LakeCatalog`: the tables, and
+``cat.lake`` for plain objects); a shard needs only the lake (its files' names are in its target).
+
 The flow ``flows/batch_scoring.py`` runs the same three stages as Prefect tasks
 (``tasks/scoring.py``): ``plan_batch`` calls :func:`prepare_batch`, the ``score-shards`` subflow
 maps ``score_shard`` (:func:`run_shard`) over ``plan.shards``, and ``commit_batch`` calls
@@ -27,13 +30,18 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from zalando.errors import ZalandoError
-from zalando.lake import Lake
+from zalando.errors import LakeError, ZalandoError
+from zalando.lake import Lake, new_run_id
+from zalando.lake.catalog import LakeCatalog
+from zalando.lake.commit import data_file_key
+from zalando.lake.tables import TABLES, check_schema, ensure_table
 from zalando.runtime import Predictor, Runtime
+from zalando.scoring import layout
 from zalando.scoring.batch import (
     Batch,
     ScoringInputError,
     ShardRef,
+    ShardTarget,
     _as_date,
     default_source_slug,
     describe_batch,
@@ -45,7 +53,7 @@ from zalando.scoring.batch import (
 )
 from zalando.scoring.champion import load_champion_predictor, resolve_model_version
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
-from zalando.scoring.shard import ScoringOptions, ShardResult, score_shard
+from zalando.scoring.shard import ScoringOptions, ShardResult, score_shard, table_iceberg_schema
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +71,13 @@ class BatchPlan(BaseModel):
     model_version: str
     committed: bool  # already committed and not forced: nothing to do
     runtime: str = "onnx"  # the runtime measured fastest for this model (pass it to run_shard)
+    write_id: str | None = None  # names this plan's shard files (a re-plan gets new names)
     batch: Batch | None = None
     shards: list[ShardRef] = []
 
 
 def prepare_batch(
-    lake: Lake,
+    cat: LakeCatalog,
     location: str,
     *,
     model_version: str | None = None,
@@ -89,14 +98,18 @@ def prepare_batch(
     a location outside it fails before the model or any input is read. With ``check_model`` the
     model is loaded and fully checked here, once, before any shard runs (a bad champion fails the
     batch at planning), and ``runtime="auto"`` is measured into the concrete runtime the workers
-    should use (``plan.runtime``). A batch without input files is an error unless ``allow_empty``.
+    should use (``plan.runtime``). The tables the shards write are checked here too: a schema
+    someone else changed fails the batch before any image is scored. Every shard gets its
+    :class:`ShardTarget`: file names of this plan's own ``write_id``. A batch without input files
+    is an error unless ``allow_empty``.
     """
+    lake = cat.lake
     resolve_location(lake, location)
     bdate = _as_date(batch_date)
     slug = slugify(source) if source else default_source_slug(location)
     batch_id = make_batch_id(bdate, slug)
     version = model_version or resolve_model_version(lake)
-    if is_batch_committed(lake, bdate, batch_id, version):
+    if is_batch_committed(cat, batch_id, version):
         if not force:
             log.info(
                 "batch %s (model %s) is already committed: skipped (force=True re-scores it)",
@@ -104,6 +117,7 @@ def prepare_batch(
                 version,
             )
             return BatchPlan(batch_id=batch_id, batch_date=bdate, model_version=version, committed=True)
+    check_scoring_tables(cat)
     chosen = runtime if runtime != "auto" else "onnx"
     if check_model:
         chosen = load_champion_predictor(
@@ -114,16 +128,61 @@ def prepare_batch(
     )
     if force:
         reset_batch(lake, batch, version)
-    shards = plan_shards(batch, shard_size, embedding_sample=embedding_sample)
+    write_id = new_run_id()
+    shards = [
+        s.model_copy(update={"target": shard_target(cat, s, version, write_id)})
+        for s in plan_shards(batch, shard_size, embedding_sample=embedding_sample)
+    ]
     return BatchPlan(
         batch_id=batch_id,
         batch_date=bdate,
         model_version=version,
         committed=False,
         runtime=chosen,
+        write_id=write_id,
         batch=batch,
         shards=shards,
     )
+
+
+def shard_target(cat: LakeCatalog, shard: ShardRef, model_version: str, write_id: str) -> ShardTarget:
+    """Where a shard of this plan writes: data files under the tables' ``data/`` folders, named by
+    (batch date, model, batch, write id, shard), and its embedding sample."""
+    d, b, sid = shard.batch_date, shard.batch_id, shard.shard_id
+    return ShardTarget(
+        write_id=write_id,
+        predictions=data_file_key(
+            cat, layout.PREDICTIONS, run_id=write_id, shard_id=sid,
+            partition=layout.prediction_partition(d, model_version, b),
+        ),
+        quarantine=data_file_key(
+            cat, layout.QUARANTINE, run_id=write_id, shard_id=sid,
+            partition=layout.quarantine_partition(b, model_version),
+        ),
+        embeddings=layout.embeddings_key(d, model_version, b, write_id, sid),
+    )  # fmt: skip
+
+
+def check_scoring_tables(cat: LakeCatalog) -> None:
+    """The live predictions and quarantine tables (created when missing) live in this lake and have
+    exactly the schema shards write: a LakeError naming the columns when someone else changed one."""
+    for name in (layout.PREDICTIONS, layout.QUARANTINE):
+        table = ensure_table(cat, name)
+        where = f"scoring into {cat.identifier(name)}"
+        if cat.key_of(table.location()) is None:  # a catalog shared by two lakes would mix their rows
+            raise LakeError(
+                f"{where}: the table lives at {table.location()}, outside the lake {cat.lake.uri_root}: "
+                f"{cat.describe} belongs to another lake (give each lake its own ZALANDO_WORK_DIR or "
+                "ZALANDO_ICEBERG_CATALOG_URI)"
+            )
+        live = table.schema()
+        if live == table_iceberg_schema(name):
+            continue
+        check_schema(live, TABLES[name].schema, where=where)  # names the missing/extra/mistyped columns
+        raise LakeError(
+            f"{where}: the table's column ids differ from the schema scoring writes "
+            f"({', '.join(f'{f.name}={f.field_id}' for f in live.fields)}); evolve it with evolve_schema"
+        )
 
 
 # ------------------------------------------------------------------------------------ per process
@@ -176,7 +235,7 @@ MapShards = Callable[[BatchPlan], Iterable[ShardResult]]
 
 
 def score_batch(
-    lake: Lake,
+    cat: LakeCatalog,
     location: str,
     *,
     model_version: str | None = None,
@@ -208,7 +267,7 @@ def score_batch(
     t0 = time.perf_counter()
     opts = options or ScoringOptions()
     plan = prepare_batch(
-        lake,
+        cat,
         location,
         model_version=model_version,
         batch_date=batch_date,
@@ -221,14 +280,14 @@ def score_batch(
         allow_empty=allow_empty,
     )
     if plan.committed:
-        return batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
+        return batch_summary(cat, plan.batch_id, plan.model_version)
     assert plan.batch is not None
     if on_plan:
         on_plan(plan)
     t_plan = time.perf_counter()
-    results = _score_shards(lake, plan, opts, predictor, threads, map_shards, progress)
+    results = _score_shards(cat.lake, plan, opts, predictor, threads, map_shards, progress)
     t_shards = time.perf_counter()
-    result = finalize_batch(lake, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
+    result = finalize_batch(cat, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
     return timed_batch(result, results, started=t0, planned=t_plan, scored=t_shards)
 
 
@@ -310,7 +369,7 @@ def date_range(date_from: date | str, date_to: date | str) -> list[date]:
 
 
 def backfill(
-    lake: Lake,
+    cat: LakeCatalog,
     batches: Sequence[str] | None = None,
     *,
     date_from: date | str | None = None,
@@ -333,6 +392,7 @@ def backfill(
     """
     if batches is None and (date_from is None or date_to is None):
         raise ScoringInputError("backfill needs a list of batches or both a start and an end date")
+    lake = cat.lake
     version = score_kwargs.pop("model_version", None) or resolve_model_version(lake)
     todo: list[tuple[str, date | None, str | None]] = []
     if batches is not None:
@@ -343,7 +403,7 @@ def backfill(
         ]  # type: ignore[arg-type]
     score_kwargs.pop("batch_date", None)
     if score_one is None:
-        score_one = functools.partial(score_batch, lake, **score_kwargs)
+        score_one = functools.partial(score_batch, cat, **score_kwargs)
     elif score_kwargs:
         raise ScoringInputError(f"backfill: {sorted(score_kwargs)} go to score_batch, not with score_one")
     out: list[BackfillEntry] = []

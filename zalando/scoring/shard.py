@@ -1,23 +1,26 @@
-"""Score one shard exactly once: read its inputs, predict, write its part files, write its marker LAST.
+"""Score one shard exactly once: read its inputs, predict, write its data files, write its marker LAST.
 
 :func:`score_shard` reads only its rows (:func:`zalando.scoring.inputs.read_shard`: bad rows become
-quarantine records with a reason code), predicts in sub-batches, and writes its part files under
-names that are a pure function of (batch date, model version, batch id, shard id): the
-predictions, the per-group view, the needs-review rows, the embedding sample and the quarantine.
-Its shard marker (the counts and histograms :mod:`zalando.scoring.commit` adds up) is its commit
-point. A shard whose marker matches is skipped, so a re-run after a crash scores only the missing
-shards and overwrites (never duplicates) a half-written one.
+quarantine records with a reason code), predicts in sub-batches, and writes its files under the
+names its :class:`~zalando.scoring.batch.ShardTarget` gives: a ``predictions`` data file and a
+``quarantine`` data file (checked against the tables' schemas, written under the tables' ``data/``
+folders, invisible to every reader until the batch's commit), and the embedding sample (a plain
+object). Its shard marker (the counts and histograms :mod:`zalando.scoring.commit` adds up, and the
+files with their sha256) is its commit point. A shard whose marker matches is skipped, so a re-run
+after a crash scores only the missing shards; a retried shard rewrites its own files, never
+another plan's.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
@@ -28,15 +31,18 @@ from zalando.errors import ModelError, ZalandoError
 from zalando.images import ImagePrepConfig
 from zalando.labels import GROUP_NAMES, NUM_GROUPS
 from zalando.lake import Lake, table_to_parquet_bytes
+from zalando.lake.commit import write_data_file
+from zalando.lake.tables import TABLES, iceberg_schema
 from zalando.runtime import Predictor
 from zalando.scoring import layout
-from zalando.scoring.batch import ShardRef
+from zalando.scoring.batch import ShardRef, ShardTarget
 from zalando.scoring.inputs import read_shard
-from zalando.scoring.schema import CONFIDENCE_BINS, PREDICTION_SCHEMA, QUARANTINE_SCHEMA
 
 log = logging.getLogger(__name__)
 
 _GROUP_NAME_ARRAY = pa.array(GROUP_NAMES, pa.string())
+CONFIDENCE_BINS = 20  # bins of the confidence histogram in shard markers and the batch's row
+EVIDENCE_CAP = 64 * 1024  # quarantine rows keep at most this many first bytes of an image input
 
 
 class ScoringError(ZalandoError):
@@ -49,10 +55,14 @@ class ScoringOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sub_batch: int = Field(default=256, ge=1, le=65536, description="images per predictor call")
-    confidence_threshold: float = Field(default=0.6, ge=0, le=1, description="below: also in needs_review/")
+    confidence_threshold: float = Field(default=0.6, ge=0, le=1, description="below: needs_review is set")
     image_prep: ImagePrepConfig = Field(default_factory=ImagePrepConfig)
     keep_rejected_bytes: int = Field(
-        default=65536, ge=0, description="quarantine rows keep inputs up to this size"
+        default=EVIDENCE_CAP,
+        ge=0,
+        le=EVIDENCE_CAP,
+        description="quarantine rows keep at most this many first bytes of a rejected input that "
+        "claims to be an image (never any of a non-image)",
     )
 
 
@@ -76,11 +86,23 @@ class ShardResult(BaseModel):
 # ------------------------------------------------------------------------------------ tables
 
 
+@functools.cache
+def table_iceberg_schema(name: str) -> Any:
+    """The Iceberg schema a shard writes ``name``'s data files with: its spec's (the driver checked,
+    when it planned, that the live table still has exactly this schema)."""
+    return iceberg_schema(TABLES[name])
+
+
 def write_part(lake: Lake, key: str, table: pa.Table) -> dict[str, Any]:
-    """Write ``table`` as one Parquet part file at ``key``; its manifest entry (bytes, sha256, rows)."""
+    """Write ``table`` as one Parquet plain object at ``key``; its marker entry (bytes, sha256, rows)."""
     data = table_to_parquet_bytes(table)
     lake.write_bytes(key, data)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": table.num_rows}
+
+
+def _write_table_file(lake: Lake, key: str, table_name: str, rows: pa.Table) -> dict[str, Any]:
+    written = write_data_file(lake, key, rows, schema=table_iceberg_schema(table_name))
+    return {"bytes": written.bytes, "sha256": written.sha256, "rows": written.rows, "table": table_name}
 
 
 def _repeat(value: Any, n: int, type_: pa.DataType) -> pa.Array:
@@ -88,9 +110,15 @@ def _repeat(value: Any, n: int, type_: pa.DataType) -> pa.Array:
 
 
 def prediction_table(
-    ids: pa.Array, probs: np.ndarray, model_version: str, batch_id: str, scored_at: datetime
+    ids: pa.Array,
+    probs: np.ndarray,
+    model_version: str,
+    batch_id: str,
+    batch_date: date,
+    scored_at: datetime,
+    confidence_threshold: float,
 ) -> pa.Table:
-    """The prediction rows of scored images (schema :data:`PREDICTION_SCHEMA`)."""
+    """The prediction rows of scored images, in the ``predictions`` table's schema."""
     n = len(ids)
     probs = np.ascontiguousarray(probs, dtype=np.float32)
     pred = probs.argmax(axis=1).astype(np.int8) if n else np.zeros(0, np.int8)
@@ -103,16 +131,27 @@ def prediction_table(
     cols += [pa.array(probs[:, g]) for g in range(NUM_GROUPS)]
     cols += [
         pa.array(conf.astype(np.float32)),
+        pa.array(conf < confidence_threshold, pa.bool_()),
         _repeat(model_version, n, pa.string()),
         _repeat(batch_id, n, pa.string()),
+        _repeat(batch_date, n, pa.date32()),
         _repeat(scored_at, n, pa.timestamp("us", tz="UTC")),
+        _repeat(False, n, pa.bool_()),
     ]
-    return pa.Table.from_arrays(cols, schema=PREDICTION_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=TABLES[layout.PREDICTIONS].schema)
 
 
-def _quarantine_table(records: list[dict[str, Any]], batch_id: str, shard_id: int) -> pa.Table:
-    rows = [{**r, "batch_id": batch_id, "shard_id": shard_id} for r in records]
-    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+def quarantine_table(
+    records: list[dict[str, Any]], shard: ShardRef, model_version: str, write_id: str
+) -> pa.Table:
+    """The quarantine rows of a shard's rejected inputs, in the ``quarantine`` table's schema."""
+    common = {
+        "run_id": write_id,
+        "batch_id": shard.batch_id,
+        "model_version": model_version,
+        "shard_id": shard.shard_id,
+    }
+    return pa.Table.from_pylist([{**r, **common} for r in records], schema=TABLES[layout.QUARANTINE].schema)
 
 
 # ------------------------------------------------------------------------------------ markers
@@ -173,9 +212,12 @@ def score_shard(
 ) -> ShardResult:
     """Score one shard exactly once: skip when committed, else read, validate, predict, write, mark.
 
-    Memory: one shard of images (shard_size x 784 bytes) plus one sub-batch of floats.
+    The shard needs its :class:`ShardTarget` (``prepare_batch`` sets it). Memory: one shard of
+    images (shard_size x 784 bytes) plus one sub-batch of floats.
     """
     opts = options or ScoringOptions()
+    if shard.target is None:
+        raise ScoringError(f"shard {shard.batch_id}/{shard.shard_id}: no target; plan it with prepare_batch")
     t0 = time.perf_counter()
     marker = shard_is_committed(lake, shard, model_version)
     if marker is not None:
@@ -196,13 +238,12 @@ def score_shard(
 
     t = time.perf_counter()
     scored_at = datetime.now(UTC).replace(microsecond=0)
-    table = prediction_table(good_ids, probs, model_version, shard.batch_id, scored_at)
-    outputs = _shard_outputs(
-        shard, model_version, table, good_ids, emb_sample, data.quarantine, opts.confidence_threshold
+    table = prediction_table(
+        good_ids, probs, model_version, shard.batch_id, shard.batch_date, scored_at, opts.confidence_threshold
     )
-    with ThreadPoolExecutor(max_workers=max(1, len(outputs))) as ex:  # object stores answer in parallel
-        written = list(ex.map(lambda kv: write_part(lake, kv[0], kv[1]), outputs.items()))
-    files: dict[str, dict[str, Any]] = dict(zip(outputs, written, strict=True))
+    files = _write_outputs(
+        lake, shard, shard.target, model_version, table, good_ids, emb_sample, data.quarantine
+    )
     timings["write"] = time.perf_counter() - t
 
     marker = _shard_marker(
@@ -226,43 +267,52 @@ def score_shard(
     return _result_from_marker(marker, skipped=False)
 
 
-def _shard_outputs(
+def _write_outputs(
+    lake: Lake,
     shard: ShardRef,
+    target: ShardTarget,
     model_version: str,
     table: pa.Table,
     good_ids: pa.Array,
     emb_sample: np.ndarray | None,
     quarantine: list[dict[str, Any]],
-    confidence_threshold: float,
-) -> dict[str, pa.Table]:
-    """The shard's part files, lake key -> table: predictions, per group, needs review, embeddings, quarantine."""
-    outputs: dict[str, pa.Table] = {}
-    d, b, v, sid = shard.batch_date, shard.batch_id, model_version, shard.shard_id
-    part = layout.part_name(sid)
+) -> dict[str, dict[str, Any]]:
+    """Write the shard's files (in parallel: object stores answer in parallel); lake key -> marker entry.
+
+    The predictions and quarantine data files are schema-checked against their tables; a shard with
+    no scored row (or no rejected one) writes no such file. The embedding sample is a plain object.
+    """
+    jobs: list[tuple[str, Any]] = []
     if table.num_rows:
-        outputs[f"{layout.predictions_key(d, v, b)}/{part}"] = table
-        pred = table.column("pred_group").to_numpy()
-        for g in range(NUM_GROUPS):
-            idx = np.flatnonzero(pred == g)
-            if idx.size:
-                outputs[f"{layout.group_key(d, g, v, b)}/{part}"] = table.take(pa.array(idx))
-        conf = table.column("confidence").to_numpy()
-        low = np.flatnonzero(conf < confidence_threshold)
-        if low.size:
-            outputs[f"{layout.review_key(d, v, b)}/{part}"] = table.take(pa.array(low))
-        if emb_sample is not None and len(emb_sample):
-            k = len(emb_sample)
-            outputs[f"{layout.embeddings_key(d, v, b)}/{part}"] = pa.table(
-                {
-                    "image_id": good_ids.slice(0, k),
-                    "embedding": pa.FixedSizeListArray.from_arrays(
-                        pa.array(emb_sample.astype(np.float32).ravel()), emb_sample.shape[1]
-                    ),
-                }
+        jobs.append(
+            (
+                target.predictions,
+                lambda: _write_table_file(lake, target.predictions, layout.PREDICTIONS, table),
             )
+        )
     if quarantine:
-        outputs[f"{layout.quarantine_key(b, v)}/{part}"] = _quarantine_table(quarantine, b, sid)
-    return outputs
+        rows = quarantine_table(quarantine, shard, model_version, target.write_id)
+        jobs.append(
+            (target.quarantine, lambda: _write_table_file(lake, target.quarantine, layout.QUARANTINE, rows))
+        )
+    if emb_sample is not None and len(emb_sample):
+        k = len(emb_sample)
+        sample = pa.table(
+            {
+                "image_id": good_ids.slice(0, k),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(emb_sample.astype(np.float32).ravel()), emb_sample.shape[1]
+                ),
+            }
+        )
+        jobs.append(
+            (target.embeddings, lambda: {**write_part(lake, target.embeddings, sample), "table": None})
+        )
+    if not jobs:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
+        written = list(ex.map(lambda job: job[1](), jobs))
+    return {key: entry for (key, _), entry in zip(jobs, written, strict=True)}
 
 
 def _shard_marker(
@@ -290,6 +340,7 @@ def _shard_marker(
         "shard_id": shard.shard_id,
         "model_version": model_version,
         "fingerprint": shard.fingerprint,
+        "write_id": shard.target.write_id if shard.target else None,
         "records": shard.records,
         "scored": int(table.num_rows),
         "quarantined": len(quarantine),

@@ -1,12 +1,14 @@
 """Monitoring step: the label-free drift of one scored batch against its model's reference profile.
 
-It reads the batch's embedding sample (kept by scoring), the predictions of those rows and their
-images again from the batch's inputs, and commits the batch's drift rows to the ``monitoring``
-table (replacing the batch's earlier rows for that model). Torch-free.
+It reads the batch's embedding sample (plain objects its row in ``batches`` lists), the predictions
+of those rows (a scan of the ``predictions`` table) and their images again from the batch's inputs,
+and commits the batch's drift rows to the ``monitoring`` table (replacing the batch's earlier rows
+for that model). Torch-free.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -22,7 +24,12 @@ from pydantic import BaseModel
 from zalando.errors import DataError
 from zalando.images import ImagePrepConfig
 from zalando.lake import Lake
+from zalando.lake.catalog import LakeCatalog
+from zalando.lake.commit import scan
+from zalando.lake.tables import PROB_COLUMNS
+from zalando.scoring import layout
 from zalando.scoring.batch import Batch
+from zalando.scoring.commit import batch_record
 from zalando.scoring.run import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ class DriftResult(BaseModel):
 
 
 def monitor_batch(
-    lake: Lake,
+    cat: LakeCatalog,
     plan: BatchPlan,
     run_id: str,
     *,
@@ -57,19 +64,15 @@ def monitor_batch(
     """
     from zalando.drift import DriftThresholds, any_alarm, drift_report
     from zalando.registry import load_reference
-    from zalando.scoring import layout
-    from zalando.scoring.schema import PROB_COLUMNS
 
     d, b, v = plan.batch_date, plan.batch_id, plan.model_version
     if plan.batch is None:
         log.info("batch %s already committed: drift was measured when it was scored", b)
         return DriftResult(skipped=True)
-    emb_key = layout.embeddings_key(d, v, b)
-    if not lake.is_committed(emb_key):
-        raise DataError(f"batch {b}: no embedding sample in {lake.uri(emb_key)}; score it first")
-    emb_table = lake.read_partition(emb_key)
+    lake = cat.lake
+    emb_table = _embedding_sample(cat, b, v)
     ids = emb_table.column("image_id").to_pylist()
-    preds = lake.read_partition(layout.predictions_key(d, v, b), columns=["image_id", *PROB_COLUMNS])
+    preds = _sampled_predictions(cat, plan)
     preds = preds.filter(pc.is_in(preds.column("image_id"), value_set=pa.array(ids, pa.string())))
     probs_by_id = dict(
         zip(
@@ -124,6 +127,24 @@ def _commit_drift(
     flt = {"batch_date": batch_date, "batch_id": batch_id, "model_version": model_version}
     replace_partition(cat, MONITORING_TABLE, table, flt, properties=props)
     return lake.uri(f"{cat.namespace}/{MONITORING_TABLE}")
+
+
+def _embedding_sample(cat: LakeCatalog, batch_id: str, model_version: str) -> pa.Table:
+    """The batch's embedding sample: the objects its row in ``batches`` lists, concatenated."""
+    row = batch_record(cat, batch_id, model_version)
+    keys = (row or {}).get("embeddings") or []
+    if not keys:
+        raise DataError(
+            f"batch {batch_id} (model {model_version}): no committed embedding sample; score it first"
+        )
+    parts = [pq.read_table(io.BytesIO(cat.lake.read_bytes(k))) for k in keys]
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _sampled_predictions(cat: LakeCatalog, plan: BatchPlan) -> pa.Table:
+    """The batch's committed predictions (id and group probabilities), read through the table."""
+    flt = layout.prediction_partition(plan.batch_date, plan.model_version, plan.batch_id)
+    return scan(cat, layout.PREDICTIONS, flt, columns=["image_id", *PROB_COLUMNS])
 
 
 def _sample_images(

@@ -1,8 +1,9 @@
 """Batch-scoring steps: plan a batch into shard references, score one shard, commit the batch.
 
-Exactly-once lives in :mod:`zalando.scoring`: shard outputs and markers are deterministic, and the
-batch manifest is committed last, so a retry or a re-run scores only what is missing. These steps
-stay torch-free on import (Dask workers scoring with ONNX Runtime import this module).
+Exactly-once lives in :mod:`zalando.scoring`: shard files and markers are deterministic for a plan,
+and the batch becomes visible in one Iceberg commit of its shard files (its row in ``batches``
+last), so a retry or a re-run scores only what is missing. These steps stay torch-free on import
+(Dask workers scoring with ONNX Runtime import this module).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from datetime import date
 from typing import TYPE_CHECKING
 
-from zalando.lake import Lake
+from zalando.lake.catalog import LakeCatalog
+from zalando.lake.tables import load_table
+from zalando.scoring import layout
 from zalando.scoring.batch import ShardRef, find_demo_batch
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch
 from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
@@ -24,11 +27,11 @@ if TYPE_CHECKING:
 class CommittedBatch(BatchResult):
     """A committed batch (or one found already committed), with where its predictions are."""
 
-    predictions_uri: str
+    predictions_uri: str  # the predictions table's metadata file: what DuckDB's iceberg_scan() reads
 
 
 def plan_batch(
-    lake: Lake,
+    cat: LakeCatalog,
     location: str | None,
     *,
     model_version: str | None = None,
@@ -42,8 +45,8 @@ def plan_batch(
     batch), cut shards, and check the model once (``auto``: measuring which runtime shards should use).
     A location without input files is an error unless ``allow_empty``."""
     return prepare_batch(
-        lake,
-        location or find_demo_batch(lake),
+        cat,
+        location or find_demo_batch(cat.lake),
         model_version=model_version,
         batch_date=batch_date,
         shard_size=shard_size,
@@ -66,15 +69,17 @@ def score_shard(
 
 
 def commit_batch(
-    lake: Lake, plan: BatchPlan, options: ScoringOptions, results: list[ShardResult] | None
+    cat: LakeCatalog, plan: BatchPlan, options: ScoringOptions, results: list[ShardResult] | None
 ) -> CommittedBatch:
-    """Reconcile the shards and commit the batch manifest last; a batch committed before (the plan
-    says so) is summarised from its manifest instead."""
+    """Reconcile the shards and commit the batch (one Iceberg commit of its shard files); a batch
+    committed before (the plan says so) is summarised from its row in ``batches`` instead."""
     if plan.committed:
-        result = batch_summary(lake, plan.batch_date, plan.batch_id, plan.model_version)
+        result = batch_summary(cat, plan.batch_id, plan.model_version)
     else:
         assert plan.batch is not None  # an uncommitted plan always describes its batch
         result = finalize_batch(
-            lake, plan.batch, plan.shards, plan.model_version, options=options, results=results
+            cat, plan.batch, plan.shards, plan.model_version, options=options, results=results
         )
-    return CommittedBatch(**result.model_dump(), predictions_uri=lake.uri(result.predictions_key))
+    table = load_table(cat, layout.PREDICTIONS)
+    uri = table.metadata_location if table is not None else ""
+    return CommittedBatch(**result.model_dump(), predictions_uri=uri)
