@@ -22,14 +22,38 @@ from zalando.labels import group_of
 from zalando.lake import Lake, keys, table_to_parquet_bytes
 from zalando.lake import commit as lc
 from zalando.lake.migrate import SCORING_SOURCES, migrate_lake
+from zalando.lake.tables import PROB_COLUMNS
 from zalando.registry import champion_history, decision_log
-from zalando.scoring import layout
-from zalando.scoring.schema import PREDICTION_SCHEMA, PROB_COLUMNS
 from zalando.steps.training import read_metric_tables
 
 DIGEST = "0123456789abcdef"
 RUN = "20260101T020000Z-aaaaaa"
 VERSION = "ds-legacy000001"
+
+# the old scoring's prediction part files and partition keys, as it wrote them
+OLD_PREDICTIONS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("pred_group", pa.int8()),
+        ("pred_group_name", pa.string()),
+        *[(c, pa.float32()) for c in PROB_COLUMNS],
+        ("confidence", pa.float32()),
+        ("model_version", pa.string()),
+        ("batch_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def _old_predictions_key(batch_date: date, model_version: str, batch_id: str) -> str:
+    return (
+        f"{keys.LEGACY_PREDICTIONS}/batch_date={batch_date}/model_version={model_version}/batch_id={batch_id}"
+    )
+
+
+def _old_quarantine_key(batch_id: str, model_version: str) -> str:
+    return f"{keys.LEGACY_QUARANTINE}/run_id=score-{batch_id}/model_version={model_version}"
+
 
 # the old code's schemas, as it wrote them (ingest's quarantine had no run_id, row or batch columns)
 OLD_QUARANTINE = pa.schema(
@@ -262,21 +286,21 @@ def test_scorings_legacy_partitions_become_predictions_and_quarantine_rows(tmp_p
             "batch_id": [batch] * n,
             "scored_at": pa.array([datetime(2026, 1, 5, tzinfo=UTC)] * n, pa.timestamp("us", tz="UTC")),
         }
-        part = pa.table(rows, schema=PREDICTION_SCHEMA)
-        key = layout.predictions_key(day, version, batch)
+        part = pa.table(rows, schema=OLD_PREDICTIONS)
+        key = _old_predictions_key(day, version, batch)
         if committed:
             lake.commit_partition(key, {"part-00000": part}, "score")
             q = pa.table(
                 {"image_id": ["x"], "source": ["a.png"], "row": [0], "reason": ["not_an_image"], "detail": ["html"],
                  "image": pa.array([None], pa.binary()), "batch_id": [batch], "shard_id": pa.array([0], pa.int32())}
             )  # fmt: skip
-            lake.commit_partition(layout.quarantine_key(batch, version), {"part-00000": q}, "score")
+            lake.commit_partition(_old_quarantine_key(batch, version), {"part-00000": q}, "score")
         else:
             lake.write_bytes(f"{key}/part-00000.parquet", table_to_parquet_bytes(part))
     report = migrate_lake(lake, SCORING_SOURCES)
     assert report.rows == {"predictions": 7, "quarantine": 1}
     assert report.left_out == [
-        f"{layout.predictions_key(day, version, '2026-01-05-crashed')}/part-00000.parquet"
+        f"{_old_predictions_key(day, version, '2026-01-05-crashed')}/part-00000.parquet"
     ]
     preds = lc.scan(lake.catalog(), "predictions").to_pylist()
     assert {(r["batch_id"], r["batch_date"], r["shadow"]) for r in preds} == {
