@@ -34,7 +34,7 @@ def scored_batch(
     images = mnist_like(len(ids), seed=len(ids))
     lake.commit_files(f"incoming/{source}", {"part-0.parquet": raw_parquet(ids, images)}, f"put-{source}")
     result = score_batch(
-        lake,
+        lake.catalog(),
         f"incoming/{source}",
         predictor=FakePredictor(),
         model_version=VERSION,
@@ -60,14 +60,15 @@ def write_run(
 ) -> None:
     """A run's metric tables (one experiment) and a report with two figures and some raw HTML;
     ``real_figures``: the report as zalando.report.build_run_report draws it (matplotlib)."""
-    from zalando.evaluate import metric_arrow_tables, metric_tables, metrics_partition_key
-    from zalando.steps.reporting import report_key
+    from zalando.evaluate import metric_arrow_tables, metric_tables
+    from zalando.lake.keys import report_key
+    from zalando.steps.training import commit_metric_tables
 
     y_true = np.array([0, 1, 2, 3, 4] * 20)
     y_pred = y_true.copy()
     y_pred[:7] = 2  # a few mistakes, some into One piece
     frames = metric_tables(run_id, "tiny_cnn", VERSION, y_true, y_pred)
-    lake.commit_partition(metrics_partition_key(run_id, "tiny_cnn"), metric_arrow_tables(frames), run_id)
+    commit_metric_tables(lake, run_id, "tiny_cnn", metric_arrow_tables(frames))
     if real_figures:
         from zalando.report import build_run_report
 
@@ -96,9 +97,10 @@ def write_run(
 
 
 def write_drift(lake: Lake, batch_id: str, *, alarm: bool = False, value: float = 0.05) -> None:
-    """A drift table for a scored batch, shaped like zalando.monitor.drift_report's."""
+    """A batch's drift rows in the monitoring table, shaped like zalando.drift.drift_report's."""
+    from zalando.lake.commit import replace_partition
     from zalando.scoring.query import batch_date_of
-    from zalando.steps.monitoring import monitoring_key
+    from zalando.steps.monitoring import MONITORING_TABLE
 
     table = pa.table(
         {
@@ -114,5 +116,9 @@ def write_drift(lake: Lake, batch_id: str, *, alarm: bool = False, value: float 
             "detail": ["", ""],
         }
     )
-    key = monitoring_key(batch_date_of(batch_id).isoformat(), VERSION, batch_id)
-    lake.commit_partition(key, {"drift": table}, "monitor-test")
+    d = batch_date_of(batch_id)
+    table = table.append_column("batch_date", pa.array([d] * table.num_rows, pa.date32()))
+    flt = {"batch_date": d, "batch_id": batch_id, "model_version": VERSION}
+    replace_partition(
+        lake.catalog(), MONITORING_TABLE, table, flt, properties={"zalando.run-id": "monitor-test"}
+    )

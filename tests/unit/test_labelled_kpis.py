@@ -166,7 +166,7 @@ def test_measure_commits_the_kpi_table_and_alarms_on_footwear(store: LakeStore, 
     assert next(g for g in out.groups if g.group_name == "Bags").recall is None  # no reviewed Bags
 
     (record,) = store.read_kpis(batch)
-    assert record.key == out.key == f"monitoring/kpis/batch_id={batch}/model_version={VERSION}"
+    assert record.key == out.key == f"kpis/batch_id={batch}/model_version={VERSION}"
     assert out.uri == store.lake.uri(out.key)
     assert [r["group_name"] for r in record.rows] == list(GROUP_NAMES)
     assert store.lake.read_partition(out.key).schema.equals(KPI_SCHEMA)

@@ -129,7 +129,7 @@ def test_images_are_the_pixels_the_model_scored(lake: Lake, tmp_path: Path) -> N
     pics = {f"bags/a{i}.png": png_bytes(mnist_like(3, seed=9)[i]) for i in range(3)}
     folder = write_files(tmp_path / "pics", pics)
     r = score_batch(
-        lake,
+        lake.catalog(),
         folder.as_uri(),
         predictor=FakePredictor(),
         model_version=VERSION,

@@ -14,6 +14,9 @@ Everything else is a plain object, written once and read whole:
     reports/run_id=<run_id>/                      a training run's report (Markdown + PNGs)
     reports/run_id=<run_id>/eda/                  the EDA report, its tables as Parquet beside it
     reports/run_id=<run_id>/eval/experiment=<e>/  a model's test-split probabilities (for the report)
+    feedback/batch_id=<b>/written=<stamp>-<id>/   one write of review decisions (never rewritten)
+    kpis/batch_id=<b>/model_version=<v>/          a batch's labelled KPIs (replaced when measured again)
+    reviewed_images/dataset_version=<d>/          the feedback rows a dataset version adds
 
 The scoring layout (batch inputs, shard files) is :mod:`zalando.scoring.layout` for now.
 
@@ -83,6 +86,38 @@ def eda_key(run_id: str) -> str:
 def eval_key(run_id: str, experiment: str) -> str:
     """One model's test-split probabilities: ``reports/run_id=<run_id>/eval/experiment=<e>``."""
     return f"{report_key(run_id)}/eval/experiment={_name(experiment, 'experiment')}"
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+
+FEEDBACK = "feedback"
+KPIS = "kpis"  # not under monitoring/: that prefix is the drift table's legacy layout
+FEEDBACK_DATASETS = "reviewed_images"
+
+
+def feedback_prefix(batch_id: str | None = None) -> str:
+    """Every feedback write (of one batch): ``feedback[/batch_id=<b>]``."""
+    return FEEDBACK if batch_id is None else f"{FEEDBACK}/batch_id={_name(batch_id, 'batch id')}"
+
+
+def feedback_key(batch_id: str, written: str) -> str:
+    """One feedback write: ``feedback/batch_id=<b>/written=<written>``."""
+    return f"{feedback_prefix(batch_id)}/written={_name(written, 'written')}"
+
+
+def kpis_prefix(batch_id: str) -> str:
+    """A batch's labelled-KPI tables: ``kpis/batch_id=<b>``."""
+    return f"{KPIS}/batch_id={_name(batch_id, 'batch id')}"
+
+
+def kpis_key(batch_id: str, model_version: str) -> str:
+    """A batch's labelled KPIs for one model: ``kpis/batch_id=<b>/model_version=<v>``."""
+    return f"{kpis_prefix(batch_id)}/model_version={_name(model_version, 'model version')}"
+
+
+def feedback_dataset_key(dataset_version: str) -> str:
+    """The feedback rows of a dataset version: ``reviewed_images/dataset_version=<d>``."""
+    return f"{FEEDBACK_DATASETS}/dataset_version={_name(dataset_version, 'dataset version')}"
 
 
 # ---------------------------------------------------------------------------------------------- legacy

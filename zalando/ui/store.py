@@ -1,17 +1,20 @@
-"""Every read and write of the review desk, in one place: when the lake's tables move (Apache Iceberg),
-this module is the one to re-implement; the page and the feedback logic only see its methods.
+"""Every read and write of the review desk, in one place: the page and the feedback logic only see
+its methods.
 
-Today's layout (read through :class:`~zalando.lake.Lake`, committed partitions only):
+The layout (the lake's Iceberg tables through :meth:`~zalando.lake.Lake.catalog`, committed rows only;
+plain objects' keys in :mod:`zalando.lake.keys`):
 
-* runs: ``metrics/run_id=R/experiment=E/{per_group,summary}.parquet``; reports ``reports/run_id=R/``
-  (``report.md`` + PNGs; the manifest's extra may name a ``flow_run_id``); champion from the registry;
-* batches: the batch manifest ``predictions/batch_date=D/model_version=V/batch_id=B/_MANIFEST.json``
-  (counts, inputs), its rows, the ``needs_review/…`` partition, drift in ``monitoring/…/drift.parquet``;
-* pixels: read again from the batch's inputs as its manifest lists them (the demo batch: the raw test
-  table; file batches: their Parquet files or image files), decoded as scoring decodes them;
+* runs: the ``metrics_per_group`` / ``metrics_summary`` tables (rows by ``run_id``); reports
+  ``reports/run_id=R/`` (``report.md`` + PNGs; the manifest's extra may name a ``flow_run_id``);
+  champion from the registry;
+* batches: the ``batches`` table (one row per batch and model version: counts, inputs), the
+  batch's rows in ``predictions`` (the review queue is the filter ``needs_review``), drift rows
+  in ``monitoring`` (by ``batch_id`` and ``model_version``);
+* pixels: read again from the batch's inputs as its ``batches`` row lists them (the demo batch: the
+  raw test table; file batches: their Parquet files or image files), decoded as scoring decodes them;
 * feedback: one committed partition per write, ``feedback/batch_id=B/written=<UTC time>-<id>/``
   holding ``feedback.parquet`` (:data:`zalando.feedback.FEEDBACK_SCHEMA`); never rewritten;
-* labelled KPIs (issue 15): ``monitoring/kpis/batch_id=B/model_version=V/kpis.parquet``
+* labelled KPIs (issue 15): ``kpis/batch_id=B/model_version=V/kpis.parquet``
   (:data:`zalando.kpis.KPI_COLUMNS`), replaced when the batch's feedback is measured again; the
   manifest's extra says which feedback it measured (``feedback_state``) and whether its alarm was sent;
 * feedback datasets (issue 15): ``reviewed_images/dataset_version=D/feedback.parquet``, the accepted
@@ -40,20 +43,22 @@ from pydantic import BaseModel, Field
 from zalando.errors import DataError, LakeError, NotCommittedError
 from zalando.feedback import BatchPredictions, Decision, decisions_from_table, decisions_to_table
 from zalando.labels import GROUP_NAMES
-from zalando.lake import MANIFEST, Lake, validate_key
+from zalando.lake import Lake, validate_key
+from zalando.lake import keys as k
+from zalando.lake.commit import scan
 from zalando.scoring import layout
+from zalando.scoring.commit import batch_record
 from zalando.scoring.query import batch_date_of, scored_versions
-from zalando.steps.monitoring import monitoring_key
-from zalando.steps.reporting import report_key
+from zalando.steps.monitoring import MONITORING_TABLE
+from zalando.steps.training import read_metric_tables
 from zalando.ui.security import Refused, check_batch_id, check_image_id, check_model_version, check_run_id
 
 log = logging.getLogger(__name__)
 
-FEEDBACK_PREFIX = "feedback"
-KPIS_PREFIX = "monitoring/kpis"  # issue 15: labelled KPIs per batch and model version
-FEEDBACK_DATASETS_PREFIX = "reviewed_images"  # issue 15: the feedback rows a dataset version adds
-METRICS_PREFIX = "metrics"  # metrics/run_id=…/experiment=… (zalando.evaluate.metrics_partition_key)
-FILE_PREFIXES = ("reports/",)
+FEEDBACK_PREFIX = k.FEEDBACK
+FILE_PREFIXES = (k.REPORTS + "/",)
+_RUN_TABLES = ("per_group", "summary")
+_DRIFT_COLUMNS = ["batch_id", "model_version", "statistic", "value", "threshold", "alarm"]
 """The only lake prefixes whose objects the page serves as files."""
 
 
@@ -166,21 +171,19 @@ class LakeStore:
     # ------------------------------------------------------------------------------ runs
     def recent_runs(self, limit: int = 20) -> list[RunSummary]:
         """The newest training runs (by run id, which starts with its UTC time), headline numbers first."""
-        parts = self.lake.list_partitions(METRICS_PREFIX)
-        by_run: dict[str, list[str]] = defaultdict(list)
-        for p in parts:
-            run = _segment(p, "run_id")
-            if run:
-                by_run[run].append(p)
-        reports = {_segment(p, "run_id") for p in self.lake.list_partitions("reports") if p.count("/") == 1}
+        tables = read_metric_tables(self.lake, names=_RUN_TABLES)
+        run_ids = set(tables["summary"]["run_id"].astype(str)) | set(
+            tables["per_group"]["run_id"].astype(str)
+        )
+        reports = {_segment(p, "run_id") for p in self.lake.list_partitions(k.REPORTS) if p.count("/") == 1}
         champion = self._champion_version()
         out = []
-        for run_id in sorted(by_run, reverse=True)[:limit]:
-            tables = self._run_tables(by_run[run_id])
+        for run_id in sorted(run_ids, reverse=True)[:limit]:
+            mine = {n: _of_run(df, run_id) for n, df in tables.items()}
             out.append(
                 RunSummary(
                     run_id=run_id,
-                    experiments=_headlines(tables["summary"], tables["per_group"], champion),
+                    experiments=_headlines(mine["summary"], mine["per_group"], champion),
                     has_report=run_id in reports,
                 )
             )
@@ -188,25 +191,14 @@ class LakeStore:
 
     def run_tables(self, run_id: str) -> dict[str, pd.DataFrame]:
         """The run's ``per_group`` and ``summary`` tables over all its experiments (all splits)."""
-        parts = self.lake.list_partitions(f"{METRICS_PREFIX}/run_id={check_run_id(run_id)}")
-        if not parts:
-            raise NotFoundError(f"run {run_id!r} has no metrics in {self.lake.uri(METRICS_PREFIX)}")
-        return self._run_tables(parts)
-
-    def _run_tables(self, parts: Sequence[str]) -> dict[str, pd.DataFrame]:
-        out = {}
-        for name in ("per_group", "summary"):
-            frames = []
-            for p in parts:
-                if f"{name}.parquet" in self.lake.read_manifest(p)["files"]:
-                    data = self.lake.read_file(p, f"{name}.parquet")
-                    frames.append(pq.read_table(io.BytesIO(data)).to_pandas())
-            out[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        return out
+        tables = read_metric_tables(self.lake, check_run_id(run_id), names=_RUN_TABLES)
+        if all(df.empty for df in tables.values()):
+            raise NotFoundError(f"run {run_id!r} has no rows in the metrics tables of {self.lake.uri()}")
+        return tables
 
     def run_report(self, run_id: str) -> RunReport:
         """The run's Markdown report and the names of its files (figures)."""
-        key = report_key(check_run_id(run_id))
+        key = k.report_key(check_run_id(run_id))
         try:
             manifest = self.lake.read_manifest(key)
         except NotCommittedError:
@@ -249,18 +241,28 @@ class LakeStore:
         return champion["model_version"] if champion else None
 
     # ------------------------------------------------------------------------------ batches
+    @property
+    def cat(self) -> Any:
+        """The lake's one catalog (opened once by the lake)."""
+        return self.lake.catalog()
+
     def recent_batches(self, limit: int = 30) -> list[BatchSummary]:
         """The newest scored batches (by date, then id), each with its newest model version."""
-        versions: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for key in self.lake.list_keys("predictions"):
-            parts = key.split("/")
-            if len(parts) == 5 and parts[4] == MANIFEST:
-                d, v, b = (_value(parts[1]), _value(parts[2]), _value(parts[3]))
-                if d and v and b:
-                    versions[(d, b)].append(v)
-        chosen = sorted(versions, reverse=True)[:limit]
-        monitored = set(self.lake.list_partitions("monitoring"))
-        return [self._summary(b, sorted(versions[(d, b)]), None, monitored) for d, b in chosen]
+        rows = scan(self.cat, layout.BATCHES).to_pylist()
+        by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in rows:
+            mine = by_key[(r["batch_date"].isoformat(), r["batch_id"])]
+            old = mine.get(r["model_version"])
+            if old is None or r["committed_at"] > old["committed_at"]:
+                mine[r["model_version"]] = r
+        chosen = sorted(by_key, reverse=True)[:limit]
+        drift = self._drift_rows({b for _, b in chosen})
+        out = []
+        for d, b in chosen:
+            versions = sorted(by_key[(d, b)])
+            row = _decoded(by_key[(d, b)][versions[-1]])
+            out.append(self._summary(row, versions, drift.get((b, versions[-1]), [])))
+        return out
 
     def batch(self, batch_id: str, model_version: str | None = None) -> BatchSummary:
         """One batch (the newest model version that scored it, unless one is named)."""
@@ -269,53 +271,63 @@ class LakeStore:
             raise NotFoundError(
                 f"batch {batch_id!r} was not scored with model {model_version!r} ({versions})"
             )
-        return self._summary(batch_id, versions, model_version, None)
+        row = self._record(batch_id, model_version or versions[-1])
+        drift = self._drift_rows({batch_id}).get((batch_id, row["model_version"]), [])
+        return self._summary(row, versions, drift)
 
     def _versions(self, batch_id: str) -> list[str]:
         check_batch_id(batch_id)
         try:
-            versions = scored_versions(self.lake, batch_id)
+            versions = scored_versions(self.cat, batch_id)
         except DataError:
             versions = []
         if not versions:
             raise NotFoundError(f"batch {batch_id!r}: no committed predictions")
         return versions
 
-    def _summary(
-        self, batch_id: str, versions: list[str], model_version: str | None, monitored: set[str] | None
-    ) -> BatchSummary:
-        version = model_version or versions[-1]
-        d = batch_date_of(batch_id)
-        manifest = self.lake.read_manifest(layout.predictions_key(d, version, batch_id))
-        x = manifest.get("extra") or {}
-        counts = x.get("counts") or {}
-        mkey = monitoring_key(d.isoformat(), version, batch_id)
-        has_drift = mkey in monitored if monitored is not None else self.lake.is_committed(mkey)
+    def _record(self, batch_id: str, version: str) -> dict[str, Any]:
+        """The batch's row in ``batches`` (JSON columns decoded)."""
+        row = batch_record(self.cat, batch_id, version)
+        if row is None:
+            raise NotFoundError(f"batch {batch_id!r} (model {version}): no committed row in batches")
+        return row
+
+    @staticmethod
+    def _summary(row: dict[str, Any], versions: list[str], drift: list[DriftStat]) -> BatchSummary:
+        version = row["model_version"]
+        committed = row.get("committed_at")
         return BatchSummary(
-            batch_id=batch_id,
-            batch_date=d,
+            batch_id=row["batch_id"],
+            batch_date=row["batch_date"],
             model_version=version,
             other_versions=[v for v in versions if v != version],
-            records=int(counts.get("records", 0)),
-            scored=int(counts.get("scored", 0)),
-            quarantined=int(counts.get("quarantined", 0)),
-            needs_review=int(counts.get("low_confidence", 0)),  # the needs_review partition's rows
-            confidence_threshold=x.get("confidence_threshold"),
-            committed_at=manifest.get("created_at"),
-            reasons={str(k): int(v) for k, v in (x.get("reasons") or {}).items()},
-            group_counts={str(k): int(v) for k, v in (x.get("group_counts") or {}).items()},
-            drift=self._drift(mkey) if has_drift else [],
+            records=int(row.get("records") or 0),
+            scored=int(row.get("scored") or 0),
+            quarantined=int(row.get("quarantined") or 0),
+            needs_review=int(row.get("low_confidence") or 0),  # the needs_review rows
+            confidence_threshold=row.get("confidence_threshold"),
+            committed_at=committed.isoformat() if committed is not None else None,
+            reasons={str(a): int(n) for a, n in (row.get("reasons") or {}).items()},
+            group_counts={str(g): int(n) for g, n in (row.get("group_counts") or {}).items()},
+            drift=drift,
         )
 
-    def _drift(self, key: str) -> list[DriftStat]:
+    def _drift_rows(self, batch_ids: set[str]) -> dict[tuple[str, str], list[DriftStat]]:
+        """The drift rows of some batches, by (batch id, model version): one scan of ``monitoring``."""
+        if not batch_ids:
+            return {}
+        from pyiceberg.expressions import In
+
         try:
-            table = self.lake.read_partition(key)
-        except (DataError, LakeError) as e:  # one unreadable drift table must not hide the batch list
-            log.warning("drift table %s not shown: %s", self.lake.uri(key), e)
-            return []
-        out = []
+            table = scan(
+                self.cat, MONITORING_TABLE, In("batch_id", sorted(batch_ids)), columns=_DRIFT_COLUMNS
+            )
+        except (DataError, LakeError) as e:  # an unreadable drift table must not hide the batch list
+            log.warning("drift rows of %s not shown: %s", ", ".join(sorted(batch_ids)), e)
+            return {}
+        out: dict[tuple[str, str], list[DriftStat]] = defaultdict(list)
         for r in table.to_pylist():
-            out.append(
+            out[(r["batch_id"], r["model_version"])].append(
                 DriftStat(
                     statistic=str(r.get("statistic")),
                     value=_float(r.get("value")),
@@ -338,10 +350,7 @@ class LakeStore:
         """A batch's prediction rows (the needs-review ones, or all), filtered by predicted group
         (a group name) and a confidence range, most doubtful first (confidence, then image id)."""
         version = model_version or self._versions(batch_id)[-1]
-        d = batch_date_of(batch_id)
-        key = layout.review_key(d, version, batch_id) if needs_review_only else None
-        key = key or layout.predictions_key(d, version, batch_id)
-        table = self._table(key)
+        table = self._table(batch_id, version, needs_review_only)
         mask = None
         if group is not None:
             mask = _and(mask, pc.equal(table.column("pred_group_name"), group))
@@ -353,12 +362,20 @@ class LakeStore:
             table = table.filter(mask)
         return table.sort_by([("confidence", "ascending"), ("image_id", "ascending")])
 
-    def _table(self, key: str) -> pa.Table:
-        try:
-            stamp = self.lake.read_manifest(key).get("created_at")
-        except NotCommittedError:
-            raise NotFoundError(f"{self.lake.uri(key)} is not committed") from None
-        return self._tables.get((key, stamp), lambda: self.lake.read_partition(key))
+    def _table(self, batch_id: str, version: str, needs_review_only: bool) -> pa.Table:
+        """The batch's committed prediction rows (cached per predictions snapshot of the batch)."""
+        row = self._record(batch_id, version)
+        flt = dict(layout.prediction_partition(batch_date_of(batch_id), version, batch_id))
+        if needs_review_only:
+            flt["needs_review"] = True
+        stamp = (row.get("predictions_snapshot_id"), row.get("committed_at"))
+        return self._tables.get(
+            (batch_id, version, needs_review_only, stamp), lambda: scan(self.cat, layout.PREDICTIONS, flt)
+        )
+
+    def _input_files(self, batch_id: str, version: str) -> list[dict[str, Any]]:
+        """The input files the batch scored, as its ``batches`` row lists them."""
+        return list((self._record(batch_id, version).get("inputs") or {}).get("files") or [])
 
     def image_pixels(self, batch_id: str, image_id: str, model_version: str | None = None) -> np.ndarray:
         """The 28x28 uint8 image a scored row was predicted from, read again from the batch's inputs."""
@@ -366,8 +383,7 @@ class LakeStore:
 
         check_image_id(image_id)
         version = model_version or self._versions(batch_id)[-1]
-        manifest = self.lake.read_manifest(layout.predictions_key(batch_date_of(batch_id), version, batch_id))
-        files = ((manifest.get("extra") or {}).get("inputs") or {}).get("files") or []
+        files = self._input_files(batch_id, version)
         for f in files:
             if f.get("error"):
                 continue
@@ -389,8 +405,7 @@ class LakeStore:
 
         wanted = {check_image_id(i) for i in image_ids}
         version = model_version or self._versions(batch_id)[-1]
-        manifest = self.lake.read_manifest(layout.predictions_key(batch_date_of(batch_id), version, batch_id))
-        files = ((manifest.get("extra") or {}).get("inputs") or {}).get("files") or []
+        files = self._input_files(batch_id, version)
         found: dict[str, np.ndarray] = {}
         for f in files:
             if f.get("error") or len(found) == len(wanted):
@@ -476,7 +491,7 @@ class LakeStore:
         keys = []
         for batch_id, rows in by_batch.items():
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            key = f"{FEEDBACK_PREFIX}/batch_id={batch_id}/written={stamp}-{uuid.uuid4().hex[:8]}"
+            key = k.feedback_key(batch_id, f"{stamp}-{uuid.uuid4().hex[:8]}")
             sources = sorted({r.source for r in rows})
             self.lake.commit_partition(
                 key,
@@ -491,9 +506,7 @@ class LakeStore:
 
     def read_feedback(self, batch_id: str | None = None) -> list[Decision]:
         """Every recorded decision (of one batch), oldest first."""
-        prefix = (
-            FEEDBACK_PREFIX if batch_id is None else f"{FEEDBACK_PREFIX}/batch_id={check_batch_id(batch_id)}"
-        )
+        prefix = k.feedback_prefix(None if batch_id is None else check_batch_id(batch_id))
         out: list[Decision] = []
         for key in self.lake.list_partitions(prefix):
             with self._feedback_lock:
@@ -508,12 +521,12 @@ class LakeStore:
     # ------------------------------------------------------------------------------ issue 15: labelled KPIs
     def feedback_batches(self) -> list[str]:
         """The ids of the batches with at least one committed feedback write, sorted."""
-        out = {_segment(key, "batch_id") for key in self.lake.list_partitions(FEEDBACK_PREFIX)}
+        out = {_segment(key, "batch_id") for key in self.lake.list_partitions(k.feedback_prefix())}
         return sorted(b for b in out if b)
 
     def feedback_state(self, batch_id: str) -> str:
         """A digest of the batch's feedback writes: feedback is append-only, so a new write changes it."""
-        keys = self.lake.list_partitions(f"{FEEDBACK_PREFIX}/batch_id={check_batch_id(batch_id)}")
+        keys = self.lake.list_partitions(k.feedback_prefix(check_batch_id(batch_id)))
         return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
     @staticmethod
@@ -521,7 +534,7 @@ class LakeStore:
         version = check_model_version(model_version)
         if version is None:
             raise Refused("model version: required for a KPI table")
-        return f"{KPIS_PREFIX}/batch_id={check_batch_id(batch_id)}/model_version={version}"
+        return k.kpis_key(check_batch_id(batch_id), version)
 
     def commit_kpis(
         self, batch_id: str, model_version: str, table: pa.Table, *, run_id: str, extra: dict[str, Any]
@@ -534,7 +547,7 @@ class LakeStore:
     def read_kpis(self, batch_id: str) -> list[KpiRecord]:
         """Every committed labelled-KPI table of the batch (one per model version measured)."""
         out = []
-        for key in self.lake.list_partitions(f"{KPIS_PREFIX}/batch_id={check_batch_id(batch_id)}"):
+        for key in self.lake.list_partitions(k.kpis_prefix(check_batch_id(batch_id))):
             manifest = self.lake.read_manifest(key)
             out.append(
                 KpiRecord(
@@ -554,7 +567,7 @@ class LakeStore:
         version = check_model_version(dataset_version)  # the same characters as a model version
         if version is None:
             raise Refused("dataset version: required")
-        return f"{FEEDBACK_DATASETS_PREFIX}/dataset_version={version}"
+        return k.feedback_dataset_key(version)
 
     def commit_feedback_dataset(
         self, dataset_version: str, table: pa.Table, *, run_id: str, extra: dict[str, Any]
@@ -593,8 +606,18 @@ def _segment(key: str, name: str) -> str | None:
     return None
 
 
-def _value(segment: str) -> str | None:
-    return segment.split("=", 1)[1] if "=" in segment else None
+def _of_run(df: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    return df[df["run_id"].astype(str) == run_id].reset_index(drop=True) if len(df) else df
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``batches`` row with its JSON columns decoded (as :func:`batch_record` gives it)."""
+    import json
+
+    out = dict(row)
+    for col in ("reasons", "group_counts", "inputs"):
+        out[col] = json.loads(out[col]) if out.get(col) else None
+    return out
 
 
 def _float(value: Any) -> float | None:
