@@ -28,6 +28,7 @@ from zalando.feedback import (
     record_decisions,
 )
 from zalando.lake import Lake
+from zalando.lake.keys import CATALOG_FILE
 from zalando.ui.links import image_url
 from zalando.ui.store import FEEDBACK_PREFIX, LakeStore
 
@@ -259,6 +260,8 @@ def test_cli_import_prints_counts_and_reasons_and_export_writes_tasks(
     from zalando.cli import app
 
     monkeypatch.setenv("ZALANDO_LAKE_URI", store.lake.uri_root)
+    # the CLI opens the catalog the fixture's Lake.local made (not one in the work folder)
+    monkeypatch.setenv("ZALANDO_ICEBERG_CATALOG_URI", f"sqlite:///{store.lake.root}/{CATALOG_FILE}")
     monkeypatch.setenv("ZALANDO_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("ZALANDO_UI_BASE_URL", BASE)
     monkeypatch.delenv("ZALANDO_UI_TOKEN", raising=False)

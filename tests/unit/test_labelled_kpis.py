@@ -24,6 +24,7 @@ from zalando.kpis import (
 )
 from zalando.labels import GROUP_NAMES
 from zalando.lake import Lake
+from zalando.lake.keys import CATALOG_FILE
 from zalando.settings import Settings
 from zalando.steps.feedback import KPI_SCHEMA, batches_with_new_feedback, measure_labelled_kpis
 from zalando.ui.store import LakeStore
@@ -208,6 +209,8 @@ def test_labels_import_measures_the_kpis_at_once(
     from zalando.cli import app
 
     monkeypatch.setenv("ZALANDO_LAKE_URI", store.lake.uri_root)
+    # the CLI opens the catalog the fixture's Lake.local made (not one in the work folder)
+    monkeypatch.setenv("ZALANDO_ICEBERG_CATALOG_URI", f"sqlite:///{store.lake.root}/{CATALOG_FILE}")
     monkeypatch.setenv("ZALANDO_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("ZALANDO_KPI_THRESHOLDS", '{"min_tp": {"Footwear": 12}}')
