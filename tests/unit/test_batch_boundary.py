@@ -96,7 +96,9 @@ def test_symlinks_in_a_batch_are_never_followed(lake: Lake, roots: Path, outside
     (src / "rows.parquet").symlink_to(outside / "rows.parquet")
     (src / "linked-dir").symlink_to(outside, target_is_directory=True)
     (src / "inner.png").symlink_to(src / "good.png")  # even a link inside the root is not followed
-    r = score_batch(lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-06-01")
+    r = score_batch(
+        lake.catalog(), src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-06-01"
+    )
     assert _scored_ids(lake, r.predictions_key) == {"good", "ok-0", "ok-1"}
     q = _quarantine(lake, r.batch_id)
     assert {row["source"].rsplit("/", 1)[-1]: row["reason"] for row in q} == {
@@ -121,7 +123,11 @@ def test_fifos_sockets_and_devices_are_refused_without_hanging(lake: Lake, roots
     try:
         r = _in_time(
             lambda: score_batch(
-                lake, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-06-02"
+                lake.catalog(),
+                src.as_uri(),
+                predictor=FakePredictor(),
+                model_version=V,
+                batch_date="2026-06-02",
             ),
             [src / "pipe.parquet", src / "pipe.png"],
         )
@@ -148,7 +154,9 @@ def test_a_link_or_fifo_swapped_in_after_planning_is_not_read(lake: Lake, roots:
             "c.parquet": raw_parquet(["c-0"], imgs[4:5]),
         },
     )
-    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-06-03", check_model=False)
+    plan = prepare_batch(
+        lake.catalog(), src.as_uri(), model_version=V, batch_date="2026-06-03", check_model=False
+    )
     assert [s.name for s in plan.shards] == ["a.parquet", "c.parquet"]
     # after planning: a.parquet becomes a link to a file of the same shape outside the root, c a FIFO
     (src / "a.parquet").unlink()
@@ -167,7 +175,9 @@ def test_a_symlinked_folder_on_the_way_to_an_input_is_not_followed_at_open_time(
 ) -> None:
     imgs = mnist_like(4, 5)
     src = write_files(roots / "in", {"sub/a.parquet": raw_parquet([f"a-{i}" for i in range(4)], imgs)})
-    plan = prepare_batch(lake, src.as_uri(), model_version=V, batch_date="2026-06-04", check_model=False)
+    plan = prepare_batch(
+        lake.catalog(), src.as_uri(), model_version=V, batch_date="2026-06-04", check_model=False
+    )
     elsewhere = write_files(
         tmp_path / "elsewhere", {"a.parquet": raw_parquet([f"x-{i}" for i in range(4)], imgs)}
     )
@@ -288,7 +298,7 @@ def test_an_empty_folder_is_an_error_unless_allowed(lake: Lake, roots: Path) -> 
 def test_score_batch_of_an_empty_folder_fails_before_anything_is_committed(lake: Lake, roots: Path) -> None:
     (roots / "empty").mkdir()
     with pytest.raises(ScoringInputError, match="no input files"):
-        score_batch(lake, (roots / "empty").as_uri(), predictor=FakePredictor(), model_version=V)
+        score_batch(lake.catalog(), (roots / "empty").as_uri(), predictor=FakePredictor(), model_version=V)
     assert lake.list_keys("predictions") == []
 
 
@@ -297,8 +307,14 @@ def test_backfill_skips_days_without_input_but_a_named_location_must_exist(lake:
 
     lake.write_bytes("inbox/batch_date=2026-06-01/a.parquet", raw_parquet(["d1"], mnist_like(1)))
     days = backfill(
-        lake, date_from="2026-06-01", date_to="2026-06-02", predictor=FakePredictor(), model_version=V
+        lake.catalog(),
+        date_from="2026-06-01",
+        date_to="2026-06-02",
+        predictor=FakePredictor(),
+        model_version=V,
     )
     assert [e.status for e in days] == ["scored", "no_input"]
-    named = backfill(lake, ["inbox/batch_date=2026-06-09"], predictor=FakePredictor(), model_version=V)
+    named = backfill(
+        lake.catalog(), ["inbox/batch_date=2026-06-09"], predictor=FakePredictor(), model_version=V
+    )
     assert named[0].status == "failed" and "no input files" in (named[0].error or "")
