@@ -72,7 +72,8 @@ def desk(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Itera
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     work = tmp_path_factory.mktemp("review-ui")
     lake_uri = f"s3://zalando-ui-e2e/{uuid.uuid4().hex[:10]}"
-    lake = Lake.from_uri(lake_uri, s3_config(s3_server))
+    catalog_uri = f"sqlite:///{work.resolve()}/iceberg/catalog.db"  # the page's server opens the same one
+    lake = Lake.from_uri(lake_uri, s3_config(s3_server), catalog_uri)
     lake.ensure_ready()
     batch_id = scored_batch(lake, ids=IDS)
     write_run(lake, real_figures=True)
@@ -84,6 +85,7 @@ def desk(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Itera
         ZALANDO_S3_ACCESS_KEY=TEST_ACCESS_KEY,
         ZALANDO_S3_SECRET_KEY=TEST_SECRET_KEY,
         ZALANDO_WORK_DIR=str(work),
+        ZALANDO_ICEBERG_CATALOG_URI=catalog_uri,
         ZALANDO_UI_TOKEN=TOKEN,
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
