@@ -320,12 +320,12 @@ def test_an_s3_batch_with_no_objects_or_in_another_bucket_is_refused(scored_lake
     bucket = lake.root.split("/", 1)[0]
     for location in (f"s3://{bucket}/no-such-prefix", "incoming/no-such-prefix"):  # a typo in the URI
         with pytest.raises(ScoringInputError, match="no input files") as e:
-            score_batch(lake, location, batch_date="2026-05-05", runtime="onnx", threads=1)
+            score_batch(lake.catalog(), location, batch_date="2026-05-05", runtime="onnx", threads=1)
         assert "no-such-prefix" in str(e.value) and "\n" not in str(e.value)
     assert lake.list_keys("predictions") == []
     lake.write_bytes("incoming/elsewhere/a.parquet", raw_parquet(["e0"], mnist_like(1)))
     with pytest.raises(ScoringInputError, match="ZALANDO_BATCH_BUCKETS") as e:
-        score_batch(lake, "s3://another-bucket/incoming/elsewhere", batch_date="2026-05-05", runtime="onnx")
+        score_batch(lake.catalog(), "s3://another-bucket/incoming/elsewhere", batch_date="2026-05-05", runtime="onnx")
     assert bucket in str(e.value)
 
 
