@@ -325,7 +325,9 @@ def test_an_s3_batch_with_no_objects_or_in_another_bucket_is_refused(scored_lake
     assert lake.list_keys("predictions") == []
     lake.write_bytes("incoming/elsewhere/a.parquet", raw_parquet(["e0"], mnist_like(1)))
     with pytest.raises(ScoringInputError, match="ZALANDO_BATCH_BUCKETS") as e:
-        score_batch(lake.catalog(), "s3://another-bucket/incoming/elsewhere", batch_date="2026-05-05", runtime="onnx")
+        score_batch(
+            lake.catalog(), "s3://another-bucket/incoming/elsewhere", batch_date="2026-05-05", runtime="onnx"
+        )
     assert bucket in str(e.value)
 
 

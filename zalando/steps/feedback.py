@@ -106,7 +106,7 @@ def measure_labelled_kpis(
     emits_alarm: bool = False,
 ) -> KpiResult:
     """Per-group recall, precision and true positives of the batch's reviewed items, committed to
-    ``monitoring/kpis/batch_id=…/model_version=…`` (replacing an earlier measurement).
+    ``kpis/batch_id=…/model_version=…`` (replacing an earlier measurement).
 
     The decisions on ``model_version`` (default: the newest the batch's feedback names) count, one per
     image (the first); ``unusable`` ones are counted and left out. Thresholds: the study's alarm on
