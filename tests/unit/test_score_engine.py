@@ -162,6 +162,11 @@ def test_committed_batch_is_skipped_unless_forced(cat: LakeCatalog, tmp_path: Pa
     assert not r.skipped and forced.calls > 0 and r.shards_skipped == 0
     assert batch_predictions(cat, r.batch_id).num_rows == 20  # replaced, never duplicated
     assert r.snapshot_id != done.snapshot_id
+    from zalando.scoring.commit import batch_record
+
+    samples = batch_record(cat, r.batch_id, V)["embeddings"]  # type: ignore[index]
+    sample_objects = [k for k in cat.lake.list_keys("scoring") if "/embeddings/" in k]
+    assert samples and sorted(sample_objects) == sorted(samples)  # the replaced run's sample is gone
 
 
 def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
