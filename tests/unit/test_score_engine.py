@@ -558,3 +558,30 @@ def test_second_engines_see_exactly_the_committed_batches_while_one_is_mid_write
     assert engines() == ({one.batch_id: 30, two.batch_id: 40}, {one.batch_id: 30, two.batch_id: 40})
     both = scan(cat, "predictions").column("image_id").to_pylist()
     assert sorted(both) == sorted(ids1 + ids2)
+
+
+def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_tables(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
+) -> None:
+    from zalando.drift import reference_profile
+    from zalando.errors import DataError
+    from zalando.registry import save_reference
+    from zalando.steps.monitoring import monitor_batch
+
+    reference_images = mnist_like(300, seed=7)
+    probs, embeddings = FakePredictor().predict(reference_images)
+    save_reference(
+        lake,
+        V,
+        reference_profile(reference_images, probs, embeddings, np.ones(5), sample_size=100),
+        run_id="t",
+    )
+    src, _ = _good_batch(tmp_path / "in", n=40, seed=3)
+    plan = prepare_batch(cat, src.as_uri(), model_version=V, batch_date="2026-03-15", check_model=False)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    with pytest.raises(DataError, match="no committed embedding sample"):
+        monitor_batch(cat, plan, "run-m")  # scored, not committed: nothing to measure yet
+    finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    out = monitor_batch(cat, plan, "run-m")
+    assert out.rows == 40 and out.table and lake.is_committed(out.key)
+    assert {"embedding_mmd2", "confidence_psi", "pixel_mean"} <= {r["statistic"] for r in out.table}
