@@ -162,6 +162,11 @@ def test_committed_batch_is_skipped_unless_forced(cat: LakeCatalog, tmp_path: Pa
     assert not r.skipped and forced.calls > 0 and r.shards_skipped == 0
     assert batch_predictions(cat, r.batch_id).num_rows == 20  # replaced, never duplicated
     assert r.snapshot_id != done.snapshot_id
+    from zalando.scoring.commit import batch_record
+
+    samples = batch_record(cat, r.batch_id, V)["embeddings"]  # type: ignore[index]
+    sample_objects = [k for k in cat.lake.list_keys("scoring") if "/embeddings/" in k]
+    assert samples and sorted(sample_objects) == sorted(samples)  # the replaced run's sample is gone
 
 
 def test_shard_failing_on_first_attempt_is_finished_by_the_rerun_exactly_once(
@@ -561,3 +566,30 @@ def test_second_engines_see_exactly_the_committed_batches_while_one_is_mid_write
     assert engines() == ({one.batch_id: 30, two.batch_id: 40}, {one.batch_id: 30, two.batch_id: 40})
     both = scan(cat, "predictions").column("image_id").to_pylist()
     assert sorted(both) == sorted(ids1 + ids2)
+
+
+def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_tables(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path
+) -> None:
+    from zalando.drift import reference_profile
+    from zalando.errors import DataError
+    from zalando.registry import save_reference
+    from zalando.steps.monitoring import monitor_batch
+
+    reference_images = mnist_like(300, seed=7)
+    probs, embeddings = FakePredictor().predict(reference_images)
+    save_reference(
+        lake,
+        V,
+        reference_profile(reference_images, probs, embeddings, np.ones(5), sample_size=100),
+        run_id="t",
+    )
+    src, _ = _good_batch(tmp_path / "in", n=40, seed=3)
+    plan = prepare_batch(cat, src.as_uri(), model_version=V, batch_date="2026-03-15", check_model=False)
+    results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
+    with pytest.raises(DataError, match="no committed embedding sample"):
+        monitor_batch(cat, plan, "run-m")  # scored, not committed: nothing to measure yet
+    finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    out = monitor_batch(cat, plan, "run-m")
+    assert out.rows == 40 and out.table and lake.is_committed(out.key)
+    assert {"embedding_mmd2", "confidence_psi", "pixel_mean"} <= {r["statistic"] for r in out.table}

@@ -175,6 +175,7 @@ def finalize_batch(
     lake = cat.lake
     done, totals = _reconcile(lake, batch, shards, v)
     files = _files_by_table(done)
+    earlier = batch_record(cat, b, v)  # a re-run: its embedding sample goes once this one commits
     if verify_ids:
         _verify_shard_files(lake, done, b)
     counts = {
@@ -197,6 +198,8 @@ def finalize_batch(
     group_counts = {GROUP_KEYS[g]: int(totals.group_counts[g]) for g in range(NUM_GROUPS)}
     row = _batch_row(batch, v, run_id, shards, done, totals, group_counts, files, committed, opts)
     replace_partition(cat, layout.BATCHES, row, layout.batch_row(b, v))
+    for key in sorted(set((earlier or {}).get("embeddings") or []) - set(files[None])):
+        lake.delete(key)  # a plain object only the replaced row listed (tables keep theirs for time travel)
     result = BatchResult(
         batch_id=b,
         batch_date=d,
