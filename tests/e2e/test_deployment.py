@@ -80,7 +80,12 @@ def test_retrain_run_completes_and_fills_the_lake(deployed: LiveStack, retrain_r
     assert len(read_metric_tables(lake, run_id, [RETRAIN_EXPERIMENTS[0]])["summary"]) == 2  # val, test
 
     # the flow run's task runs and artifacts, through the Prefect API
-    tasks = deployed.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [retrain_run.id]}}})
+    # the train tasks run in the `experiment-training` subflow: its task runs count as the run's
+    subflows = deployed.post(
+        "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [retrain_run.id]}}}
+    )
+    run_ids = [retrain_run.id, *(f["id"] for f in subflows)]
+    tasks = deployed.post("/task_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}})
     names = {t["name"] for t in tasks}
     assert {f"train-{e}" for e in RETRAIN_EXPERIMENTS} | {
         f"evaluate-{e}" for e in RETRAIN_EXPERIMENTS

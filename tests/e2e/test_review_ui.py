@@ -68,8 +68,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
 
 @pytest.fixture(scope="module")
 def desk(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    assert Path(CHROMIUM).exists() and shutil.which("chromium"), (
+        "Debian's chromium is not installed: run .ci/setup-system.sh (apt-get install chromium)"
+    )
     work = tmp_path_factory.mktemp("review-ui")
     lake_uri = f"s3://zalando-ui-e2e/{uuid.uuid4().hex[:10]}"
     catalog_uri = f"sqlite:///{work.resolve()}/iceberg/catalog.db"  # the page's server opens the same one

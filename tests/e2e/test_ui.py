@@ -68,10 +68,9 @@ def test_flow_run_page_renders_run_tasks_and_artifacts(
     expected = {t["name"] for t in task_runs}
     tab = _render(f"{page}?tab=TaskRuns", tmp_path / "p2", "--dump-dom")
     shown = {name for name in expected if name in tab.stdout}
-    wanted = {
-        n for n in expected if n.startswith(("ingest-", "preprocess-", "train-", "evaluate-", "promote-"))
-    }
-    assert len(wanted) >= 5 and wanted <= shown, (expected, shown)
+    # the train tasks run in the `experiment-training` subflow, on that subflow run's own page
+    wanted = {n for n in expected if n.startswith(("ingest-", "preprocess-", "evaluate-", "promote-"))}
+    assert len(wanted) >= 4 and wanted <= shown, (expected, shown)
 
     arts = _render(f"{page}?tab=Artifacts", tmp_path / "p4", "--dump-dom")
     assert "champion-decision" in arts.stdout and "run-report" in arts.stdout, _text(arts.stdout)[-3000:]

@@ -158,7 +158,9 @@ def test_rerun_skips_ingest_preprocess_and_training(flows_lake: Lake, nightly_ru
     out = state.result()
     assert out["champion"] == nightly_run["result"]["training"]["champion"]
     assert out["promoted"] is None  # nothing new to promote
-    assert seconds < nightly_run["seconds"] / 2, (seconds, nightly_run["seconds"])
+    # how much faster the cached re-run is, is a benchmark's business (benchmarks/nightly_overhead.py),
+    # not a timed assertion: the Cached states above are what skipping means
+    print(f"re-run {seconds:.1f} s against the first run's {nightly_run['seconds']:.1f} s")
 
 
 def test_typed_parameters_are_validated(prefect_harness: None) -> None:

@@ -35,21 +35,12 @@ import psycopg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from zalando.catalogue.errors import CatalogueError
+from zalando.catalogue.schema import REQUIRED_COLUMNS
 from zalando.labels import GROUP_NAMES
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "product_id",
-    "group",
-    "confidence",
-    "model_version",
-    "batch_id",
-    "scored_at",
-    "image_id",
-    "image_url",
-    "image_sha256",
-)
+COLUMNS = REQUIRED_COLUMNS["product_classification"]  # the schema's own list, in its order
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
 _EXCLUDED = ", ".join(f'EXCLUDED."{c}"' for c in COLUMNS[1:])
 _CURRENT = ", ".join(f'pc."{c}"' for c in COLUMNS[1:])
