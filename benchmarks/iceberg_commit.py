@@ -64,7 +64,7 @@ def warehouse(kind: str) -> Iterator[tuple[Any, Any]]:
 
 
 def prediction_rows(n: int, batch_id: str, batch_date: date, seed: int, first: int = 0) -> pa.Table:
-    from zalando.lake.tables import PROB_COLUMNS, TABLES
+    from zalando.lake.tables import PRODUCT_COLUMNS, PROB_COLUMNS, TABLES
 
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(len(PROB_COLUMNS)), size=n).astype(np.float32)
@@ -86,6 +86,7 @@ def prediction_rows(n: int, batch_id: str, batch_date: date, seed: int, first: i
         scored_at=pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
         shadow=pa.array([False] * n),
     )
+    cols.update({f.name: pa.nulls(n, f.type) for f in PRODUCT_COLUMNS})  # catalogue batches only
     return pa.table(cols, schema=TABLES[TABLE].schema)
 
 

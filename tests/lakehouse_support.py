@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from zalando.lake.tables import PROB_COLUMNS, TABLES, UTC_US
+from zalando.lake.tables import PRODUCT_COLUMNS, PROB_COLUMNS, TABLES, UTC_US
 
 DAY = date(2026, 11, 30)
 
@@ -42,6 +42,7 @@ def prediction_rows(
         scored_at=pa.array([datetime(2026, 12, 1, tzinfo=UTC)] * n, UTC_US),
         shadow=[False] * n,
     )
+    cols.update({f.name: pa.nulls(n, f.type) for f in PRODUCT_COLUMNS})  # catalogue batches only
     return pa.table(cols, schema=TABLES["predictions"].schema)
 
 

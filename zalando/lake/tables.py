@@ -78,6 +78,18 @@ _BY_RUN = (PartitionBy("run_id"),)
 
 PROB_COLUMNS = tuple(f"prob_{k}" for k in GROUP_KEYS)
 
+# the catalogue's product of a prediction (zalando.catalogue.scoring): nullable, file batches leave them
+# null; last in the schema, so a table made before them gets them by evolve_schema with the same ids
+PRODUCT_COLUMNS: tuple[pa.Field, ...] = (
+    pa.field("product_id", pa.int64()),
+    pa.field("catalogue_image_id", pa.int64()),
+    pa.field("image_url", pa.string()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("title", pa.string()),
+    pa.field("description", pa.string()),
+    pa.field("review_reason", pa.string()),
+)
+
 _SPECS = (
     TableSpec(
         "raw_images",
@@ -162,11 +174,13 @@ _SPECS = (
                 ("batch_date", pa.date32()),
                 ("scored_at", UTC_US),
                 ("shadow", pa.bool_()),
+                *PRODUCT_COLUMNS,
             ]
         ),
         (PartitionBy("batch_date"), PartitionBy("model_version")),
         "scored rows, one data file per shard; the per-group view is the filter pred_group = g, the "
-        "review queue needs_review (confidence below the batch's threshold)",
+        "review queue needs_review (confidence below the batch's threshold, or a catalogue product's "
+        "review_reason); PRODUCT_COLUMNS only for catalogue batches",
         FULL_BATCH_ID_METRICS,
     ),
     TableSpec(

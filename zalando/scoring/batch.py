@@ -284,8 +284,9 @@ class ShardRef(BaseModel):
     batch_date: date
     shard_id: int
     num_shards: int
-    kind: Literal["parquet", "images", "bad_file"]
-    # parquet: one file and a row range; images: a list of files; bad_file: the file and its problem
+    kind: Literal["parquet", "images", "bad_file", "catalogue"]
+    # parquet: one file and a row range; images: a list of files; bad_file: the file and its problem;
+    # catalogue: a row range of a catalogue batch's products file (zalando.catalogue.scoring reads it)
     uri: str | None = None
     name: str | None = None
     sha256: str | None = None
@@ -301,7 +302,7 @@ class ShardRef(BaseModel):
 
     @property
     def records(self) -> int:
-        if self.kind == "parquet":
+        if self.kind in ("parquet", "catalogue"):
             return self.row_end - self.row_start
         if self.kind == "images":
             return len(self.files)

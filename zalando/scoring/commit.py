@@ -69,6 +69,7 @@ class BatchResult(BaseModel):
     reasons: dict[str, int] = Field(default_factory=dict)
     group_counts: dict[str, int] = Field(default_factory=dict)
     low_confidence: int = 0
+    unchanged: int = 0  # records whose last score stands (catalogue batches): records - scored - quarantined
     shards: int = 0
     shards_skipped: int = 0
     skipped: bool = False  # the batch was already committed and not forced
@@ -87,6 +88,7 @@ class _Totals:
     scored: int
     quarantined: int
     low_confidence: int
+    unchanged: int
     reasons: Counter[str]
     group_counts: np.ndarray
     pixel_hist: np.ndarray
@@ -138,6 +140,7 @@ def batch_summary(cat: LakeCatalog, batch_id: str, model_version: str) -> BatchR
         reasons=row["reasons"] or {},
         group_counts=row["group_counts"] or {},
         low_confidence=row["low_confidence"],
+        unchanged=row["records"] - row["scored"] - row["quarantined"],
         shards=row["shards"],
         snapshot_id=row["predictions_snapshot_id"],
         data_files=row["data_files"],
@@ -211,6 +214,7 @@ def finalize_batch(
         reasons=dict(sorted(totals.reasons.items())),
         group_counts=group_counts,
         low_confidence=totals.low_confidence,
+        unchanged=totals.unchanged,
         shards=len(shards),
         shards_skipped=sum(1 for r in results or () if r.skipped),
         snapshot_id=committed.snapshot_id,
@@ -265,10 +269,14 @@ def _reconcile(
         )
     done: list[dict[str, Any]] = [m for m in markers if m is not None]
     totals = _add_up(done)
-    if totals.records != batch.records or totals.scored + totals.quarantined != totals.records:
+    if (
+        totals.records != batch.records
+        or totals.scored + totals.quarantined + totals.unchanged != totals.records
+    ):
         raise ScoringError(
             f"batch {b}: counts do not reconcile: {batch.records} input records, shards cover "
             f"{totals.records}, {totals.scored} scored + {totals.quarantined} quarantined"
+            + (f" + {totals.unchanged} unchanged" if totals.unchanged else "")
         )
     return done, totals
 
@@ -286,6 +294,7 @@ def _add_up(done: list[dict[str, Any]]) -> _Totals:
         scored=sum(m["scored"] for m in done),
         quarantined=sum(m["quarantined"] for m in done),
         low_confidence=sum(m["low_confidence"] for m in done),
+        unchanged=sum(m.get("unchanged", 0) for m in done),
         reasons=reasons,
         group_counts=total("group_counts", np.zeros(NUM_GROUPS, int), int),
         pixel_hist=total("pixel_hist", np.zeros(256, np.int64), np.int64),

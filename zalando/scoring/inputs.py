@@ -202,7 +202,13 @@ def read_shard(lake: Lake, ref: ShardRef, cfg: ImagePrepConfig, keep_rejected_by
 
 
 class ShardInput:
-    """What a shard read: ids, images, which rows are usable, and the quarantine records."""
+    """What a shard read: ids, images, which rows are usable, and the quarantine records.
+
+    A reader other than :func:`read_shard` (the catalogue's) may also leave records out whose last
+    score stands (``unchanged_ids``: neither scored nor quarantined, counted in the marker), and give
+    ``annotate``: called with the prediction table of the usable rows and their indices into this
+    input, it returns that table with more of its columns filled (same schema, same rows).
+    """
 
     def __init__(self, n: int) -> None:
         self.ids: list[str | None] | pa.Array = []
@@ -211,6 +217,8 @@ class ShardInput:
         self.rows = np.arange(n, dtype=np.int64)
         self.sources: list[str] = []
         self.quarantine: list[dict[str, Any]] = []
+        self.unchanged_ids: list[str] = []
+        self.annotate: Callable[[pa.Table, np.ndarray], pa.Table] | None = None
 
     def reject(
         self,

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from typing import Any
@@ -32,17 +32,21 @@ from zalando.images import ImagePrepConfig
 from zalando.labels import GROUP_NAMES, NUM_GROUPS
 from zalando.lake import Lake, table_to_parquet_bytes
 from zalando.lake.commit import write_data_file
-from zalando.lake.tables import TABLES, iceberg_schema
+from zalando.lake.tables import PRODUCT_COLUMNS, TABLES, iceberg_schema
 from zalando.runtime import Predictor
 from zalando.scoring import layout
 from zalando.scoring.batch import ShardRef, ShardTarget
-from zalando.scoring.inputs import read_shard
+from zalando.scoring.inputs import ShardInput, read_shard
 
 log = logging.getLogger(__name__)
 
 _GROUP_NAME_ARRAY = pa.array(GROUP_NAMES, pa.string())
 CONFIDENCE_BINS = 20  # bins of the confidence histogram in shard markers and the batch's row
 EVIDENCE_CAP = 64 * 1024  # quarantine rows keep at most this many first bytes of an image input
+
+
+# (lake, shard, image prep, keep_rejected_bytes) -> what the shard read
+ReadShard = Callable[[Lake, ShardRef, ImagePrepConfig, int], ShardInput]
 
 
 class ScoringError(ZalandoError):
@@ -77,6 +81,7 @@ class ShardResult(BaseModel):
     quarantined: int
     reasons: dict[str, int] = Field(default_factory=dict)
     low_confidence: int = 0
+    unchanged: int = 0  # records left out because their last score stands (catalogue batches)
     skipped: bool = False  # already committed by an earlier attempt
     runtime: str = ""
     seconds: float = 0.0
@@ -137,6 +142,7 @@ def prediction_table(
         _repeat(batch_date, n, pa.date32()),
         _repeat(scored_at, n, pa.timestamp("us", tz="UTC")),
         _repeat(False, n, pa.bool_()),
+        *[pa.nulls(n, f.type) for f in PRODUCT_COLUMNS],  # a catalogue shard's annotate fills them
     ]
     return pa.Table.from_arrays(cols, schema=TABLES[layout.PREDICTIONS].schema)
 
@@ -193,6 +199,7 @@ def _result_from_marker(marker: dict[str, Any], *, skipped: bool) -> ShardResult
         quarantined=marker["quarantined"],
         reasons=marker.get("reasons", {}),
         low_confidence=marker.get("low_confidence", 0),
+        unchanged=marker.get("unchanged", 0),
         skipped=skipped,
         runtime=marker.get("runtime", ""),
         seconds=0.0 if skipped else float(marker.get("seconds", 0.0)),
@@ -209,11 +216,15 @@ def score_shard(
     predictor: Predictor,
     model_version: str,
     options: ScoringOptions | None = None,
+    *,
+    read: ReadShard = read_shard,
 ) -> ShardResult:
     """Score one shard exactly once: skip when committed, else read, validate, predict, write, mark.
 
     The shard needs its :class:`ShardTarget` (``prepare_batch`` sets it). Memory: one shard of
-    images (shard_size x 784 bytes) plus one sub-batch of floats.
+    images (shard_size x 784 bytes) plus one sub-batch of floats. ``read``: how the shard's inputs
+    become a :class:`~zalando.scoring.inputs.ShardInput` (a catalogue batch fetches its products'
+    images, :func:`zalando.catalogue.scoring.read_catalogue_shard`).
     """
     opts = options or ScoringOptions()
     if shard.target is None:
@@ -224,7 +235,7 @@ def score_shard(
         return _result_from_marker(marker, skipped=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    data = read_shard(lake, shard, opts.image_prep, opts.keep_rejected_bytes)
+    data = read(lake, shard, opts.image_prep, opts.keep_rejected_bytes)
     timings["read_decode"] = time.perf_counter() - t
 
     ok_idx = np.flatnonzero(data.ok)
@@ -241,6 +252,8 @@ def score_shard(
     table = prediction_table(
         good_ids, probs, model_version, shard.batch_id, shard.batch_date, scored_at, opts.confidence_threshold
     )
+    if data.annotate is not None:
+        table = data.annotate(table, ok_idx)
     files = _write_outputs(
         lake, shard, shard.target, model_version, table, good_ids, emb_sample, data.quarantine
     )
@@ -250,9 +263,12 @@ def score_shard(
         shard, model_version, table, data.quarantine, images, files, timings, predictor, opts
     )
     b, sid = shard.batch_id, shard.shard_id
-    if marker["scored"] + marker["quarantined"] != shard.records:  # a bug, never bad input
+    if data.unchanged_ids:
+        marker.update(unchanged=len(data.unchanged_ids), unchanged_ids=list(data.unchanged_ids))
+    if marker["scored"] + marker["quarantined"] + len(data.unchanged_ids) != shard.records:  # a bug
         raise ScoringError(
-            f"shard {b}/{sid}: {marker['scored']} scored + {marker['quarantined']} quarantined != {shard.records} records"
+            f"shard {b}/{sid}: {marker['scored']} scored + {marker['quarantined']} quarantined + "
+            f"{len(data.unchanged_ids)} unchanged != {shard.records} records"
         )
     lake.write_json(layout.shard_marker_key(shard.batch_date, model_version, b, sid), marker)  # commit point
     marker["seconds"] = time.perf_counter() - t0
