@@ -219,6 +219,7 @@ class ShardInput:
         self.quarantine: list[dict[str, Any]] = []
         self.unchanged_ids: list[str] = []
         self.annotate: Callable[[pa.Table, np.ndarray], pa.Table] | None = None
+        self.timings: dict[str, float] = {}  # a reader's own parts of read_decode (the catalogue's fetch)
 
     def reject(
         self,

@@ -237,6 +237,7 @@ def score_shard(
     t = time.perf_counter()
     data = read(lake, shard, opts.image_prep, opts.keep_rejected_bytes)
     timings["read_decode"] = time.perf_counter() - t
+    timings.update(data.timings)
 
     ok_idx = np.flatnonzero(data.ok)
     ids_all = data.ids if isinstance(data.ids, pa.Array) else pa.array(data.ids, pa.string())
