@@ -497,9 +497,15 @@ def score(
     allow_empty: bool = typer.Option(
         False, "--allow-empty", help="A location without input files scores as an empty batch (else an error)"
     ),
+    catalog: bool = typer.Option(
+        False, "--catalog", help="Score the retailer's catalogue in Postgres (the `catalogue` flow)"
+    ),
+    country: str = typer.Option("us", "--country", help="--catalog: the descriptions' country code"),
+    full: bool = typer.Option(False, "--full", help="--catalog: every product, not only new or changed ones"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Score a batch with the champion (the `batch_scoring` flow), or backfill a range of dates.
+    """Score a batch with the champion (the `batch_scoring` flow), or backfill a range of dates, or
+    (--catalog) the retailer's catalogue, incrementally, writing the groups back.
 
     A file:// location must lie under ZALANDO_BATCH_ROOTS (default: the work folder and the current
     directory), an s3:// one in the lake's bucket or ZALANDO_BATCH_BUCKETS. A backfill skips the
@@ -518,6 +524,31 @@ def score(
         fail("--from and --to go together")
     settings = settings_from()
     _flow_env(settings)
+    if catalog:
+        if batch_uri or date_from or dask_address or runner != "local":
+            fail("--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner or --dask-address")
+        from flows.catalogue import catalogue_scoring
+        from zalando.catalogue.cli import check_catalogue_for_scoring, print_catalogue_scoring
+        from zalando.catalogue.query import normalize_country
+        from zalando.catalogue.server import embedded_postgres
+        from zalando.scoring.batch import _as_date
+
+        code = normalize_country(country)
+        with lake_session(settings) as lake, embedded_postgres(settings):
+            version = check_catalogue_for_scoring(settings, lake, model_version, allow_empty)
+            summary = catalogue_scoring(
+                country=code,
+                full=full,
+                batch_date=_as_date(batch_date) if batch_date else None,
+                model_version=version,
+                workers=workers,
+                allow_empty=allow_empty,
+                profile=settings.profile,
+            )
+        print_catalogue_scoring(summary)
+        return
+    if country != "us" or full:
+        fail("--country and --full go with --catalog")
     with lake_session(settings) as lake:
         kw = dict(
             runner=runner,

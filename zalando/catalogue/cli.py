@@ -240,3 +240,78 @@ def stop_cmd() -> None:
         fail("ZALANDO_CATALOG_DSN is set: there is no embedded catalogue server to stop")
     server = server_for(settings)
     console.print("catalogue server stopped" if server.stop() else "catalogue server was not running")
+
+
+def check_catalogue_for_scoring(
+    settings: Any, lake: Any, model_version: str | None, allow_empty: bool
+) -> str:
+    """`zalando score --catalog`, before Prefect starts: one line for each bad input (a champion, the
+    catalogue reachable with these credentials, its schema, not empty); returns the model version."""
+    from zalando.catalogue.db import connect, conninfo_for
+    from zalando.catalogue.errors import CatalogueError
+    from zalando.catalogue.schema import check_schema
+    from zalando.scoring.champion import resolve_model_version
+
+    version = model_version or resolve_model_version(lake)
+    with connect(conninfo_for(settings)) as conn:
+        check_schema(conn)
+        products = conn.execute("SELECT count(*) FROM product").fetchone()[0]  # type: ignore[index]
+        conn.rollback()
+    if products == 0 and not allow_empty:
+        raise CatalogueError(
+            f"catalogue {_where(settings)} has 0 products: an empty batch, nothing scored "
+            "(--allow-empty commits it as an empty batch)"
+        )
+    return version
+
+
+def print_catalogue_scoring(s: dict[str, Any]) -> None:
+    """The summary of a catalogue batch: the reconciliation, quarantine reasons, text check, write-back."""
+    from zalando.cli import console
+
+    console.print(
+        f"catalogue batch {s['batch_id']} ({s['database']}, descriptions for {s['country']!r}) "
+        f"with model {s['model_version']}",
+        highlight=False,
+    )
+    table = Table()
+    cols = ("products", "scored", "quarantined", "skipped (unchanged)", "needs review", "written back")
+    for c in cols:
+        table.add_column(c, justify="right")
+    wb = s["write_back"]
+    table.add_row(
+        str(s["products"]), str(s["scored"]), str(s["quarantined"]), str(s["skipped_products"]),
+        str(s["low_confidence"] + s["text"]["disagreeing"]), str(wb["written"]),
+    )  # fmt: skip
+    console.print(table)
+    rec = s["reconciliation"]
+    console.print(
+        f"reconciled: {rec['products']} products = {rec['scored']} scored + {rec['quarantined']} "
+        f"quarantined + {rec['skipped']} skipped",
+        highlight=False,
+    )
+    if s["products"] == 0:
+        console.print("the catalogue has 0 products: an empty batch was committed", highlight=False)
+    if s.get("reasons"):
+        console.print(
+            "quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in s["reasons"].items()),
+            highlight=False,
+        )
+    t = s["text"]
+    console.print(
+        f"text_disagrees: {t['disagreeing']} of {t['products']} scored products "
+        f"(of {t['naming_an_article']} whose description names an article); low confidence "
+        f"{s['low_confidence']}",
+        highlight=False,
+    )
+    console.print(
+        f"write-back: {wb['written']} written, {wb['unchanged']} unchanged, {wb['kept_newer']} kept (newer), "
+        f"{wb['products_gone']} products gone"
+        + (f"; repaired {', '.join(r['batch_id'] for r in s['repaired'])}" if s.get("repaired") else ""),
+        highlight=False,
+    )
+    console.print(
+        f"predictions: {s['predictions_table']} where batch_id = '{s['batch_id']}' "
+        f"(snapshot {s['snapshot_id']})",
+        highlight=False,
+    )
