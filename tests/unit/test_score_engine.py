@@ -593,3 +593,29 @@ def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_table
     out = monitor_batch(cat, plan, "run-m")
     assert out.rows == 40 and out.table and lake.is_committed(out.key)
     assert {"embedding_mmd2", "confidence_psi", "pixel_mean"} <= {r["statistic"] for r in out.table}
+
+
+def test_file_batches_leave_the_catalogue_columns_null_and_an_older_table_gets_them_by_evolution(
+    cat: LakeCatalog, tmp_path: Path
+) -> None:
+    from pyiceberg.schema import Schema
+
+    from zalando.lake.tables import PRODUCT_COLUMNS, iceberg_schema, table_spec
+    from zalando.scoring.run import check_scoring_tables
+
+    # a predictions table made before the catalogue's columns existed (the spec without them)
+    spec = table_spec("predictions")
+    old = Schema(*iceberg_schema(spec).fields[: len(spec.schema) - len(PRODUCT_COLUMNS)])
+    cat.catalog.create_table(
+        cat.identifier("predictions"), schema=old, location=cat.lake.uri("zalando/predictions")
+    )
+    check_scoring_tables(cat)  # evolved explicitly (evolve_schema): the same field ids as a new table's
+    assert [f.name for f in cat.catalog.load_table(cat.identifier("predictions")).schema().fields] == (
+        spec.schema.names
+    )
+    src, ids = _good_batch(tmp_path / "b", n=12, files=1)
+    r = score_batch(cat, src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-03-07")
+    rows = batch_predictions(cat, r.batch_id)
+    assert rows.num_rows == 12
+    for f in PRODUCT_COLUMNS:
+        assert rows.column(f.name).null_count == 12, f.name

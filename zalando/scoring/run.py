@@ -34,7 +34,7 @@ from zalando.errors import LakeError, ZalandoError
 from zalando.lake import Lake, new_run_id
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import data_file_key
-from zalando.lake.tables import TABLES, check_schema, ensure_table
+from zalando.lake.tables import PRODUCT_COLUMNS, TABLES, check_schema, ensure_table, evolve_schema
 from zalando.runtime import Predictor, Runtime
 from zalando.scoring import layout
 from zalando.scoring.batch import (
@@ -176,6 +176,11 @@ def check_scoring_tables(cat: LakeCatalog) -> None:
                 "ZALANDO_ICEBERG_CATALOG_URI)"
             )
         live = table.schema()
+        if name == layout.PREDICTIONS and _lacks_product_columns(live):
+            live = evolve_schema(cat, name, add=PRODUCT_COLUMNS)  # a table made before the catalogue
+            log.warning(
+                "%s: added the catalogue's nullable product columns (file batches leave them null)", where
+            )
         if live == table_iceberg_schema(name):
             continue
         check_schema(live, TABLES[name].schema, where=where)  # names the missing/extra/mistyped columns
@@ -183,6 +188,13 @@ def check_scoring_tables(cat: LakeCatalog) -> None:
             f"{where}: the table's column ids differ from the schema scoring writes "
             f"({', '.join(f'{f.name}={f.field_id}' for f in live.fields)}); evolve it with evolve_schema"
         )
+
+
+def _lacks_product_columns(live: Any) -> bool:
+    """The live predictions schema is exactly the spec's without the trailing PRODUCT_COLUMNS."""
+    names = [f.name for f in live.fields]
+    spec = TABLES[layout.PREDICTIONS].schema.names
+    return names == spec[: len(spec) - len(PRODUCT_COLUMNS)]
 
 
 # ------------------------------------------------------------------------------------ per process
