@@ -3,18 +3,19 @@
 Starts a private PostgreSQL (zalando/catalogue/server.py) and, with ``--lake s3`` (the default), a
 private SeaweedFS, both in a temporary folder on free ports. For each size it loads a demo catalogue
 from the Fashion-MNIST test split (PNGs in the lake, ``s3://`` or ``file://`` URLs), then runs the
-catalogue-scoring pieces twice in a fresh process each (so the peak RSS is the run's own):
+chained catalogue scoring (:mod:`zalando.catalogue.scoring`, what the ``catalogue`` flow's tasks call:
+plan, every shard in this process, commit) twice, each in a fresh process (so the peak RSS is the run's):
 
-1. **first run**: every product is new. Query + previous scores in one snapshot, incremental
-   selection, fetch (``zalando.catalogue.fetch``, ``--concurrency`` threads) shard by shard, decode
-   (``zalando.images.decode_image``) and predict, the text check, one write-back transaction;
+1. **first run**: every product is new. Repair, query + previous scores in one snapshot, incremental
+   selection, the products file; per shard: fetch (``--concurrency`` at once), decode, predict with
+   the engine, data files and marker; reconcile, register, the lake commit, the write-back;
 2. **re-run, nothing changed**: the same, where every image is fetched again for its digest and
-   skipped, so nothing is scored or written.
+   skipped: nothing is scored or written back.
 
-Scoring: ``--bundle`` (a file lake or bundle folder, as benchmarks/photo_inputs.py takes; its champion
-or newest bundle) or ``--train-quick`` (photo_inputs' quick model) scores with the torch predictor;
-without either a placeholder stands in (every product 'Upper part', confidence 0) until the
-``catalogue_scoring`` flow exists and this calls it. Never fails a build.
+Scoring: the champion of the benchmark's lake, installed from ``--bundle`` (a file lake or bundle folder,
+as benchmarks/photo_inputs.py takes: its champion or newest bundle) or ``--train-quick`` (photo_inputs'
+quick model); without either, a tiny random-weight fashion_cnn (real engine and timings; its groups
+and text_disagrees share mean nothing). Never fails a build.
 
     nice -n 10 .venv/bin/python benchmarks/catalogue_scoring.py --sizes 2000,50000 --bundle .zalando/bench/photo-inputs-lake
 """
@@ -29,156 +30,114 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT.parent / "shared" / "data" / "fashion-mnist"
 BENCH_KEY = "bench-catalogue-secret-91c2"
 
-# (images (n, 28, 28) uint8) -> (group index per image, confidence per image)
-ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# ------------------------------------------------------------------------------------ the champion
+
+
+def install_champion(lake: Any, bundle: str | None) -> str:
+    """Put the scoring model into the benchmark's lake as its champion; returns its model version.
+
+    ``bundle``: a file lake (its champion, else its newest bundle) or a bundle folder, as
+    benchmarks/photo_inputs.py takes; None: a tiny random-weight fashion_cnn (real engine, real
+    timings; its groups, and so the text_disagrees share, mean nothing).
+    """
+    from zalando import registry
+    from zalando.models import load_bundle, save_bundle
+
+    if bundle is None:
+        sys.path.insert(0, str(ROOT))
+        from tests.scoring_support import make_champion
+
+        return make_champion(lake, seed=1)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from photo_inputs import load_predictor  # resolves a file lake or a bundle folder
+
+    from zalando.lake import Lake
+
+    _, name = load_predictor(Path(bundle), 1)
+    experiment, version = name.split("/")
+    src = Path(bundle).resolve()
+    src_lake = Lake.local(src if (src / "models").is_dir() else src.parents[2])
+    b = load_bundle(src_lake, experiment, version)
+    key = save_bundle(lake, b)
+    registry.register_model(
+        lake, model_version=version, experiment=experiment, metrics={}, spec=b.spec.model_dump(mode="json"),
+        dataset_version=b.dataset_version, code_version="benchmark", bundle_key=key,
+    )  # fmt: skip
+    registry.promote(lake, version, reason="benchmarks/catalogue_scoring.py", actor="benchmark")
+    return version
 
 
 # ------------------------------------------------------------------------------------ one run (a process)
 
 
-def _scorer(bundle: str | None, threads: int) -> tuple[ScoreFn, str, float]:
-    """The scoring hook, the model version it writes, and the seconds loading it took."""
-    t = time.perf_counter()
-    if bundle is None:
-
-        def placeholder(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return np.zeros(len(images), np.int64), np.zeros(len(images), np.float32)
-
-        return placeholder, "placeholder", 0.0
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import torch
-    from photo_inputs import load_predictor  # benchmarks/photo_inputs.py: the champion or newest bundle
-
-    torch.set_num_threads(threads)
-    predictor, name = load_predictor(Path(bundle), threads)
-
-    def score(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, _ = predictor.predict(images)
-        return probs.argmax(1), probs.max(1)
-
-    return score, name.rsplit("/", 1)[-1], time.perf_counter() - t
-
-
-def _decode(to_score: list[Any]) -> tuple[list[Any], list[np.ndarray], list[int]]:
-    """(fetched images that decode, their pixels, ids of the rest): a fetch problem or a decode
-    rejection (a decompression bomb, a corrupt PNG) is quarantined."""
-    from zalando.images import ImageRejected, decode_image
-
-    ok, pixels, rejected = [], [], []
-    for f in to_score:
-        try:
-            if f.ok:
-                pixels.append(decode_image(f.data, name=str(f.product_id)))
-                ok.append(f)
-                continue
-        except ImageRejected:
-            pass
-        rejected.append(f.product_id)
-    return ok, pixels, rejected
-
-
-def _prediction(f: Any, group: str, confidence: float, version: str, batch_id: str, at: Any) -> Any:
-    """The write-back row of one scored image (the flow reads these from the lake's committed predictions)."""
-    from zalando.catalogue.writeback import PredictionRow
-
-    return PredictionRow(
-        product_id=f.product_id,
-        group=group,
-        confidence=min(max(confidence, 0.0), 1.0),
-        model_version=version,
-        batch_id=batch_id,
-        scored_at=at,
-        image_id=f.image_id,
-        image_url=f.url,
-        image_sha256=f.sha256,
-    )
-
-
 def run_once(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One catalogue batch, query to write-back, timed step by step (runs in its own process)."""
-    from datetime import UTC, datetime
+    """One catalogue batch through the chained code (zalando.catalogue.scoring: plan, shards, commit),
+    timed stage by stage, in its own process (so the peak RSS is the run's own)."""
+    import torch
 
     from zalando.catalogue.db import connect
     from zalando.catalogue.fetch import ImageFetcher
-    from zalando.catalogue.incremental import drop_unchanged, read_previous, reconcile, select_for_scoring
-    from zalando.catalogue.query import catalogue_snapshot
-    from zalando.catalogue.text import summarize_text_checks
-    from zalando.catalogue.writeback import PredictionRow, write_back
-    from zalando.labels import GROUP_NAMES
+    from zalando.catalogue.scoring import commit_catalogue_batch, plan_catalogue_batch, score_catalogue_shard
     from zalando.lake import Lake
+    from zalando.scoring.champion import load_champion_predictor
+    from zalando.scoring.shard import ScoringOptions
     from zalando.settings import Settings
 
+    torch.set_num_threads(cfg["threads"])
     settings = Settings(**cfg["settings"])
     lake = Lake.from_settings(settings)
-    score, version, load_s = _scorer(cfg["bundle"], cfg["threads"])
-    fetcher = ImageFetcher.from_settings(settings, lake)
+    cat = lake.catalog()
+    options = ScoringOptions()
     t_all = time.perf_counter()
-    times = {"query_s": 0.0, "fetch_s": 0.0, "decode_s": 0.0, "scoring_s": 0.0, "upsert_s": 0.0}
-    scored: list[PredictionRow] = []
-    quarantined: list[int] = []
-    skipped: list[int] = []
-    texts: list[tuple[str | None, str]] = []
     with connect(cfg["conninfo"]) as conn:
         t = time.perf_counter()
-        with catalogue_snapshot(conn) as snap:
-            rows = list(snap.rows())
-            previous = read_previous(snap)
-        candidates, skipped_early = select_for_scoring(rows, previous, version)
-        skipped += [s.product_id for s in skipped_early]
-        times["query_s"] = time.perf_counter() - t
-        at = datetime.now(UTC)
-        for start in range(0, len(candidates), cfg["shard"]):
-            chunk = candidates[start : start + cfg["shard"]]
-            t = time.perf_counter()
-            fetched = fetcher.fetch_all([c.row for c in chunk])
-            times["fetch_s"] += time.perf_counter() - t
-            to_score, unchanged = drop_unchanged(chunk, fetched)
-            skipped += [s.product_id for s in unchanged]
-            t = time.perf_counter()
-            ok, pixels, rejected = _decode(to_score)
-            quarantined += rejected
-            times["decode_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if ok:
-                groups, confidence = score(np.stack(pixels))
-                rows_of = {c.row.product_id: c.row for c in chunk}
-                for f, g, c in zip(ok, groups.tolist(), confidence.tolist(), strict=True):
-                    scored.append(_prediction(f, GROUP_NAMES[g], c, version, cfg["batch_id"], at))
-                    texts.append((rows_of[f.product_id].description, GROUP_NAMES[g]))
-            times["scoring_s"] += time.perf_counter() - t
+        plan = plan_catalogue_batch(
+            cat, conn, database="bench", full=cfg["full"], batch_date=None, shard_size=cfg["shard"],
+            runtime=cfg["runtime"], threads=cfg["threads"],
+        )  # fmt: skip
+        plan_s = time.perf_counter() - t
+        predictor = load_champion_predictor(
+            lake, plan.runtime, model_version=plan.model_version, threads=cfg["threads"]
+        )
+        fetcher = ImageFetcher.from_settings(settings, lake, options.image_prep)
         t = time.perf_counter()
-        result = write_back(conn, cfg["batch_id"], scored)
-        times["upsert_s"] = time.perf_counter() - t
+        results = [
+            score_catalogue_shard(lake, s, predictor, plan.model_version, fetcher, options)
+            for s in plan.shards
+        ]
+        shards_s = time.perf_counter() - t
+        result = commit_catalogue_batch(cat, conn, plan, options, results)
     total = time.perf_counter() - t_all
-    rec = reconcile([r.product_id for r in rows], [p.product_id for p in scored], quarantined, skipped)
+    tm = lambda k: sum(r.timings.get(k, 0.0) for r in results)  # noqa: E731
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    text = summarize_text_checks(texts)
     return {
-        **times,
+        "query_s": plan.query_s,
+        "plan_s": plan_s,  # the query, the model check, the products file, the shards
+        "fetch_s": tm("fetch"),
+        "decode_s": tm("read_decode") - tm("fetch"),
+        "scoring_s": tm("predict"),
+        "shard_write_s": tm("write"),
+        "shards_s": shards_s,
+        "lake_commit_s": result.timings.get("finalize", result.seconds),
+        "upsert_s": result.write_back.seconds,
         "total_s": total,
-        "model_load_s": load_s,
-        "products": rec.products,
-        "scored": rec.scored,
-        "quarantined": rec.quarantined,
-        "skipped": rec.skipped,
-        "written": result.written,
-        "products_per_s": rec.products / total,
+        "products": result.products,
+        "scored": result.scored,
+        "quarantined": result.quarantined,
+        "skipped": result.skipped_products,
+        "written": result.write_back.written,
+        "products_per_s": result.products / total,
         "peak_rss_mb": int(hwm.split()[1]) / 1024,
-        "text_disagrees": (
-            f"{text.disagreeing} ({100 * text.share_of_products:.1f}% of scored)"
-            if cfg["bundle"]
-            else "n/a (placeholder scores)"
-        ),
+        "runtime": plan.runtime,
+        "text_disagrees": f"{result.text.disagreeing} ({100 * result.text.share_of_products:.1f}% of scored)",
+        "reasons": result.reasons,
     }
 
 
@@ -213,6 +172,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="images fetched at once")
     parser.add_argument("--shard", type=int, default=1000, help="products fetched and scored together")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--runtime", default="auto", help="auto (measured at planning), onnx, torch")
     parser.add_argument("--run-once", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON in/out
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -258,8 +218,11 @@ def main() -> int:
                 "s3_secret_key": BENCH_KEY,
             }
         lake_settings["catalog_fetch_concurrency"] = args.concurrency
+        lake_settings["work_dir"] = str(base / "lake-work")  # the lake's Iceberg catalog, this run's own
         lake = Lake.from_settings(Settings(**lake_settings))
         lake.ensure_ready()
+        champion = install_champion(lake, bundle)
+        print(f"# champion {champion} ({bundle or 'tiny random-weight fashion_cnn'})", flush=True)
         conninfo = conninfo_for(Settings(catalog_port=pg.port, catalog_db="bench"))
         with connect(conninfo) as conn:
             init_schema(conn)
@@ -272,14 +235,14 @@ def main() -> int:
                 f"# {n} products: demo loaded in {load_s:.1f}s ({summary.objects_written} PNGs written)",
                 flush=True,
             )
-            for run, batch_id in (("first run", f"bench-{n}-1"), ("re-run, nothing changed", f"bench-{n}-2")):
+            for run in ("first run", "re-run, nothing changed"):
                 cfg = {
                     "settings": lake_settings,
                     "conninfo": conninfo,
-                    "bundle": bundle,
                     "threads": args.threads,
                     "shard": args.shard,
-                    "batch_id": batch_id,
+                    "runtime": args.runtime,
+                    "full": False,
                 }
                 row = {"size": n, "run": run, **_run_in_process(cfg)}
                 results.append(row)
@@ -290,11 +253,13 @@ def main() -> int:
         pg.stop()
         shutil.rmtree(base, ignore_errors=True)
     cols = [
-        "size", "run", "query_s", "fetch_s", "decode_s", "scoring_s", "upsert_s", "total_s", "products_per_s",
-        "peak_rss_mb", "scored", "quarantined", "skipped", "written", "text_disagrees",
+        "size", "run", "query_s", "plan_s", "fetch_s", "decode_s", "scoring_s", "shard_write_s", "lake_commit_s",
+        "upsert_s", "total_s", "products_per_s", "peak_rss_mb", "scored", "quarantined", "skipped", "written",
+        "text_disagrees",
     ]  # fmt: skip
     print(f"\nlake: {args.lake}; fetch concurrency {args.concurrency}; shard {args.shard}; "
-          f"scoring: {bundle or 'placeholder'}")  # fmt: skip
+          f"runtime {results[0]['runtime'] if results else '?'}; threads {args.threads}; "
+          f"champion: {bundle or 'tiny random-weight fashion_cnn'}")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
     for r in results:
