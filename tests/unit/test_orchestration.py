@@ -244,7 +244,7 @@ def test_stack_down_without_up_stops_nothing(tmp_path: Path, capsys: pytest.Capt
 def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> None:
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu", "weekly", "kpis"}
+    assert set(deps) == {"nightly", "retrain", "score", "paper-gpu", "weekly", "kpis", "score-catalogue"}
     assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     local = {"runner": "local", "dask_address": None}  # the Dask cluster is chosen per run
     assert deps["nightly"]["parameters"] == {"profile": "cpu", **local}
@@ -276,6 +276,15 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
     assert deps["kpis"]["entrypoint"] == "flows/feedback.py:labelled_kpis"
     assert deps["kpis"]["schedules"] == [{"cron": "0 6 * * *", "timezone": "UTC", "active": True}]
     assert deps["kpis"]["parameters"] == {"profile": "cpu"}
+    # issue 14: the catalogue, nightly after the training (02:00) and by hand, one run at a time
+    catalogue = deps["score-catalogue"]
+    assert catalogue["entrypoint"] == "flows/catalogue.py:catalogue_scoring"
+    assert catalogue["schedules"] == [{"cron": "0 4 * * *", "timezone": "UTC", "active": True}]
+    assert catalogue["parameters"] == {"profile": "cpu", "country": "us", "full": False}
+    assert catalogue["concurrency_limit"] == 1
+    from flows.catalogue import catalogue_scoring
+
+    assert catalogue_scoring.name == "catalogue"  # so the deployment is catalogue/score-catalogue
     for dep in deps.values():  # every entrypoint names a real flow
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
