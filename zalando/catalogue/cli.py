@@ -281,7 +281,7 @@ def print_catalogue_scoring(s: dict[str, Any]) -> None:
     wb = s["write_back"]
     table.add_row(
         str(s["products"]), str(s["scored"]), str(s["quarantined"]), str(s["skipped_products"]),
-        str(s["low_confidence"] + s["text"]["disagreeing"]), str(wb["written"]),
+        str(s["needs_review"]), str(wb["written"]),
     )  # fmt: skip
     console.print(table)
     rec = s["reconciliation"]

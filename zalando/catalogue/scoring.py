@@ -130,6 +130,7 @@ class CatalogueBatchResult(BatchResult):
     database: str
     products: int
     skipped_products: int  # unchanged since their last score: nothing written for them
+    needs_review: int = 0  # scored products for the review queue (low confidence or text_disagrees)
     reconciliation: Reconciliation
     write_back: WriteBackResult
     repaired: list[WriteBackResult] = []
@@ -531,7 +532,10 @@ def commit_catalogue_batch(
         )
     wb = write_back(conn, plan.batch_id, rows, committed_at=datetime.now(UTC))
     texts = scan(
-        cat, layout.PREDICTIONS, {"batch_id": plan.batch_id}, columns=["description", "pred_group_name"]
+        cat,
+        layout.PREDICTIONS,
+        {"batch_id": plan.batch_id},
+        columns=["description", "pred_group_name", "needs_review"],
     ).to_pylist()
     text = summarize_text_checks((r["description"], r["pred_group_name"]) for r in texts)
     log.info("catalogue batch %s: %s", plan.batch_id, text.line())
@@ -541,6 +545,7 @@ def commit_catalogue_batch(
         database=plan.database,
         products=rec.products,
         skipped_products=rec.skipped,
+        needs_review=sum(bool(r["needs_review"]) for r in texts),
         reconciliation=rec,
         write_back=wb,
         repaired=plan.repaired,
