@@ -64,7 +64,7 @@ def warehouse(kind: str) -> Iterator[tuple[Any, Any]]:
 
 
 def prediction_rows(n: int, batch_id: str, batch_date: date, seed: int, first: int = 0) -> pa.Table:
-    from zalando.lake.tables import PRODUCT_COLUMNS, PROB_COLUMNS, TABLES
+    from zalando.lake.tables import PROB_COLUMNS, PRODUCT_COLUMNS, TABLES
 
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(len(PROB_COLUMNS)), size=n).astype(np.float32)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from zalando.lake.tables import PRODUCT_COLUMNS, PROB_COLUMNS, TABLES, UTC_US
+from zalando.lake.tables import PROB_COLUMNS, PRODUCT_COLUMNS, TABLES, UTC_US
 
 DAY = date(2026, 11, 30)
 
