@@ -204,3 +204,66 @@ def test_without_a_challenger_shadow_says_so_in_one_line(
     assert out.status == "no_challenger" and out.challenger_version is None
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "zalando.scoring.shadow"]
     assert len(lines) == 1 and "there is no challenger" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- the gates
+
+
+def _gate_metrics(version: str, f1: float) -> dict:
+    """Metrics that pass every other gate with room to spare."""
+    return {
+        "model_version": version, "dataset_version": "ds1", "macro_f1": f1, "latency_ms_per_1000": 400.0,
+        "size_mb": 3.0, "canary_accuracy": 0.8,
+        "per_group": {g: {"recall": 0.999, "precision": 0.999, "npv": 0.999} for g in GROUP_NAMES},
+    }  # fmt: skip
+
+
+def _evidence(
+    agreement: float, reviewed: int = 0, acc: float = 0.0, champ_acc: float = 0.0, champion: str = "v-old"
+) -> dict:
+    return {
+        "challenger_version": "v-new", "champion_version": champion, "batches": ["b1", "b2"], "items": 1000,
+        "agreement": agreement, "groups": [], "reviewed_items": reviewed,
+        "challenger_reviewed_accuracy": acc if reviewed else None,
+        "champion_reviewed_accuracy": champ_acc if reviewed else None,
+    }  # fmt: skip
+
+
+def test_the_shadow_gate_uses_the_agreement_when_a_floor_is_set_and_reports_it_otherwise() -> None:
+    from zalando.gates import GateConfig, evaluate_gates
+
+    champion = _gate_metrics("v-old", 0.94)
+    plain = evaluate_gates(_gate_metrics("v-new", 0.95), champion)
+    assert "shadow_agreement" not in {r["check"] for r in plain.rows}  # no evidence: no row
+    shadowed = {**_gate_metrics("v-new", 0.95), "shadow": _evidence(0.91)}
+    d = evaluate_gates(shadowed, champion)  # default: reported, not gated
+    row = next(r for r in d.rows if r["check"] == "shadow_agreement")
+    assert d.promote and row["value"] == 0.91 and row["threshold"] is None
+    assert row["rule"] == "reported (1000 images of 2 shadowed batch(es))"
+    d = evaluate_gates(shadowed, champion, GateConfig(min_shadow_agreement=0.95))
+    assert not d.promote and d.reasons == [
+        "shadow agreement with the champion 0.91 below 0.9500 (1000 images of 2 shadowed batch(es))"
+    ]
+    assert evaluate_gates(shadowed, champion, GateConfig(min_shadow_agreement=0.9)).promote
+    # evidence measured beside another champion is not used
+    other = {**shadowed, "shadow": _evidence(0.5, champion="v-older")}
+    d = evaluate_gates(other, champion, GateConfig(min_shadow_agreement=0.95))
+    assert d.promote and "shadow_agreement" not in {r["check"] for r in d.rows}
+    assert "| shadow_agreement | 0.91 | reported" in evaluate_gates(shadowed, champion).to_markdown()
+
+
+def test_the_reviewed_items_gate_compares_both_models_on_the_same_reviewed_items() -> None:
+    from zalando.gates import GateConfig, evaluate_gates
+
+    champion = _gate_metrics("v-old", 0.94)
+    worse = {**_gate_metrics("v-new", 0.95), "shadow": _evidence(0.9, reviewed=40, acc=0.70, champ_acc=0.75)}
+    d = evaluate_gates(worse, champion)  # default: must not drop
+    row = next(r for r in d.rows if r["check"] == "reviewed_accuracy_vs_champion")
+    assert not d.promote and row["threshold"] == 0.75 and "40 reviewed items" in row["rule"]
+    assert "accuracy on the 40 reviewed items of its shadowed batches 0.7" in d.reasons[0]
+    assert evaluate_gates(worse, champion, GateConfig(max_reviewed_accuracy_drop=0.05)).promote
+    assert evaluate_gates(worse, champion, GateConfig(max_reviewed_accuracy_drop=None)).promote
+    few = {**worse, "shadow": _evidence(0.9, reviewed=10, acc=0.1, champ_acc=0.9)}
+    d = evaluate_gates(few, champion)
+    row = next(r for r in d.rows if r["check"] == "reviewed_accuracy_vs_champion")
+    assert d.promote and row["rule"] == "reported (10 reviewed items; fewer than 20 needed)"

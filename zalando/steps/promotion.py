@@ -91,7 +91,8 @@ def decide_promotion(
     """Gate every candidate against the champion; the best one that passes (validation macro F1) wins.
 
     The champion's numbers come from the same validation data: when it was registered on another
-    dataset version it is evaluated again on this one (not re-registered). Models with a decision
+    dataset version it is evaluated again on this one (not re-registered). A candidate that was
+    shadow-scored beside the champion brings that evidence (:func:`with_shadow_evidence`). Models with a decision
     in the registry's log already (a cached training run) are left out. Nothing is written here:
     :func:`apply_promotion` records the decisions, after an optional human approval.
     """
@@ -127,7 +128,9 @@ def decide_promotion(
             experiment=cand.experiment,
             model_version=cand.model_version,
             macro_f1=cand.gate_metrics.get("macro_f1"),
-            decision=evaluate_gates(cand.gate_metrics, champ_metrics, config),
+            decision=evaluate_gates(
+                with_shadow_evidence(lake, cand.gate_metrics, champ_version), champ_metrics, config
+            ),
         )
         for cand in candidates
         if cand.model_version not in decided
@@ -142,6 +145,18 @@ def decide_promotion(
         decisions=gated,
         gates=config,
     )
+
+
+def with_shadow_evidence(
+    lake: Lake, metrics: Mapping[str, Any], champion_version: str | None
+) -> dict[str, Any]:
+    """A challenger's gate metrics with its shadow evidence beside ``champion_version`` (its agreement
+    and accuracy on reviewed items over the batches it shadowed), when it has any: the shadow gates."""
+    from zalando.scoring.shadow import shadow_evidence
+
+    version = metrics.get("model_version")
+    evidence = shadow_evidence(lake, str(version), champion_version) if version else None
+    return {**metrics, "shadow": evidence.model_dump()} if evidence else dict(metrics)
 
 
 def promotion_verdicts(
