@@ -354,7 +354,9 @@ def _check_shadow(
     ev = challenger.get("shadow")
     if not ev:
         return
-    champ_version = champion.get("model_version") if champion else None
+    if champion is None:
+        return
+    champ_version = champion.get("model_version") or ev.get("champion_version")  # unnamed: as measured
     if ev.get("champion_version") != champ_version:
         log.info(
             "shadow evidence of %s was measured beside %s, not the champion %s: not used",

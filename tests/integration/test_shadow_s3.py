@@ -174,7 +174,7 @@ def test_shadow_scores_beside_the_champion_exactly_once_and_the_gate_uses_it(
     )
     assert shadow_evidence(lake, challenger, "another-champion") is None
 
-    metrics = with_shadow_evidence(lake, {"model_version": challenger, "macro_f1": 0.9}, champion)
+    metrics = with_shadow_evidence(lake, {"macro_f1": 0.9}, challenger, champion)
     assert metrics["shadow"]["agreement"] == ev.agreement  # what decide_promotion gates with
     d = evaluate_gates(
         metrics,

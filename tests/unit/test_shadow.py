@@ -267,3 +267,44 @@ def test_the_reviewed_items_gate_compares_both_models_on_the_same_reviewed_items
     d = evaluate_gates(few, champion)
     row = next(r for r in d.rows if r["check"] == "reviewed_accuracy_vs_champion")
     assert d.promote and row["rule"] == "reported (10 reviewed items; fewer than 20 needed)"
+
+
+def test_decide_promotion_gates_a_shadowed_candidate_on_its_agreement(tmp_path: Path) -> None:
+    from zalando.lake import Lake
+    from zalando.lake.commit import replace_partition
+    from zalando.registry import promote, register_model
+    from zalando.settings import Settings
+    from zalando.steps.promotion import decide_promotion
+    from zalando.steps.training import Evaluation
+
+    lake = Lake.local(tmp_path / "lake")
+
+    def candidate(version: str, f1: float) -> Evaluation:
+        metrics = {k: v for k, v in _gate_metrics(version, f1).items() if k != "model_version"}
+        register_model(
+            lake, model_version=version, experiment="e", metrics=metrics, spec={}, dataset_version="ds1",
+            code_version="c", bundle_key=f"models/e/{version}",
+        )  # fmt: skip
+        return Evaluation(
+            experiment="e", model_version=version, dataset_version="ds1", run_id="r", registered=False,
+            metrics_uri=None, eval_key=None, gate_metrics=metrics, per_group_test=[], summary_test={},
+            performance=[],
+        )  # fmt: skip
+
+    candidate("v1", 0.90)
+    promote(lake, "v1", reason="first", actor="test")
+    shadowed, fresh = candidate("v2", 0.95), candidate("v3", 0.95)
+    rows = agreement_rows(np.array([0] * 10), np.array([0] * 8 + [1] * 2))  # 80% agreement
+    table = agreement_table(
+        rows, batch_id="b1", batch_date=date(2026, 5, 1), champion_version="v1", challenger_version="v2"
+    )
+    replace_partition(
+        lake.catalog(), "shadow_agreement", table, {"batch_id": "b1", "challenger_version": "v2"}
+    )
+    settings = Settings(profile="quick", lake_uri="file:///unused")
+    decision = decide_promotion(lake, settings, [shadowed, fresh], "run", gates={"min_shadow_agreement": 0.9})
+    by_version = {g.model_version: g.decision for g in decision.decisions}
+    assert not by_version["v2"].promote and by_version["v3"].promote and decision.winner == "v3"
+    row = next(r for r in by_version["v2"].rows if r["check"] == "shadow_agreement")
+    assert row["value"] == 0.8 and row["rule"] == ">= (10 images of 1 shadowed batch(es))"
+    assert "shadow_agreement" not in {r["check"] for r in by_version["v3"].rows}  # never shadowed

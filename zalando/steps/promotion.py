@@ -129,7 +129,9 @@ def decide_promotion(
             model_version=cand.model_version,
             macro_f1=cand.gate_metrics.get("macro_f1"),
             decision=evaluate_gates(
-                with_shadow_evidence(lake, cand.gate_metrics, champ_version), champ_metrics, config
+                with_shadow_evidence(lake, cand.gate_metrics, cand.model_version, champ_version),
+                champ_metrics,
+                config,
             ),
         )
         for cand in candidates
@@ -148,14 +150,13 @@ def decide_promotion(
 
 
 def with_shadow_evidence(
-    lake: Lake, metrics: Mapping[str, Any], champion_version: str | None
+    lake: Lake, metrics: Mapping[str, Any], model_version: str, champion_version: str | None
 ) -> dict[str, Any]:
     """A challenger's gate metrics with its shadow evidence beside ``champion_version`` (its agreement
     and accuracy on reviewed items over the batches it shadowed), when it has any: the shadow gates."""
     from zalando.scoring.shadow import shadow_evidence
 
-    version = metrics.get("model_version")
-    evidence = shadow_evidence(lake, str(version), champion_version) if version else None
+    evidence = shadow_evidence(lake, model_version, champion_version)
     return {**metrics, "shadow": evidence.model_dump()} if evidence else dict(metrics)
 
 
