@@ -787,6 +787,34 @@ def promote(
 
 @app.command()
 @handle_errors
+def gate(
+    model_version: str = typer.Argument(..., help="A registered challenger (see `zalando models`)"),
+    apply: bool = typer.Option(
+        False, "--apply", help="Record the decision: promote when every gate passes, else reject"
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Gate a registered challenger against the champion again, with what its shadow scoring showed
+    (agreement, accuracy on reviewed items): prints the gate report."""
+    from zalando.lake import new_run_id
+    from zalando.registry import apply_gate_decision
+    from zalando.steps.promotion import gate_registered
+
+    setup_logging(verbose)
+    settings = settings_from()
+    with lake_session(settings) as lake:
+        decision = gate_registered(lake, settings, model_version, new_run_id())
+        console.print(decision.to_markdown(), markup=False, highlight=False)
+        if apply:
+            out = apply_gate_decision(lake, model_version, decision, actor=_actor())
+            champion = (out.get("champion") or {}).get("model_version")
+            console.print(
+                f"{'promoted' if out['promoted'] else 'rejected'}: {model_version}; champion {champion}"
+            )
+
+
+@app.command()
+@handle_errors
 def rollback(reason: str = typer.Option("manual rollback", help="Recorded in the decision log")) -> None:
     """Put the previous champion back (recorded in the decision log)."""
     from zalando.registry import rollback as do_rollback

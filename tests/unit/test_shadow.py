@@ -308,3 +308,45 @@ def test_decide_promotion_gates_a_shadowed_candidate_on_its_agreement(tmp_path: 
     row = next(r for r in by_version["v2"].rows if r["check"] == "shadow_agreement")
     assert row["value"] == 0.8 and row["rule"] == ">= (10 images of 1 shadowed batch(es))"
     assert "shadow_agreement" not in {r["check"] for r in by_version["v3"].rows}  # never shadowed
+
+
+def test_zalando_gate_weighs_a_rejected_challengers_shadow_evidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from zalando import cli, registry
+    from zalando.lake import Lake
+    from zalando.lake.commit import replace_partition
+    from zalando.settings import load_settings
+
+    monkeypatch.setenv("ZALANDO_LAKE_URI", (tmp_path / "lake").as_uri())
+    monkeypatch.setenv("ZALANDO_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)
+    lake = Lake.from_settings(load_settings())
+    for version, f1 in (("v1", 0.90), ("v2", 0.95)):
+        registry.register_model(
+            lake, model_version=version, experiment="e", metrics=_gate_metrics(version, f1), spec={},
+            dataset_version="ds1", code_version="c", bundle_key=f"models/e/{version}",
+        )  # fmt: skip
+    registry.promote(lake, "v1", reason="first", actor="test")
+    registry.reject(lake, "v2", reason="an earlier night", actor="test")
+    rows = agreement_rows(np.array([0] * 10), np.array([0] * 9 + [1]))
+    table = agreement_table(
+        rows, batch_id="b1", batch_date=date(2026, 5, 1), champion_version="v1", challenger_version="v2"
+    )
+    replace_partition(
+        lake.catalog(), "shadow_agreement", table, {"batch_id": "b1", "challenger_version": "v2"}
+    )
+    r = CliRunner().invoke(cli.app, ["gate", "v2"])
+    assert r.exit_code == 0, r.output
+    assert (
+        "PROMOTE" in r.output
+        and "| shadow_agreement | 0.9 | reported (10 images of 1 shadowed batch(es))" in r.output
+    )
+    assert registry.get_champion(lake)["model_version"] == "v1"  # nothing recorded without --apply
+    r = CliRunner().invoke(cli.app, ["gate", "v2", "--apply"])
+    assert r.exit_code == 0 and "promoted: v2; champion v2" in r.output, r.output
+    assert registry.get_champion(lake)["model_version"] == "v2"
+    r = CliRunner().invoke(cli.app, ["gate", "v2"])
+    assert r.exit_code == 2 and "it is the champion" in r.output, r.output
