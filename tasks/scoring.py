@@ -132,10 +132,19 @@ def shadow_score(
     out = scoring.shadow_batch(
         cfg.catalog(), plan, location, options, shard_size=shard_size, runtime=runtime, force=force
     )
-    if out.status in ("scored", "skipped"):
-        get_run_logger().info(
-            "batch %s shadowed by %s: agreement %s", out.batch_id, out.challenger_version, out.agreement
-        )
+    log = get_run_logger()  # one line whatever happened (the library's own line stays in its logger)
+    if out.status == "no_challenger":
+        log.info("shadow scoring of batch %s asked for, but there is no challenger", out.batch_id)
+    elif out.status == "failed":
+        log.warning(
+            "shadow scoring of batch %s with %s failed (its predictions are committed): %s",
+            out.batch_id, out.challenger_version, out.error,
+        )  # fmt: skip
+    else:
+        log.info(
+            "batch %s shadowed by %s (%s): agreement %s",
+            out.batch_id, out.challenger_version, out.status, out.agreement,
+        )  # fmt: skip
     if out.status != "no_challenger":
         create_markdown_artifact(
             key="shadow-agreement",
