@@ -388,7 +388,9 @@ def _score_shadow(cat: LakeCatalog, job: _Job, predictor: Predictor | None) -> S
     return result
 
 
-def _shards_again(lake: Lake, batch_id: str, batch_date: date, location: str | None, shard_size: int) -> list:
+def _shards_again(
+    lake: Lake, batch_id: str, batch_date: date, location: str | None, shard_size: int
+) -> list[ShardRef]:
     """The shards of a batch the champion committed earlier, cut again from its location."""
     if location is None:
         raise DataError(f"shadow of batch {batch_id}: committed earlier, so it needs the batch's location")
