@@ -18,7 +18,7 @@ from pydantic import Field
 
 from tasks.common import RunConfig
 from tasks.lake import prepare_lake
-from tasks.scoring import commit_batch, monitor_drift, plan_batch, score_shard
+from tasks.scoring import commit_batch, monitor_drift, plan_batch, score_shard, shadow_score
 from zalando.lake import new_run_id
 from zalando.runtime import Runtime
 from zalando.s3server import embedded_s3
@@ -64,6 +64,24 @@ def _shard_runner(runner: Runner, workers: int, dask_address: str | None) -> Any
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
+def _shadow(
+    cfg: RunConfig,
+    plan: Any,
+    batch_uri: str | None,
+    options: ScoringOptions,
+    shard_size: int,
+    runtime: Runtime,
+    force: bool,
+    log: Any,
+) -> dict[str, Any] | None:
+    """The shadow task's result; a failed task (its retries spent) is one log line, never the flow's failure."""
+    state = shadow_score(cfg, plan, batch_uri, options, shard_size, runtime, force, return_state=True)
+    if state.is_failed():
+        log.warning("shadow scoring of batch %s failed; its predictions are committed", plan.batch_id)
+        return None
+    return state.result().model_dump(mode="json")
+
+
 @flow(name="batch_scoring", flow_run_name=_run_name)
 def batch_scoring(
     batch_uri: str | None = None,
@@ -79,6 +97,7 @@ def batch_scoring(
     profile: Profile | None = None,
     runtime: Runtime = "auto",
     allow_empty: bool = False,
+    shadow: bool = False,
 ) -> dict[str, Any]:
     """Score the batch at `batch_uri` with the champion model; commit predictions exactly once.
 
@@ -101,6 +120,10 @@ def batch_scoring(
             ONNX Runtime, so they never import torch); or name one. Runtimes agree to 1e-4
             (bf16: 0.02) in probability, so a near-tie may be decided differently between them;
             the batch's row in the `batches` table records the runtime used.
+        shadow: after the batch's commit, also score it with the challenger (the newest registered
+            model version that is not the champion) into `shadow_predictions`, never `predictions`,
+            and commit their agreement per group (`shadow_agreement`, a `shadow-agreement`
+            artifact). No challenger, or one that fails: one log line, and the batch stays committed.
         allow_empty: a batch location without input files is an error (a typo in `batch_uri` must
             not score nothing, night after night); set this for the rare batch that may be empty.
 
@@ -135,6 +158,8 @@ def batch_scoring(
         # an empty batch (or one whose every input was quarantined) has nothing to measure
         drift = monitor_drift(cfg, plan, options) if monitor and summary["scored"] > 0 else None
         summary["drift"] = drift.model_dump(mode="json", exclude={"table"}) if drift else None
+        if shadow:
+            summary["shadow"] = _shadow(cfg, plan, batch_uri, options, shard_size, runtime, force, log)
     log.info(
         "batch %s: %d scored, %d quarantined, model %s -> %s (snapshot %s)",
         summary["batch_id"],

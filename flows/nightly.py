@@ -29,6 +29,7 @@ def nightly(
     dask_address: str | None = None,
     force: bool = False,
     allow_empty: bool = False,
+    shadow: bool = False,
 ) -> dict[str, Any]:
     """Retrain (cached steps skip when nothing changed), promote a champion, score the night's batch.
 
@@ -45,6 +46,8 @@ def nightly(
             default: a local cluster each.
         force: redo cached steps and re-score a committed batch.
         allow_empty: score a batch location without input files as an empty batch (else an error).
+        shadow: also score the batch with the challenger (the newest registered model that is not
+            the champion, e.g. tonight's rejected one) beside the champion (see `batch_scoring`).
     """
     trained = training(
         profile=profile,
@@ -64,6 +67,7 @@ def nightly(
         force=force,
         profile=profile,
         allow_empty=allow_empty,
+        shadow=shadow,
     )
     get_run_logger().info("nightly done: run %s, batch %s", trained["run_id"], scored["batch_id"])
     return {"training": trained, "scoring": scored}

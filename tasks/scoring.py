@@ -25,6 +25,7 @@ from zalando.steps.scoring import CommittedBatch
 if TYPE_CHECKING:  # annotations only: the scoring library's own types
     from zalando.scoring.batch import ShardRef
     from zalando.scoring.run import BatchPlan
+    from zalando.scoring.shadow import ShadowResult
     from zalando.scoring.shard import ScoringOptions, ShardResult
 
 
@@ -113,6 +114,45 @@ def _batch_artifacts(s: CommittedBatch) -> None:
         ),
         description=f"Batch {s.batch_id} scored with {s.model_version}",
     )
+
+
+@task(name="shadow-score", cache_policy=NO_CACHE, **io_task_options())
+def shadow_score(
+    cfg: RunConfig,
+    plan: BatchPlan,
+    location: str | None,
+    options: ScoringOptions,
+    shard_size: int,
+    runtime: str = "auto",
+    force: bool = False,
+) -> ShadowResult:
+    """Score the committed batch with the challenger beside the champion; publish the agreement artifact."""
+    from zalando.scoring.shadow import agreement_markdown
+
+    out = scoring.shadow_batch(
+        cfg.catalog(), plan, location, options, shard_size=shard_size, runtime=runtime, force=force
+    )
+    log = get_run_logger()  # one line whatever happened (the library's own line stays in its logger)
+    if out.status == "no_challenger":
+        log.info("shadow scoring of batch %s asked for, but there is no challenger", out.batch_id)
+    elif out.status == "failed":
+        log.warning(
+            "shadow scoring of batch %s with %s failed (its predictions are committed): %s",
+            out.batch_id, out.challenger_version, out.error,
+        )  # fmt: skip
+    else:
+        log.info(
+            "batch %s shadowed by %s (%s): agreement %s",
+            out.batch_id, out.challenger_version, out.status, out.agreement,
+        )  # fmt: skip
+    if out.status != "no_challenger":
+        create_markdown_artifact(
+            key="shadow-agreement",
+            markdown=agreement_markdown(out),
+            description=f"Shadow scoring of batch {out.batch_id}: {out.challenger_version} beside "
+            f"{out.champion_version} ({out.status})",
+        )
+    return out
 
 
 DRIFT_EVENT = "zalando.drift.alarm"

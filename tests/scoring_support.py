@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,8 +20,17 @@ from zalando.lake.catalog import LakeCatalog
 TINY_ARCH = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}  # keys every FashionCNN version takes
 
 
-def make_champion(lake: Lake, *, seed: int = 0, name: str = "tiny_cnn", promote: bool = True) -> str:
-    """Save, register and promote a tiny random-weight fashion_cnn bundle; returns its model version."""
+def make_champion(
+    lake: Lake,
+    *,
+    seed: int = 0,
+    name: str = "tiny_cnn",
+    promote: bool = True,
+    prepare: Callable[[Any], None] | None = None,
+) -> str:
+    """Save, register and promote a tiny random-weight fashion_cnn bundle; returns its model version.
+
+    ``prepare`` changes the model (a torch module, in eval mode) before it is saved."""
     import torch
 
     from zalando import registry
@@ -32,6 +43,8 @@ def make_champion(lake: Lake, *, seed: int = 0, name: str = "tiny_cnn", promote:
         name=name, architecture="fashion_cnn", arch_params=TINY_ARCH, input_size=28, weights="none"
     )
     model = build_model(spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params).eval()
+    if prepare is not None:
+        prepare(model)
     version = f"20260101T000000Z-tiny{seed:04d}"
     bundle = ModelBundle(
         spec=spec, model=model, mean=0.286, std=0.353, model_version=version, dataset_version="dv-test"

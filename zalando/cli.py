@@ -371,6 +371,24 @@ def _print_scoring(summary: dict[str, Any]) -> None:
         f"predictions: {summary.get('predictions_table', '')} where batch_id = '{summary['batch_id']}' "
         f"(snapshot {summary.get('snapshot_id')})"
     )
+    if summary.get("shadow"):
+        _print_shadow(summary["shadow"])
+
+
+def _print_shadow(shadow: dict[str, Any]) -> None:
+    status, challenger = shadow.get("status"), shadow.get("challenger_version")
+    if status == "no_challenger":
+        console.print(
+            "shadow: asked for, but there is no challenger (no registered model besides the champion)"
+        )
+    elif status == "failed":
+        console.print(f"shadow: challenger {challenger} [bold red]failed[/] ({shadow.get('error')})")
+    else:
+        rate = shadow.get("agreement")
+        console.print(
+            f"shadow: challenger {challenger} {status}, agreement with the champion "
+            f"{'–' if rate is None else f'{rate:.2%}'} (shadow_predictions, shadow_agreement)"
+        )
 
 
 def _watch_shards(lake: Any, markers: str, total: int | None, stop: Any) -> None:
@@ -435,6 +453,7 @@ def _score_one(
     force: bool,
     dask_address: str | None,
     allow_empty: bool = False,
+    shadow: bool = False,
 ) -> dict[str, Any]:
     import threading
 
@@ -471,6 +490,7 @@ def _score_one(
             force=force,
             profile=settings.profile,
             allow_empty=allow_empty,
+            shadow=shadow,
         )
     finally:
         stop.set()
@@ -496,6 +516,9 @@ def score(
     force: bool = typer.Option(False, help="Score again even if this batch is committed"),
     allow_empty: bool = typer.Option(
         False, "--allow-empty", help="A location without input files scores as an empty batch (else an error)"
+    ),
+    shadow: bool = typer.Option(
+        False, "--shadow", help="Also score with the challenger (newest registered non-champion) beside it"
     ),
     catalog: bool = typer.Option(
         False, "--catalog", help="Score the retailer's catalogue in Postgres (the `catalogue` flow)"
@@ -525,8 +548,10 @@ def score(
     settings = settings_from()
     _flow_env(settings)
     if catalog:
-        if batch_uri or date_from or dask_address or runner != "local":
-            fail("--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner or --dask-address")
+        if batch_uri or date_from or dask_address or runner != "local" or shadow:
+            fail(
+                "--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner, --dask-address or --shadow"
+            )
         from flows.catalogue import catalogue_scoring
         from zalando.catalogue.cli import check_catalogue_for_scoring, print_catalogue_scoring
         from zalando.catalogue.query import normalize_country
@@ -557,6 +582,7 @@ def score(
             force=force,
             dask_address=dask_address,
             allow_empty=allow_empty,
+            shadow=shadow,
         )
         if date_from is None:
             location = batch_uri or find_demo_batch(lake)
@@ -790,6 +816,34 @@ def promote(
     with lake_session(settings_from()) as lake:
         pointer = do_promote(lake, model_version, reason=reason, actor=_actor())
     console.print(f"champion is now {pointer['model_version']} ({pointer['experiment']})")
+
+
+@app.command()
+@handle_errors
+def gate(
+    model_version: str = typer.Argument(..., help="A registered challenger (see `zalando models`)"),
+    apply: bool = typer.Option(
+        False, "--apply", help="Record the decision: promote when every gate passes, else reject"
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Gate a registered challenger against the champion again, with what its shadow scoring showed
+    (agreement, accuracy on reviewed items): prints the gate report."""
+    from zalando.lake import new_run_id
+    from zalando.registry import apply_gate_decision
+    from zalando.steps.promotion import gate_registered
+
+    setup_logging(verbose)
+    settings = settings_from()
+    with lake_session(settings) as lake:
+        decision = gate_registered(lake, settings, model_version, new_run_id())
+        console.print(decision.to_markdown(), markup=False, highlight=False)
+        if apply:
+            out = apply_gate_decision(lake, model_version, decision, actor=_actor())
+            champion = (out.get("champion") or {}).get("model_version")
+            console.print(
+                f"{'promoted' if out['promoted'] else 'rejected'}: {model_version}; champion {champion}"
+            )
 
 
 @app.command()

@@ -2,8 +2,9 @@
 
 :func:`evaluate_gates` compares a challenger's metrics (built by :func:`gate_metrics` from
 ``zalando.evaluate``'s frames) with per-group floors on recall, precision and NPV, latency, size, canary
-accuracy, a macro-F1 margin over the champion, and (with held-out feedback items) accuracy on those
-items not below the champion's. The canary set (:func:`select_canary_set`) is a fixed
+accuracy, a macro-F1 margin over the champion, (with held-out feedback items) accuracy on those
+items not below the champion's, and (with shadow scoring) agreement with the champion and accuracy on
+the reviewed items of the shadowed batches. The canary set (:func:`select_canary_set`) is a fixed
 slice of the hardest One piece / Upper part look-alikes, committed once and scored by every challenger.
 Pure numpy/pandas/pyarrow: the callers read inputs from the lake and write the results back.
 """
@@ -62,6 +63,14 @@ class GateConfig(BaseModel):
     (``feedback_val``, see ``zalando.data.feedback_data``), the challenger's group accuracy on them must
     be >= the champion's minus ``max_feedback_drop`` (default 0: must not drop). Off (no row) when there
     are no such items, no champion number, or ``max_feedback_drop`` is None.
+
+    Shadow gates (issue 15), used only when the challenger was shadow-scored beside this champion
+    (``zalando.scoring.shadow.shadow_evidence``, the metrics' ``shadow`` entry): its share of images
+    put in the champion's group must be >= ``min_shadow_agreement`` (default None: reported, not
+    gated; disagreeing is what a better model does on the champion's mistakes), and its accuracy on
+    the reviewed items of those batches >= the champion's minus ``max_reviewed_accuracy_drop``
+    (default 0: must not drop) once at least ``min_reviewed_items`` are reviewed (fewer: reported).
+    Reviewed items lean towards doubtful ones, but both models are measured on the same items.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +83,9 @@ class GateConfig(BaseModel):
     max_canary_drop: float | None = Field(default=0.05, ge=0.0, le=1.0)
     max_feedback_drop: float | None = Field(default=0.0, ge=0.0, le=1.0)  # issue 15: feedback gate
     require_same_dataset: bool = True
+    min_shadow_agreement: float | None = Field(default=None, ge=0.0, le=1.0)  # issue 15: shadow gates
+    max_reviewed_accuracy_drop: float | None = Field(default=0.0, ge=0.0, le=1.0)
+    min_reviewed_items: int = Field(default=20, ge=1)
 
     @field_validator("floors", mode="before")
     @classmethod
@@ -333,6 +345,52 @@ def _check_feedback(
     )  # fmt: skip
 
 
+def _check_shadow(
+    checks: _Checks, challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig
+) -> None:
+    """Agreement with the champion on the batches the challenger shadowed, and accuracy on their
+    reviewed items not below the champion's; rows say which images they used. Nothing without
+    shadow evidence beside this champion."""
+    ev = challenger.get("shadow")
+    if not ev:
+        return
+    if champion is None:
+        return
+    champ_version = champion.get("model_version") or ev.get("champion_version")  # unnamed: as measured
+    if ev.get("champion_version") != champ_version:
+        log.info(
+            "shadow evidence of %s was measured beside %s, not the champion %s: not used",
+            challenger.get("model_version"), ev.get("champion_version"), champ_version,
+        )  # fmt: skip
+        return
+    used = f"{int(ev.get('items') or 0)} images of {len(ev.get('batches') or [])} shadowed batch(es)"
+    rate, floor = _num(ev.get("agreement")), config.min_shadow_agreement
+    if floor is None:
+        checks.add("shadow_agreement", rate, None, f"reported ({used})", True, "")
+    else:
+        checks.add(
+            "shadow_agreement", rate, floor, f">= ({used})", rate is not None and rate >= floor - 1e-12,
+            f"shadow agreement with the champion {_fmt(rate)} below {floor:.4f} ({used})",
+        )  # fmt: skip
+    n = int(ev.get("reviewed_items") or 0)
+    if n == 0:
+        return
+    acc, champ_acc = _num(ev.get("challenger_reviewed_accuracy")), _num(ev.get("champion_reviewed_accuracy"))
+    drop = config.max_reviewed_accuracy_drop
+    if drop is None or n < config.min_reviewed_items or champ_acc is None:
+        why = "gate off" if drop is None else f"fewer than {config.min_reviewed_items} needed"
+        rule = f"reported ({n} reviewed items; {why})"
+        checks.add("reviewed_accuracy_vs_champion", acc, champ_acc, rule, True, "")
+        return
+    thr = champ_acc - drop
+    checks.add(
+        "reviewed_accuracy_vs_champion", acc, thr, f">= champion - {drop:g} ({n} reviewed items)",
+        acc is not None and acc >= thr - 1e-12,
+        f"accuracy on the {n} reviewed items of its shadowed batches {_fmt(acc)} is more than "
+        f"{drop:.4f} below the champion's {champ_acc:.4f}",
+    )  # fmt: skip
+
+
 def _check_champion_margin(
     checks: _Checks, challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, config: GateConfig
 ) -> None:
@@ -373,7 +431,8 @@ def evaluate_gates(
         {"model_version": str, "dataset_version": str,
          "per_group": {"Upper part": {"recall": .97, "precision": .98, "npv": .99}, ...},
          "macro_f1": float, "latency_ms_per_1000": float, "size_mb": float,
-         "canary_accuracy": float, "feedback_accuracy": float | None, "feedback_items": int}
+         "canary_accuracy": float, "feedback_accuracy": float | None, "feedback_items": int,
+         "shadow": zalando.scoring.shadow.ShadowEvidence as a dict (optional)}
 
     ``per_group`` may also be a list of records or a DataFrame with a ``group_name`` column. The
     champion's numbers must come from the same validation data (same ``dataset_version``).
@@ -384,6 +443,7 @@ def evaluate_gates(
     _check_latency_and_size(checks, challenger, config)
     _check_canary(checks, challenger, champion, config)
     _check_feedback(checks, challenger, champion, config)
+    _check_shadow(checks, challenger, champion, config)
     _check_champion_margin(checks, challenger, champion, config)
     decision = GateDecision(
         promote=all(r["passed"] for r in checks.rows),

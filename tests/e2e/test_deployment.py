@@ -34,7 +34,13 @@ def test_prefect_yaml_registers_the_three_deployments(deployed: LiveStack) -> No
     nightly = deps["nightly/nightly"]
     crons = [(s["schedule"].get("cron"), s["schedule"].get("timezone")) for s in nightly["schedules"]]
     assert crons == [("0 2 * * *", "UTC")]
-    assert nightly["parameters"] == {"profile": "cpu", "runner": "local", "dask_address": None}
+    assert nightly["parameters"] == {
+        "profile": "cpu",
+        "runner": "local",
+        "dask_address": None,
+        "shadow": False,
+    }
+    assert deps["batch_scoring/score"]["parameters"] == {"shadow": False}  # issue 15: shadow scoring, off
     for name, d in deps.items():
         assert d["work_pool_name"] == ("gpu" if name == "training/paper-gpu" else "zalando"), name
         # the pull step points at the worker's ZALANDO_HOME, not at this checkout's absolute path

@@ -28,16 +28,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
-def fb_lake(prefect_harness: None, flow_env: dict[str, str]) -> Iterator[Lake]:
-    """A lake prefix of this test's own (other tests share the session's S3 server)."""
-    old = os.environ["ZALANDO_LAKE_URI"]
+def fb_lake(
+    prefect_harness: None, flow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Lake]:
+    """A lake prefix of this test's own (other tests share the session's S3 server), with a work folder
+    of its own: the embedded Iceberg catalog lives there, and one catalog serves one lake."""
+    old = {k: os.environ[k] for k in ("ZALANDO_LAKE_URI", "ZALANDO_WORK_DIR")}
     os.environ["ZALANDO_LAKE_URI"] = f"s3://zalando-flows/{uuid.uuid4().hex[:10]}"
+    os.environ["ZALANDO_WORK_DIR"] = str(tmp_path_factory.mktemp("fb-work"))
     try:
         lake = Lake.from_settings(load_settings())
         lake.ensure_ready()
         yield lake
     finally:
-        os.environ["ZALANDO_LAKE_URI"] = old
+        os.environ.update(old)
 
 
 def _label(store: LakeStore, batch: str, labels: dict[str, str]) -> None:
@@ -102,8 +106,14 @@ def test_footwear_true_positives_below_threshold_emit_the_kpi_alarm(fb_lake: Lak
 
 
 def _train_states(flow_run_id: Any) -> dict[str, str]:
+    """Task states of a training run, its `experiment-training` subflow runs' included (the train tasks
+    run there)."""
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))  # type: ignore[arg-type]
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})  # type: ignore[arg-type]
+        )
+        ids = [flow_run_id, *(c.id for c in children)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))  # type: ignore[arg-type]
     return {re.sub(r"-[0-9a-f]{3}$", "", t.name): t.state.name for t in runs}
 
 

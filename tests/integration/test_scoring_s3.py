@@ -353,7 +353,7 @@ def test_batch_scoring_flow_reports_the_wall_time_of_the_batch_and_refuses_outsi
     markers = [
         lake.read_json(k)
         for k in lake.list_keys(
-            f"{layout.predictions_key(date(2026, 5, 9), summary['model_version'], summary['batch_id'])}/_shards"
+            layout.shard_markers_prefix(date(2026, 5, 9), summary["model_version"], summary["batch_id"])
         )
     ]
     assert len(markers) == 6 and summary["scored"] == 60

@@ -15,10 +15,19 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 
-from tests.scoring_support import FakePredictor, mnist_like, png_bytes, raw_parquet, write_files
+from tests.scoring_support import (
+    FakePredictor,
+    batch_predictions,
+    batch_quarantine,
+    mnist_like,
+    png_bytes,
+    raw_parquet,
+    write_files,
+)
 from zalando.lake import Lake, S3Config
-from zalando.scoring import ScoringInputError, describe_batch, layout, prepare_batch, score_batch, score_shard
+from zalando.scoring import ScoringInputError, describe_batch, prepare_batch, score_batch, score_shard
 from zalando.scoring.batch import resolve_location
+from zalando.scoring.commit import batch_record
 
 V = "v-boundary"
 CANARY = b"root:x:0:0:CANARY-not-for-the-lake:/root:/bin/bash\n"
@@ -49,11 +58,11 @@ def outside(tmp_path: Path) -> Path:
 
 
 def _quarantine(lake: Lake, batch_id: str) -> list[dict[str, Any]]:
-    return lake.read_partition(layout.quarantine_key(batch_id, V)).to_pylist()
+    return batch_quarantine(lake.catalog(), batch_id, V).to_pylist()
 
 
-def _scored_ids(lake: Lake, key: str) -> set[str]:
-    return set(lake.read_partition(key).column("image_id").to_pylist())
+def _scored_ids(lake: Lake, batch_id: str) -> set[str]:
+    return set(batch_predictions(lake.catalog(), batch_id, V).column("image_id").to_pylist())
 
 
 def _in_time(fn: Callable[[], Any], fifos: list[Path], seconds: float = 30) -> Any:
@@ -99,7 +108,7 @@ def test_symlinks_in_a_batch_are_never_followed(lake: Lake, roots: Path, outside
     r = score_batch(
         lake.catalog(), src.as_uri(), predictor=FakePredictor(), model_version=V, batch_date="2026-06-01"
     )
-    assert _scored_ids(lake, r.predictions_key) == {"good", "ok-0", "ok-1"}
+    assert _scored_ids(lake, r.batch_id) == {"good", "ok-0", "ok-1"}
     q = _quarantine(lake, r.batch_id)
     assert {row["source"].rsplit("/", 1)[-1]: row["reason"] for row in q} == {
         name: REFUSED for name in ("inner.png", "linked-dir", "passwd.png", "rows.parquet")
@@ -107,7 +116,7 @@ def test_symlinks_in_a_batch_are_never_followed(lake: Lake, roots: Path, outside
     assert all(row["image"] is None for row in q)
     assert all(CANARY not in json.dumps(row, default=str).encode() for row in q)
     assert r.records == r.scored + r.quarantined == 3 + 4
-    files = lake.read_manifest(r.predictions_key)["extra"]["inputs"]["files"]
+    files = batch_record(lake.catalog(), r.batch_id, V)["inputs"]["files"]
     refused = [f for f in files if f.get("error") == REFUSED]
     assert sorted(f["name"] for f in refused) == ["inner.png", "linked-dir", "passwd.png", "rows.parquet"]
     assert all("sha256" not in f and "symbolic link" in f["error_detail"] for f in refused)

@@ -229,3 +229,20 @@ def test_predictions_reads_a_batch_now_and_as_of_a_time_or_a_snapshot(
         r = run.invoke(cli.app, ["predictions", first.batch_id, "--as-of", bad])
         lines = [line for line in r.output.splitlines() if line.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and says in lines[0], r.output
+
+
+def test_score_shadow_passes_the_flag_to_the_flow_and_prints_the_agreement(
+    tmp_path: Path, fake_flow: _FakeFlowModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "batches" / "shadowed"
+    src.mkdir(parents=True)
+    (src / "a.parquet").write_bytes(raw_parquet(["a-0"], mnist_like(1)))
+    scored = fake_flow.batch_scoring
+    shadow = {"status": "scored", "challenger_version": "v-challenger", "agreement": 0.875}
+    monkeypatch.setattr(fake_flow, "batch_scoring", lambda **p: {**scored(**p), "shadow": shadow})
+    r = CliRunner().invoke(cli.app, ["score", src.as_uri(), "--model-version", V, "--shadow"])
+    assert r.exit_code == 0, r.output
+    assert fake_flow.calls[-1]["shadow"] is True
+    assert "shadow: challenger v-challenger scored, agreement with the champion 87.50%" in r.output
+    r = CliRunner().invoke(cli.app, ["score", src.as_uri(), "--model-version", V])
+    assert r.exit_code == 0 and fake_flow.calls[-1]["shadow"] is False, r.output

@@ -270,8 +270,8 @@ def test_a_committed_file_that_does_not_match_its_checksum_is_not_migrated(legac
 
 
 def test_scorings_legacy_partitions_become_predictions_and_quarantine_rows(tmp_path: Path) -> None:
-    """Scoring's sources (enabled once scoring writes the predictions table): a committed batch and
-    its rejected inputs move; an uncommitted batch stays out."""
+    """Scoring's sources: a lake with only old predictions is refused until migrated; then a committed
+    batch and its rejected inputs move, and an uncommitted batch stays out."""
     lake = Lake.local(tmp_path / "lake")
     day, version = date(2026, 1, 5), "v1"
     for batch, committed in (("2026-01-05-inbox", True), ("2026-01-05-crashed", False)):
@@ -297,6 +297,8 @@ def test_scorings_legacy_partitions_become_predictions_and_quarantine_rows(tmp_p
             lake.commit_partition(_old_quarantine_key(batch, version), {"part-00000": q}, "score")
         else:
             lake.write_bytes(f"{key}/part-00000.parquet", table_to_parquet_bytes(part))
+    with pytest.raises(LakeError, match=r"layout before Iceberg .*run `zalando lake migrate`"):
+        lc.scan(_reopened(lake).catalog(), "predictions")
     report = migrate_lake(lake, SCORING_SOURCES)
     assert report.rows == {"predictions": 7, "quarantine": 1}
     assert report.left_out == [

@@ -246,7 +246,7 @@ def test_every_table_is_created_in_one_namespace_with_its_partitioning(
     assert set(names) == {
         "raw_images", "quarantine", "datasets", "dataset_versions", "predictions", "metrics_per_group",
         "metrics_confusion", "metrics_summary", "metrics_performance", "metrics_energy", "monitoring",
-        "registry_decisions", "batches",
+        "registry_decisions", "batches", "shadow_predictions", "shadow_agreement",
     }  # fmt: skip
     other = reader(settings)
     assert {i[-1] for i in other.catalog.list_tables("zalando")} == set(names)

@@ -247,7 +247,8 @@ def test_prefect_yaml_declares_the_deployments_schedule_and_drift_trigger() -> N
     assert set(deps) == {"nightly", "retrain", "score", "paper-gpu", "weekly", "kpis", "score-catalogue"}
     assert deps["nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     local = {"runner": "local", "dask_address": None}  # the Dask cluster is chosen per run
-    assert deps["nightly"]["parameters"] == {"profile": "cpu", **local}
+    assert deps["nightly"]["parameters"] == {"profile": "cpu", **local, "shadow": False}
+    assert deps["score"]["parameters"] == {"shadow": False}  # issue 15: shadow scoring, off by default
     assert deps["retrain"]["parameters"] == {"profile": "cpu", **local}
     assert {d["work_pool"]["name"] for n, d in deps.items() if n != "paper-gpu"} == {"zalando"}
     # the study's set-up goes to the GPU machines' own pool, which tells the engine to use CUDA

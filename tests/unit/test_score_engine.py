@@ -591,7 +591,9 @@ def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_table
         monitor_batch(cat, plan, "run-m")  # scored, not committed: nothing to measure yet
     finalize_batch(cat, plan.batch, plan.shards, V, results=results)
     out = monitor_batch(cat, plan, "run-m")
-    assert out.rows == 40 and out.table and lake.is_committed(out.key)
+    assert out.rows == 40 and out.table and out.uri == lake.uri(f"{cat.namespace}/monitoring")
+    committed = scan(cat, "monitoring", {"batch_id": plan.batch.batch_id, "model_version": V})
+    assert sorted(committed.column("statistic").to_pylist()) == sorted(r["statistic"] for r in out.table)
     assert {"embedding_mmd2", "confidence_psi", "pixel_mean"} <= {r["statistic"] for r in out.table}
 
 

@@ -185,10 +185,10 @@ SCORING_SOURCES: tuple[LegacySource, ...] = (
     ),
     LegacySource("scoring quarantine", k.LEGACY_QUARANTINE, _is_scoring_quarantine, _scoring_quarantine_rows),
 )
-"""Scoring's outputs. Not in :data:`SOURCES` until scoring itself writes the predictions table
-(issue 13's scoring half): until then its partitions are still the live layout, not a legacy one."""
+"""Scoring's outputs before Iceberg (scoring now writes the predictions and quarantine tables, and its
+plain objects under ``scoring/``)."""
 
-SOURCES: tuple[LegacySource, ...] = TRAINING_SOURCES
+SOURCES: tuple[LegacySource, ...] = TRAINING_SOURCES + SCORING_SOURCES
 """What :func:`check_layout` refuses and :func:`migrate_lake` moves."""
 
 

@@ -333,6 +333,8 @@ _SPECS = (
                 ("threshold", pa.float64()),
                 ("p_value", pa.float64()),
                 ("alarm", pa.bool_()),
+                ("trusted", pa.bool_()),  # the batch reached the statistic's min_n (below it: never alarms)
+                ("min_n", pa.int64()),
                 ("batch_value", pa.string()),
                 ("reference_value", pa.string()),
                 ("detail", pa.string()),
@@ -362,7 +364,42 @@ _SPECS = (
     ),
 )
 
-TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}
+# issue 15, shadow scoring: a challenger's rows live in a table of their own, so no reader of
+# predictions (ours, DuckDB, Spark) can ever count them as the batch's
+_PREDICTIONS_SPEC = next(s for s in _SPECS if s.name == "predictions")
+_SHADOW_SPECS = (
+    TableSpec(
+        "shadow_predictions",
+        pa.schema([*_PREDICTIONS_SPEC.schema, pa.field("champion_model_version", pa.string())]),
+        _PREDICTIONS_SPEC.partition_by,
+        "a challenger's rows of a batch (shadow true; model_version is the challenger's, "
+        "champion_model_version the champion's it ran beside); never the batch's predictions",
+        FULL_BATCH_ID_METRICS,
+    ),
+    TableSpec(
+        "shadow_agreement",
+        pa.schema(
+            [
+                ("batch_id", pa.string()),
+                ("batch_date", pa.date32()),
+                ("champion_version", pa.string()),
+                ("challenger_version", pa.string()),
+                ("group", pa.int8()),  # null: the overall row
+                ("group_name", pa.string()),  # "overall" on the overall row
+                ("n_champion", pa.int64()),
+                ("n_challenger", pa.int64()),
+                ("n_agree", pa.int64()),
+                ("agreement_rate", pa.float64()),
+                ("computed_at", UTC_US),
+            ]
+        ),
+        (),
+        "per batch and challenger: images each model put in each group, how many both did, and the "
+        "overall row (zalando.scoring.shadow.agreement_table)",
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {s.name: s for s in (*_SPECS, *_SHADOW_SPECS)}
 """Every table of the lake by name."""
 
 DECISION_ID_PROPERTY = "zalando.decision-id"

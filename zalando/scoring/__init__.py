@@ -7,13 +7,16 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 * :func:`finalize_batch` -> :class:`BatchResult` (reconcile, then one Iceberg commit of the batch's
   shard files into ``predictions``; its row in ``batches`` last)
 * :func:`score_batch` (all three in one call), :func:`backfill` (one batch per location or day)
+* :func:`score_shadow` -> :class:`ShadowResult` (issue 15: the challenger beside the champion, into
+  ``shadow_predictions`` and ``shadow_agreement``; ``score_batch(shadow=True)`` calls it)
 * :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process;
   the predictors themselves are :mod:`zalando.runtime` and :mod:`zalando.models.predictor`)
 
 Where each part lives: ``batch`` (a batch's inputs, planned into shards), ``inputs`` (reading and
 decoding a shard's inputs, quarantine reason codes), ``shard`` (scoring one shard, its marker),
 ``commit`` (reconciling and committing a batch), ``run`` (the drivers and the backfill),
-``layout`` (tables, filters and object keys), ``query`` (reading back, with time travel). The
+``layout`` (tables, filters and object keys), ``query`` (reading back, with time travel),
+``shadow`` (shadow scoring and its agreement). The
 tables' schemas are :data:`zalando.lake.tables.TABLES` (``predictions``, ``quarantine``, ``batches``).
 """
 
@@ -38,6 +41,7 @@ from zalando.scoring.champion import (
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
 from zalando.scoring.query import predictions_preview, recent_batches, scored_versions
 from zalando.scoring.run import BackfillEntry, BatchPlan, backfill, prepare_batch, run_shard, score_batch
+from zalando.scoring.shadow import ShadowResult, find_challenger, score_shadow
 from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, score_shard
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "ScoringError",
     "ScoringInputError",
     "ScoringOptions",
+    "ShadowResult",
     "ShardRef",
     "ShardResult",
     "ShardTarget",
@@ -60,6 +65,7 @@ __all__ = [
     "describe_batch",
     "find_demo_batch",
     "finalize_batch",
+    "find_challenger",
     "is_batch_committed",
     "load_champion_predictor",
     "make_batch_id",
@@ -72,5 +78,6 @@ __all__ = [
     "resolve_model_version",
     "run_shard",
     "score_batch",
+    "score_shadow",
     "score_shard",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 
 from zalando.errors import LakeError, ModelError, NotCommittedError, ZalandoError
 from zalando.lake import Lake
-from zalando.lake.keys import CHAMPION_KEY
+from zalando.lake.keys import CHAMPION_KEY, bundle_key
 from zalando.registry import NoChampionError, get_champion, get_model, require_champion
 from zalando.runtime import (
     ONNX_INPUT,
@@ -120,7 +120,7 @@ def _pointer_fields(lake: Lake, pointer: dict[str, Any]) -> dict[str, Any]:
     version, experiment = pointer.get("model_version"), pointer.get("experiment")
     if not version or not experiment:
         raise ModelError(f"registry entry {pointer!r} lacks model_version or experiment")
-    key = pointer.get("bundle_key") or f"models/{experiment}/{version}"
+    key = pointer.get("bundle_key") or bundle_key(str(experiment), str(version))
     return {"model_version": str(version), "experiment": str(experiment), "bundle_key": str(key)}
 
 
@@ -235,7 +235,7 @@ def _load_checked(
 def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """bundle.json and model.onnx of a committed bundle, checksum-verified against its manifest."""
     version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
-    expected_key = f"models/{experiment}/{version}"
+    expected_key = bundle_key(experiment, version)
     if key != expected_key:
         raise ModelError(f"{where}: the registry's bundle_key should be {expected_key!r}")
     try:

@@ -43,6 +43,7 @@ from zalando.lake.commit import CommitResult, add_data_files, replace_partition,
 from zalando.lake.tables import TABLES
 from zalando.scoring import layout
 from zalando.scoring.batch import Batch, ShardRef
+from zalando.scoring.shadow import ShadowResult
 from zalando.scoring.shard import (
     CONFIDENCE_BINS,
     ScoringError,
@@ -78,6 +79,7 @@ class BatchResult(BaseModel):
     seconds: float = 0.0
     images_per_s: float = 0.0
     timings: dict[str, float] = Field(default_factory=dict)  # plan / shards / finalize seconds
+    shadow: ShadowResult | None = None  # the challenger's shadow run, when one was asked for
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Tables (:mod:`zalando.lake.tables`), one row per input record, committed once pe
   :func:`prediction_partition` plus the plan's ``run_id=<write id>``). The per-group view is the
   filter ``pred_group = g``, the review queue ``needs_review`` (confidence below the threshold);
 * ``quarantine``: the batch's rejected inputs (the rows whose ``batch_id`` is set);
-* ``batches``: one row per committed (batch, model version), what a batch manifest used to say.
+* ``batches``: one row per committed (batch, model version), what a batch manifest used to say;
+* ``shadow_predictions`` and ``shadow_agreement``: a challenger's rows of a batch, partitioned like
+  ``predictions`` (the challenger's version in ``model_version``), and their agreement per group.
 
 Plain objects, per batch (every name a pure function of date, model, batch, plan and shard)::
 
@@ -24,6 +26,8 @@ from typing import Any
 PREDICTIONS = "predictions"
 QUARANTINE = "quarantine"
 BATCHES = "batches"
+SHADOW_PREDICTIONS = "shadow_predictions"  # a challenger's rows (zalando.scoring.shadow), never the batch's
+SHADOW_AGREEMENT = "shadow_agreement"
 
 
 def prediction_partition(batch_date: date | str, model_version: str, batch_id: str) -> dict[str, Any]:
@@ -40,6 +44,11 @@ def quarantine_partition(batch_id: str, model_version: str) -> dict[str, Any]:
 def batch_row(batch_id: str, model_version: str) -> dict[str, Any]:
     """The batch's one row in ``batches``."""
     return {"batch_id": batch_id, "model_version": model_version}
+
+
+def shadow_agreement_rows(batch_id: str, challenger_version: str) -> dict[str, Any]:
+    """The batch's rows in ``shadow_agreement`` for one challenger (the replace filter of their commit)."""
+    return {"batch_id": batch_id, "challenger_version": challenger_version}
 
 
 def batch_key(batch_date: date | str, model_version: str, batch_id: str) -> str:

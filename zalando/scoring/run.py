@@ -53,6 +53,7 @@ from zalando.scoring.batch import (
 )
 from zalando.scoring.champion import load_champion_predictor, resolve_model_version
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch, is_batch_committed, reset_batch
+from zalando.scoring.shadow import ShadowResult, score_shadow
 from zalando.scoring.shard import ScoringOptions, ShardResult, score_shard, table_iceberg_schema
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ def score_batch(
     predictor: Predictor | None = None,
     on_plan: Callable[[BatchPlan], None] | None = None,
     allow_empty: bool = False,
+    shadow: bool = False,
 ) -> BatchResult:
     """Score a batch end to end with the champion (or ``model_version``); skip it when committed.
 
@@ -273,6 +275,8 @@ def score_batch(
     ``on_plan`` sees the plan first (its ``batch.records``: the total for a progress bar's ETA).
     ``predictor`` (with ``model_version``) replaces the registry's champion, e.g. in tests.
     A batch without input files is an error unless ``allow_empty`` (then an empty batch is committed).
+    ``shadow``: then also score it with the challenger (:func:`zalando.scoring.shadow.score_shadow`,
+    after the batch's commit, which never depends on it); its result is ``result.shadow``.
     """
     if predictor is not None and model_version is None:
         raise ScoringInputError("score_batch: a predictor needs its model_version")
@@ -292,15 +296,54 @@ def score_batch(
         allow_empty=allow_empty,
     )
     if plan.committed:
-        return batch_summary(cat, plan.batch_id, plan.model_version)
-    assert plan.batch is not None
-    if on_plan:
-        on_plan(plan)
-    t_plan = time.perf_counter()
-    results = _score_shards(cat.lake, plan, opts, predictor, threads, map_shards, progress)
-    t_shards = time.perf_counter()
-    result = finalize_batch(cat, plan.batch, plan.shards, plan.model_version, options=opts, results=results)
-    return timed_batch(result, results, started=t0, planned=t_plan, scored=t_shards)
+        result = batch_summary(cat, plan.batch_id, plan.model_version)
+    else:
+        assert plan.batch is not None
+        if on_plan:
+            on_plan(plan)
+        t_plan = time.perf_counter()
+        results = _score_shards(cat.lake, plan, opts, predictor, threads, map_shards, progress)
+        t_shards = time.perf_counter()
+        result = finalize_batch(
+            cat, plan.batch, plan.shards, plan.model_version, options=opts, results=results
+        )
+        result = timed_batch(result, results, started=t0, planned=t_plan, scored=t_shards)
+    if shadow:
+        result.shadow = shadow_plan(
+            cat, plan, location, options=opts, shard_size=shard_size, runtime=runtime, threads=threads,
+            force=force,
+        )  # fmt: skip
+    return result
+
+
+def shadow_plan(
+    cat: LakeCatalog,
+    plan: BatchPlan,
+    location: str | None,
+    *,
+    options: ScoringOptions,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    runtime: Runtime = "auto",
+    threads: int | None = None,
+    force: bool = False,
+) -> ShadowResult:
+    """Shadow-score a planned (and by now committed) batch with the challenger; never raises.
+
+    ``runtime``: ``auto`` measures the challenger's fastest runtime, as planning did the champion's."""
+    return score_shadow(
+        cat,
+        batch_id=plan.batch_id,
+        batch_date=plan.batch_date,
+        champion_version=plan.model_version,
+        shards=plan.shards,
+        location=location,
+        champion_committed_before=plan.committed,
+        options=options,
+        shard_size=shard_size,
+        runtime=runtime,
+        threads=threads,
+        force=force,
+    )
 
 
 R = TypeVar("R", bound=BatchResult)

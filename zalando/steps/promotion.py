@@ -91,35 +91,21 @@ def decide_promotion(
     """Gate every candidate against the champion; the best one that passes (validation macro F1) wins.
 
     The champion's numbers come from the same validation data: when it was registered on another
-    dataset version it is evaluated again on this one (not re-registered). Models with a decision
+    dataset version it is evaluated again on this one (not re-registered). A candidate that was
+    shadow-scored beside the champion brings that evidence (:func:`with_shadow_evidence`). Models with a decision
     in the registry's log already (a cached training run) are left out. Nothing is written here:
     :func:`apply_promotion` records the decisions, after an optional human approval.
     """
     from zalando.gates import evaluate_gates, gate_config
     from zalando.models.experiments import load_catalog
-    from zalando.registry import decision_log, get_champion, get_model
+    from zalando.registry import decision_log, get_champion
 
     if not candidates:
         raise DataError("promotion: no trained model to decide on")
     config = gate_config(load_catalog(settings.experiments_file).profile(settings.profile), gates)
     champion = get_champion(lake)
     champ_version = champion["model_version"] if champion else None
-    dv = candidates[0].dataset_version
-    champ_metrics = None
-    if champion:
-        record = get_model(lake, champ_version)
-        if record.get("dataset_version") == dv:
-            champ_metrics = record["metrics"]
-        else:
-            champ_metrics = evaluate_model(
-                lake,
-                settings,
-                record["experiment"],
-                champ_version,
-                run_id,
-                dataset_version=dv,
-                register=False,
-            ).gate_metrics
+    champ_metrics = champion_metrics(lake, settings, champ_version, candidates[0].dataset_version, run_id)
     # a cached training run gives back models decided on an earlier night: they are not gated again
     decided = set(decision_log(lake)["model_version"]) | {champ_version}
     gated = [
@@ -127,7 +113,11 @@ def decide_promotion(
             experiment=cand.experiment,
             model_version=cand.model_version,
             macro_f1=cand.gate_metrics.get("macro_f1"),
-            decision=evaluate_gates(cand.gate_metrics, champ_metrics, config),
+            decision=evaluate_gates(
+                with_shadow_evidence(lake, cand.gate_metrics, cand.model_version, champ_version),
+                champ_metrics,
+                config,
+            ),
         )
         for cand in candidates
         if cand.model_version not in decided
@@ -142,6 +132,59 @@ def decide_promotion(
         decisions=gated,
         gates=config,
     )
+
+
+def champion_metrics(
+    lake: Lake, settings: Settings, champion_version: str | None, dataset_version: str, run_id: str
+) -> dict[str, Any] | None:
+    """The champion's gate metrics on ``dataset_version``: its registered ones, or (registered on
+    another dataset version) evaluated again on this one, without re-registering it."""
+    from zalando.registry import get_model
+
+    if champion_version is None:
+        return None
+    record = get_model(lake, champion_version)
+    if record.get("dataset_version") == dataset_version:
+        return record["metrics"]
+    return evaluate_model(
+        lake, settings, record["experiment"], champion_version, run_id, dataset_version=dataset_version,
+        register=False,
+    ).gate_metrics  # fmt: skip
+
+
+def gate_registered(
+    lake: Lake, settings: Settings, model_version: str, run_id: str, *, gates: Mapping[str, Any] | None = None
+) -> GateDecision:
+    """Gate a registered challenger against the champion again, from its registered metrics and its
+    shadow evidence (``zalando gate VERSION``): how a rejected or pending challenger that shadowed
+    batches gets its agreement and reviewed items weighed. Nothing is written here."""
+    from zalando.gates import evaluate_gates, gate_config
+    from zalando.models.experiments import load_catalog
+    from zalando.registry import get_champion, get_model
+
+    config = gate_config(load_catalog(settings.experiments_file).profile(settings.profile), gates)
+    record = get_model(lake, model_version)
+    champion = get_champion(lake)
+    champ_version = champion["model_version"] if champion else None
+    if champ_version == model_version:
+        raise DataError(f"gate {model_version}: it is the champion; gate a challenger (see `zalando models`)")
+    metrics = {"model_version": model_version, "dataset_version": record.get("dataset_version")}
+    metrics |= record.get("metrics") or {}
+    champ = champion_metrics(lake, settings, champ_version, str(record.get("dataset_version")), run_id)
+    if champ is not None:
+        champ = {"model_version": champ_version, **champ}
+    return evaluate_gates(with_shadow_evidence(lake, metrics, model_version, champ_version), champ, config)
+
+
+def with_shadow_evidence(
+    lake: Lake, metrics: Mapping[str, Any], model_version: str, champion_version: str | None
+) -> dict[str, Any]:
+    """A challenger's gate metrics with its shadow evidence beside ``champion_version`` (its agreement
+    and accuracy on reviewed items over the batches it shadowed), when it has any: the shadow gates."""
+    from zalando.scoring.shadow import shadow_evidence
+
+    evidence = shadow_evidence(lake, model_version, champion_version)
+    return {**metrics, "shadow": evidence.model_dump()} if evidence else dict(metrics)
 
 
 def promotion_verdicts(

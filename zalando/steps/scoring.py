@@ -16,7 +16,8 @@ from zalando.lake.tables import load_table
 from zalando.scoring import layout
 from zalando.scoring.batch import ShardRef, find_demo_batch
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch
-from zalando.scoring.run import BatchPlan, prepare_batch, run_shard
+from zalando.scoring.run import BatchPlan, prepare_batch, run_shard, shadow_plan
+from zalando.scoring.shadow import ShadowResult
 from zalando.scoring.shard import ScoringOptions, ShardResult
 
 if TYPE_CHECKING:
@@ -83,3 +84,21 @@ def commit_batch(
     table = load_table(cat, layout.PREDICTIONS)
     uri = table.metadata_location if table is not None else ""
     return CommittedBatch(**result.model_dump(), predictions_uri=uri)
+
+
+def shadow_batch(
+    cat: LakeCatalog,
+    plan: BatchPlan,
+    location: str | None,
+    options: ScoringOptions,
+    *,
+    shard_size: int,
+    runtime: Runtime = "auto",
+    force: bool = False,
+) -> ShadowResult:
+    """Score the committed batch again with the challenger, into ``shadow_predictions``, and commit
+    its agreement with the champion; never raises (a failure is the result's ``failed`` status)."""
+    return shadow_plan(
+        cat, plan, location or find_demo_batch(cat.lake), options=options, shard_size=shard_size,
+        runtime=runtime, force=force,
+    )  # fmt: skip
