@@ -67,12 +67,11 @@ def test_split() -> tuple[np.ndarray, np.ndarray]:
 
 def put_test_split(lake: Lake) -> int:
     """The Fashion-MNIST test split as the raw table ingest writes (the built-in demo batch)."""
-    from zalando.data.arrays import raw_table
-    from zalando.scoring import DEMO_BATCH_LOCATION
+    from zalando.data.ingest import put_raw_split
 
     images, labels = test_split()
     ids = [f"test-{i:05d}" for i in range(len(images))]
-    lake.commit_partition(DEMO_BATCH_LOCATION, {"part-00000": raw_table(ids, images, labels)}, "bench-ingest")
+    put_raw_split(lake, "test", ids, images, labels, digest="bench-ingest")
     return len(images)
 
 

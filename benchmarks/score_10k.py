@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging(args.verbose)
 
-    from zalando.scoring import DEMO_BATCH_LOCATION, ScoringOptions, load_champion_predictor, score_batch
+    from zalando.scoring import ScoringOptions, find_demo_batch, load_champion_predictor, score_batch
 
     t_imports = time.perf_counter() - T_PROCESS
     from zalando.lake.catalog import open_catalog
@@ -58,6 +58,7 @@ def main() -> None:
         cat = open_catalog(settings, lake=lake)
         t = time.perf_counter()
         n = put_test_split(lake)
+        demo = find_demo_batch(lake)
         t_upload = time.perf_counter() - t
         t = time.perf_counter()
         if args.use_champion:
@@ -78,7 +79,7 @@ def main() -> None:
             cpu0 = time.process_time()
             r = score_batch(
                 cat,
-                DEMO_BATCH_LOCATION,
+                demo,
                 predictor=predictor,
                 model_version=predictor.model_version,
                 batch_date="2026-01-01",
@@ -90,7 +91,7 @@ def main() -> None:
             cpu = time.process_time() - cpu0
             assert r.scored == n and r.records == n, r
             runs.append((wall, r, None, cpu))
-        scan_s, files_added = _reads(cat, runs[-1][1], predictor, DEMO_BATCH_LOCATION, args.shard_size)
+        scan_s, files_added = _reads(cat, runs[-1][1], predictor, demo, args.shard_size)
         peak = matmul_peak_gflops(args.threads)
         # a bf16 runtime is measured against the bf16 peak (AMX multiplies bf16 far faster than fp32)
         peak_dtype = "bf16" if predictor.runtime == "torch-bf16" else "fp32"

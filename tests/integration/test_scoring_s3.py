@@ -8,6 +8,7 @@ DuckDB reading the predictions table on S3 while a batch is mid-write.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -34,14 +35,13 @@ from tests.scoring_support import (
     raw_parquet,
     table_parquet,
 )
-from zalando.data.arrays import raw_table
 from zalando.data.idx import read_idx_images, read_idx_labels
+from zalando.data.ingest import put_raw_split, raw_split_files
 from zalando.labels import GROUP_KEYS
 from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog, RetryPolicy, open_catalog
 from zalando.lake.commit import scan
 from zalando.scoring import (
-    DEMO_BATCH_LOCATION,
     BatchPlan,
     ScoringOptions,
     batch_summary,
@@ -55,6 +55,7 @@ from zalando.scoring import (
     score_batch,
     score_shard,
 )
+from zalando.scoring.batch import find_demo_batch
 from zalando.scoring.commit import batch_record
 from zalando.settings import Settings
 
@@ -95,7 +96,7 @@ def _ingest_mini_test(lake: Lake) -> int:
     images = read_idx_images(str(MINI_DIR / "t10k-images-idx3-ubyte.gz"))
     labels = read_idx_labels(str(MINI_DIR / "t10k-labels-idx1-ubyte.gz"))
     ids = [f"test-{i:05d}" for i in range(len(images))]
-    lake.commit_partition(DEMO_BATCH_LOCATION, {"part-00000": raw_table(ids, images, labels)}, "ingest-mini")
+    put_raw_split(lake, "test", ids, images, labels, digest="ingest-mini")
     return len(images)
 
 
@@ -108,18 +109,15 @@ def test_demo_batch_on_s3_and_identical_rows_through_dask(
 ) -> None:
     lake, version = scored_lake
     n = _ingest_mini_test(lake)
-    r = score_batch(
-        cat, DEMO_BATCH_LOCATION, batch_date="2026-05-01", shard_size=128, runtime="onnx", threads=1
-    )
+    demo = find_demo_batch(lake)
+    r = score_batch(cat, demo, batch_date="2026-05-01", shard_size=128, runtime="onnx", threads=1)
     assert r.batch_id == "2026-05-01-fashion-mnist-test" and r.model_version == version
     assert (r.records, r.scored, r.quarantined) == (n, n, 0)
     assert r.predictions_table == "zalando.predictions" and r.data_files == r.shards
     row = batch_record(cat, r.batch_id, version)
     assert row is not None
-    assert (
-        row["inputs"]["files"][0]["sha256"]
-        == lake.read_manifest(DEMO_BATCH_LOCATION)["files"]["part-00000.parquet"]["sha256"]
-    )
+    ((key, _, _),) = raw_split_files(lake, "test")  # the batch read exactly the table's file
+    assert row["inputs"]["files"][0]["sha256"] == hashlib.sha256(lake.read_bytes(key)).hexdigest()
     assert row["records"] == n and row["runtimes"] == "onnx"
     local = batch_predictions(cat, r.batch_id)
     assert local.num_rows == n and len(set(local.column("image_id").to_pylist())) == n
@@ -150,7 +148,7 @@ def test_demo_batch_on_s3_and_identical_rows_through_dask(
 
         r2 = score_batch(
             cat,
-            DEMO_BATCH_LOCATION,
+            demo,
             batch_date="2026-05-01",
             shard_size=128,
             force=True,

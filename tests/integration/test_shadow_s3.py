@@ -16,15 +16,15 @@ import pytest
 
 from tests.conftest import MINI_DIR
 from tests.scoring_support import make_champion, mnist_like, raw_parquet
-from zalando.data.arrays import raw_table
 from zalando.data.idx import read_idx_images, read_idx_labels
+from zalando.data.ingest import put_raw_split
 from zalando.feedback import Decision
 from zalando.gates import GateConfig, evaluate_gates
 from zalando.labels import GROUP_NAMES, NUM_GROUPS, group_of
 from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog, RetryPolicy, open_catalog
 from zalando.lake.commit import scan
-from zalando.scoring import DEMO_BATCH_LOCATION, clear_predictor_cache, score_batch
+from zalando.scoring import clear_predictor_cache, find_demo_batch, score_batch
 from zalando.scoring.shadow import OVERALL, shadow_evidence
 from zalando.settings import Settings
 from zalando.steps.promotion import with_shadow_evidence
@@ -52,7 +52,7 @@ def _ingest_mini_test(lake: Lake) -> np.ndarray:
     """The mini test split as the demo batch; returns the true groups, in id order."""
     images, labels = _mini_test()
     ids = [f"test-{i:05d}" for i in range(len(images))]
-    lake.commit_partition(DEMO_BATCH_LOCATION, {"part-00000": raw_table(ids, images, labels)}, "ingest-mini")
+    put_raw_split(lake, "test", ids, images, labels, digest="ingest-mini")
     return group_of(np.asarray(labels))
 
 
@@ -95,7 +95,7 @@ def test_shadow_scores_beside_the_champion_exactly_once_and_the_gate_uses_it(
     truth = _ingest_mini_test(lake)
     n = len(truth)
     kw = dict(batch_date="2026-05-02", shard_size=128, runtime="onnx", threads=1, shadow=True)
-    r = score_batch(cat, DEMO_BATCH_LOCATION, **kw)
+    r = score_batch(cat, find_demo_batch(lake), **kw)
     b = r.batch_id
     assert (r.model_version, r.scored) == (champion, n) and r.shadow is not None
     assert (r.shadow.status, r.shadow.challenger_version, r.shadow.scored) == ("scored", challenger, n)
@@ -134,9 +134,9 @@ def test_shadow_scores_beside_the_champion_exactly_once_and_the_gate_uses_it(
     assert overall["agreement_rate"] == pytest.approx((a == c).mean()) == r.shadow.agreement
 
     # re-runs: skipped as a whole, then forced: exactly one row per image in both tables
-    again = score_batch(cat, DEMO_BATCH_LOCATION, **kw)
+    again = score_batch(cat, find_demo_batch(lake), **kw)
     assert again.skipped and again.shadow is not None and again.shadow.status == "skipped"
-    forced = score_batch(cat, DEMO_BATCH_LOCATION, **kw, force=True)
+    forced = score_batch(cat, find_demo_batch(lake), **kw, force=True)
     assert not forced.skipped and forced.shadow is not None and forced.shadow.status == "scored"
     for table in ("predictions", "shadow_predictions"):
         ids_now = scan(cat, table, {"batch_id": b}, columns=["image_id"]).column("image_id").to_pylist()
@@ -205,7 +205,7 @@ def test_a_broken_challenger_still_lets_the_batch_commit(
     caplog.set_level(logging.WARNING, logger="zalando.scoring.shadow")
     r = score_batch(
         cat,
-        DEMO_BATCH_LOCATION,
+        find_demo_batch(lake),
         batch_date="2026-05-03",
         shard_size=128,
         runtime="onnx",

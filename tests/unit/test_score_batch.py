@@ -26,6 +26,7 @@ from zalando.scoring.inputs import NAN_VALUES, OUT_OF_RANGE, WRONG_SHAPE, decode
 def test_batch_ids_are_date_plus_source_slug() -> None:
     assert make_batch_id(date(2026, 3, 1), "Fashion MNIST / test") == "2026-03-01-fashion-mnist-test"
     assert default_source_slug("raw/fashion-mnist/split=test") == "fashion-mnist-test"
+    assert default_source_slug("zalando/raw_images/data/split=test") == "fashion-mnist-test"
     assert default_source_slug("s3://bucket/incoming/shop_A/") == "shop-a"
 
 
@@ -132,3 +133,25 @@ def test_decode_image_column_variants() -> None:
     out, bad = decode_image_column(pa.array(floats, pa.list_(pa.float32())), cfg)
     np.testing.assert_array_equal(out[0], imgs[0])
     assert sorted((i, r) for i, r, _ in bad) == [(1, NAN_VALUES), (2, OUT_OF_RANGE), (3, WRONG_SHAPE)]
+
+
+def test_the_demo_batch_is_the_raw_tables_test_split_and_reads_only_its_live_files(tmp_path: Path) -> None:
+    """The demo batch is the folder of the raw_images table's test split: a re-ingest's replaced file
+    still lies there (until maintenance), but only the current snapshot's file is an input."""
+    from zalando.data.ingest import put_raw_split, raw_split_files
+    from zalando.scoring.batch import find_demo_batch
+
+    lake = Lake.local(tmp_path / "lake")
+    with pytest.raises(ScoringInputError, match=r"holds no test split: run `zalando ingest`"):
+        find_demo_batch(lake)
+    labels = np.arange(12) % 10
+    put_raw_split(lake, "test", [f"old-{i}" for i in range(12)], mnist_like(12, 1), labels, digest="a")
+    put_raw_split(lake, "test", [f"new-{i}" for i in range(7)], mnist_like(7, 2), labels[:7], digest="b")
+    put_raw_split(lake, "train", [f"tr-{i}" for i in range(5)], mnist_like(5, 3), labels[:5], digest="b")
+    location = find_demo_batch(lake)
+    folder_files = [k for k in lake.list_keys(location) if k.endswith(".parquet")]
+    assert len(folder_files) == 2  # the replaced file is still there
+    batch = describe_batch(lake, location, batch_date="2026-02-01")
+    ((live, _, _),) = raw_split_files(lake, "test")
+    assert batch.batch_id == "2026-02-01-fashion-mnist-test" and batch.records == 7
+    assert [f"{location}/{f.name}" for f in batch.inputs] == [live]

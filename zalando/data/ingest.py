@@ -19,7 +19,7 @@ from zalando.data.arrays import RAW_SCHEMA, images_to_arrow, raw_table
 from zalando.data.idx import read_split
 from zalando.data.sources import FILES, SourceFiles
 from zalando.data.validate import REASONS, check_images
-from zalando.errors import LakeError, NotCommittedError
+from zalando.errors import NotCommittedError
 from zalando.labels import GROUP_NAMES, LABEL_TO_GROUP
 from zalando.lake import Lake
 
@@ -130,6 +130,22 @@ def _commit(
     replace_partition(cat, RAW_TABLE, raw, In("split", SPLITS), properties=props)
 
 
+def put_raw_split(
+    lake: Lake, split: str, image_ids: list[str], images: np.ndarray, labels: np.ndarray, *, digest: str
+) -> None:
+    """Replace one raw split with these images in one commit, as ingest would (no validation: for
+    callers that hold parsed, known-good arrays, such as benchmarks and tests of the demo batch)."""
+    from zalando.lake.commit import replace_partition
+
+    t = raw_table(image_ids, images, labels)
+    t = t.append_column("split", pa.array([split] * t.num_rows, pa.string())).append_column(
+        "source_digest", pa.array([digest] * t.num_rows, pa.string())
+    )
+    replace_partition(
+        lake.catalog(), RAW_TABLE, t, {"split": split}, properties={"zalando.source-digest": digest}
+    )
+
+
 def _quarantine_rows(columns: dict[str, pa.Array], n: int) -> pa.Table:
     """Rows of the quarantine table from ingest's columns; scoring's own columns are null."""
     from zalando.lake.tables import TABLES
@@ -181,26 +197,9 @@ def raw_split_files(lake: Lake, split: str) -> list[tuple[str, int, int]]:
     """The committed data files of one raw split as (lake key, bytes, rows), in key order: plain
     Parquet files with the raw columns (``image_id``, ``image``, ...), e.g. for scoring the test
     split as a batch. Only files of the current snapshot: never a replaced or uncommitted one."""
-    from zalando.lake.commit import row_filter
-    from zalando.lake.tables import load_table
+    from zalando.lake.commit import live_data_files
 
-    cat = lake.catalog()
-    table = load_table(cat, RAW_TABLE)
-    if table is None:
-        return []
-    tasks = cat.call(
-        f"plan {cat.identifier(RAW_TABLE)}",
-        lambda: list(table.scan(row_filter=row_filter({"split": split})).plan_files()),
-    )
-    out = []
-    for t in tasks:
-        key = cat.key_of(t.file.file_path)
-        if key is None:
-            raise LakeError(
-                f"table {cat.identifier(RAW_TABLE)}: data file {t.file.file_path} is outside the lake"
-            )
-        out.append((key, int(t.file.file_size_in_bytes), int(t.file.record_count)))
-    return sorted(out)
+    return live_data_files(lake.catalog(), RAW_TABLE, {"split": split})
 
 
 def group_counts(labels: np.ndarray) -> dict[str, int]:

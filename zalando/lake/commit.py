@@ -37,6 +37,7 @@ from zalando.errors import LakeError
 from zalando.lake import Lake, table_to_parquet_bytes, validate_key
 from zalando.lake.catalog import LakeCatalog, storage_path
 from zalando.lake.tables import (
+    TABLES,
     check_schema,
     conform,
     ensure_table,
@@ -480,6 +481,44 @@ def expire_snapshots(
         out[name] = cat.commit(f"expire snapshots of {cat.identifier(name)}", _expire)
     log.info("expired snapshots older than %s: %s", datetime.fromtimestamp(cutoff_ms / 1000, UTC), out)
     return out
+
+
+def live_data_files(
+    cat: LakeCatalog, table_name: str, flt: Filter | None = None
+) -> list[tuple[str, int, int]]:
+    """(lake key, bytes, rows) of every data file the table's current snapshot holds for the filter, in
+    key order: what a reader of the table sees now, never a file of a failed or replaced commit that
+    lies beside them in the table's folder."""
+    t = load_table(cat, table_name)
+    if t is None or t.current_snapshot() is None:
+        return []
+    tasks = cat.call(
+        f"plan {cat.identifier(table_name)}", lambda: list(t.scan(row_filter=row_filter(flt)).plan_files())
+    )
+    out = []
+    for task in tasks:
+        key = cat.key_of(task.file.file_path)
+        if key is None:
+            raise LakeError(
+                f"iceberg table {cat.identifier(table_name)}: data file {task.file.file_path} lies outside the lake"
+            )
+        out.append((key, int(task.file.file_size_in_bytes), int(task.file.record_count)))
+    return sorted(out)
+
+
+def table_folder_of(cat: LakeCatalog, key: str) -> str | None:
+    """The table whose folder holds a lake key, or None (a SQL catalog keeps every table at
+    ``<namespace>/<table>``; another catalog says where, so its existing tables are asked)."""
+    key = key.strip("/")
+    for name in TABLES:
+        if cat.kind == "sql":
+            folder: str | None = table_location_key(cat, name)
+        else:
+            t = load_table(cat, name)
+            folder = cat.key_of(t.location()) if t is not None else None
+        if folder is not None and (key == folder or key.startswith(folder + "/")):
+            return name
+    return None
 
 
 def referenced_files(table: Any) -> set[str]:

@@ -21,7 +21,7 @@ tables' schemas are :data:`zalando.lake.tables.TABLES` (``predictions``, ``quara
 """
 
 from zalando.scoring.batch import (
-    DEMO_BATCH_LOCATION,
+    DEMO_SOURCE,
     Batch,
     InputFile,
     ScoringInputError,
@@ -45,7 +45,7 @@ from zalando.scoring.shadow import ShadowResult, find_challenger, score_shadow
 from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, score_shard
 
 __all__ = [
-    "DEMO_BATCH_LOCATION",
+    "DEMO_SOURCE",
     "BackfillEntry",
     "Batch",
     "BatchPlan",

@@ -39,13 +39,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from zalando.errors import DataError, LakeError, NotCommittedError
+from zalando.errors import DataError, LakeError
 from zalando.lake import MANIFEST, Lake, validate_key
 from zalando.scoring.localfs import NotRegularFile, no_follow_fs, walk, what_is
 
 log = logging.getLogger(__name__)
 
-DEMO_BATCH_LOCATION = "raw/fashion-mnist/split=test"
+DEMO_SOURCE = "fashion-mnist-test"  # the demo batch: the raw_images table's test split
 DEMO_SOURCE = "fashion-mnist-test"
 
 # reason codes of whole files (row-level ones live in zalando.scoring.inputs and zalando.images)
@@ -324,9 +324,13 @@ def slugify(text: str) -> str:
 
 
 def default_source_slug(location: str) -> str:
-    """The last meaningful segments of a location: 'raw/fashion-mnist/split=test' -> 'fashion-mnist-test'."""
+    """The last meaningful segments of a location: 'incoming/shop-a/day=3' -> 'shop-a-3'; a split of
+    the raw_images table (``<ns>/raw_images/data/split=test``) -> 'fashion-mnist-test'."""
     path = urlparse(location).path if "://" in location else location
-    segs = [s.split("=", 1)[-1] for s in path.strip("/").split("/") if s]
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[1:3] == ["raw_images", "data"] and parts[3].startswith("split="):
+        return slugify(f"fashion-mnist-{parts[3].split('=', 1)[1]}")
+    segs = [s.split("=", 1)[-1] for s in parts if s]
     segs = [s for s in segs if s not in ("raw", "lake", "batches", "incoming")]
     return slugify("-".join(segs[-2:]) if segs else "batch")
 
@@ -358,6 +362,8 @@ def _refusal(name: str, what: str) -> str:
 def _list_files(lake: Lake, loc: Location) -> tuple[list[_Entry], dict[str, str]]:
     """The batch's entries (name, size, refusal), and sha256 known from a lake manifest."""
     known: dict[str, str] = {}
+    if loc.lake_key is not None and (table_files := _table_files(lake, loc)) is not None:
+        return table_files, known
     if loc.lake_key is not None and lake.is_committed(loc.lake_key):
         # a committed lake partition: only the files its manifest lists, with their checksums
         manifest = lake.read_manifest(loc.lake_key)
@@ -390,6 +396,22 @@ def _list_files(lake: Lake, loc: Location) -> tuple[list[_Entry], dict[str, str]
             continue  # hidden files, manifests, markers
         out.append((name, int(i.size or 0), None))
     return sorted(out), known
+
+
+def _table_files(lake: Lake, loc: Location) -> list[_Entry] | None:
+    """A folder inside an Iceberg table of the lake: only the data files the table's current snapshot
+    holds under it (never a replaced, failed or uncommitted file beside them); None for other keys."""
+    from zalando.lake.commit import live_data_files, table_folder_of
+
+    cat = lake.catalog()
+    prefix = (loc.lake_key or "").strip("/")
+    table = table_folder_of(cat, prefix)
+    if table is None:
+        return None
+    n = len(prefix) + 1
+    return [
+        (key[n:], size, None) for key, size, _ in live_data_files(cat, table) if key.startswith(prefix + "/")
+    ]
 
 
 def _list_local(loc: Location) -> list[_Entry]:
@@ -711,21 +733,32 @@ def _row_ranges(row_groups: tuple[int, ...], shard_size: int) -> list[tuple[int,
 
 
 def find_demo_batch(lake: Lake) -> str:
-    """The demo batch location (the Fashion-MNIST test split), checked to be ingested."""
-    try:
-        lake.read_manifest(DEMO_BATCH_LOCATION)
-    except NotCommittedError:
+    """The demo batch: the folder of the raw_images table's test split (the Fashion-MNIST test images
+    ingest committed), as a lake key. Scoring it reads exactly the table's current files there."""
+    from zalando.data.ingest import RAW_TABLE, raw_split_files
+    from zalando.lake.tables import table_location_key
+
+    cat = lake.catalog()
+    files = raw_split_files(lake, "test")
+    if not files:
         raise ScoringInputError(
-            f"demo batch {lake.uri(DEMO_BATCH_LOCATION)} is not ingested: run `zalando ingest` (or `make run`) first"
-        ) from None
-    return DEMO_BATCH_LOCATION
+            f"demo batch: the table {cat.identifier(RAW_TABLE)} of {lake.uri()} holds no test split: "
+            "run `zalando ingest` (or `make run`) first"
+        )
+    folder = f"{table_location_key(cat, RAW_TABLE)}/data/split=test"
+    if not all(key.startswith(folder + "/") for key, _, _ in files):
+        raise ScoringInputError(
+            f"demo batch: the test split's data files of {cat.identifier(RAW_TABLE)} are not all under "
+            f"{lake.uri(folder)}; score them by naming their folder"
+        )
+    return folder
 
 
 __all__ = [
     "NOT_REGULAR_FILE",
     "Batch",
     "BatchBoundary",
-    "DEMO_BATCH_LOCATION",
+    "DEMO_SOURCE",
     "InputFile",
     "Location",
     "MANIFEST",
