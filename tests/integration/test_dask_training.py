@@ -10,7 +10,6 @@ completes.
 from __future__ import annotations
 
 import contextvars
-import io
 import os
 import threading
 import time
@@ -19,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from prefect.exceptions import ParameterTypeError
 
@@ -31,6 +29,7 @@ from zalando.errors import ConfigError
 from zalando.lake import Lake
 from zalando.models.bundle import load_bundle
 from zalando.settings import load_settings
+from zalando.steps.training import read_metric_tables
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 EXPERIMENTS = ["fashion_cnn_small", "fashion_cnn"]
@@ -41,14 +40,18 @@ METRIC_COLUMNS = {
 
 
 @pytest.fixture(scope="module")
-def dask_lake(prefect_harness: None, flow_env: dict[str, str]) -> Iterator[Lake]:
-    """A lake prefix of this module's own (other modules share the session's S3 server)."""
-    old = os.environ["ZALANDO_LAKE_URI"]
+def dask_lake(
+    prefect_harness: None, flow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Lake]:
+    """A lake prefix of this module's own (other modules share the session's S3 server), with a work
+    folder, so an embedded Iceberg catalog, of its own (the workers share it: one machine)."""
+    old = {k: os.environ[k] for k in ("ZALANDO_LAKE_URI", "ZALANDO_WORK_DIR")}
     os.environ["ZALANDO_LAKE_URI"] = f"s3://zalando-dask/{uuid.uuid4().hex[:10]}"
+    os.environ["ZALANDO_WORK_DIR"] = str(tmp_path_factory.mktemp("dask-work"))
     try:
         yield Lake.from_settings(load_settings())
     finally:
-        os.environ["ZALANDO_LAKE_URI"] = old
+        os.environ.update(old)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +94,13 @@ def dask_run(cluster: DaskCluster) -> dict[str, Any]:
 
 
 def _metrics(lake: Lake, run_id: str, experiment: str) -> dict[str, list[dict[str, Any]]]:
-    key = f"metrics/run_id={run_id}/experiment={experiment}"
+    """One model's committed rows of the per_group and summary metric tables."""
+    frames = read_metric_tables(lake, run_id, [experiment], names=tuple(METRIC_COLUMNS))
     out = {}
     for table, columns in METRIC_COLUMNS.items():
-        frame = pq.read_table(io.BytesIO(lake.read_file(key, f"{table}.parquet")), columns=columns)
-        out[table] = sorted(frame.to_pylist(), key=lambda r: tuple(str(r[c]) for c in columns[:2]))
+        frame = frames[table][columns]
+        rows = frame.astype(object).where(frame.notna(), None).to_dict("records")  # NaN != NaN: None
+        out[table] = sorted(rows, key=lambda r: tuple(str(r[c]) for c in columns[:2]))
     return out
 
 
@@ -119,7 +124,8 @@ def test_two_experiments_train_in_parallel_on_two_workers(
     # the bundles and metric tables are in the lake, as with the local runner
     for experiment, version in out["models"].items():
         assert dask_lake.is_committed(f"models/{experiment}/{version}")
-        assert dask_lake.is_committed(f"metrics/run_id={out['run_id']}/experiment={experiment}")
+        summary = _metrics(dask_lake, out["run_id"], experiment)["summary"]
+        assert {r["split"] for r in summary} >= {"test"}, summary
         bundle = load_bundle(dask_lake, experiment, version)
         assert bundle.card["run_id"] == out["run_id"] and bundle.card["training"]["epochs_run"] == 1
     assert out["champion"] in out["models"].values()
