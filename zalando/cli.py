@@ -458,9 +458,9 @@ def _score_one(
     import threading
 
     from flows.batch_scoring import batch_scoring
+    from zalando.lake.keys import shard_markers_prefix
     from zalando.scoring.batch import _as_date, default_source_slug, describe_batch, make_batch_id
     from zalando.scoring.champion import resolve_model_version
-    from zalando.scoring.layout import shard_markers_prefix
 
     bdate = _as_date(batch_date)
     version = model_version or resolve_model_version(

@@ -41,6 +41,7 @@ from zalando.labels import GROUP_KEYS
 from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog, RetryPolicy, open_catalog
 from zalando.lake.commit import scan
+from zalando.lake.keys import shard_markers_prefix
 from zalando.scoring import (
     BatchPlan,
     ScoringOptions,
@@ -48,7 +49,6 @@ from zalando.scoring import (
     clear_predictor_cache,
     finalize_batch,
     is_batch_committed,
-    layout,
     load_champion_predictor,
     prepare_batch,
     run_shard,
@@ -269,7 +269,7 @@ def test_killed_mid_batch_rerun_completes_only_missing_shards(
         stderr=subprocess.STDOUT,
     )
     batch_id = "2026-05-04-big"
-    markers = layout.shard_markers_prefix("2026-05-04", version, batch_id)
+    markers = shard_markers_prefix("2026-05-04", version, batch_id)
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and len(lake.list_keys(markers)) < 4:
@@ -351,7 +351,7 @@ def test_batch_scoring_flow_reports_the_wall_time_of_the_batch_and_refuses_outsi
     markers = [
         lake.read_json(k)
         for k in lake.list_keys(
-            layout.shard_markers_prefix(date(2026, 5, 9), summary["model_version"], summary["batch_id"])
+            shard_markers_prefix(date(2026, 5, 9), summary["model_version"], summary["batch_id"])
         )
     ]
     assert len(markers) == 6 and summary["scored"] == 60

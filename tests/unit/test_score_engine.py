@@ -31,6 +31,7 @@ from zalando.labels import GROUP_KEYS
 from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import scan
+from zalando.lake.keys import shard_marker_key
 from zalando.lake.tables import TABLES
 from zalando.scoring import (
     ScoringError,
@@ -39,7 +40,6 @@ from zalando.scoring import (
     backfill,
     finalize_batch,
     is_batch_committed,
-    layout,
     prepare_batch,
     score_batch,
     score_shard,
@@ -214,7 +214,7 @@ def test_half_written_shard_is_overwritten_not_duplicated(
     )
     score_shard(lake, plan.shards[0], FakePredictor(), V)
     # a crash after the part file but before the marker: delete the marker, keep the part
-    marker = layout.shard_marker_key(plan.batch_date, V, plan.batch_id, 0)
+    marker = shard_marker_key(plan.batch_date, V, plan.batch_id, 0)
     lake.delete(marker)
     results = [score_shard(lake, s, FakePredictor(), V) for s in plan.shards]
     assert not any(r.skipped for r in results)
@@ -422,7 +422,7 @@ def test_part_file_overwritten_by_a_concurrent_run_is_detected_and_rescored(
     for s in plan.shards:
         score_shard(lake, s, FakePredictor(), V)
     # someone rewrote shard 1's predictions data file with other bytes after shard 1 committed
-    marker = lake.read_json(layout.shard_marker_key(plan.batch_date, V, plan.batch_id, 1))
+    marker = lake.read_json(shard_marker_key(plan.batch_date, V, plan.batch_id, 1))
     data_file = next(k for k, e in marker["files"].items() if e["table"] == "predictions")
     assert data_file.startswith("zalando/predictions/data/")
     lake.write_bytes(data_file, lake.read_bytes(data_file) + b"x")

@@ -115,7 +115,8 @@ def test_the_loader_casts_uint8_on_the_device_and_drops_the_ragged_tail() -> Non
     loader = EpochLoader(x, y, 30, AUGMENT_PRESETS["none"], MEAN, STD, torch.device("cpu"), seed=1)
     batches = list(loader)
     assert len(loader) == len(batches) == 2  # 70 // 30: the last 10 images wait for another epoch
-    xb, yb = batches[0]
+    xb, yb, wb = batches[0]
+    assert wb is None  # no sample weights given: none per batch
     assert xb.dtype == torch.float32 and xb.shape == (30, 1, 28, 28) and yb.dtype == torch.int64
     assert xb.is_contiguous(memory_format=torch.channels_last)
     perm = torch.randperm(70, generator=torch.Generator().manual_seed(1))[:30]

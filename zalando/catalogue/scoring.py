@@ -63,9 +63,8 @@ from zalando.images import ImagePrepConfig, ImageRejected, decode_image
 from zalando.lake import Lake, new_run_id
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import scan
-from zalando.lake.tables import TABLES
+from zalando.lake.tables import BATCHES, PREDICTIONS, QUARANTINE, TABLES
 from zalando.runtime import Predictor, Runtime
-from zalando.scoring import layout
 from zalando.scoring.batch import Batch, InputFile, ShardRef, make_batch_id, open_input, plan_shards
 from zalando.scoring.champion import load_champion_predictor, resolve_model_version
 from zalando.scoring.commit import BatchResult, finalize_batch
@@ -146,7 +145,7 @@ def committed_catalogue_batches(cat: LakeCatalog, batch_ids: list[str]) -> dict[
     """Of ``batch_ids``, those the lake committed (a row in ``batches``), with their commit times."""
     out: dict[str, datetime | None] = {}
     for b in batch_ids:
-        rows = scan(cat, layout.BATCHES, {"batch_id": b}, columns=["committed_at"]).column(0).to_pylist()
+        rows = scan(cat, BATCHES, {"batch_id": b}, columns=["committed_at"]).column(0).to_pylist()
         if rows:
             out[b] = max(rows)
     return out
@@ -156,7 +155,7 @@ def committed_predictions(cat: LakeCatalog, batch_id: str) -> list[PredictionRow
     """The committed champion predictions of a catalogue batch, as the write-back takes them."""
     cols = ["product_id", "pred_group_name", "confidence", "model_version", "batch_id", "scored_at"]
     cols += ["catalogue_image_id", "image_url", "image_sha256", "shadow"]
-    rows = scan(cat, layout.PREDICTIONS, {"batch_id": batch_id}, columns=cols).to_pylist()
+    rows = scan(cat, PREDICTIONS, {"batch_id": batch_id}, columns=cols).to_pylist()
     return [
         PredictionRow(
             product_id=r["product_id"],
@@ -188,7 +187,7 @@ def free_batch_id(cat: LakeCatalog, batch_date: date, country: str) -> str:
     is a batch of its own (an incremental run holds only what changed, so it must never replace an
     earlier run's rows); a run that crashed before its commit is continued under its own id."""
     base = make_batch_id(batch_date, f"catalogue-{country}")
-    taken = set(scan(cat, layout.BATCHES, None, columns=["batch_id"]).column(0).to_pylist())
+    taken = set(scan(cat, BATCHES, None, columns=["batch_id"]).column(0).to_pylist())
     n = 1
     while (bid := base if n == 1 else f"{base}-{n}") in taken:
         n += 1
@@ -434,7 +433,7 @@ def annotate_products(
         "review_reason": reasons,
         "needs_review": [n or r == TEXT_DISAGREES for n, r in zip(needs, reasons, strict=True)],
     }
-    schema = TABLES[layout.PREDICTIONS].schema
+    schema = TABLES[PREDICTIONS].schema
     for name, vals in values.items():
         i = schema.get_field_index(name)
         table = table.set_column(i, schema.field(i), pa.array(vals, schema.field(i).type))
@@ -502,9 +501,7 @@ def reconcile_catalogue_batch(cat: LakeCatalog, plan: CatalogueBatchPlan) -> Rec
         with fs.open_input_file(path) as fh:
             products += pq.read_table(fh, columns=["product_id"]).column(0).to_pylist()
     skipped = [int(x) for m in done for x in m.get("unchanged_ids", [])]
-    rec = reconcile(
-        products, _file_ids(lake, done, layout.PREDICTIONS), _file_ids(lake, done, layout.QUARANTINE), skipped
-    )
+    rec = reconcile(products, _file_ids(lake, done, PREDICTIONS), _file_ids(lake, done, QUARANTINE), skipped)
     if rec.products != plan.products:
         raise CatalogueError(
             f"reconciliation: the products file holds {rec.products} products, the snapshot {plan.products}"
@@ -533,7 +530,7 @@ def commit_catalogue_batch(
     wb = write_back(conn, plan.batch_id, rows, committed_at=datetime.now(UTC))
     texts = scan(
         cat,
-        layout.PREDICTIONS,
+        PREDICTIONS,
         {"batch_id": plan.batch_id},
         columns=["description", "pred_group_name", "needs_review"],
     ).to_pylist()

@@ -18,7 +18,9 @@ Everything else is a plain object, written once and read whole:
     kpis/batch_id=<b>/model_version=<v>/          a batch's labelled KPIs (replaced when measured again)
     reviewed_images/dataset_version=<d>/          the feedback rows a dataset version adds
 
-The scoring layout (batch inputs, shard files) is :mod:`zalando.scoring.layout` for now.
+    scoring/batch_date=<d>/model_version=<v>/batch_id=<b>/
+        _shards/shard-00000.json ...              a scored batch's shard markers (each shard's commit point)
+        embeddings/run_id=<w>/part-00000.parquet  its embedding sample for drift (its batch row lists them)
 
 :data:`LEGACY` names where the lake kept its tables before they were Iceberg tables (a folder of
 Parquet files and a ``_MANIFEST.json`` per partition): ``zalando lake migrate`` reads them, and every
@@ -28,6 +30,7 @@ table read or write refuses a lake that still holds them.
 from __future__ import annotations
 
 import re
+from datetime import date
 
 from zalando.errors import LakeError
 
@@ -118,6 +121,34 @@ def kpis_key(batch_id: str, model_version: str) -> str:
 def feedback_dataset_key(dataset_version: str) -> str:
     """The feedback rows of a dataset version: ``reviewed_images/dataset_version=<d>``."""
     return f"{FEEDBACK_DATASETS}/dataset_version={_name(dataset_version, 'dataset version')}"
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+SCORING = "scoring"
+
+
+def batch_key(batch_date: date | str, model_version: str, batch_id: str) -> str:
+    """The prefix of a scored batch's plain objects (its rows are in the predictions table)."""
+    return f"{SCORING}/batch_date={_day(batch_date)}/model_version={model_version}/batch_id={batch_id}"
+
+
+def shard_markers_prefix(batch_date: date | str, model_version: str, batch_id: str) -> str:
+    return f"{batch_key(batch_date, model_version, batch_id)}/_shards"
+
+
+def shard_marker_key(batch_date: date | str, model_version: str, batch_id: str, shard_id: int) -> str:
+    return f"{shard_markers_prefix(batch_date, model_version, batch_id)}/shard-{shard_id:05d}.json"
+
+
+def embeddings_key(
+    batch_date: date | str, model_version: str, batch_id: str, write_id: str, shard_id: int
+) -> str:
+    return f"{batch_key(batch_date, model_version, batch_id)}/embeddings/run_id={write_id}/part-{shard_id:05d}.parquet"
+
+
+def _day(value: date | str) -> str:
+    return value.isoformat() if isinstance(value, date) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------- legacy

@@ -138,7 +138,7 @@ def _drift_rows(lake: Lake, key: str, manifest: dict[str, Any]) -> Rows:
 
 
 def _prediction_rows(lake: Lake, key: str, manifest: dict[str, Any]) -> Rows:
-    """A scored batch (``zalando.scoring.layout.predictions_key``): its part files, plus the
+    """A scored batch (``predictions/batch_date=…/model_version=…/batch_id=…``): its part files, plus the
     ``batch_date`` of its path and ``shadow`` false (shadow scoring came with the table)."""
     seg = _segments(key)
     rows = _read_committed(lake, key, manifest)
@@ -149,7 +149,7 @@ def _prediction_rows(lake: Lake, key: str, manifest: dict[str, Any]) -> Rows:
 
 
 def _scoring_quarantine_rows(lake: Lake, key: str, manifest: dict[str, Any]) -> Rows:
-    """A batch's rejected inputs (``zalando.scoring.layout.quarantine_key``)."""
+    """A batch's rejected inputs (``quarantine/run_id=score-…``)."""
     seg = _segments(key)
     rows = _with(
         _read_committed(lake, key, manifest), run_id=seg["run_id"], model_version=seg["model_version"]

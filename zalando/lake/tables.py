@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 import pyarrow as pa
@@ -412,6 +413,37 @@ def table_spec(name: str) -> TableSpec:
         return TABLES[name]
     except KeyError:
         raise LakeError(f"iceberg table {name!r}: unknown; the lake's tables are {sorted(TABLES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+PREDICTIONS = "predictions"
+QUARANTINE = "quarantine"
+BATCHES = "batches"
+SHADOW_PREDICTIONS = "shadow_predictions"  # a challenger's rows (zalando.scoring.shadow), never the batch's
+SHADOW_AGREEMENT = "shadow_agreement"
+
+
+def prediction_partition(batch_date: date | str, model_version: str, batch_id: str) -> dict[str, Any]:
+    """A batch's rows in ``predictions``: the replace filter of its commit and the path segments
+    of its data files (batch_date and model_version prune partitions, batch_id picks the files)."""
+    day = batch_date if isinstance(batch_date, date) else date.fromisoformat(str(batch_date))
+    return {"batch_date": day, "model_version": model_version, "batch_id": batch_id}
+
+
+def quarantine_partition(batch_id: str, model_version: str) -> dict[str, Any]:
+    """A batch's rows in ``quarantine`` (ingest's rows have no batch_id: never touched)."""
+    return {"batch_id": batch_id, "model_version": model_version}
+
+
+def batch_row(batch_id: str, model_version: str) -> dict[str, Any]:
+    """A batch's one row in ``batches``."""
+    return {"batch_id": batch_id, "model_version": model_version}
+
+
+def shadow_agreement_rows(batch_id: str, challenger_version: str) -> dict[str, Any]:
+    """A batch's rows in ``shadow_agreement`` for one challenger (the replace filter of their commit)."""
+    return {"batch_id": batch_id, "challenger_version": challenger_version}
 
 
 # ---------------------------------------------------------------------------------------------- types

@@ -15,9 +15,10 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 Where each part lives: ``batch`` (a batch's inputs, planned into shards), ``inputs`` (reading and
 decoding a shard's inputs, quarantine reason codes), ``shard`` (scoring one shard, its marker),
 ``commit`` (reconciling and committing a batch), ``run`` (the drivers and the backfill),
-``layout`` (tables, filters and object keys), ``query`` (reading back, with time travel),
-``shadow`` (shadow scoring and its agreement). The
-tables' schemas are :data:`zalando.lake.tables.TABLES` (``predictions``, ``quarantine``, ``batches``).
+``query`` (reading back, with time travel), ``shadow`` (shadow scoring and its agreement). The
+tables (``predictions``, ``quarantine``, ``batches``, the shadow's two), their schemas and the
+batch filters are in :mod:`zalando.lake.tables`; the keys of a batch's plain objects (shard markers,
+embedding sample) in :mod:`zalando.lake.keys`.
 """
 
 from zalando.scoring.batch import (

@@ -40,8 +40,16 @@ from zalando.labels import GROUP_KEYS, NUM_GROUPS
 from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import CommitResult, add_data_files, replace_partition, scan
-from zalando.lake.tables import TABLES
-from zalando.scoring import layout
+from zalando.lake.keys import shard_marker_key, shard_markers_prefix
+from zalando.lake.tables import (
+    BATCHES,
+    PREDICTIONS,
+    QUARANTINE,
+    TABLES,
+    batch_row,
+    prediction_partition,
+    quarantine_partition,
+)
 from zalando.scoring.batch import Batch, ShardRef
 from zalando.scoring.shadow import ShadowResult
 from zalando.scoring.shard import (
@@ -102,7 +110,7 @@ class _Totals:
 
 def batch_record(cat: LakeCatalog, batch_id: str, model_version: str) -> dict[str, Any] | None:
     """The batch's row in ``batches`` (JSON columns decoded), or None when it is not committed."""
-    rows = scan(cat, layout.BATCHES, layout.batch_row(batch_id, model_version)).to_pylist()
+    rows = scan(cat, BATCHES, batch_row(batch_id, model_version)).to_pylist()
     if not rows:
         return None
     row = max(rows, key=lambda r: r["committed_at"])  # one, unless someone appended by hand
@@ -118,7 +126,7 @@ def is_batch_committed(cat: LakeCatalog, batch_id: str, model_version: str) -> b
 def reset_batch(lake: Lake, batch: Batch, model_version: str) -> None:
     """Forget the shard markers of a batch so that a forced re-run scores every shard again. The
     committed rows (if any) stay visible until the re-run's commit replaces them."""
-    lake.delete_prefix(layout.shard_markers_prefix(batch.batch_date, model_version, batch.batch_id))
+    lake.delete_prefix(shard_markers_prefix(batch.batch_date, model_version, batch.batch_id))
     log.info("batch %s (model %s): shard markers removed for a forced re-run", batch.batch_id, model_version)
 
 
@@ -129,13 +137,13 @@ def batch_summary(cat: LakeCatalog, batch_id: str, model_version: str) -> BatchR
     row = batch_record(cat, batch_id, model_version)
     if row is None:
         raise NotCommittedError(
-            f"batch {batch_id} (model {model_version}) is not committed in {cat.identifier(layout.BATCHES)}"
+            f"batch {batch_id} (model {model_version}) is not committed in {cat.identifier(BATCHES)}"
         )
     return BatchResult(
         batch_id=batch_id,
         batch_date=row["batch_date"],
         model_version=model_version,
-        predictions_table=cat.identifier(layout.PREDICTIONS),
+        predictions_table=cat.identifier(PREDICTIONS),
         records=row["records"],
         scored=row["scored"],
         quarantined=row["quarantined"],
@@ -190,26 +198,26 @@ def finalize_batch(
         "low_confidence": totals.low_confidence,
     }
     add_data_files(
-        cat, layout.QUARANTINE, files[layout.QUARANTINE], replace=layout.quarantine_partition(b, v),
+        cat, QUARANTINE, files[QUARANTINE], replace=quarantine_partition(b, v),
         properties={f"{SNAPSHOT_PREFIX}id": b, f"{SNAPSHOT_PREFIX}model-version": v},
     )  # fmt: skip
     committed = add_data_files(
         cat,
-        layout.PREDICTIONS,
-        files[layout.PREDICTIONS],
-        replace=layout.prediction_partition(d, v, b),
+        PREDICTIONS,
+        files[PREDICTIONS],
+        replace=prediction_partition(d, v, b),
         properties=_snapshot_properties(batch, v, run_id, len(shards), counts),
     )  # the batch's commit point for every reader
     group_counts = {GROUP_KEYS[g]: int(totals.group_counts[g]) for g in range(NUM_GROUPS)}
     row = _batch_row(batch, v, run_id, shards, done, totals, group_counts, files, committed, opts)
-    replace_partition(cat, layout.BATCHES, row, layout.batch_row(b, v))
+    replace_partition(cat, BATCHES, row, batch_row(b, v))
     for key in sorted(set((earlier or {}).get("embeddings") or []) - set(files[None])):
         lake.delete(key)  # a plain object only the replaced row listed (tables keep theirs for time travel)
     result = BatchResult(
         batch_id=b,
         batch_date=d,
         model_version=v,
-        predictions_table=cat.identifier(layout.PREDICTIONS),
+        predictions_table=cat.identifier(PREDICTIONS),
         records=totals.records,
         scored=totals.scored,
         quarantined=totals.quarantined,
@@ -220,7 +228,7 @@ def finalize_batch(
         shards=len(shards),
         shards_skipped=sum(1 for r in results or () if r.skipped),
         snapshot_id=committed.snapshot_id,
-        data_files=len(files[layout.PREDICTIONS]),
+        data_files=len(files[PREDICTIONS]),
         seconds=time.perf_counter() - t0,
     )
     log.info(
@@ -233,7 +241,7 @@ def finalize_batch(
 
 def _files_by_table(done: list[dict[str, Any]]) -> dict[str | None, list[str]]:
     """The shards' files, in shard order: predictions and quarantine data files, embedding samples."""
-    out: dict[str | None, list[str]] = {layout.PREDICTIONS: [], layout.QUARANTINE: [], None: []}
+    out: dict[str | None, list[str]] = {PREDICTIONS: [], QUARANTINE: [], None: []}
     for m in done:
         for key, entry in m["files"].items():
             out[entry.get("table")].append(key)
@@ -332,7 +340,7 @@ def _batch_row(
         "low_confidence": totals.low_confidence,
         "duplicates": batch.duplicate_count,
         "shards": len(shards),
-        "data_files": len(files[layout.PREDICTIONS]),
+        "data_files": len(files[PREDICTIONS]),
         "runtimes": ",".join(sorted({m.get("runtime", "") for m in done} - {""})),
         "shard_seconds": round(seconds, 3),
         "confidence_threshold": opts.confidence_threshold,
@@ -346,7 +354,7 @@ def _batch_row(
         "inputs": json.dumps(batch.input_manifest(), default=str),
         "embeddings": json.dumps(files[None]),
     }
-    return pa.Table.from_pylist([row], schema=TABLES[layout.BATCHES].schema)
+    return pa.Table.from_pylist([row], schema=TABLES[BATCHES].schema)
 
 
 def _pixel_stats(pixel_hist: np.ndarray) -> dict[str, Any]:
@@ -381,7 +389,7 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str
         data = lake.read_bytes(key)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             return int(marker["shard_id"]), None
-        if entry.get("table") == layout.PREDICTIONS:
+        if entry.get("table") == PREDICTIONS:
             ids = pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id")
             return None, ids.combine_chunks().cast(pa.string())
         return None, None
@@ -392,9 +400,7 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str
     if broken:
         for m in markers:
             if int(m["shard_id"]) in broken:
-                lake.delete(
-                    layout.shard_marker_key(m["batch_date"], m["model_version"], batch_id, m["shard_id"])
-                )
+                lake.delete(shard_marker_key(m["batch_date"], m["model_version"], batch_id, m["shard_id"]))
         raise ScoringError(
             f"batch {batch_id}: files of shards {broken} changed after they committed (another run scoring "
             "the same batch at once?); their markers were removed: run the batch again to rescore them"

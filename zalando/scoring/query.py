@@ -17,8 +17,14 @@ from zalando.errors import LakeError, NotCommittedError
 from zalando.labels import GROUP_KEYS, NUM_GROUPS
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import resolve_as_of, scan
-from zalando.lake.tables import load_table
-from zalando.scoring import layout
+from zalando.lake.tables import (
+    BATCHES,
+    PREDICTIONS,
+    QUARANTINE,
+    load_table,
+    prediction_partition,
+    quarantine_partition,
+)
 from zalando.scoring.batch import ScoringInputError
 
 AsOf = datetime | int | str
@@ -44,11 +50,9 @@ def _moment(cat: LakeCatalog, as_of: AsOf | None) -> tuple[int | None, int | Non
     if as_of is None:
         return None, None
     what = f"predictions as of {as_of!r}"
-    table = load_table(cat, layout.PREDICTIONS)
+    table = load_table(cat, PREDICTIONS)
     if table is None:
-        raise LakeError(
-            f"{what}: {cat.identifier(layout.PREDICTIONS)} does not exist yet, so it has no history"
-        )
+        raise LakeError(f"{what}: {cat.identifier(PREDICTIONS)} does not exist yet, so it has no history")
     sid = resolve_as_of(table, as_of, what=what)
     assert sid is not None
     return sid, table.snapshot_by_id(sid).timestamp_ms
@@ -78,12 +82,10 @@ def _versions(cat: LakeCatalog, batch_id: str, sid: int | None, ms: int | None) 
     def of(t: pa.Table) -> set[str]:
         return set(t.column("model_version").to_pylist())
 
-    found = of(
-        scan(cat, layout.PREDICTIONS, _batch_filter(batch_id), columns=["model_version"], snapshot_id=sid)
-    )
-    found |= of(_scan_at(cat, layout.QUARANTINE, {"batch_id": batch_id}, ms, ["model_version"]))
+    found = of(scan(cat, PREDICTIONS, _batch_filter(batch_id), columns=["model_version"], snapshot_id=sid))
+    found |= of(_scan_at(cat, QUARANTINE, {"batch_id": batch_id}, ms, ["model_version"]))
     if sid is None:
-        found |= of(scan(cat, layout.BATCHES, {"batch_id": batch_id}, columns=["model_version"]))
+        found |= of(scan(cat, BATCHES, {"batch_id": batch_id}, columns=["model_version"]))
     return sorted(v for v in found if v)
 
 
@@ -102,23 +104,21 @@ def predictions_preview(
     """
     sid, ms = _moment(cat, as_of)
     versions = _versions(cat, batch_id, sid, ms)
-    table = load_table(cat, layout.PREDICTIONS)
+    table = load_table(cat, PREDICTIONS)
     when = f" as of {as_of}" if as_of is not None else ""
     if not versions:
         raise NotCommittedError(
-            f"batch {batch_id}: no committed predictions in {cat.identifier(layout.PREDICTIONS)}{when}"
+            f"batch {batch_id}: no committed predictions in {cat.identifier(PREDICTIONS)}{when}"
         )
     version = model_version or versions[-1]
     if version not in versions:
         raise NotCommittedError(
             f"batch {batch_id}: not scored with model {version}{when} (scored with: {versions})"
         )
-    flt = layout.prediction_partition(batch_date_of(batch_id), version, batch_id)
-    counted = scan(cat, layout.PREDICTIONS, flt, columns=["pred_group", "needs_review"], snapshot_id=sid)
-    quarantine = _scan_at(
-        cat, layout.QUARANTINE, layout.quarantine_partition(batch_id, version), ms, ["reason"]
-    )
-    first = scan(cat, layout.PREDICTIONS, flt, snapshot_id=sid, limit=rows) if rows else None
+    flt = prediction_partition(batch_date_of(batch_id), version, batch_id)
+    counted = scan(cat, PREDICTIONS, flt, columns=["pred_group", "needs_review"], snapshot_id=sid)
+    quarantine = _scan_at(cat, QUARANTINE, quarantine_partition(batch_id, version), ms, ["reason"])
+    first = scan(cat, PREDICTIONS, flt, snapshot_id=sid, limit=rows) if rows else None
     groups = pc.value_counts(counted.column("pred_group")).to_pylist() if counted.num_rows else []
     by_group = {int(g["values"]): int(g["counts"]) for g in groups}
     reasons = pc.value_counts(quarantine.column("reason")).to_pylist() if quarantine.num_rows else []
@@ -127,7 +127,7 @@ def predictions_preview(
         "batch_id": batch_id,
         "model_version": version,
         "other_versions": [v for v in versions if v != version],
-        "predictions_table": cat.identifier(layout.PREDICTIONS),
+        "predictions_table": cat.identifier(PREDICTIONS),
         "metadata_location": table.metadata_location if table is not None else None,
         "snapshot_id": sid,
         "as_of": datetime.fromtimestamp(ms / 1000, UTC).isoformat() if ms is not None else None,
@@ -149,7 +149,7 @@ def recent_batches(cat: LakeCatalog, limit: int = 10) -> list[dict[str, Any]]:
         "batch_id", "batch_date", "model_version", "committed_at", "records", "scored", "quarantined",
         "low_confidence", "shards", "runtimes", "predictions_snapshot_id",
     ]  # fmt: skip
-    table = scan(cat, layout.BATCHES, columns=columns)
+    table = scan(cat, BATCHES, columns=columns)
     if not table.num_rows:
         return []
     table = table.sort_by([("committed_at", "descending")])

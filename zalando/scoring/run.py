@@ -34,9 +34,19 @@ from zalando.errors import LakeError, ZalandoError
 from zalando.lake import Lake, new_run_id
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import data_file_key
-from zalando.lake.tables import PRODUCT_COLUMNS, TABLES, check_schema, ensure_table, evolve_schema
+from zalando.lake.keys import embeddings_key
+from zalando.lake.tables import (
+    PREDICTIONS,
+    PRODUCT_COLUMNS,
+    QUARANTINE,
+    TABLES,
+    check_schema,
+    ensure_table,
+    evolve_schema,
+    prediction_partition,
+    quarantine_partition,
+)
 from zalando.runtime import Predictor, Runtime
-from zalando.scoring import layout
 from zalando.scoring.batch import (
     Batch,
     ScoringInputError,
@@ -153,21 +163,21 @@ def shard_target(cat: LakeCatalog, shard: ShardRef, model_version: str, write_id
     return ShardTarget(
         write_id=write_id,
         predictions=data_file_key(
-            cat, layout.PREDICTIONS, run_id=write_id, shard_id=sid,
-            partition=layout.prediction_partition(d, model_version, b),
+            cat, PREDICTIONS, run_id=write_id, shard_id=sid,
+            partition=prediction_partition(d, model_version, b),
         ),
         quarantine=data_file_key(
-            cat, layout.QUARANTINE, run_id=write_id, shard_id=sid,
-            partition=layout.quarantine_partition(b, model_version),
+            cat, QUARANTINE, run_id=write_id, shard_id=sid,
+            partition=quarantine_partition(b, model_version),
         ),
-        embeddings=layout.embeddings_key(d, model_version, b, write_id, sid),
+        embeddings=embeddings_key(d, model_version, b, write_id, sid),
     )  # fmt: skip
 
 
 def check_scoring_tables(cat: LakeCatalog) -> None:
     """The live predictions and quarantine tables (created when missing) live in this lake and have
     exactly the schema shards write: a LakeError naming the columns when someone else changed one."""
-    for name in (layout.PREDICTIONS, layout.QUARANTINE):
+    for name in (PREDICTIONS, QUARANTINE):
         table = ensure_table(cat, name)
         where = f"scoring into {cat.identifier(name)}"
         if cat.key_of(table.location()) is None:  # a catalog shared by two lakes would mix their rows
@@ -177,7 +187,7 @@ def check_scoring_tables(cat: LakeCatalog) -> None:
                 "ZALANDO_ICEBERG_CATALOG_URI)"
             )
         live = table.schema()
-        if name == layout.PREDICTIONS and _lacks_product_columns(live):
+        if name == PREDICTIONS and _lacks_product_columns(live):
             live = evolve_schema(cat, name, add=PRODUCT_COLUMNS)  # a table made before the catalogue
             log.warning(
                 "%s: added the catalogue's nullable product columns (file batches leave them null)", where
@@ -194,7 +204,7 @@ def check_scoring_tables(cat: LakeCatalog) -> None:
 def _lacks_product_columns(live: Any) -> bool:
     """The live predictions schema is exactly the spec's without the trailing PRODUCT_COLUMNS."""
     names = [f.name for f in live.fields]
-    spec = TABLES[layout.PREDICTIONS].schema.names
+    spec = TABLES[PREDICTIONS].schema.names
     return names == spec[: len(spec) - len(PRODUCT_COLUMNS)]
 
 

@@ -37,8 +37,15 @@ from zalando.labels import GROUP_NAMES, NUM_GROUPS, group_index
 from zalando.lake import new_run_id
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import add_data_files, data_file_key, replace_partition, scan, write_data_file
-from zalando.lake.tables import TABLES, ensure_table
-from zalando.scoring import layout
+from zalando.lake.tables import (
+    PREDICTIONS,
+    SHADOW_AGREEMENT,
+    SHADOW_PREDICTIONS,
+    TABLES,
+    ensure_table,
+    prediction_partition,
+    shadow_agreement_rows,
+)
 from zalando.scoring.batch import Batch, ShardRef, describe_batch, plan_shards
 from zalando.scoring.champion import load_champion_predictor
 from zalando.scoring.inputs import read_shard
@@ -186,7 +193,7 @@ def agreement_table(
         }
         for r in rows
     ]
-    return pa.Table.from_pylist(records, schema=TABLES[layout.SHADOW_AGREEMENT].schema)
+    return pa.Table.from_pylist(records, schema=TABLES[SHADOW_AGREEMENT].schema)
 
 
 def agreement_markdown(result: ShadowResult) -> str:
@@ -212,8 +219,8 @@ def agreement_markdown(result: ShadowResult) -> str:
         lines.append(f"| {name} | {r.n_champion} | {r.n_challenger} | {r.n_agree} | {rate} |")
     lines += [
         "",
-        f"Rows: `{layout.SHADOW_PREDICTIONS}` where `batch_id = '{result.batch_id}'` and "
-        f"`model_version = '{result.challenger_version}'` (never in `{layout.PREDICTIONS}`). "
+        f"Rows: `{SHADOW_PREDICTIONS}` where `batch_id = '{result.batch_id}'` and "
+        f"`model_version = '{result.challenger_version}'` (never in `{PREDICTIONS}`). "
         "Agreement: of the images the champion put in a group, the share the challenger put there too.",
     ]
     return "\n".join(lines) + "\n"
@@ -245,7 +252,7 @@ def shadow_rows(
     n = table.num_rows
     table = table.set_column(table.schema.get_field_index("shadow"), "shadow", pa.repeat(True, n))
     table = table.append_column("champion_model_version", pa.repeat(pa.scalar(champion_version), n))
-    return table.cast(TABLES[layout.SHADOW_PREDICTIONS].schema)
+    return table.cast(TABLES[SHADOW_PREDICTIONS].schema)
 
 
 @dataclass(frozen=True)
@@ -341,9 +348,9 @@ def _score_shadow(cat: LakeCatalog, job: _Job, predictor: Predictor | None) -> S
         shards = _shards_again(lake, b, d, job.location, job.shard_size)
     opts = job.options
     pred = predictor or load_champion_predictor(lake, job.runtime, model_version=version, threads=job.threads)
-    ensure_table(cat, layout.SHADOW_PREDICTIONS)
-    schema = table_iceberg_schema(layout.SHADOW_PREDICTIONS)
-    partition = layout.prediction_partition(d, version, b)
+    ensure_table(cat, SHADOW_PREDICTIONS)
+    schema = table_iceberg_schema(SHADOW_PREDICTIONS)
+    partition = prediction_partition(d, version, b)
     write_id = new_run_id()  # a new shadow run never rewrites a file an earlier one committed
     keys: list[str] = []
     pieces: list[pa.Table] = []
@@ -351,7 +358,7 @@ def _score_shadow(cat: LakeCatalog, job: _Job, predictor: Predictor | None) -> S
         rows = shadow_rows(lake, s, pred, version, champ, opts)
         if rows.num_rows:
             key = data_file_key(
-                cat, layout.SHADOW_PREDICTIONS, run_id=write_id, shard_id=s.shard_id, partition=partition
+                cat, SHADOW_PREDICTIONS, run_id=write_id, shard_id=s.shard_id, partition=partition
             )
             write_data_file(lake, key, rows, schema=schema)
             keys.append(key)
@@ -363,9 +370,9 @@ def _score_shadow(cat: LakeCatalog, job: _Job, predictor: Predictor | None) -> S
         f"{SHADOW_SNAPSHOT_PREFIX}challenger-version": version,
         f"{SHADOW_SNAPSHOT_PREFIX}scored": scored,
     }
-    committed = add_data_files(cat, layout.SHADOW_PREDICTIONS, keys, replace=partition, properties=props)
+    committed = add_data_files(cat, SHADOW_PREDICTIONS, keys, replace=partition, properties=props)
     champion_rows = scan(
-        cat, layout.PREDICTIONS, layout.prediction_partition(d, champ, b), columns=["image_id", "pred_group"]
+        cat, PREDICTIONS, prediction_partition(d, champ, b), columns=["image_id", "pred_group"]
     )
     challenger_rows = pa.concat_tables(pieces) if pieces else champion_rows.schema.empty_table()
     rows = agreement_rows(*join_groups(champion_rows, challenger_rows))
@@ -377,7 +384,7 @@ def _score_shadow(cat: LakeCatalog, job: _Job, predictor: Predictor | None) -> S
     table = agreement_table(
         rows, batch_id=b, batch_date=d, champion_version=champ, challenger_version=version
     )
-    replace_partition(cat, layout.SHADOW_AGREEMENT, table, layout.shadow_agreement_rows(b, version))
+    replace_partition(cat, SHADOW_AGREEMENT, table, shadow_agreement_rows(b, version))
     overall = rows[-1].agreement_rate
     log.info(
         "batch %s shadowed by %s: %d images, agreement with champion %s %s (snapshot %s)",
@@ -403,9 +410,7 @@ def _shards_again(
 
 def committed_agreement(cat: LakeCatalog, batch_id: str, challenger_version: str) -> list[dict[str, Any]]:
     """The batch's committed ``shadow_agreement`` rows for one challenger (empty: not shadowed)."""
-    return scan(
-        cat, layout.SHADOW_AGREEMENT, layout.shadow_agreement_rows(batch_id, challenger_version)
-    ).to_pylist()
+    return scan(cat, SHADOW_AGREEMENT, shadow_agreement_rows(batch_id, challenger_version)).to_pylist()
 
 
 def _result(
@@ -482,7 +487,7 @@ def shadow_evidence(
         return None
     cat = lake.catalog()
     rows = scan(
-        cat, layout.SHADOW_AGREEMENT,
+        cat, SHADOW_AGREEMENT,
         {"challenger_version": challenger_version, "champion_version": champion_version},
     ).to_pylist()  # fmt: skip
     if not rows:
@@ -535,7 +540,7 @@ def _with_reviewed(lake: Lake, ev: ShadowEvidence) -> ShadowEvidence:
         if not decisions:
             continue
         shadow = scan(
-            cat, layout.SHADOW_PREDICTIONS,
+            cat, SHADOW_PREDICTIONS,
             {"batch_id": b, "model_version": ev.challenger_version}, columns=["image_id", "pred_group"],
         )  # fmt: skip
         groups = dict(

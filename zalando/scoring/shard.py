@@ -32,9 +32,9 @@ from zalando.images import ImagePrepConfig
 from zalando.labels import GROUP_NAMES, NUM_GROUPS
 from zalando.lake import Lake, table_to_parquet_bytes
 from zalando.lake.commit import write_data_file
-from zalando.lake.tables import PRODUCT_COLUMNS, TABLES, iceberg_schema
+from zalando.lake.keys import shard_marker_key
+from zalando.lake.tables import PREDICTIONS, PRODUCT_COLUMNS, QUARANTINE, TABLES, iceberg_schema
 from zalando.runtime import Predictor
-from zalando.scoring import layout
 from zalando.scoring.batch import ShardRef, ShardTarget
 from zalando.scoring.inputs import ShardInput, read_shard
 
@@ -144,7 +144,7 @@ def prediction_table(
         _repeat(False, n, pa.bool_()),
         *[pa.nulls(n, f.type) for f in PRODUCT_COLUMNS],  # a catalogue shard's annotate fills them
     ]
-    return pa.Table.from_arrays(cols, schema=TABLES[layout.PREDICTIONS].schema)
+    return pa.Table.from_arrays(cols, schema=TABLES[PREDICTIONS].schema)
 
 
 def quarantine_table(
@@ -157,7 +157,7 @@ def quarantine_table(
         "model_version": model_version,
         "shard_id": shard.shard_id,
     }
-    return pa.Table.from_pylist([{**r, **common} for r in records], schema=TABLES[layout.QUARANTINE].schema)
+    return pa.Table.from_pylist([{**r, **common} for r in records], schema=TABLES[QUARANTINE].schema)
 
 
 # ------------------------------------------------------------------------------------ markers
@@ -165,7 +165,7 @@ def quarantine_table(
 
 def shard_is_committed(lake: Lake, ref: ShardRef, model_version: str) -> dict[str, Any] | None:
     """The shard's marker when it matches this shard and model and its files exist, else None."""
-    key = layout.shard_marker_key(ref.batch_date, model_version, ref.batch_id, ref.shard_id)
+    key = shard_marker_key(ref.batch_date, model_version, ref.batch_id, ref.shard_id)
     if not lake.exists(key):
         return None
     try:
@@ -271,7 +271,7 @@ def score_shard(
             f"shard {b}/{sid}: {marker['scored']} scored + {marker['quarantined']} quarantined + "
             f"{len(data.unchanged_ids)} unchanged != {shard.records} records"
         )
-    lake.write_json(layout.shard_marker_key(shard.batch_date, model_version, b, sid), marker)  # commit point
+    lake.write_json(shard_marker_key(shard.batch_date, model_version, b, sid), marker)  # commit point
     marker["seconds"] = time.perf_counter() - t0
     log.debug(
         "shard %s/%d: %d scored, %d quarantined in %.2fs",
@@ -304,14 +304,12 @@ def _write_outputs(
         jobs.append(
             (
                 target.predictions,
-                lambda: _write_table_file(lake, target.predictions, layout.PREDICTIONS, table),
+                lambda: _write_table_file(lake, target.predictions, PREDICTIONS, table),
             )
         )
     if quarantine:
         rows = quarantine_table(quarantine, shard, model_version, target.write_id)
-        jobs.append(
-            (target.quarantine, lambda: _write_table_file(lake, target.quarantine, layout.QUARANTINE, rows))
-        )
+        jobs.append((target.quarantine, lambda: _write_table_file(lake, target.quarantine, QUARANTINE, rows)))
     if emb_sample is not None and len(emb_sample):
         k = len(emb_sample)
         sample = pa.table(

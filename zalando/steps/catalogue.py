@@ -20,8 +20,7 @@ from zalando.catalogue.scoring import (
     run_catalogue_shard,
 )
 from zalando.lake.catalog import LakeCatalog
-from zalando.lake.tables import load_table
-from zalando.scoring import layout
+from zalando.lake.tables import PREDICTIONS, load_table
 from zalando.scoring.batch import ShardRef
 from zalando.scoring.shard import ScoringOptions, ShardResult
 
@@ -81,6 +80,6 @@ def commit_catalogue(
     """Reconcile, register, commit to the lake, write back (stage 3)."""
     with connect(conninfo_for(settings)) as conn:
         result = commit_catalogue_batch(cat, conn, plan, options, results)
-    table = load_table(cat, layout.PREDICTIONS)
+    table = load_table(cat, PREDICTIONS)
     result.predictions_uri = table.metadata_location if table is not None else ""
     return result

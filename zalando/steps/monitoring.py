@@ -26,8 +26,7 @@ from zalando.images import ImagePrepConfig
 from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import scan
-from zalando.lake.tables import PROB_COLUMNS
-from zalando.scoring import layout
+from zalando.lake.tables import PREDICTIONS, PROB_COLUMNS, prediction_partition
 from zalando.scoring.batch import Batch
 from zalando.scoring.commit import batch_record
 from zalando.scoring.run import BatchPlan
@@ -143,8 +142,8 @@ def _embedding_sample(cat: LakeCatalog, batch_id: str, model_version: str) -> pa
 
 def _sampled_predictions(cat: LakeCatalog, plan: BatchPlan) -> pa.Table:
     """The batch's committed predictions (id and group probabilities), read through the table."""
-    flt = layout.prediction_partition(plan.batch_date, plan.model_version, plan.batch_id)
-    return scan(cat, layout.PREDICTIONS, flt, columns=["image_id", *PROB_COLUMNS])
+    flt = prediction_partition(plan.batch_date, plan.model_version, plan.batch_id)
+    return scan(cat, PREDICTIONS, flt, columns=["image_id", *PROB_COLUMNS])
 
 
 def _sample_images(

@@ -12,8 +12,7 @@ from datetime import date
 from typing import TYPE_CHECKING
 
 from zalando.lake.catalog import LakeCatalog
-from zalando.lake.tables import load_table
-from zalando.scoring import layout
+from zalando.lake.tables import PREDICTIONS, load_table
 from zalando.scoring.batch import ShardRef, find_demo_batch
 from zalando.scoring.commit import BatchResult, batch_summary, finalize_batch
 from zalando.scoring.run import BatchPlan, prepare_batch, run_shard, shadow_plan
@@ -81,7 +80,7 @@ def commit_batch(
         result = finalize_batch(
             cat, plan.batch, plan.shards, plan.model_version, options=options, results=results
         )
-    table = load_table(cat, layout.PREDICTIONS)
+    table = load_table(cat, PREDICTIONS)
     uri = table.metadata_location if table is not None else ""
     return CommittedBatch(**result.model_dump(), predictions_uri=uri)
 

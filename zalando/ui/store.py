@@ -46,7 +46,7 @@ from zalando.labels import GROUP_NAMES
 from zalando.lake import Lake, validate_key
 from zalando.lake import keys as k
 from zalando.lake.commit import scan
-from zalando.scoring import layout
+from zalando.lake.tables import BATCHES, PREDICTIONS, prediction_partition
 from zalando.scoring.commit import batch_record
 from zalando.scoring.query import batch_date_of, scored_versions
 from zalando.steps.monitoring import MONITORING_TABLE
@@ -248,7 +248,7 @@ class LakeStore:
 
     def recent_batches(self, limit: int = 30) -> list[BatchSummary]:
         """The newest scored batches (by date, then id), each with its newest model version."""
-        rows = scan(self.cat, layout.BATCHES).to_pylist()
+        rows = scan(self.cat, BATCHES).to_pylist()
         by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
         for r in rows:
             mine = by_key[(r["batch_date"].isoformat(), r["batch_id"])]
@@ -365,12 +365,12 @@ class LakeStore:
     def _table(self, batch_id: str, version: str, needs_review_only: bool) -> pa.Table:
         """The batch's committed prediction rows (cached per predictions snapshot of the batch)."""
         row = self._record(batch_id, version)
-        flt = dict(layout.prediction_partition(batch_date_of(batch_id), version, batch_id))
+        flt = dict(prediction_partition(batch_date_of(batch_id), version, batch_id))
         if needs_review_only:
             flt["needs_review"] = True
         stamp = (row.get("predictions_snapshot_id"), row.get("committed_at"))
         return self._tables.get(
-            (batch_id, version, needs_review_only, stamp), lambda: scan(self.cat, layout.PREDICTIONS, flt)
+            (batch_id, version, needs_review_only, stamp), lambda: scan(self.cat, PREDICTIONS, flt)
         )
 
     def _input_files(self, batch_id: str, version: str) -> list[dict[str, Any]]:
