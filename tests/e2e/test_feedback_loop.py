@@ -2,7 +2,7 @@
 positives fall below the threshold runs the `feedback` flow against the live Prefect server, its
 `zalando.kpi.alarm` event meets the automation from prefect.yaml, and a `retrain` run is created.
 
-The batch lives in a lake prefix of its own (with a work folder, so an Iceberg catalog, of its own), and the work pool is paused while the alarm is raised,
+The batch lives in a lake prefix of its own (with an Iceberg catalog of its own), and the work pool is paused while the alarm is raised,
 so the triggered run is only scheduled (then cancelled): the stack's own lake and runs stay as the
 other e2e tests expect them."""
 
@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import REPO
 from tests.e2e.conftest import LiveStack
@@ -42,8 +43,13 @@ def test_the_kpi_automation_and_the_feedback_deployment_are_registered(deployed:
 
 def test_a_kpi_alarm_from_labels_import_creates_a_retrain_run(deployed: LiveStack) -> None:
     lake_uri = f"s3://zalando-e2e/kpi-{uuid.uuid4().hex[:8]}"
-    work = deployed.work_dir / f"work-{lake_uri.rsplit('/', 1)[-1]}"  # its own embedded Iceberg catalog
-    lake = Lake.from_settings(deployed.settings().model_copy(update={"lake_uri": lake_uri, "work_dir": work}))
+    # its own Iceberg catalog (one catalog serves one lake); the stack's S3 and work folder stay
+    catalog_uri = f"sqlite:///{deployed.work_dir / ('iceberg-' + lake_uri.rsplit('/', 1)[-1] + '.db')}"
+    lake = Lake.from_settings(
+        deployed.settings().model_copy(
+            update={"lake_uri": lake_uri, "iceberg_catalog_uri": SecretStr(catalog_uri)}
+        )
+    )
     lake.ensure_ready()
     batch = scored_batch(lake, 40, source=f"e2e-kpi-{uuid.uuid4().hex[:6]}")
     predicted = LakeStore(lake).batch_predictions(batch).predicted
@@ -55,7 +61,7 @@ def test_a_kpi_alarm_from_labels_import_creates_a_retrain_run(deployed: LiveStac
     env = dict(
         deployed.env,
         ZALANDO_LAKE_URI=lake_uri,
-        ZALANDO_WORK_DIR=str(work),
+        ZALANDO_ICEBERG_CATALOG_URI=catalog_uri,
         PREFECT_API_URL=deployed.api,
         PREFECT_HOME=str(deployed.work_dir / "prefect-cli"),
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
