@@ -591,5 +591,9 @@ def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_table
         monitor_batch(cat, plan, "run-m")  # scored, not committed: nothing to measure yet
     finalize_batch(cat, plan.batch, plan.shards, V, results=results)
     out = monitor_batch(cat, plan, "run-m")
-    assert out.rows == 40 and out.table and lake.is_committed(out.key)
+    assert out.rows == 40 and out.table and out.uri
     assert {"embedding_mmd2", "confidence_psi", "pixel_mean"} <= {r["statistic"] for r in out.table}
+    # committed: the monitoring table holds the batch's rows, with whether each statistic is trusted
+    committed = scan(cat, "monitoring", {"batch_id": plan.batch.batch_id}).to_pylist()
+    assert sorted(r["statistic"] for r in committed) == sorted(r["statistic"] for r in out.table)
+    assert all(isinstance(r["trusted"], bool) and r["min_n"] > 0 for r in committed)

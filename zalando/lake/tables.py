@@ -319,6 +319,8 @@ _SPECS = (
                 ("threshold", pa.float64()),
                 ("p_value", pa.float64()),
                 ("alarm", pa.bool_()),
+                ("trusted", pa.bool_()),  # below min_n images a statistic is reported, never alarms
+                ("min_n", pa.int64()),
                 ("batch_value", pa.string()),
                 ("reference_value", pa.string()),
                 ("detail", pa.string()),
