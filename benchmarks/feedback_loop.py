@@ -56,6 +56,7 @@ DATA = {
 }
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 FIRST, NEXT = "batches/loop-inverted-first", "batches/loop-inverted-next"
+ORIGINAL = "batches/loop-original-test"  # the test split as it is (a lake batch like the others)
 TARGET_INVERTED = 0.95
 MAX_TEST_DROP = 0.002  # 0.2 points
 
@@ -180,7 +181,8 @@ def inverted_batches(lake: Any) -> dict[str, int]:
     from zalando.lake import new_run_id
 
     test = load_raw(lake, "test", columns=["image_id", "image", "group"])
-    images = 255 - images_from_table(test)
+    originals = images_from_table(test)
+    images = 255 - originals
     ids = test.column("image_id").to_pylist()
     groups = test.column("group").to_numpy().astype(int)
     truth = dict(zip(ids, groups.tolist(), strict=True))
@@ -190,14 +192,18 @@ def inverted_batches(lake: Any) -> dict[str, int]:
         table = pa.table({"image_id": pa.array(inv_ids), "image": images_to_arrow(images[sl])})
         lake.commit_partition(key, {"part-00000": table}, new_run_id(), {"drift": "invert"})
         truth.update(zip(inv_ids, groups[sl].tolist(), strict=True))
-    say(f"  batches: {FIRST} = test images 0-{half - 1}, {NEXT} = {half}-{len(ids) - 1}, inverted")
+    table = pa.table({"image_id": pa.array(ids), "image": images_to_arrow(originals)})
+    lake.commit_partition(ORIGINAL, {"part-00000": table}, new_run_id(), {"drift": "none"})
+    say(
+        f"  batches: {FIRST} = test images 0-{half - 1}, {NEXT} = {half}-{len(ids) - 1}, inverted; {ORIGINAL} = the test split as it is"
+    )
     return truth
 
 
-def batch_id(key: str | None, day: date) -> str:
+def batch_id(key: str, day: date) -> str:
     from zalando.scoring.batch import default_source_slug, make_batch_id
 
-    return make_batch_id(day, default_source_slug(key or "raw/fashion-mnist/split=test"))
+    return make_batch_id(day, default_source_slug(key))
 
 
 def grouped_accuracy(store: Any, bid: str, version: str, truth: dict[str, int]) -> tuple[float, int]:
@@ -260,15 +266,15 @@ class Loop:
     def record(self, step: str, measured: str, target: str = "", met: bool | None = None) -> None:
         self.results.append((step, measured, target, met))
 
-    def score_batch(self, key: str | None, *, model_version: str | None = None, monitor: bool = False) -> str:
-        params: dict[str, Any] = {"batch_date": self.day.isoformat(), "force": True, "monitor": monitor}
-        if key:
-            params["batch_uri"] = key
+    def score_batch(self, key: str, *, model_version: str | None = None, monitor: bool = False) -> str:
+        params: dict[str, Any] = {
+            "batch_date": self.day.isoformat(), "batch_uri": key, "force": True, "monitor": monitor,
+        }  # fmt: skip
         if model_version:
             params["model_version"] = model_version
         run = self.api.wait(self.api.start(self.score, params), self.wait_s)
         if state_of(run) != "COMPLETED":
-            raise SystemExit(f"scoring {key or 'the test split'}: flow run {run['name']} {state_of(run)}")
+            raise SystemExit(f"scoring {key}: flow run {run['name']} {state_of(run)}")
         return batch_id(key, self.day)
 
     # -- step 0
@@ -319,17 +325,29 @@ class Loop:
         say(
             f"   review queue: {batch.needs_review} of {batch.scored} images (confidence < {batch.confidence_threshold})"
         )
-        self.record("review queue", f"{batch.needs_review} of {batch.scored}", f">= {self.args.labels}",
-                    batch.needs_review >= self.args.labels)  # fmt: skip
+        self.record(
+            "review queue (needs_review)", f"{batch.needs_review} of {batch.scored}", "holds the batch", None
+        )
         return bid
 
     # -- step 3
     def label(self, bid: str, truth: dict[str, int]) -> int:
         queue = self.store.prediction_rows(bid, needs_review_only=True).column("image_id").to_pylist()
+        from_queue = min(len(queue), self.args.labels)
         if len(queue) < self.args.labels:  # a short queue: the batch's other items, most doubtful first
+            # (what a reviewer sees filtering the batch by a confidence range on the desk)
             rest = self.store.prediction_rows(bid, needs_review_only=False).column("image_id").to_pylist()
-            queue += [i for i in rest if i not in set(queue)]
+            seen = set(queue)
+            queue += [i for i in rest if i not in seen]
         picked = queue[: self.args.labels]
+        say(
+            f"   labelling {len(picked)} items: {from_queue} from the review queue (most doubtful first)"
+            + (
+                f", {len(picked) - from_queue} more of the batch by confidence"
+                if len(picked) > from_queue
+                else ""
+            )
+        )
         csv = Path(self.env["ZALANDO_WORK_DIR"]) / f"labels-{bid}.csv"
         csv.write_text(
             "image_id,batch_id,label,reviewer\n"
@@ -389,8 +407,13 @@ class Loop:
         say("   gate decisions of the retrain (check, value, rule, threshold):")
         for line in gate_tables(self.lake, decided_before):
             say(line)
+        from zalando.registry import decision_log
+
         new = get_champion(self.lake)["model_version"]
-        dv = get_model(self.lake, new).get("dataset_version") if new != old else None
+        log = decision_log(self.lake)
+        gated = log[log["decision_id"] > decided_before] if decided_before else log
+        gated_versions = [v for v in gated["model_version"] if v != old]
+        dv = get_model(self.lake, gated_versions[0]).get("dataset_version") if gated_versions else None
         extra = self.store.feedback_dataset_extra(dv) if dv else None
         if extra:
             say(f"   dataset version {dv} = {extra['base_dataset_version']} + {extra['items']} feedback images "
@@ -413,9 +436,9 @@ class Loop:
         self.record("grouped acc, next inverted batch", f"{acc_new:.4f} (today's {acc_old:.4f})",
                     f">= {TARGET_INVERTED:.2f}", acc_new >= TARGET_INVERTED)  # fmt: skip
         t0 = time.monotonic()
-        tid = self.score_batch(None, model_version=new)
+        tid = self.score_batch(ORIGINAL, model_version=new)
         if new != old:
-            self.score_batch(None, model_version=old)
+            self.score_batch(ORIGINAL, model_version=old)
         test_new, n = grouped_accuracy(self.store, tid, new, truth)
         test_old, _ = grouped_accuracy(self.store, tid, old, truth)
         drop = (test_old - test_new) * 100
