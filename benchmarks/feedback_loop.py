@@ -364,8 +364,8 @@ class Loop:
         if res.returncode != 0:
             raise SystemExit(f"labels import failed ({res.returncode}):\n{res.stderr}")
         recorded = len(self.store.read_feedback(bid))
-        self.record("labels recorded (zalando labels import)", str(recorded), str(self.args.labels),
-                    recorded == self.args.labels)  # fmt: skip
+        want = len(picked)  # --labels, or the whole batch when it is smaller (the mini set's 250)
+        self.record("labels recorded (zalando labels import)", str(recorded), str(want), recorded == want)
         return recorded
 
     # -- step 4
