@@ -235,6 +235,21 @@ def gate_tables(lake: Any, after: str | None) -> list[str]:
     return out
 
 
+def _best_gated(gated: Any, old: str) -> str | None:
+    """The rejected model of the retrain with the highest validation macro F1 (None: one was promoted)."""
+    best, best_f1 = None, -1.0
+    for r in gated.itertuples(index=False):
+        if r.model_version == old or r.action != "reject":
+            continue
+        decision = json.loads(r.decision) if isinstance(r.decision, str) else (r.decision or {})
+        f1 = next(
+            (c["value"] for c in decision.get("rows", []) if c["check"] == "macro_f1_vs_champion"), None
+        )
+        if f1 is not None and f1 > best_f1:
+            best, best_f1 = r.model_version, f1
+    return best
+
+
 def last_decision_id(lake: Any) -> str | None:
     from zalando.registry import decision_log
 
@@ -401,7 +416,7 @@ class Loop:
         )
         return state_of(run)
 
-    def gates(self, decided_before: str | None, old: str) -> str:
+    def gates(self, decided_before: str | None, old: str) -> tuple[str, str | None]:
         from zalando.registry import get_champion, get_model
 
         say("   gate decisions of the retrain (check, value, rule, threshold):")
@@ -421,9 +436,22 @@ class Loop:
                 f"{extra['holdout_items']} held out)")  # fmt: skip
         self.record("new dataset version", str(dv), "dsf-...", bool(dv and dv.startswith("dsf-")))
         self.record("champion after the retrain", new, f"not {old}", new != old)
-        return new
+        return new, _best_gated(gated, old)
 
     # -- steps 5-6
+    def challenger_numbers(self, challenger: str, truth: dict[str, int]) -> None:
+        """The best challenger the gates rejected, measured like a champion: what the retrain learned,
+        apart from whether the gates let it through."""
+        inv = grouped_accuracy(
+            self.store, self.score_batch(NEXT, model_version=challenger), challenger, truth
+        )
+        orig = grouped_accuracy(
+            self.store, self.score_batch(ORIGINAL, model_version=challenger), challenger, truth
+        )
+        say(f"   the rejected challenger {challenger}: grouped accuracy {inv[0]:.4f} on the next inverted batch, "
+            f"{orig[0]:.4f} on the original test split")  # fmt: skip
+        self.record("rejected challenger, next inverted / original test", f"{inv[0]:.4f} / {orig[0]:.4f}")
+
     def compare(self, old: str, new: str, truth: dict[str, int]) -> None:
         t0 = time.monotonic()
         bid = self.score_batch(NEXT, model_version=new)
@@ -466,10 +494,20 @@ def main() -> int:
     )
     ap.add_argument("--labels", type=int, default=1000, help="review-queue items labelled (default 1000)")
     ap.add_argument("--timeout-min", type=int, default=180, help="longest wait for one flow run (minutes)")
+    ap.add_argument(
+        "--work-dir", type=Path, default=None,
+        help="resume in the work folder of a run stopped before its labels (its epoch checkpoints); default: a new one",
+    )  # fmt: skip
     args = ap.parse_args()
     (REPO / ".zalando").mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"feedback-loop-{args.profile}-", dir=REPO / ".zalando"))
-    env = stack_env(work, args.profile)
+    if args.work_dir and (args.work_dir / "bench-env.json").is_file():  # resume: same keys, same lake
+        work = args.work_dir.resolve()
+        env = {**stack_env(work, args.profile), **json.loads((work / "bench-env.json").read_text())}
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"feedback-loop-{args.profile}-", dir=REPO / ".zalando"))
+        env = stack_env(work, args.profile)
+        keep = ("ZALANDO_S3_ACCESS_KEY", "ZALANDO_S3_SECRET_KEY", "ZALANDO_PROFILE", "ZALANDO_DATA_SOURCE")
+        (work / "bench-env.json").write_text(json.dumps({k: env[k] for k in keep}))
     t_all = time.monotonic()
     say(f"work folder {work} (stack logs in stack/); data {DATA[args.profile]}")
     run_stack(env, "up")
@@ -482,6 +520,9 @@ def main() -> int:
             f"stack up and deployed in {time.monotonic() - t_all:.0f} s: Prefect {os.environ['PREFECT_API_URL']}"
         )
         loop = Loop(args, dict(os.environ))
+        loop.api.pause_pool(False)  # a resumed folder: the stopped run may have left it paused
+        if loop.store.feedback_batches():
+            raise SystemExit(f"{work} already holds feedback labels: start in a new work folder")
         try:
             old = loop.todays_champion()
             truth = inverted_batches(loop.lake)
@@ -490,8 +531,10 @@ def main() -> int:
             bid = loop.drifted_batch()
             loop.label(bid, truth)
             state = loop.retrain_on_feedback(since)
-            new = loop.gates(decided, old) if state == "COMPLETED" else old
+            new, challenger = loop.gates(decided, old) if state == "COMPLETED" else (old, None)
             loop.compare(old, new, truth)
+            if new == old and challenger:
+                loop.challenger_numbers(challenger, truth)
         except SystemExit as e:  # a step that could not go on: the table of what was measured
             say(f"stopped: {e}")
             loop.record("benchmark ran to the end", "no", "yes", False)
