@@ -469,10 +469,10 @@ class Loop:
             self.score_batch(ORIGINAL, model_version=old)
         test_new, n = grouped_accuracy(self.store, tid, new, truth)
         test_old, _ = grouped_accuracy(self.store, tid, old, truth)
-        drop = (test_old - test_new) * 100
+        change = (test_new - test_old) * 100
         say(f"6. {tid} ({n} original test images), grouped accuracy: new champion {test_new:.4f}, "
-            f"today's {test_old:.4f}: {-drop:+.2f} points ({time.monotonic() - t0:.0f} s)")  # fmt: skip
-        self.record("grouped acc, original test split", f"{test_new:.4f} (today's {test_old:.4f}, {-drop:+.2f} pt)",
+            f"today's {test_old:.4f}: {change:+.2f} points ({time.monotonic() - t0:.0f} s)")  # fmt: skip
+        self.record("grouped acc, original test split", f"{test_new:.4f} (today's {test_old:.4f}, {change:+.2f} pt)",
                     f">= today's - {MAX_TEST_DROP * 100:.1f} pt", test_new >= test_old - MAX_TEST_DROP - 1e-12)  # fmt: skip
 
     def table(self) -> bool:
