@@ -52,6 +52,6 @@ def labelled_kpis(
     log.info("labelled KPIs of %d batch(es); alarms: %s", len(results), alarms or "none")
     return {
         "run_id": cfg.run_id,
-        "batches": {r.batch_id: r.model_dump(mode="json", exclude={"groups"}) for r in results},
+        "batches": {r.batch_id: r.model_dump(mode="json") for r in results},  # groups: the CLI prints them
         "alarms": alarms,
     }

@@ -77,6 +77,9 @@ def test_footwear_true_positives_below_threshold_emit_the_kpi_alarm(fb_lake: Lak
     assert out["alarms"] == {batch: ["Footwear"]}, out
     measured = out["batches"][batch]
     assert measured["reviewed"] == 25 and measured["alarm_sent"] and measured["model_version"] == VERSION
+    # the group rows come back too: `zalando labels import` prints them as its KPI table
+    foot_row = next(g for g in measured["groups"] if g["group_name"] == "Footwear")
+    assert (foot_row["support"], foot_row["tp"], foot_row["alarm"]) == (25, 0, True)
 
     events = _events("zalando.kpi.alarm", f"zalando.batch.{batch}")
     assert events, "no zalando.kpi.alarm event reached the Prefect server"

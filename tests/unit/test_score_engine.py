@@ -595,6 +595,8 @@ def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_table
     committed = scan(cat, "monitoring", {"batch_id": plan.batch.batch_id, "model_version": V})
     assert sorted(committed.column("statistic").to_pylist()) == sorted(r["statistic"] for r in out.table)
     assert {"embedding_mmd2", "confidence_psi", "pixel_mean"} <= {r["statistic"] for r in out.table}
+    assert all(isinstance(r, bool) for r in committed.column("trusted").to_pylist())
+    assert all(n > 0 for n in committed.column("min_n").to_pylist())
 
 
 def test_file_batches_leave_the_catalogue_columns_null_and_an_older_table_gets_them_by_evolution(
