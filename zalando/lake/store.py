@@ -173,6 +173,11 @@ class Lake:
                 self._catalog = open_catalog_at(uri, self, check_layout=check_layout)
             return self._catalog
 
+    @property
+    def has_catalog(self) -> bool:
+        """Whether :meth:`catalog` can open one: configured, already open, or a local lake's own."""
+        return self._catalog is not None or bool(self._catalog_uri) or self.s3 is None
+
     def _local_catalog_uri(self) -> str:
         if self.s3 is not None:
             raise LakeError(

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zalando.errors import DataError, LakeError
 from zalando.lake import MANIFEST, Lake, validate_key
+from zalando.lake.catalog import LakeCatalog
 from zalando.scoring.localfs import NotRegularFile, no_follow_fs, walk, what_is
 
 log = logging.getLogger(__name__)
@@ -359,10 +360,12 @@ def _refusal(name: str, what: str) -> str:
     return f"{name}: {what}; a batch reads regular files only and never follows a symbolic link"
 
 
-def _list_files(lake: Lake, loc: Location) -> tuple[list[_Entry], dict[str, str]]:
+def _list_files(
+    lake: Lake, loc: Location, catalog: LakeCatalog | None = None
+) -> tuple[list[_Entry], dict[str, str]]:
     """The batch's entries (name, size, refusal), and sha256 known from a lake manifest."""
     known: dict[str, str] = {}
-    if loc.lake_key is not None and (table_files := _table_files(lake, loc)) is not None:
+    if loc.lake_key is not None and (table_files := _table_files(lake, loc, catalog)) is not None:
         return table_files, known
     if loc.lake_key is not None and lake.is_committed(loc.lake_key):
         # a committed lake partition: only the files its manifest lists, with their checksums
@@ -398,12 +401,15 @@ def _list_files(lake: Lake, loc: Location) -> tuple[list[_Entry], dict[str, str]
     return sorted(out), known
 
 
-def _table_files(lake: Lake, loc: Location) -> list[_Entry] | None:
+def _table_files(lake: Lake, loc: Location, catalog: LakeCatalog | None) -> list[_Entry] | None:
     """A folder inside an Iceberg table of the lake: only the data files the table's current snapshot
-    holds under it (never a replaced, failed or uncommitted file beside them); None for other keys."""
+    holds under it (never a replaced, failed or uncommitted file beside them); None for other keys
+    (and for a lake without a catalog, which has no tables)."""
     from zalando.lake.commit import live_data_files, table_folder_of
 
-    cat = lake.catalog()
+    if catalog is None and not lake.has_catalog:
+        return None
+    cat = catalog or lake.catalog()
     prefix = (loc.lake_key or "").strip("/")
     table = table_folder_of(cat, prefix)
     if table is None:
@@ -494,6 +500,7 @@ def describe_batch(
     hash_inputs: bool = True,
     allow_empty: bool = False,
     boundary: BatchBoundary | None = None,
+    catalog: LakeCatalog | None = None,
 ) -> Batch:
     """List a batch's inputs (sizes, sha256, row counts, file problems) and pick its duplicate ids.
 
@@ -511,7 +518,7 @@ def describe_batch(
         files: list[_Entry] = [(base, int(loc.fs.get_file_info(loc.path(base)).size or 0), None)]
         known_sha: dict[str, str] = {}
     else:
-        files, known_sha = _list_files(lake, loc)
+        files, known_sha = _list_files(lake, loc, catalog)
     if not files and not allow_empty:
         named = location if location == loc.uri else f"{location} ({loc.uri})"
         raise ScoringInputError(

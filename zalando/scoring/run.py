@@ -135,7 +135,13 @@ def prepare_batch(
             lake, runtime, model_version=version, threads=threads, verify="full"
         ).runtime
     batch = describe_batch(
-        lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs, allow_empty=allow_empty
+        lake,
+        location,
+        batch_date=bdate,
+        source=slug,
+        hash_inputs=hash_inputs,
+        allow_empty=allow_empty,
+        catalog=cat,
     )
     if force:
         reset_batch(lake, batch, version)
