@@ -108,7 +108,9 @@ def test_ingest_cli_mini_then_eda(s3_server: S3Server, tmp_path: Path, mini_dir:
     assert "eda.md" in r.stdout
 
 
-def test_embedded_server_started_and_stopped_by_the_cli(tmp_path: Path, mini_dir: Path) -> None:
+def test_embedded_server_started_and_stopped_by_the_cli(
+    tmp_path: Path, mini_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from zalando.s3server import free_port_block, port_answers
 
     port = free_port_block()
@@ -117,7 +119,7 @@ def test_embedded_server_started_and_stopped_by_the_cli(tmp_path: Path, mini_dir
         "ZALANDO_S3_PORT": str(port),
         "ZALANDO_LAKE_URI": "s3://zalando/lake",
     }
-    os.environ.pop("ZALANDO_S3_ENDPOINT", None)
+    monkeypatch.delenv("ZALANDO_S3_ENDPOINT", raising=False)  # restored after: later tests use the server
     r = run_cli(["ingest", "--source", str(mini_dir)], {**env, "ZALANDO_S3_ENDPOINT": ""})
     assert r.returncode == 0, r.stderr
     assert "embedded S3 started" in r.stderr and not port_answers(port)
