@@ -111,6 +111,8 @@ def write_drift(lake: Lake, batch_id: str, *, alarm: bool = False, value: float 
             "threshold": [0.2, 0.5],
             "p_value": [float("nan")] * 2,
             "alarm": [alarm, False],
+            "trusted": [True, True],
+            "min_n": pa.array([50, 50], pa.int64()),
             "batch_value": ["0.9", "0.3"],
             "reference_value": ["0.95", "0.28"],
             "detail": ["", ""],

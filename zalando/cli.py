@@ -98,7 +98,7 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=err_console, show_path=False, markup=False, rich_tracebacks=False)],
         force=True,
     )
-    for noisy in ("botocore", "urllib3", "codecarbon", "matplotlib", "PIL", "httpx", "asyncio"):
+    for noisy in ("botocore", "urllib3", "codecarbon", "matplotlib", "PIL", "httpx", "asyncio", "pyiceberg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

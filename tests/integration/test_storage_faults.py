@@ -57,7 +57,9 @@ def assert_exactly(lake: Lake, key: str, expected: dict[str, pa.Table]) -> None:
 
 
 def no_unfinished_uploads(lake: Lake) -> bool:
-    return not lake._boto_client().list_multipart_uploads(Bucket=lake.bucket).get("Uploads")
+    """No multipart upload left open under this lake's prefix (other tests' lakes share the bucket)."""
+    prefix = lake.root.split("/", 1)[1] + "/" if "/" in lake.root else ""
+    return not lake._boto_client().list_multipart_uploads(Bucket=lake.bucket, Prefix=prefix).get("Uploads")
 
 
 @pytest.fixture

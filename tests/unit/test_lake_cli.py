@@ -4,6 +4,7 @@ under catalog faults: locked (retried, else one line), gone, a commit race, a ch
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -67,8 +68,10 @@ def test_maintain_expires_old_snapshots_and_removes_what_a_reingest_left(env: Pa
     assert code == 0 and "(dry run)" in out and "orphan files found" in out, out
     code, out = run("lake", "maintain", "--older-than-days", "0", "--orphans-older-than-days", "0")
     assert code == 0, out
-    raw_row = next(line for line in out.split("│ total")[0].split("raw_images")[1:2])
-    expired, removed = (int(x) for x in raw_row.split("│")[1:3])
+    # the table's row (log lines above it may name the table too)
+    row = re.search(r"│ raw_images\s*│\s*(\d+)\s*│\s*(\d+)\s*│", out)
+    assert row, out
+    expired, removed = int(row.group(1)), int(row.group(2))
     assert expired == snapshots - 1 and removed >= 2, out  # the replaced data files, manifests, lists
     lake = lake_of_settings()
     assert lc.scan(lake.catalog(), "raw_images", columns=["image_id"]).num_rows == before == 2500
