@@ -552,25 +552,7 @@ def score(
             fail(
                 "--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner, --dask-address or --shadow"
             )
-        from flows.catalogue import catalogue_scoring
-        from zalando.catalogue.cli import check_catalogue_for_scoring, print_catalogue_scoring
-        from zalando.catalogue.query import normalize_country
-        from zalando.catalogue.server import embedded_postgres
-        from zalando.scoring.batch import _as_date
-
-        code = normalize_country(country)
-        with lake_session(settings) as lake, embedded_postgres(settings):
-            version = check_catalogue_for_scoring(settings, lake, model_version, allow_empty)
-            summary = catalogue_scoring(
-                country=code,
-                full=full,
-                batch_date=_as_date(batch_date) if batch_date else None,
-                model_version=version,
-                workers=workers,
-                allow_empty=allow_empty,
-                profile=settings.profile,
-            )
-        print_catalogue_scoring(summary)
+        _score_catalogue(settings, country, full, batch_date, model_version, workers, allow_empty)
         return
     if country != "us" or full:
         fail("--country and --full go with --catalog")
@@ -617,6 +599,37 @@ def score(
             score_one=score_day,
             on_entry=show_no_input,
         )
+
+
+def _score_catalogue(
+    settings: Any,
+    country: str,
+    full: bool,
+    batch_date: str | None,
+    model_version: str | None,
+    workers: int,
+    allow_empty: bool,
+) -> None:
+    """`zalando score --catalog`: the bad-input checks before Prefect starts, then the `catalogue` flow."""
+    from flows.catalogue import catalogue_scoring
+    from zalando.catalogue.cli import check_catalogue_for_scoring, print_catalogue_scoring
+    from zalando.catalogue.query import normalize_country
+    from zalando.catalogue.server import embedded_postgres
+    from zalando.scoring.batch import _as_date
+
+    code = normalize_country(country)
+    with lake_session(settings) as lake, embedded_postgres(settings):
+        version = check_catalogue_for_scoring(settings, lake, model_version, allow_empty)
+        summary = catalogue_scoring(
+            country=code,
+            full=full,
+            batch_date=_as_date(batch_date) if batch_date else None,
+            model_version=version,
+            workers=workers,
+            allow_empty=allow_empty,
+            profile=settings.profile,
+        )
+    print_catalogue_scoring(summary)
 
 
 @app.command()
