@@ -59,6 +59,13 @@ class GateConfig(BaseModel):
     Champion margin: the challenger's macro F1 must be >= champion macro F1 + ``min_f1_margin``
     (not rounded). With the default 0.001 a tie fails; set 0.0 to let ties pass.
 
+    Learning from feedback: a retrain on a dataset version with held-out feedback items learns what
+    the reviewers corrected, and the original validation split, where the champion already does well,
+    cannot show that. When the challenger's accuracy on those items beats the champion's by at least
+    ``min_feedback_gain`` (default 0.01, on at least ``min_reviewed_items`` items), the macro-F1 rule
+    becomes "at most ``max_f1_drop_with_feedback`` below the champion's" (default 0.002: 0.2 points)
+    instead of "above it by the margin". Floors, canary and latency gates apply as always.
+
     Feedback gate: when the dataset version holds feedback items held out to validate on
     (``feedback_val``, see ``zalando.data.feedback_data``), the challenger's group accuracy on them must
     be >= the champion's minus ``max_feedback_drop`` (default 0: must not drop). Off (no row) when there
@@ -86,6 +93,8 @@ class GateConfig(BaseModel):
     min_shadow_agreement: float | None = Field(default=None, ge=0.0, le=1.0)  # issue 15: shadow gates
     max_reviewed_accuracy_drop: float | None = Field(default=0.0, ge=0.0, le=1.0)
     min_reviewed_items: int = Field(default=20, ge=1)
+    min_feedback_gain: float | None = Field(default=0.01, ge=0.0, le=1.0)  # None: never relax the margin
+    max_f1_drop_with_feedback: float = Field(default=0.002, ge=0.0, le=1.0)
 
     @field_validator("floors", mode="before")
     @classmethod
@@ -410,6 +419,17 @@ def _check_champion_margin(
             "evaluate the champion on the same validation data",
         )  # fmt: skip
         return
+    gain = _feedback_gain(challenger, champion, config)
+    if gain is not None and champ_f1 is not None:
+        drop = config.max_f1_drop_with_feedback
+        thr = champ_f1 - drop
+        checks.add(
+            "macro_f1_vs_champion", f1, thr,
+            f">= champion - {drop:g} (feedback items +{gain:.4f})", f1 is not None and f1 >= thr - 1e-12,
+            f"macro F1 {_fmt(f1)} is more than {drop:g} below the champion's {champ_f1:.4f} "
+            f"(allowed because it gains {gain:.4f} on the held-out feedback items)",
+        )  # fmt: skip
+        return
     thr = None if champ_f1 is None else champ_f1 + config.min_f1_margin
     passed = f1 is not None and thr is not None and f1 >= thr - 1e-12
     if config.min_f1_margin > 0 and f1 is not None and champ_f1 is not None and f1 <= champ_f1:
@@ -419,6 +439,19 @@ def _check_champion_margin(
         f"macro F1 {_fmt(f1)} does not beat the champion's {_fmt(champ_f1)} "
         f"by {config.min_f1_margin:g}",
     )  # fmt: skip
+
+
+def _feedback_gain(
+    challenger: Mapping[str, Any], champion: Mapping[str, Any], config: GateConfig
+) -> float | None:
+    """The challenger's accuracy gain over the champion on the held-out feedback items, when it is at
+    least ``min_feedback_gain`` on enough items (then the macro-F1 margin is relaxed); else None."""
+    n = int(challenger.get("feedback_items") or 0)
+    acc, champ = _num(challenger.get("feedback_accuracy")), _num(champion.get("feedback_accuracy"))
+    if config.min_feedback_gain is None or n < config.min_reviewed_items or acc is None or champ is None:
+        return None
+    gain = acc - champ
+    return gain if gain >= config.min_feedback_gain - 1e-12 else None
 
 
 def evaluate_gates(

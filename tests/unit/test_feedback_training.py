@@ -365,6 +365,28 @@ def test_the_feedback_gate_refuses_a_drop_on_the_held_out_feedback() -> None:
     assert evaluate_gates(_gm(0.825, 40), champion, lenient).promote
 
 
+def test_a_clear_gain_on_the_feedback_items_relaxes_the_f1_margin_to_a_bounded_drop() -> None:
+    """A retrain that learns the reviewers' corrections may lose at most 0.002 macro F1 on the
+    original validation split; without the gain (or on too few items) the margin rule stands."""
+    champion = _gm(0.46, 200, "v-old", f1=0.990)
+    learned = evaluate_gates(_gm(0.95, 200, f1=0.9885), champion, CONFIG)
+    assert learned.promote
+    row = next(r for r in learned.rows if r["check"] == "macro_f1_vs_champion")
+    assert "feedback items +0.4900" in row["rule"] and row["threshold"] == pytest.approx(0.988)
+    too_much = evaluate_gates(_gm(0.95, 200, f1=0.9875), champion, CONFIG)
+    assert not too_much.promote
+    assert too_much.reasons == [
+        "macro F1 0.9875 is more than 0.002 below the champion's 0.9900 "
+        "(allowed because it gains 0.4900 on the held-out feedback items)"
+    ]
+    small_gain = evaluate_gates(_gm(0.465, 200, f1=0.9885), champion, CONFIG)
+    assert not small_gain.promote and "does not beat the champion's" in small_gain.reasons[0]
+    few = evaluate_gates(_gm(0.95, 10, f1=0.9885), _gm(0.46, 10, "v-old", f1=0.990), CONFIG)
+    assert not few.promote
+    strict = CONFIG.model_copy(update={"min_feedback_gain": None})
+    assert not evaluate_gates(_gm(0.95, 200, f1=0.9885), champion, strict).promote
+
+
 @pytest.mark.parametrize(
     ("challenger", "champion", "config"),
     [
