@@ -17,9 +17,16 @@ import numpy as np
 
 from zalando.errors import DataError, ModelError
 
-Runtime = Literal["auto", "onnx", "torch", "torch-bf16"]
-"""``auto`` lets the champion loader measure and pick; the others name one runtime."""
-RUNTIMES: tuple[Runtime, ...] = ("auto", "onnx", "torch", "torch-bf16")
+Runtime = Literal["auto", "onnx", "onnx-int8", "torch", "torch-bf16"]
+"""``auto`` lets the champion loader measure and pick; the others name one runtime.
+
+``onnx-int8`` runs the bundle's statically quantized graph (``model.int8.onnx``) in ONNX Runtime;
+``torch-bf16`` is torch under bfloat16 autocast. Both are reduced-precision runtimes: the champion
+loader uses them only where the bundle's validation check admitted them (:mod:`zalando.admission`).
+"""
+RUNTIMES: tuple[Runtime, ...] = ("auto", "onnx", "onnx-int8", "torch", "torch-bf16")
+REDUCED_PRECISION: tuple[Runtime, ...] = ("onnx-int8", "torch-bf16")
+ONNX_RUNTIMES: tuple[Runtime, ...] = ("onnx", "onnx-int8")  # torch-free: a worker never imports torch
 
 ONNX_INPUT = "pixels"
 ONNX_OUTPUTS = ("group_probs", "embedding")
@@ -86,10 +93,9 @@ class OnnxPredictor:
     (``parallelism``; the scoring engine hands it that many sub-batches at once) rather than one run
     split across threads: no intra-op synchronisation, and on our shared 2-core machines it measured
     1.2-1.7x faster. A call with more than ``batch_size`` images is run in chunks of ``batch_size``,
-    ``parallelism`` chunks at once.
+    ``parallelism`` chunks at once. ``runtime`` names the graph: ``onnx`` (fp32, ``model.onnx``) or
+    ``onnx-int8`` (``model.int8.onnx``); the session is the same.
     """
-
-    runtime = "onnx"
 
     def __init__(
         self,
@@ -99,8 +105,13 @@ class OnnxPredictor:
         batch_size: int = ONNX_BATCH,
         input_name: str = ONNX_INPUT,
         output_names: tuple[str, ...] = ONNX_OUTPUTS,
+        runtime: Runtime = "onnx",
     ) -> None:
         import onnxruntime as ort
+
+        if runtime not in ONNX_RUNTIMES:
+            raise ModelError(f"OnnxPredictor runs {', '.join(ONNX_RUNTIMES)}, not {runtime!r}")
+        self.runtime: str = runtime
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1

@@ -2,8 +2,11 @@
 
 Stored in the lake at ``models/<experiment>/<model_version>/`` as one committed partition:
 ``weights.pt`` (state_dict), ``bundle.json``, ``model.onnx`` (self-contained scoring graph) and
-``model_card.json``. :class:`ScoringModel` is the scoring graph: raw 0..255 pixels in, group
-probabilities and the penultimate embedding out.
+``model_card.json``; a bundle built with :class:`~zalando.admission.RuntimeCheckData` (as training
+builds it) also has ``model.int8.onnx`` (the graph quantized to int8) and, in its card, every
+runtime's grouped accuracy on validation and whether it is admitted to score.
+:class:`ScoringModel` is the scoring graph: raw 0..255 pixels in, group probabilities and the
+penultimate embedding out.
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import zalando
+from zalando.admission import CARD_KEY, RuntimeAdmission, RuntimeCheckData, admit_runtimes
 from zalando.errors import ModelError, NotCommittedError
 from zalando.labels import GROUP_NAMES, LABEL_NAMES, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
 from zalando.lake.keys import bundle_key
 from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
 from zalando.models.experiments import ExperimentSpec
+from zalando.quantize import INT8_ONNX_FILE, quantize_int8
 from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
-FILES = ("weights.pt", "bundle.json", "model.onnx", "model_card.json")
+FILES = ("weights.pt", "bundle.json", "model.onnx", "model_card.json")  # + INT8_ONNX_FILE when checked
 ONNX_ATOL = 1e-4
 ONNX_OPSET = 17
 
@@ -324,8 +329,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def bundle_files(bundle: ModelBundle) -> dict[str, bytes]:
-    """The four files of a bundle (ONNX exported and checked against torch)."""
+def bundle_files(bundle: ModelBundle, runtime_checks: RuntimeCheckData | None = None) -> dict[str, bytes]:
+    """The files of a bundle (ONNX exported and checked against torch).
+
+    With ``runtime_checks`` also ``model.int8.onnx`` (quantized here, calibrated on its training
+    images) and the card's runtime verdicts on its validation split (:func:`check_runtimes`).
+    """
     buf = io.BytesIO()
     torch.save({k: v.contiguous() for k, v in bundle.model.state_dict().items()}, buf)
     onnx_bytes = export_onnx(bundle)
@@ -335,18 +344,42 @@ def bundle_files(bundle: ModelBundle) -> dict[str, bytes]:
     card.setdefault("macs_per_image", count_macs(bundle.model))
     card["onnx_max_abs_diff_vs_torch"] = diff
     card["size_mb"] = {"torch": round(buf.tell() / 1e6, 3), "onnx": round(len(onnx_bytes) / 1e6, 3)}
+    files = {"weights.pt": buf.getvalue(), "model.onnx": onnx_bytes}
+    if runtime_checks is not None:
+        int8_bytes, admission = check_runtimes(bundle, onnx_bytes, runtime_checks)
+        files[INT8_ONNX_FILE] = int8_bytes
+        card["size_mb"]["onnx_int8"] = round(len(int8_bytes) / 1e6, 3)
+        card[CARD_KEY] = admission.model_dump(mode="json")
     bundle.card = card
-    return {
-        "weights.pt": buf.getvalue(),
-        "bundle.json": _json_bytes(_bundle_json(bundle)),
-        "model.onnx": onnx_bytes,
-        "model_card.json": _json_bytes(card),
-    }
+    files["bundle.json"] = _json_bytes(_bundle_json(bundle))
+    files["model_card.json"] = _json_bytes(card)
+    return files
 
 
-def save_bundle(lake: Any, bundle: ModelBundle, *, run_id: str | None = None) -> str:
-    """Commit the bundle to ``models/<experiment>/<model_version>/``; returns the key."""
-    files = bundle_files(bundle)
+def check_runtimes(
+    bundle: ModelBundle, onnx_bytes: bytes, data: RuntimeCheckData
+) -> tuple[bytes, RuntimeAdmission]:
+    """The int8 graph of ``onnx_bytes``, and every runtime of this machine judged on the validation split."""
+    from zalando.models import predictor  # it imports this module
+
+    int8_bytes = quantize_int8(onnx_bytes, data.x_calibration)
+    predictors = predictor.runtime_predictors(bundle, onnx_bytes, int8_bytes)
+    return int8_bytes, admit_runtimes(predictors, data.x_val, data.y_val)
+
+
+def save_bundle(
+    lake: Any,
+    bundle: ModelBundle,
+    *,
+    run_id: str | None = None,
+    runtime_checks: RuntimeCheckData | None = None,
+) -> str:
+    """Commit the bundle to ``models/<experiment>/<model_version>/``; returns the key.
+
+    ``runtime_checks`` (training passes them): also quantize to int8 and judge every runtime on
+    validation (see :func:`bundle_files`); without them the bundle has no reduced-precision verdicts.
+    """
+    files = bundle_files(bundle, runtime_checks)
     key = bundle.key
     lake.commit_files(
         key,
@@ -423,3 +456,20 @@ def _group_weights(value: Any, key: str) -> list[float] | None:
 def load_onnx_bytes(lake: Any, experiment: str, model_version: str) -> bytes:
     """The bundle's ``model.onnx`` (checksum-verified)."""
     return _read(lake, bundle_key(experiment, model_version), "model.onnx")
+
+
+def load_int8_onnx_bytes(lake: Any, experiment: str, model_version: str) -> bytes:
+    """The bundle's ``model.int8.onnx`` (checksum-verified); ModelError for a bundle built without it."""
+    key = bundle_key(experiment, model_version)
+    if INT8_ONNX_FILE not in _manifest_files(lake, key):
+        raise ModelError(
+            f"model bundle {lake.uri(key)} has no {INT8_ONNX_FILE} (built without runtime checks)"
+        )
+    return _read(lake, key, INT8_ONNX_FILE)
+
+
+def _manifest_files(lake: Any, key: str) -> dict[str, Any]:
+    try:
+        return dict(lake.read_manifest(key).get("files", {}))
+    except NotCommittedError:
+        raise ModelError(f"no committed model bundle at {lake.uri(key)}") from None

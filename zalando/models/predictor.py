@@ -83,10 +83,18 @@ def make_predictor(
     """ONNX Runtime when ``onnx_bytes`` are given (or ``runtime='onnx'``: exported now), else torch.
 
     The predictors are built as the champion loader builds them for production scoring.
-    ``torch-bf16`` is torch under bfloat16 autocast (only chosen when asked for by name here).
+    ``torch-bf16`` is torch under bfloat16 autocast, ``onnx-int8`` runs ``onnx_bytes`` as the int8
+    graph (the bundle's ``model.int8.onnx``: required, it is never quantized here). Both only when
+    asked for by name here; this does not check the bundle's validation verdicts (the loader does).
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; valid choices: {', '.join(RUNTIMES)}")
+    if runtime == "onnx-int8":
+        if onnx_bytes is None:
+            raise ConfigError(
+                "runtime 'onnx-int8' needs the bundle's model.int8.onnx bytes (load_int8_onnx_bytes)"
+            )
+        return OnnxPredictor(onnx_bytes, threads, runtime="onnx-int8")
     if runtime == "torch-bf16":
         return TorchPredictor(bundle, threads, precision="bf16")
     if runtime == "torch" or (runtime == "auto" and onnx_bytes is None):
@@ -96,3 +104,21 @@ def make_predictor(
 
         onnx_bytes = export_onnx(bundle)
     return OnnxPredictor(onnx_bytes, threads)
+
+
+def runtime_predictors(
+    bundle: ModelBundle, onnx_bytes: bytes, int8_bytes: bytes | None, *, threads: int | None = None
+) -> dict[str, Predictor]:
+    """Every runtime this machine can score ``bundle`` with: fp32 torch and ONNX, ONNX int8 (given its
+    graph) and torch bf16 (where the CPU multiplies bf16 natively). What a new bundle is checked with."""
+    from zalando.models.hardware import native_bf16
+
+    predictors: dict[str, Predictor] = {
+        "torch": TorchPredictor(bundle, threads),
+        "onnx": OnnxPredictor(onnx_bytes, threads),
+    }
+    if int8_bytes is not None:
+        predictors["onnx-int8"] = OnnxPredictor(int8_bytes, threads, runtime="onnx-int8")
+    if native_bf16("cpu"):
+        predictors["torch-bf16"] = TorchPredictor(bundle, threads, precision="bf16")
+    return predictors

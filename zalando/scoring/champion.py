@@ -5,8 +5,10 @@ bundle key. The bundle (``zalando.models.bundle``) is read checksum-verified and
 any image is scored: the pointer, ``bundle.json``, the registry record and the model card agree on
 the version, experiment and spec; the normalisation statistics are present, finite and equal to
 the dataset version's; the ONNX graph has the contract's inputs and outputs and gives the same
-probabilities as the torch weights. The chosen runtime is ONNX Runtime or torch, whichever is
-faster on a warm-up batch (``runtime="auto"``). Loaded predictors are cached per process, so a
+probabilities as the torch weights. The chosen runtime is the fastest on a warm-up batch of those
+the bundle admits (``runtime="auto"``): ONNX Runtime and torch in fp32, and the reduced-precision
+ones (``onnx-int8``, ``torch-bf16``) only where the bundle's card says they kept fp32's grouped
+accuracy on validation (:mod:`zalando.admission`). Loaded predictors are cached per process, so a
 worker scoring many shards builds its ONNX Runtime session once. They are
 :class:`zalando.runtime.OnnxPredictor` and :class:`zalando.models.predictor.TorchPredictor`, built with
 the settings evaluation uses to time the latency gate.
@@ -14,6 +16,7 @@ the settings evaluation uses to time the latency gate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,13 +27,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from zalando.admission import RuntimeAdmission, admission_of
 from zalando.errors import LakeError, ModelError, NotCommittedError, ZalandoError
 from zalando.lake import Lake
 from zalando.lake.keys import CHAMPION_KEY, bundle_key
+from zalando.quantize import INT8_ONNX_FILE, int8_source_sha256
 from zalando.registry import NoChampionError, get_champion, get_model, require_champion
 from zalando.runtime import (
     ONNX_INPUT,
     ONNX_OUTPUTS,
+    ONNX_RUNTIMES,
+    REDUCED_PRECISION,
     RUNTIMES,
     OnnxPredictor,
     Predictor,
@@ -44,8 +51,19 @@ log = logging.getLogger(__name__)
 Verify = Literal["auto", "full", "light"]
 WARMUP_IMAGES = 256
 STATS_RTOL = 1e-6
-# torch-bf16 may score only when its group probabilities stay this close to fp32 torch's (warm-up batch)
+# torch-bf16 may score only when its group probabilities stay this close to fp32 torch's (warm-up batch);
+# a guard on top of the validation verdict in the bundle's card (the only check for bundles without one)
 BF16_MAX_PROB_DIFF = 0.02
+
+
+@dataclass
+class _BundleFiles:
+    """What the loader reads of a committed bundle before it builds any runtime."""
+
+    meta: dict[str, Any]  # bundle.json
+    onnx_bytes: bytes
+    card: dict[str, Any]  # model_card.json ({} when the bundle has none)
+    files: set[str]  # the manifest's file names
 
 
 @dataclass
@@ -141,12 +159,17 @@ def load_champion_predictor(
     """The champion's (or ``model_version``'s) checked predictor, cached per process.
 
     ``runtime``: ``auto`` measures ONNX Runtime and torch on a warm-up batch once and keeps the
-    faster (torch alone when onnxruntime is not installed), adding torch under bfloat16 autocast
-    (``torch-bf16``) on CPUs with native bf16 when its probabilities agree with fp32 torch's to
-    ``BF16_MAX_PROB_DIFF``; ``onnx`` / ``torch`` / ``torch-bf16`` force one.
+    fastest (torch alone when onnxruntime is not installed), adding the reduced-precision runtimes
+    the bundle's card admits (grouped accuracy on validation within 0.05 points of fp32's):
+    ``onnx-int8`` (model.int8.onnx) and, on CPUs with native bf16, ``torch-bf16``, which must also
+    agree with fp32 torch to ``BF16_MAX_PROB_DIFF`` on the warm-up batch. A bundle whose card has no
+    verdicts (built before them) gets bf16 by that warm-up check alone and never int8.
+    ``onnx`` / ``onnx-int8`` / ``torch`` / ``torch-bf16`` force one; a reduced-precision runtime the
+    card does not admit is refused with a ModelError naming its accuracy and fp32's.
     ``verify``: ``full`` also rebuilds the torch model and checks that model.onnx gives the same
-    outputs as weights.pt; ``light`` checks checksums, bundle.json, statistics and the ONNX graph
-    without importing torch (600 MB less per worker); ``auto`` = full unless runtime is ``onnx``.
+    outputs as weights.pt; ``light`` checks checksums, bundle.json, statistics and the ONNX graphs
+    without importing torch (600 MB less per worker); ``auto`` = full unless the runtime is
+    ``onnx`` or ``onnx-int8``.
     ``threads``: cores to use (default: ZALANDO_TORCH_THREADS or all cores): concurrent single-threaded
     runs for ONNX Runtime, intra-op threads for torch.
     Raises :class:`ModelError` for a missing champion or a bundle that fails a check.
@@ -155,7 +178,7 @@ def load_champion_predictor(
         raise ModelError(f"unknown runtime {runtime!r}; valid choices: {', '.join(RUNTIMES)}")
     info = resolve_model(lake, model_version)
     n_threads = int(threads or default_threads())
-    full = verify == "full" or (verify == "auto" and runtime != "onnx")
+    full = verify == "full" or (verify == "auto" and runtime not in ONNX_RUNTIMES)
     cache_key = (lake.uri_root, info["model_version"], runtime, n_threads)
     if use_cache:
         with _CACHE_LOCK:
@@ -172,28 +195,30 @@ def load_champion_predictor(
 
 
 def choose_runtime(lake: Lake, model_version: str, threads: int | None = None) -> str:
-    """Measure once (fully verified) which runtime is faster for this model: 'onnx' or 'torch'."""
+    """Measure once (fully verified) which admitted runtime is fastest for this model (e.g. 'onnx')."""
     return load_champion_predictor(lake, "auto", model_version=model_version, threads=threads).runtime
 
 
 def _load_checked(
     lake: Lake, info: dict[str, Any], runtime: Runtime, threads: int, full: bool
 ) -> ChampionPredictor:
-    """Read and check the bundle, build the runtimes asked for, keep the fastest on the warm-up batch."""
+    """Read and check the bundle, build the runtimes asked for (and admitted), keep the fastest on the warm-up batch."""
     t0 = time.perf_counter()
     version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
     where = f"model bundle {lake.uri(key)}"
-    meta, onnx_bytes = _read_bundle(lake, where, info)
+    bundle_files = _read_bundle(lake, where, info)
+    meta, onnx_bytes = bundle_files.meta, bundle_files.onnx_bytes
     checks: dict[str, Any] = {"manifest_sha256": "ok", "verify": "full" if full else "light"}
     _check_meta(lake, where, meta, version, experiment, checks)
     onnx_io = meta.get("onnx") or {}
     input_name = str(onnx_io.get("input", ONNX_INPUT))
     output_names = tuple(onnx_io.get("outputs", ONNX_OUTPUTS))
     _check_onnx_graph(where, onnx_bytes, version, input_name, output_names)
+    admission = _admission(where, bundle_files, runtime, checks)
     has_ort = onnxruntime_available()
-    if runtime == "onnx" and not has_ort:
+    if runtime in ONNX_RUNTIMES and not has_ort:
         raise ModelError(
-            "runtime 'onnx' asked for, but onnxruntime is not installed (pip install onnxruntime)"
+            f"runtime {runtime!r} asked for, but onnxruntime is not installed (pip install onnxruntime)"
         )
     if runtime == "auto" and not has_ort:
         log.warning("onnxruntime is not installed: scoring with torch")
@@ -202,10 +227,16 @@ def _load_checked(
     if runtime in ("auto", "onnx"):
         onnx = OnnxPredictor(onnx_bytes, threads, input_name=input_name, output_names=output_names)
         candidates.append(("onnx", onnx))
+    if runtime == "onnx-int8" or (
+        runtime == "auto" and admission is not None and admission.admits("onnx-int8")
+    ):
+        int8 = _int8_predictor(lake, where, key, onnx_bytes, threads, input_name, output_names)
+        candidates.append(("onnx-int8", int8))
     macs = None
     if full or runtime in ("auto", "torch", "torch-bf16"):
+        bf16_admitted = admission is None or admission.admits("torch-bf16")
         torch_candidates, macs = _torch_candidates(
-            lake, where, info, onnx_bytes if has_ort else None, runtime, threads, checks
+            lake, where, info, onnx_bytes if has_ort else None, runtime, threads, checks, bf16_admitted
         )
         candidates += torch_candidates
     timings = _warm_up(where, candidates)
@@ -232,8 +263,8 @@ def _load_checked(
     )
 
 
-def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """bundle.json and model.onnx of a committed bundle, checksum-verified against its manifest."""
+def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> _BundleFiles:
+    """bundle.json, model.onnx and the model card of a committed bundle, checksum-verified against its manifest."""
     version, experiment, key = info["model_version"], info["experiment"], info["bundle_key"]
     expected_key = bundle_key(experiment, version)
     if key != expected_key:
@@ -242,6 +273,8 @@ def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> tuple[dict[str
         manifest = lake.read_manifest(key)
         meta = json.loads(lake.read_file(key, "bundle.json"))
         onnx_bytes = lake.read_file(key, "model.onnx")
+        files = set(manifest.get("files", {}))
+        card = json.loads(lake.read_file(key, "model_card.json")) if "model_card.json" in files else {}
     except NotCommittedError:
         raise ModelError(
             f"{where} is not committed (no _MANIFEST.json): re-train or promote another version"
@@ -251,10 +284,60 @@ def _read_bundle(lake: Lake, where: str, info: dict[str, Any]) -> tuple[dict[str
             raise
         # a checksum mismatch or a missing file
         raise ModelError(f"{where}: {e}; the bundle is corrupt or was changed after commit") from None
-    missing = [n for n in ("weights.pt", "bundle.json", "model.onnx") if n not in manifest.get("files", {})]
+    missing = [n for n in ("weights.pt", "bundle.json", "model.onnx") if n not in files]
     if missing:
         raise ModelError(f"{where}: files {missing} missing from its manifest")
-    return meta, onnx_bytes
+    return _BundleFiles(meta=meta, onnx_bytes=onnx_bytes, card=card, files=files)
+
+
+def _admission(
+    where: str, bundle_files: _BundleFiles, runtime: Runtime, checks: dict[str, Any]
+) -> RuntimeAdmission | None:
+    """The card's validation verdicts (None: built without them); refuses a reduced-precision runtime
+    asked for by name that they do not admit (int8 is refused too when there are none)."""
+    admission = admission_of(bundle_files.card, f"{where}: model_card.json")
+    if admission is None:
+        checks["runtime_admission"] = "none (bundle built without runtime checks)"
+        if runtime == "onnx-int8":
+            raise ModelError(
+                f"{where}: runtime onnx-int8 is not admitted for this model: it was built without runtime "
+                f"checks (no validation verdict, no {INT8_ONNX_FILE}); score with onnx or torch"
+            )
+        return None
+    checks["runtime_admission"] = {name: v.admitted for name, v in admission.runtimes.items()}
+    if runtime in REDUCED_PRECISION and not admission.admits(runtime):
+        raise ModelError(f"{where}: {admission.refusal(runtime)}")
+    if admission.admits("onnx-int8") and INT8_ONNX_FILE not in bundle_files.files:
+        raise ModelError(
+            f"{where}: its card admits onnx-int8 but {INT8_ONNX_FILE} is missing from its manifest"
+        )
+    return admission
+
+
+def _int8_predictor(
+    lake: Lake,
+    where: str,
+    key: str,
+    onnx_bytes: bytes,
+    threads: int,
+    input_name: str,
+    output_names: tuple[str, ...],
+) -> OnnxPredictor:
+    """The int8 graph (checksum-verified), checked to have the contract and to come from this model.onnx."""
+    try:
+        int8_bytes = lake.read_file(key, INT8_ONNX_FILE)
+    except LakeError as e:
+        if e.transient:
+            raise
+        raise ModelError(
+            f"{where}: {INT8_ONNX_FILE}: {e}; the bundle is corrupt or was changed after commit"
+        ) from None
+    _check_onnx_graph(where, int8_bytes, "", input_name, output_names, name=INT8_ONNX_FILE)
+    if int8_source_sha256(int8_bytes) != hashlib.sha256(onnx_bytes).hexdigest():
+        raise ModelError(f"{where}: {INT8_ONNX_FILE} was not quantized from this bundle's model.onnx")
+    return OnnxPredictor(
+        int8_bytes, threads, input_name=input_name, output_names=output_names, runtime="onnx-int8"
+    )
 
 
 def _torch_candidates(
@@ -265,9 +348,11 @@ def _torch_candidates(
     runtime: Runtime,
     threads: int,
     checks: dict[str, Any],
+    bf16_admitted: bool,
 ) -> tuple[list[tuple[str, Predictor]], Any]:
     """Rebuild the torch model (checking model.onnx against it when ``onnx_bytes`` are given) and the
-    torch runtimes asked for: fp32, and bf16 when asked for or (``auto``) native and in agreement.
+    torch runtimes asked for: fp32, and bf16 when asked for or (``auto``) native, admitted by the
+    card (``bf16_admitted``) and in agreement on the warm-up batch.
 
     Returns the candidates and the model card's MACs per image.
     """
@@ -294,7 +379,7 @@ def _torch_candidates(
     fp32 = TorchPredictor(bundle, threads=threads)
     if runtime in ("auto", "torch"):
         candidates.append(("torch", fp32))
-    if runtime == "torch-bf16" or (runtime == "auto" and _native_bf16()):
+    if runtime == "torch-bf16" or (runtime == "auto" and bf16_admitted and _native_bf16()):
         bf16 = _checked_bf16(where, bundle, fp32, threads, checks, required=runtime == "torch-bf16")
         if bf16 is not None:
             candidates.append(("torch-bf16", bf16))
@@ -402,25 +487,29 @@ def _check_meta(
 
 
 def _check_onnx_graph(
-    where: str, onnx_bytes: bytes, version: str, input_name: str, output_names: tuple[str, ...]
+    where: str,
+    onnx_bytes: bytes,
+    version: str,
+    input_name: str,
+    output_names: tuple[str, ...],
+    *,
+    name: str = "model.onnx",
 ) -> None:
     import onnx
 
     try:
         model = onnx.load_from_string(onnx_bytes)
     except Exception as e:  # noqa: BLE001 - protobuf raises several kinds
-        raise ModelError(f"{where}: model.onnx is not a valid ONNX model ({e.__class__.__name__})") from None
+        raise ModelError(f"{where}: {name} is not a valid ONNX model ({e.__class__.__name__})") from None
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     if input_name not in inputs or list(output_names) != outputs[: len(output_names)]:
         raise ModelError(
-            f"{where}: model.onnx has inputs {inputs} / outputs {outputs}, expected {input_name} -> {list(output_names)}"
+            f"{where}: {name} has inputs {inputs} / outputs {outputs}, expected {input_name} -> {list(output_names)}"
         )
     meta = {p.key: p.value for p in model.metadata_props}
-    if "model_version" in meta and meta["model_version"] != version:
-        raise ModelError(
-            f"{where}: model.onnx was exported for version {meta['model_version']}, not {version}"
-        )
+    if version and "model_version" in meta and meta["model_version"] != version:
+        raise ModelError(f"{where}: {name} was exported for version {meta['model_version']}, not {version}")
 
 
 def _warmup_images(n: int = WARMUP_IMAGES) -> np.ndarray:
