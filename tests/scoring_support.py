@@ -27,10 +27,13 @@ def make_champion(
     name: str = "tiny_cnn",
     promote: bool = True,
     prepare: Callable[[Any], None] | None = None,
+    runtime_checks: Any = None,
 ) -> str:
     """Save, register and promote a tiny random-weight fashion_cnn bundle; returns its model version.
 
-    ``prepare`` changes the model (a torch module, in eval mode) before it is saved."""
+    ``prepare`` changes the model (a torch module, in eval mode) before it is saved;
+    ``runtime_checks`` (a :class:`zalando.admission.RuntimeCheckData`) builds it as training does:
+    with model.int8.onnx and the runtimes' verdicts on validation."""
     import torch
 
     from zalando import registry
@@ -49,7 +52,7 @@ def make_champion(
     bundle = ModelBundle(
         spec=spec, model=model, mean=0.286, std=0.353, model_version=version, dataset_version="dv-test"
     )
-    key = save_bundle(lake, bundle)
+    key = save_bundle(lake, bundle, runtime_checks=runtime_checks)
     registry.register_model(
         lake,
         model_version=version,

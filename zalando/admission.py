@@ -101,13 +101,15 @@ def admit_runtimes(
     y_val: np.ndarray,
     *,
     reference: str = REFERENCE_RUNTIME,
-    max_drop: float = MAX_ACCURACY_DROP,
+    max_drop: float | None = None,
 ) -> RuntimeAdmission:
-    """Score the validation split with every runtime; admit reduced precision within ``max_drop`` of ``reference``.
+    """Score the validation split with every runtime; admit reduced precision within ``max_drop``
+    (default :data:`MAX_ACCURACY_DROP`) of ``reference``'s grouped accuracy.
 
     fp32 runtimes other than the reference are recorded too and always admitted (ONNX fp32 is
     checked against torch to 1e-4 when the bundle is built).
     """
+    max_drop = MAX_ACCURACY_DROP if max_drop is None else float(max_drop)
     if reference not in predictors:
         raise ModelError(f"runtime checks need the reference runtime {reference!r}")
     if len(x_val) == 0:

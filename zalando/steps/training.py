@@ -184,9 +184,13 @@ def train_model(
 ) -> TrainedModel:
     """Train the planned spec on a dataset version, calibrate it, save its bundle and drift reference.
 
+    The bundle gets its int8 graph and the verdicts of its reduced-precision runtimes on validation
+    (:mod:`zalando.admission`): what the champion loader may score with.
+
     A killed run resumes from its last epoch checkpoint in the work folder (the training engine
     checks the checkpoint matches the spec, seed and data); the checkpoints go once the bundle is in.
     """
+    from zalando.admission import RuntimeCheckData
     from zalando.energy import measure_energy
     from zalando.models.bundle import build_bundle, save_bundle
     from zalando.steps.feedback import load_training_arrays  # issue 15: feedback labels
@@ -221,7 +225,9 @@ def train_model(
         temperature=temperature,
         extra_card={"energy_train": energy, "run_id": run_id},
     )
-    key = save_bundle(lake, bundle, run_id=run_id)
+    # model.int8.onnx (calibrated on training images) and every runtime's verdict on validation
+    checks = RuntimeCheckData.from_training(data, seed=settings.seed)
+    key = save_bundle(lake, bundle, run_id=run_id, runtime_checks=checks)
     shutil.rmtree(
         checkpoint_dir, ignore_errors=True
     )  # the bundle is committed: the checkpoints are done with
