@@ -161,6 +161,46 @@ def test_demo_batch_on_s3_and_identical_rows_through_dask(
     assert _without_time(dask_rows).equals(_without_time(local))
 
 
+def test_an_admitted_int8_champion_scores_the_demo_batch_on_s3_and_its_worker_is_torch_free(
+    s3_lake: Lake, cat: LakeCatalog, s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A champion built as training builds it (model.int8.onnx, verdicts on validation) scores with
+    onnx-int8: planned, committed, and loaded from S3 by a worker that never imports torch."""
+    import torch
+
+    from zalando import admission
+    from zalando.admission import RuntimeCheckData
+
+    torch.set_num_threads(1)
+    clear_predictor_cache()
+    monkeypatch.setattr(admission, "MAX_ACCURACY_DROP", 1.0)  # a random-weight model: int8 admitted for sure
+    x = read_idx_images(str(MINI_DIR / "train-images-idx3-ubyte.gz"))
+    y = read_idx_labels(str(MINI_DIR / "train-labels-idx1-ubyte.gz"))
+    checks = RuntimeCheckData.from_training({"x_train": x[:1000], "x_val": x[1000:], "y_val": y[1000:]})
+    version = make_champion(s3_lake, runtime_checks=checks)
+    n = _ingest_mini_test(s3_lake)
+    r = score_batch(cat, find_demo_batch(s3_lake), batch_date="2026-05-06", runtime="onnx-int8", threads=1)
+    assert (r.model_version, r.records, r.scored, r.quarantined) == (version, n, n, 0)
+    row = batch_record(cat, r.batch_id, version)
+    assert row is not None and row["runtimes"] == "onnx-int8"
+    assert batch_predictions(cat, r.batch_id).num_rows == n
+
+    code = (
+        "import sys; from zalando.lake.catalog import open_catalog; from zalando.settings import load_settings\n"
+        "from zalando.scoring import load_champion_predictor\n"
+        "p = load_champion_predictor(open_catalog(load_settings()).lake, 'onnx-int8', threads=1)\n"
+        "assert (p.runtime, p.checks['verify']) == ('onnx-int8', 'light'), p.checks\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(p.model_version)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(s3_settings), capture_output=True, text=True,
+        timeout=180, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == version
+
+
 def test_bad_inputs_on_s3_reconcile(scored_lake: tuple[Lake, str], cat: LakeCatalog) -> None:
     lake, version = scored_lake
     imgs = mnist_like(8, seed=5)
