@@ -238,6 +238,7 @@ def test_an_admitted_int8_runtime_is_measured_and_scores_torch_free(
     auto = load_champion_predictor(lake, "auto", threads=1)
     assert {"onnx", "torch", "onnx-int8"} <= set(auto.timings)
     assert auto.runtime == min(auto.timings, key=auto.timings.__getitem__)  # picked by timing, as ever
+    clear_predictor_cache()  # (auto's choice is cached under its runtime's name too)
     int8 = load_champion_predictor(lake, "onnx-int8", threads=1)
     assert (int8.runtime, int8.checks["verify"]) == ("onnx-int8", "light")
     p8, _ = int8.predict(mini["x_val"][:64])
