@@ -2,8 +2,10 @@
 
 The benchmark champion is the built-in ``fashion_cnn`` experiment (the custom CNN the ``cpu``
 profile trains), quick-trained on a few thousand Fashion-MNIST training images for one epoch:
-scoring speed depends on the architecture, not on accuracy. It is trained once and cached in
-``.zalando/bench/champion-lake`` (a file lake); each run copies it into the S3 lake and promotes it.
+scoring speed depends on the architecture, not on accuracy. It is built as training builds bundles
+(with ``model.int8.onnx`` and the runtimes' verdicts on its validation images), trained once and
+cached in ``.zalando/bench/champion-lake`` (a file lake); each run copies it into the S3 lake and
+promotes it.
 ``--use-champion`` scores with the lake's own champion instead (a real trained one).
 """
 
@@ -78,6 +80,7 @@ def put_test_split(lake: Lake) -> int:
 def _train_bench_champion(cache: Lake) -> str:
     import torch
 
+    from zalando.admission import RuntimeCheckData
     from zalando.data.idx import read_idx_images, read_idx_labels
     from zalando.models.bundle import build_bundle, save_bundle
     from zalando.models.experiments import get_experiment, get_profile
@@ -94,7 +97,7 @@ def _train_bench_champion(cache: Lake) -> str:
     log.info("quick-training the benchmark champion (fashion_cnn, 4,000 images, 1 epoch)")
     result = train_experiment(spec, profile, data, mean, std, seed=0, threads=2)
     bundle = build_bundle(result, mean=mean, std=std, dataset_version="bench-fashion-mnist")
-    save_bundle(cache, bundle)
+    save_bundle(cache, bundle, runtime_checks=RuntimeCheckData.from_training(data))  # as training does
     return bundle.model_version
 
 
@@ -102,8 +105,11 @@ def _loads_with_this_code(cache: Lake, key: str) -> bool:
     from zalando.errors import ZalandoError
     from zalando.models.bundle import load_bundle
     from zalando.models.experiments import get_experiment
+    from zalando.quantize import INT8_ONNX_FILE
 
     _, experiment, version = key.split("/")
+    if INT8_ONNX_FILE not in cache.read_manifest(key)["files"]:
+        return False  # built before bundles had an int8 graph and runtime verdicts
     try:
         bundle = load_bundle(cache, experiment, version)
     except ZalandoError:
@@ -188,7 +194,11 @@ def onnx_flops_per_image(onnx_bytes: bytes) -> int:
 
 def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0, dtype: str = "fp32") -> float:
     """Best GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch's BLAS / oneDNN), best of
-    repeats; ``dtype='bf16'`` multiplies bfloat16 (AMX where the CPU has it)."""
+    repeats; ``dtype='bf16'`` multiplies bfloat16 (AMX where the CPU has it); ``dtype='int8'`` is
+    ONNX Runtime's MatMulInteger, uint8 x int8 (the kernels the onnx-int8 runtime runs on; VNNI / AMX
+    where the CPU has them), in GOP/s."""
+    if dtype == "int8":
+        return _int8_matmul_peak_gops(threads, n, seconds)
     import torch
 
     old = torch.get_num_threads()
@@ -205,6 +215,39 @@ def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0, dt
         return best
     finally:
         torch.set_num_threads(old)
+
+
+def _int8_matmul_peak_gops(threads: int, n: int, seconds: float) -> float:
+    """Best GOP/s of an n x n uint8 x int8 -> int32 MatMulInteger in ONNX Runtime on ``threads`` threads."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+        "int8_peak",
+        [
+            helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n]),
+            helper.make_tensor_value_info("B", TensorProto.INT8, [n, n]),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {
+        "A": rng.integers(0, 256, (n, n), dtype=np.uint8),
+        "B": rng.integers(-128, 128, (n, n), dtype=np.int8),
+    }
+    session.run(None, feed)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        session.run(None, feed)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def peak_rss_mb() -> float:
