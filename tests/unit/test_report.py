@@ -293,3 +293,12 @@ def test_how_each_model_decides_names_the_experiment_of_a_real_model_card() -> N
     card = build_bundle(result, mean=0.3, std=0.35, dataset_version="dv", model_version="v9").card
     row = rp.models_display([card]).iloc[0]
     assert row["Experiment"] == "fashion_cnn_wide" and row["Model version"] == "v9"
+    assert row["Reduced precision (validation)"] == "not checked"  # saved without runtime checks
+    verdict = {"val_group_acc": 0.98, "admitted": True}
+    card["runtime_admission"] = {
+        "reference": "torch", "max_drop_points": 0.05, "val_images": 10,
+        "runtimes": {"torch": {**verdict, "diff_points": 0.0}, "onnx-int8": {**verdict, "diff_points": -0.02},
+                     "torch-bf16": {"val_group_acc": 0.9, "diff_points": -8.0, "admitted": False}},
+    }  # fmt: skip
+    row = rp.models_display([card]).iloc[0]
+    assert row["Reduced precision (validation)"] == "onnx-int8 -0.02 pts, torch-bf16 -8.00 pts (not admitted)"
