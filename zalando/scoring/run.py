@@ -243,8 +243,9 @@ def run_shard(
 
     This is the whole body of a Prefect ``score_shard`` task or a Dask ``client.map`` function.
     ``settings`` default: :func:`zalando.settings.load_settings` (the environment). ``runtime``:
-    pass ``plan.runtime``; with ``onnx`` the worker never imports torch (light checks: checksums,
-    metadata, statistics, graph; the full ONNX-vs-weights check ran once in :func:`prepare_batch`).
+    pass ``plan.runtime``; with ``onnx`` or ``onnx-int8`` the worker never imports torch (light checks:
+    checksums, metadata, statistics, graphs; the full ONNX-vs-weights check ran once in
+    :func:`prepare_batch`).
     """
     if lake is None:
         if settings is None:
