@@ -51,6 +51,7 @@ class _CliConsole(Console):
         Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
 
+log = logging.getLogger(__name__)
 console = _CliConsole()
 err_console = Console(stderr=True)
 
@@ -220,18 +221,33 @@ def eda(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 
 
 # --------------------------------------------------------------------------- pipelines (Prefect flows)
-def _flow_env(settings: Any) -> None:
-    """Prefect settings for a CLI run: no telemetry; a temporary server unless PREFECT_API_URL is set."""
+def _flow_env(settings: Any) -> str:
+    """Prefect settings for a CLI run: no telemetry; the server PREFECT_API_URL names, else the local
+    stack's of this work folder when `make up` runs it, else a temporary server (8-18 s to start).
+
+    Must run before prefect is imported. Returns which API the flows use, for the one log line the
+    command writes before its flow runs.
+    """
     import os
+
+    from zalando.local_stack import prefect_home, running_prefect
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server migrates a fresh database first: 20 s (the default) is not enough on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    if not os.environ.get("PREFECT_API_URL"):
-        # the same home as `make up`: its UI shows these runs
-        home = Path(settings.work_dir).resolve() / "prefect"
-        home.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("PREFECT_HOME", str(home))
+    if os.environ.get("PREFECT_API_URL"):
+        return f"{os.environ['PREFECT_API_URL']} (PREFECT_API_URL)"
+    work_dir = Path(settings.work_dir).resolve()
+    stack = running_prefect(work_dir)
+    if stack is not None:
+        os.environ["PREFECT_API_URL"] = stack.api_url
+        os.environ.setdefault("PREFECT_HOME", str(stack.home))
+        return f"{stack.api_url} (the local stack's server)"
+    # the same home as `make up`: its UI shows these runs
+    home = prefect_home(work_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    return "a temporary server, started for this command (no local stack runs; `make up` starts one)"
 
 
 @app.command()
@@ -251,10 +267,11 @@ def run(
     setup_logging(verbose)
     _check_runner(runner, dask_address)
     settings = settings_from(profile=profile)
-    _flow_env(settings)
+    prefect_api = _flow_env(settings)
     from flows.nightly import nightly
 
     t0 = time.perf_counter()
+    log.info("Prefect API: %s", prefect_api)
     with lake_session(settings):  # one S3 server for the whole run (the flows reuse it)
         result = nightly(
             profile=settings.profile,
@@ -297,9 +314,10 @@ def train(
     catalog = load_catalog(settings.experiments_file)
     for name in experiments or []:
         catalog.resolved(name, settings.profile)  # unknown names fail here, listing the valid ones
-    _flow_env(settings)
+    prefect_api = _flow_env(settings)
     from flows.training import training
 
+    log.info("Prefect API: %s", prefect_api)
     with lake_session(settings):
         result = training(
             profile=settings.profile,
@@ -546,16 +564,19 @@ def score(
     if (date_from is None) != (date_to is None):
         fail("--from and --to go together")
     settings = settings_from()
-    _flow_env(settings)
+    prefect_api = _flow_env(settings)
     if catalog:
         if batch_uri or date_from or dask_address or runner != "local" or shadow:
             fail(
                 "--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner, --dask-address or --shadow"
             )
-        _score_catalogue(settings, country, full, batch_date, model_version, workers, allow_empty)
+        _score_catalogue(
+            settings, prefect_api, country, full, batch_date, model_version, workers, allow_empty
+        )
         return
     if country != "us" or full:
         fail("--country and --full go with --catalog")
+    log.info("Prefect API: %s", prefect_api)
     with lake_session(settings) as lake:
         kw = dict(
             runner=runner,
@@ -603,6 +624,7 @@ def score(
 
 def _score_catalogue(
     settings: Any,
+    prefect_api: str,
     country: str,
     full: bool,
     batch_date: str | None,
@@ -620,6 +642,7 @@ def _score_catalogue(
     code = normalize_country(country)
     with lake_session(settings) as lake, embedded_postgres(settings):
         version = check_catalogue_for_scoring(settings, lake, model_version, allow_empty)
+        log.info("Prefect API: %s", prefect_api)
         summary = catalogue_scoring(
             country=code,
             full=full,
