@@ -92,7 +92,7 @@ def running_pid(work_dir: Path, name: str) -> int | None:
     return None
 
 
-def health_ok(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when ``url`` answers 200 within ``timeout`` seconds."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -122,7 +122,7 @@ def running_prefect(work_dir: Path, timeout: float = HEALTH_TIMEOUT_S) -> StackP
         log.debug("stack.json in %s names a Prefect server that is not running", state_dir(work_dir))
         return None
     url = api_url(port)
-    if not health_ok(f"{url}/health", timeout):
+    if not http_ok(f"{url}/health", timeout):
         log.debug("the stack's Prefect server %s does not answer /health within %.1fs", url, timeout)
         return None
     return StackPrefect(api_url=url, home=prefect_home(work_dir))
