@@ -1126,14 +1126,52 @@ app.command("ui")(ui)
 app.add_typer(labels_app, name="labels")
 
 
+def _exit_status(code: Any) -> int:
+    """The process status Python gives ``SystemExit(code)``: None is 0, an int itself, else 1 (the
+    interpreter has printed the message by then)."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def _exit_without_teardown(status: list[int | None]) -> None:
+    """The command's last exit handler: end the process with its status, skipping the interpreter's
+    teardown (freeing every module of torch, Prefect, pyiceberg, scipy: 0.5 s on free cores, 3 s on
+    busy ones) that changes nothing outside the process.
+
+    It runs after the exit handlers registered after it (Prefect stops its temporary server and drains
+    its log and event workers, pyarrow finalizes S3, weakref finalizers remove temporary folders);
+    non-daemon threads were joined before any of them. Of the handlers registered before it
+    (`main` registers it first) only logging's exists, so it shuts logging down itself. When an
+    exception other than SystemExit ended the command, ``status`` holds None: the normal exit.
+    """
+    import os
+
+    if status[0] is None:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush
+            stream.flush()
+    os._exit(status[0])
+
+
 def main() -> None:  # pragma: no cover - console entry point
+    import atexit
     import os
 
     # OpenMP threads spin at most 10k iterations before sleeping. Unbounded spinning collapses when
     # the 2 cores are shared (the S3 server, Prefect, another job); never spinning (PASSIVE) trains
     # 40% slower on free cores. Must precede torch's import; an explicit setting wins.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    app()
+    status: list[int | None] = [None]
+    atexit.register(_exit_without_teardown, status)  # first registered, so the last to run
+    try:
+        app()
+    except SystemExit as e:
+        status[0] = _exit_status(e.code)
+        raise
+    status[0] = 0
 
 
 if __name__ == "__main__":  # pragma: no cover
