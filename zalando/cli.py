@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import sys
 import time
@@ -221,9 +222,21 @@ def eda(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 
 
 # --------------------------------------------------------------------------- pipelines (Prefect flows)
+# The command's own flow runs send no heartbeat events. Prefect 3.9 joins a flow run's heartbeat thread
+# when the run ends, and that thread sleeps in 1-second steps: 0-1 s lost per flow run (two in a
+# `zalando score`, five in a `zalando run`). Heartbeats only feed zombie-run automations, and
+# prefect.yaml has none; the worker's deployment runs keep them. Any of these variables set wins.
+HEARTBEAT_SETTINGS = (
+    "PREFECT_FLOWS",
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+    "PREFECT_RUNNER_HEARTBEAT_FREQUENCY",
+)
+
+
 def _flow_env(settings: Any) -> str:
-    """Prefect settings for a CLI run: no telemetry; the server PREFECT_API_URL names, else the local
-    stack's of this work folder when `make up` runs it, else a temporary server (8-18 s to start).
+    """Prefect settings for a CLI run: no telemetry, no flow-run heartbeats (HEARTBEAT_SETTINGS); the
+    server PREFECT_API_URL names, else the local stack's of this work folder when `make up` runs it,
+    else a temporary server (8-18 s to start).
 
     Must run before prefect is imported. Returns which API the flows use, for the one log line the
     command writes before its flow runs.
@@ -235,6 +248,8 @@ def _flow_env(settings: Any) -> str:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server migrates a fresh database first: 20 s (the default) is not enough on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if not any(name in os.environ for name in HEARTBEAT_SETTINGS):
+        os.environ["PREFECT_FLOWS"] = json.dumps({"heartbeat_frequency": None})
     if os.environ.get("PREFECT_API_URL"):
         return f"{os.environ['PREFECT_API_URL']} (PREFECT_API_URL)"
     work_dir = Path(settings.work_dir).resolve()

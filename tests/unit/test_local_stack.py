@@ -55,6 +55,7 @@ PREFECT_ENV = (
     "PREFECT_HOME",
     "PREFECT_SERVER_ANALYTICS_ENABLED",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+    *cli.HEARTBEAT_SETTINGS,
 )
 
 
@@ -137,6 +138,19 @@ def test_without_a_stack_a_temporary_server_keeps_the_work_folder_home(
     assert os.environ["PREFECT_HOME"] == str((tmp_path / "work" / "prefect").resolve())
     assert (tmp_path / "work" / "prefect").is_dir()
     assert said.startswith("a temporary server")
+
+
+def test_the_commands_flow_runs_send_no_heartbeats_unless_configured(
+    tmp_path: Path, clean_prefect_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import Settings as PrefectSettings
+
+    cli._flow_env(Settings(work_dir=tmp_path))
+    assert PrefectSettings().flows.heartbeat_frequency is None  # no thread to join at each run's end
+    monkeypatch.delenv("PREFECT_FLOWS")
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    cli._flow_env(Settings(work_dir=tmp_path))
+    assert "PREFECT_FLOWS" not in os.environ and PrefectSettings().flows.heartbeat_frequency == 60
 
 
 def test_a_stack_json_whose_server_died_is_ignored(tmp_path: Path, clean_prefect_env: None) -> None:
