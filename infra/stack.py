@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from zalando import local_stack  # noqa: E402
+from zalando.local_stack import PREFECT_SERVER, http_ok  # noqa: E402
 from zalando.s3server import pid_alive  # noqa: E402
 
 POOL = "zalando"
@@ -42,21 +43,6 @@ WORKER_TIMEOUT_S = 90.0
 
 class StackError(RuntimeError):
     """A component could not be started or stopped; the message says which and why."""
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
-    except (OSError, ValueError, urllib.error.URLError):
-        return False
 
 
 @dataclass
@@ -79,15 +65,15 @@ class Stack:
     # ------------------------------------------------------------------ paths and environment
     @property
     def state_dir(self) -> Path:
-        return self.work_dir / "stack"
+        return local_stack.state_dir(self.work_dir)
 
     @property
     def prefect_home(self) -> Path:
-        return self.work_dir / "prefect"
+        return local_stack.prefect_home(self.work_dir)
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.prefect_port}/api"
+        return local_stack.api_url(self.prefect_port)
 
     @property
     def ui_url(self) -> str:
@@ -123,33 +109,21 @@ class Stack:
 
     # ------------------------------------------------------------------ bookkeeping
     def _pid_file(self, name: str) -> Path:
-        return self.state_dir / f"{name}.pid"
+        return local_stack.pid_file(self.work_dir, name)
 
     def _log_file(self, name: str) -> Path:
         return self.state_dir / f"{name}.log"
 
-    def _read_pid(self, name: str) -> int | None:
-        try:
-            return int(json.loads(self._pid_file(name).read_text())["pid"])
-        except (OSError, ValueError, KeyError):
-            return None
-
     def _running(self, name: str) -> int | None:
         """PID of our process `name` when it is alive and still the program we started."""
-        pid = self._read_pid(name)
-        if pid is not None and pid_alive(pid) and "prefect" in _cmdline(pid):
-            return pid
-        return None
+        return local_stack.running_pid(self.work_dir, name)
 
     def _load_started(self) -> list[str]:
-        try:
-            return list(json.loads((self.state_dir / "stack.json").read_text())["started"])
-        except (OSError, ValueError, KeyError):
-            return []
+        return local_stack.read_started(self.work_dir)
 
     def _save_started(self, started: list[str]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "stack.json").write_text(json.dumps({"started": started}, indent=2))
+        local_stack.stack_file(self.work_dir).write_text(json.dumps({"started": started}, indent=2))
 
     def _spawn(self, name: str, args: list[str]) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -210,17 +184,17 @@ class Stack:
         return server_for(self.settings()).stop()
 
     def start_server(self) -> bool:
-        if self._running("prefect-server"):
+        if self._running(PREFECT_SERVER):
             self._wait_server()
             return False
-        if _http_ok(f"{self.api_url}/health") or not _port_free(self.prefect_port):
+        if http_ok(f"{self.api_url}/health") or not _port_free(self.prefect_port):
             raise StackError(
                 f"Prefect server: port {self.prefect_port} is already used by another program; "
                 "set ZALANDO_PREFECT_PORT to a free port"
             )
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         self._spawn(
-            "prefect-server",
+            PREFECT_SERVER,
             [*self._prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)],
         )
         self._wait_server()
@@ -229,14 +203,14 @@ class Stack:
     def _wait_server(self) -> None:
         deadline = time.monotonic() + SERVER_TIMEOUT_S
         while time.monotonic() < deadline:
-            if _http_ok(f"{self.api_url}/health"):
+            if http_ok(f"{self.api_url}/health"):
                 return
-            if self._running("prefect-server") is None:
-                raise StackError(f"Prefect server exited at start: {self._log_tail('prefect-server')}")
+            if self._running(PREFECT_SERVER) is None:
+                raise StackError(f"Prefect server exited at start: {self._log_tail(PREFECT_SERVER)}")
             time.sleep(0.5)
         raise StackError(
             f"Prefect server did not answer on {self.api_url} within {SERVER_TIMEOUT_S:.0f}s; "
-            f"see {self._log_file('prefect-server')}"
+            f"see {self._log_file(PREFECT_SERVER)}"
         )
 
     def start_worker(self) -> bool:
@@ -286,7 +260,7 @@ class Stack:
     # ------------------------------------------------------------------ commands
     def up(self) -> None:
         started = self._load_started()
-        steps = [("s3", self.start_s3), ("prefect-server", self.start_server), ("worker", self.start_worker)]
+        steps = [("s3", self.start_s3), (PREFECT_SERVER, self.start_server), ("worker", self.start_worker)]
         for name, start in steps:
             if start() and name not in started:
                 started.append(name)
@@ -297,7 +271,7 @@ class Stack:
 
     def down(self) -> None:
         started = self._load_started()
-        for name in ("worker", "prefect-server", "s3"):
+        for name in ("worker", PREFECT_SERVER, "s3"):
             if name not in started:
                 continue
             stopped = self.stop_s3() if name == "s3" else self._stop(name)
@@ -305,15 +279,15 @@ class Stack:
             started.remove(name)
             self._save_started(started)
         if not started:
-            (self.state_dir / "stack.json").unlink(missing_ok=True)
+            local_stack.stack_file(self.work_dir).unlink(missing_ok=True)
 
     def status(self) -> int:
         from zalando.s3server import server_for
 
         settings = self.settings()
         s3 = server_for(settings).status() if settings.embedded_s3 else f"external {settings.s3_endpoint}"
-        server = "running" if self._running("prefect-server") else "stopped"
-        if server == "running" and not _http_ok(f"{self.api_url}/health"):
+        server = "running" if self._running(PREFECT_SERVER) else "stopped"
+        if server == "running" and not http_ok(f"{self.api_url}/health"):
             server = "starting"
         worker = "running" if self._running("worker") else "stopped"
         print(f"s3:             {s3}")
@@ -328,10 +302,10 @@ class Stack:
         return rc
 
     def deploy(self) -> None:
-        if not _http_ok(f"{self.api_url}/health"):
+        if not http_ok(f"{self.api_url}/health"):
             raise StackError(f"no Prefect server answers on {self.api_url}; run `make up` first")
         for pool in (POOL, GPU_POOL):  # GPU_POOL: for workers on CUDA machines (none started here)
-            if not _http_ok(f"{self.api_url}/work_pools/{pool}"):
+            if not http_ok(f"{self.api_url}/work_pools/{pool}"):
                 self.run_cli("work-pool", "create", pool, "--type", "process")
         env = self.prefect_env()
         # Leave ZALANDO_HOME unresolved in the pull step: the worker's own value is used at run time,
