@@ -487,6 +487,7 @@ def _score_one(
     dask_address: str | None,
     allow_empty: bool = False,
     shadow: bool = False,
+    prefect_api: str | None = None,
 ) -> dict[str, Any]:
     import threading
 
@@ -504,6 +505,8 @@ def _score_one(
     total = describe_batch(
         lake, location, batch_date=bdate, hash_inputs=False, allow_empty=allow_empty
     ).records
+    if prefect_api:  # after the input checks: bad input stays one line
+        log.info("Prefect API: %s", prefect_api)
     stop = threading.Event()
     watcher = threading.Thread(
         target=_watch_shards,
@@ -591,9 +594,9 @@ def score(
         return
     if country != "us" or full:
         fail("--country and --full go with --catalog")
-    log.info("Prefect API: %s", prefect_api)
     with lake_session(settings) as lake:
         kw = dict(
+            prefect_api=prefect_api,
             runner=runner,
             shard_size=shard_size,
             workers=workers,
