@@ -10,7 +10,9 @@ and automations of ``prefect.yaml``, and stops everything it started at the end.
    ``../shared/data/fashion-mnist``; quick: the mini set, a smoke run).
 1. `batch_scoring/score` scores a drifted batch: test images 0-4999 inverted (255 - pixels).
 2. Its drift alarm fires (the statistics are printed) and the review queue holds its images.
-3. ``zalando labels import`` (the real CLI) records the first N items of that queue, most doubtful
+3. ``zalando labels import`` (the real CLI) records the first N items the reviewers see: on a drifted
+   batch the desk's audit sample (every image in a fixed random order: confidence is what drift
+   breaks), otherwise the review queue, most doubtful
    first, with the test split's known groups standing in for reviewers; the labelled KPIs run.
 4. The drift and/or KPI alarm's automation creates `retrain` runs on the server; one runs (the
    others, the same retrain, are cancelled), on a new dataset version (dsf-...), and the gates decide.
@@ -346,7 +348,8 @@ class Loop:
         return bid
 
     # -- step 3
-    def label(self, bid: str, truth: dict[str, int]) -> int:
+    def _doubtful_first(self, bid: str) -> list[str]:
+        """The review queue, most doubtful first, topped up from the batch by confidence."""
         queue = self.store.prediction_rows(bid, needs_review_only=True).column("image_id").to_pylist()
         from_queue = min(len(queue), self.args.labels)
         if len(queue) < self.args.labels:  # a short queue: the batch's other items, most doubtful first
@@ -355,14 +358,25 @@ class Loop:
             seen = set(queue)
             queue += [i for i in rest if i not in seen]
         picked = queue[: self.args.labels]
+        more = len(picked) - from_queue
         say(
             f"   labelling {len(picked)} items: {from_queue} from the review queue (most doubtful first)"
-            + (
-                f", {len(picked) - from_queue} more of the batch by confidence"
-                if len(picked) > from_queue
-                else ""
-            )
+            + (f", {more} more of the batch by confidence" if more else "")
         )
+        return picked
+
+    def label(self, bid: str, truth: dict[str, int], *, drifted: bool) -> int:
+        if drifted:  # the desk's advice on a drifted batch: its confidence can't be trusted, so the
+            # reviewers work through the audit sample (every image, a fixed random order)
+            rows = self.store.prediction_rows(bid, needs_review_only=False, order="audit")
+            picked = rows.column("image_id").to_pylist()[: self.args.labels]
+            in_queue = sum(rows.column("needs_review").to_pylist()[: self.args.labels])
+            say(
+                f"   labelling {len(picked)} items of the audit sample (drift alarm: a fair sample of the "
+                f"batch; {in_queue} of them are in the review queue)"
+            )
+        else:
+            picked = self._doubtful_first(bid)
         csv = Path(self.env["ZALANDO_WORK_DIR"]) / f"labels-{bid}.csv"
         csv.write_text(
             "image_id,batch_id,label,reviewer\n"
@@ -529,7 +543,7 @@ def main() -> int:
             decided = last_decision_id(loop.lake)
             since = datetime.now(UTC)
             bid = loop.drifted_batch()
-            loop.label(bid, truth)
+            loop.label(bid, truth, drifted=bool(loop.store.batch(bid).alarms))
             state = loop.retrain_on_feedback(since)
             new, challenger = loop.gates(decided, old) if state == "COMPLETED" else (old, None)
             loop.compare(old, new, truth)

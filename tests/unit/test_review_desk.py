@@ -385,3 +385,36 @@ def test_ui_links_and_sparklines() -> None:
         and "stroke-dasharray" in svg
     )
     assert "no data" in str(sparkline_svg([None, None]))
+
+
+def test_the_audit_sample_is_a_fixed_random_order_of_every_image(tmp_path: Path) -> None:
+    """Under drift the model's confidence is what can't be trusted: the audit view orders the whole
+    batch by a hash of its ids, the same on every load, not by confidence."""
+    lake = Lake.local(tmp_path / "lake")
+    batch = scored_batch(lake, 400, source="audit", shard_size=400)
+    store = LakeStore(lake)
+    audit = store.prediction_rows(batch, needs_review_only=False, order="audit")
+    doubtful = store.prediction_rows(batch, needs_review_only=False)
+    assert audit.num_rows == doubtful.num_rows == 400
+    ids = audit.column("image_id").to_pylist()
+    assert sorted(ids) == sorted(doubtful.column("image_id").to_pylist()) and len(set(ids)) == 400
+    assert (
+        ids
+        == LakeStore(lake)
+        .prediction_rows(batch, needs_review_only=False, order="audit")
+        .column("image_id")
+        .to_pylist()
+    )
+    conf = audit.column("confidence").to_numpy()
+    assert not (np.all(np.diff(conf) >= 0) or np.all(np.diff(conf) <= 0))  # not sorted by confidence
+    # the first 100 of the audit order are spread over the confidence range, unlike the queue's
+    first, lowest = np.median(conf[:100]), np.median(doubtful.column("confidence").to_numpy()[:100])
+    assert first > lowest
+    with pytest.raises(ValueError, match="order"):
+        store.prediction_rows(batch, order="random")
+    c = _client(lake, page_size=50)
+    page = c.get(f"/batches/{batch}/review?view=audit")
+    assert page.status_code == 200 and '<span id="total">400</span>' in page.text
+    shown = re.findall(r'name="image_id" value="([^"]+)"', page.text)
+    assert shown == ids[:50]
+    assert 'value="audit" selected' in page.text

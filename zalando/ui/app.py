@@ -369,10 +369,11 @@ def review_page(
     rows = desk.store.prediction_rows(
         batch_id,
         batch.model_version,
-        needs_review_only=view != "all",
+        needs_review_only=view == "review",
         group=group or None,
         confidence_min=lo,
         confidence_max=hi,
+        order="audit" if view == "audit" else "doubtful",
     )
     size = desk.settings.page_size
     pages = max(1, math.ceil(rows.num_rows / size))
@@ -383,7 +384,7 @@ def review_page(
     if decided:
         reviewed = int(pc.sum(pc.is_in(ids, value_set=pa.array(list(decided), pa.string()))).as_py() or 0)
     query = {
-        "view": "all" if view == "all" else None,
+        "view": view if view in ("all", "audit") else None,
         "group": group or None,
         "cmin": cmin or None,
         "cmax": cmax or None,
@@ -404,7 +405,12 @@ def review_page(
         if page < pages
         else None,
         "here": here,
-        "filters": {"view": "all" if view == "all" else "review", "group": group, "cmin": cmin, "cmax": cmax},
+        "filters": {
+            "view": view if view in ("all", "audit") else "review",
+            "group": group,
+            "cmin": cmin,
+            "cmax": cmax,
+        },
         "groups": GROUP_NAMES,
         "keys": KEYS,
         "reviewer": clean_reviewer(unquote(request.cookies.get(REVIEWER_COOKIE, "")), ""),

@@ -155,6 +155,13 @@ class _Lru:
         return value
 
 
+def audit_order(batch_id: str, image_ids: Sequence[str]) -> np.ndarray:
+    """Row indices in the batch's audit order: by a hash of (batch id, image id), so the order is
+    random with respect to the model, fixed across reloads, and the same for every reviewer."""
+    keys = [hashlib.blake2b(f"{batch_id}/{i}".encode(), digest_size=8).digest() for i in image_ids]
+    return np.asarray(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+
+
 class LakeStore:
     """The review desk's storage on today's lake. Thread-safe; caches only what cannot change unseen."""
 
@@ -346,9 +353,15 @@ class LakeStore:
         group: str | None = None,
         confidence_min: float | None = None,
         confidence_max: float | None = None,
+        order: str = "doubtful",
     ) -> pa.Table:
         """A batch's prediction rows (the needs-review ones, or all), filtered by predicted group
-        (a group name) and a confidence range, most doubtful first (confidence, then image id)."""
+        (a group name) and a confidence range, most doubtful first (confidence, then image id).
+
+        ``order="audit"``: a fixed random order instead (a hash of batch and image id), so the
+        first N reviewed are a fair sample of the rows. Under drift the model's confidence is what
+        can't be trusted: a queue sorted by it shows only the doubtful corner of the batch.
+        """
         version = model_version or self._versions(batch_id)[-1]
         table = self._table(batch_id, version, needs_review_only)
         mask = None
@@ -360,6 +373,10 @@ class LakeStore:
             mask = _and(mask, pc.less_equal(table.column("confidence"), confidence_max))
         if mask is not None:
             table = table.filter(mask)
+        if order == "audit":
+            return table.take(audit_order(batch_id, table.column("image_id").to_pylist()))
+        if order != "doubtful":
+            raise ValueError(f"order {order!r}: expected 'doubtful' or 'audit'")
         return table.sort_by([("confidence", "ascending"), ("image_id", "ascending")])
 
     def _table(self, batch_id: str, version: str, needs_review_only: bool) -> pa.Table:
