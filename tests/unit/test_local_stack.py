@@ -7,9 +7,11 @@ The "Prefect server" here is a tiny http.server answering ``/api/health``, start
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from tests.conftest import REPO
 from zalando import cli, local_stack
 from zalando.errors import ZalandoError
 from zalando.local_stack import PREFECT_SERVER, running_prefect
-from zalando.s3server import free_port_block
+from zalando.s3server import free_port_block, pid_alive
 from zalando.settings import Settings
 
 # a stand-in for `prefect server start --host H --port N`: answers GET /api/health with 200 "true"
@@ -84,11 +86,16 @@ def live_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
         {"ZALANDO_WORK_DIR": str(tmp_path / "work"), "ZALANDO_PREFECT_PORT": str(free_port_block(1))}
     )
     assert stack.start_server()
+    pid = stack._running(PREFECT_SERVER)
+    assert pid is not None
     stack._save_started(["s3", PREFECT_SERVER, "worker"])  # what `up` records
     try:
         yield stack
     finally:
         stack._stop(PREFECT_SERVER)
+        if pid_alive(pid):  # a test rewrote the PID file (another program's pid): stop ours by its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
