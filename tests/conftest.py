@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,3 +144,25 @@ def local_lake(tmp_path: Path) -> Lake:
 
 def s3_config(server: S3Server, **kw) -> S3Config:
     return S3Config(endpoint=server.endpoint, access_key=TEST_ACCESS_KEY, secret_key=TEST_SECRET_KEY, **kw)
+
+
+def load_stack_module(name: str) -> Any:
+    """infra/stack.py (a script, not a package module) imported under ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / "stack.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def mini_split() -> dict[str, np.ndarray]:
+    """The mini set's 2,000 training images: the first 1,500 to train on, the rest to validate."""
+    from zalando.data.idx import read_idx_images, read_idx_labels
+
+    x = read_idx_images(str(MINI_DIR / "train-images-idx3-ubyte.gz"))
+    y = read_idx_labels(str(MINI_DIR / "train-labels-idx1-ubyte.gz"))
+    return {"x_train": x[:1500], "y_train": y[:1500], "x_val": x[1500:], "y_val": y[1500:]}

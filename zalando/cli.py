@@ -577,23 +577,14 @@ def score(
     from zalando.scoring.run import INBOX_TEMPLATE, BackfillEntry, backfill
 
     setup_logging(verbose)
-    if runner not in ("local", "dask"):
-        fail(f"--runner {runner!r}: use local or dask")
-    if (date_from is None) != (date_to is None):
-        fail("--from and --to go together")
+    _check_score_options(runner, date_from, date_to, catalog, batch_uri, dask_address, shadow, country, full)
     settings = settings_from()
     prefect_api = _flow_env(settings)
     if catalog:
-        if batch_uri or date_from or dask_address or runner != "local" or shadow:
-            fail(
-                "--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner, --dask-address or --shadow"
-            )
         _score_catalogue(
             settings, prefect_api, country, full, batch_date, model_version, workers, allow_empty
         )
         return
-    if country != "us" or full:
-        fail("--country and --full go with --catalog")
     with lake_session(settings) as lake:
         kw = dict(
             prefect_api=prefect_api,
@@ -638,6 +629,23 @@ def score(
             score_one=score_day,
             on_entry=show_no_input,
         )
+
+
+def _check_score_options(
+    runner: str, date_from: Any, date_to: Any, catalog: bool, batch_uri: str | None,
+    dask_address: str | None, shadow: bool, country: str, full: bool,
+) -> None:  # fmt: skip
+    """`zalando score`'s options that do not go together: one line and exit 2."""
+    if runner not in ("local", "dask"):
+        fail(f"--runner {runner!r}: use local or dask")
+    if (date_from is None) != (date_to is None):
+        fail("--from and --to go together")
+    if catalog and (batch_uri or date_from or dask_address or runner != "local" or shadow):
+        fail(
+            "--catalog scores the catalogue: no BATCH_URI, --from/--to, --runner, --dask-address or --shadow"
+        )
+    if not catalog and (country != "us" or full):
+        fail("--country and --full go with --catalog")
 
 
 def _score_catalogue(

@@ -8,7 +8,6 @@ The "Prefect server" here is a tiny http.server answering ``/api/health``, start
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import REPO
+from tests.conftest import load_stack_module
 from zalando import cli, local_stack
 from zalando.errors import ZalandoError
 from zalando.local_stack import PREFECT_SERVER, running_prefect
@@ -61,12 +60,7 @@ PREFECT_ENV = (
 
 
 def _stack_module() -> Any:
-    spec = importlib.util.spec_from_file_location("zalando_stack_detect", REPO / "infra" / "stack.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_stack_module("zalando_stack_detect")
 
 
 @pytest.fixture

@@ -12,11 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import yaml
 
 from tasks.common import RunConfig, RunContext, cache_on, is_transient, retry_if_transient
+from tests.conftest import load_stack_module
 from zalando.errors import ConfigError, DataError, LakeError, NotCommittedError, SourceError
 from zalando.lake import Lake
 from zalando.settings import Settings
@@ -212,13 +214,8 @@ def test_run_context_follows_the_environment_and_keeps_no_secret(
         assert not any(secret in str(key) for key in common._CONTEXTS)
 
 
-def _stack_module():
-    spec = importlib.util.spec_from_file_location("zalando_stack", REPO / "infra" / "stack.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _stack_module() -> Any:
+    return load_stack_module("zalando_stack")
 
 
 def test_stack_keeps_prefect_state_in_the_work_folder_and_binds_loopback(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import mini_split
 from tests.scoring_support import mnist_like
 from zalando import admission, registry
 from zalando.admission import CARD_KEY, RuntimeCheckData, admit_runtimes
-from zalando.data.idx import read_idx_images, read_idx_labels
 from zalando.errors import ConfigError, ModelError
 from zalando.labels import GROUP_NAMES
 from zalando.lake import Lake
@@ -22,16 +22,13 @@ from zalando.quantize import INT8_ONNX_FILE, SOURCE_SHA256_KEY
 from zalando.runtime import RUNTIMES
 from zalando.scoring import clear_predictor_cache, load_champion_predictor
 
-MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fashion-mnist-mini"
 MEAN, STD = 0.286, 0.353
 VERSION = "20260101T000000Z-int8test"
 
 
 @pytest.fixture(scope="module")
 def mini() -> dict[str, np.ndarray]:
-    x = read_idx_images(str(MINI / "train-images-idx3-ubyte.gz"))
-    y = read_idx_labels(str(MINI / "train-labels-idx1-ubyte.gz"))
-    return {"x_train": x[:1500], "y_train": y[:1500], "x_val": x[1500:], "y_val": y[1500:]}
+    return mini_split()
 
 
 @pytest.fixture(scope="module")

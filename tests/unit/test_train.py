@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zalando.data.idx import read_idx_images, read_idx_labels
+from tests.conftest import mini_split
 from zalando.errors import ConfigError, DataError
 from zalando.lake import Lake
 from zalando.models import (
@@ -32,15 +32,12 @@ from zalando.train import (
     train_experiment,
 )
 
-MINI = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fashion-mnist-mini"
 MEAN, STD = 0.286, 0.353
 
 
 @pytest.fixture(scope="module")
 def mini() -> dict[str, np.ndarray]:
-    x = read_idx_images(str(MINI / "train-images-idx3-ubyte.gz"))
-    y = read_idx_labels(str(MINI / "train-labels-idx1-ubyte.gz"))
-    return {"x_train": x[:1500], "y_train": y[:1500], "x_val": x[1500:], "y_val": y[1500:]}
+    return mini_split()
 
 
 @pytest.fixture(scope="module")
