@@ -3,15 +3,18 @@ and without it.
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/cli_score.py [--runs 3] [--no-stack-runs 2] [--fresh-runs 1]
 
-It starts its own stack (``infra/stack.py up``: SeaweedFS, a Prefect server and a process worker on
-127.0.0.1, on free ports, in a fresh temporary work folder), makes a champion through the command
-(``zalando ingest`` of the mini data set, ``zalando train -e fashion_cnn`` with the ``quick``
-profile), and writes the mini set's 500 test images as PNG files into the work folder. Then it times:
+It starts its own stack (``infra/stack.py up``: SeaweedFS, a Prefect server, a process worker and
+the warm scorer on 127.0.0.1, on free ports, in a fresh temporary work folder), makes a champion
+through the command (``zalando ingest`` of the mini data set, ``zalando train -e fashion_cnn`` with
+the ``quick`` profile), and writes the mini set's 500 test images as PNG files into the work folder.
+Then it times:
 
-1. ``--runs`` scorings with the stack up: the command finds the stack's Prefect server and S3 server;
-2. ``infra/stack.py down``, then ``--no-stack-runs`` scorings without it: the command starts the S3
+1. ``--runs`` scorings with the stack up: the command hands the batch to the stack's warm scorer;
+2. ``--runs`` scorings with the stack up and ``ZALANDO_SCORER=off``: the command runs the flow in its
+   own process, on the stack's Prefect server and S3 server;
+3. ``infra/stack.py down``, then ``--no-stack-runs`` scorings without it: the command starts the S3
    server and a temporary Prefect server on the work folder's Prefect state (migrated by then);
-3. ``--fresh-runs`` scorings without it on an empty PREFECT_HOME: the temporary server migrates a
+4. ``--fresh-runs`` scorings without it on an empty PREFECT_HOME: the temporary server migrates a
    new database first.
 
 Every run scores a new batch (its own ``--date``), as a user's next folder would be. Each run must
@@ -22,6 +25,7 @@ Everything it started is stopped at the end, always; the work folder is removed 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import secrets
@@ -92,8 +96,21 @@ def write_png_folder(folder: Path) -> int:
     return len(images)
 
 
+def scorer_cpu(work: Path) -> float:
+    """CPU seconds the stack's warm scorer has used so far (0 when it does not run)."""
+    try:
+        pid = json.loads((work / "stack" / "scorer.pid").read_text())["pid"]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def time_score(env: dict[str, str], folder: Path, day: date, expect: str) -> tuple[float, float]:
-    """Wall and CPU seconds (the command and the servers it started) of one `zalando score FOLDER`."""
+    """Wall and CPU seconds (the command, the servers it started and the warm scorer) of one
+    `zalando score FOLDER`."""
+    work = Path(env["ZALANDO_WORK_DIR"])
+    scorer_before = scorer_cpu(work)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = run([*CLI, "score", folder.as_uri(), "--date", day.isoformat()], env, f"zalando score ({expect})")
@@ -105,7 +122,7 @@ def time_score(env: dict[str, str], folder: Path, day: date, expect: str) -> tup
     if "500 scored" not in " ".join(res.stdout.split()) + said:
         raise SystemExit(f"zalando score did not score the 500 images:\n{res.stdout[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+    return wall, cpu + scorer_cpu(work) - scorer_before
 
 
 def main() -> int:
@@ -137,9 +154,17 @@ def main() -> int:
         say(f"  {write_png_folder(folder)} PNG files in {folder}")
 
         for i in range(args.runs):
-            wall, cpu = time_score(env, folder, day, f"{api} (the local stack's server)")
-            rows.append((f"stack up #{i + 1}", wall, cpu))
-            say(f"  stack up #{i + 1}: {wall:.1f}s")
+            wall, cpu = time_score(
+                env, folder, day, f"{api} (the local stack's server, through its warm scorer"
+            )
+            rows.append((f"stack up, warm scorer #{i + 1}", wall, cpu))
+            say(f"  stack up, warm scorer #{i + 1}: {wall:.1f}s")
+            day += timedelta(days=1)
+        in_process = dict(env, ZALANDO_SCORER="off")
+        for i in range(args.runs):
+            wall, cpu = time_score(in_process, folder, day, f"{api} (the local stack's server)")
+            rows.append((f"stack up, ZALANDO_SCORER=off #{i + 1}", wall, cpu))
+            say(f"  stack up, in-process #{i + 1}: {wall:.1f}s")
             day += timedelta(days=1)
 
         run([*STACK, "down"], env, "infra/stack.py down", timeout=120)
@@ -168,7 +193,7 @@ def main() -> int:
         say(f"{name.ljust(width)}  {wall:6.1f}  {cpu:5.1f}")
     say(
         f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
-        "cpu s: the command and the servers it started, user + system)"
+        "cpu s: the command, the servers it started and the warm scorer, user + system)"
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""The local stack without Docker: Prefect server, embedded S3 (SeaweedFS) and a process worker.
+"""The local stack without Docker: Prefect server, embedded S3 (SeaweedFS), a process worker and
+the warm scorer (infra/scorer.py, which `zalando score` hands its batches to).
 
     python infra/stack.py up        # start what is not running yet, in the background
     python infra/stack.py deploy    # work pool + every deployment of prefect.yaml (+ the drift automation)
@@ -10,8 +11,10 @@ State lives under the work folder (``ZALANDO_WORK_DIR``, default ``.zalando/``):
 PREFECT_HOME (database, results, profiles: ~/.prefect is never touched), ``stack/`` holds logs,
 PID files and ``stack.json`` (what `up` started). Every server binds to 127.0.0.1.
 
-Ports: ``ZALANDO_PREFECT_PORT`` (default 4200) and ``ZALANDO_S3_PORT`` (default 8333). An S3
-endpoint given in ``ZALANDO_S3_ENDPOINT`` (MinIO, AWS) is used as is and no S3 server is started.
+Ports: ``ZALANDO_PREFECT_PORT`` (default 4200), ``ZALANDO_S3_PORT`` (default 8333) and
+``ZALANDO_SCORER_PORT`` (default: a free one, written with the scorer's token to
+``stack/scorer.json``). An S3 endpoint given in ``ZALANDO_S3_ENDPOINT`` (MinIO, AWS) is used as is and
+no S3 server is started.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,13 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from zalando import local_stack  # noqa: E402
-from zalando.local_stack import PREFECT_SERVER, http_ok  # noqa: E402
-from zalando.s3server import pid_alive  # noqa: E402
+from zalando.local_stack import PREFECT_SERVER, SCORER, http_ok  # noqa: E402
+from zalando.s3server import free_port_block, pid_alive  # noqa: E402
 
 POOL = "zalando"
 GPU_POOL = "gpu"  # prefect.yaml's training/paper-gpu runs there
 SERVER_TIMEOUT_S = 120.0
 WORKER_TIMEOUT_S = 90.0
+SCORER_TIMEOUT_S = 180.0  # imports torch, prefect and pyiceberg and loads the champion on 2 busy cores
 
 
 class StackError(RuntimeError):
@@ -257,24 +262,71 @@ class Stack:
             return False
         return any(w.get("status") == "ONLINE" for w in workers)
 
+    def start_scorer(self) -> bool:
+        """The warm scorer on 127.0.0.1, with a new token in scorer.json (mode 0600)."""
+        if self._running(SCORER):
+            self._wait_scorer()
+            return False
+        port = int(self.env.get("ZALANDO_SCORER_PORT") or free_port_block(1))
+        if not _port_free(port):
+            raise StackError(
+                f"scorer: port {port} is already used by another program; set ZALANDO_SCORER_PORT to a free port"
+            )
+        state = local_stack.scorer_file(self.work_dir)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.unlink(missing_ok=True)
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"port": port, "token": secrets.token_urlsafe(32)}, f)
+        self._spawn(SCORER, [sys.executable, str(REPO / "infra" / "scorer.py"), "--state", str(state)])
+        self._wait_scorer()
+        return True
+
+    def _scorer_url(self) -> str:
+        return f"http://127.0.0.1:{json.loads(local_stack.scorer_file(self.work_dir).read_text())['port']}"
+
+    def _wait_scorer(self) -> None:
+        deadline = time.monotonic() + SCORER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if http_ok(f"{self._scorer_url()}/health"):
+                return
+            if self._running(SCORER) is None:
+                raise StackError(f"scorer exited at start: {self._log_tail(SCORER)}")
+            time.sleep(0.5)
+        raise StackError(
+            f"scorer did not answer within {SCORER_TIMEOUT_S:.0f}s; see {self._log_file(SCORER)}"
+        )
+
+    def stop_scorer(self) -> bool:
+        stopped = self._stop(SCORER)
+        local_stack.scorer_file(self.work_dir).unlink(missing_ok=True)
+        return stopped
+
     # ------------------------------------------------------------------ commands
     def up(self) -> None:
         started = self._load_started()
-        steps = [("s3", self.start_s3), (PREFECT_SERVER, self.start_server), ("worker", self.start_worker)]
+        steps = [
+            ("s3", self.start_s3),
+            (PREFECT_SERVER, self.start_server),
+            ("worker", self.start_worker),
+            (SCORER, self.start_scorer),
+        ]
         for name, start in steps:
             if start() and name not in started:
                 started.append(name)
             self._save_started(started)
         print(f"stack up: Prefect UI {self.ui_url}  API {self.api_url}")
         print(f"          S3 {self.settings().effective_s3_endpoint}  lake {self.settings().lake_uri}")
+        print(f"          scorer {self._scorer_url()} (`zalando score` hands it its batches)")
         print(f"          logs and PID files in {self.state_dir}")
 
     def down(self) -> None:
         started = self._load_started()
-        for name in ("worker", PREFECT_SERVER, "s3"):
+        stops = {"s3": self.stop_s3, SCORER: self.stop_scorer}
+        for name in (SCORER, "worker", PREFECT_SERVER, "s3"):
             if name not in started:
                 continue
-            stopped = self.stop_s3() if name == "s3" else self._stop(name)
+            stopped = stops[name]() if name in stops else self._stop(name)
             print(f"{name}: {'stopped' if stopped else 'was not running'}")
             started.remove(name)
             self._save_started(started)
@@ -290,10 +342,14 @@ class Stack:
         if server == "running" and not http_ok(f"{self.api_url}/health"):
             server = "starting"
         worker = "running" if self._running("worker") else "stopped"
+        scorer = "running" if local_stack.running_scorer(self.work_dir, timeout=2.0) else "stopped"
+        if scorer == "stopped" and self._running(SCORER):
+            scorer = "starting"
         print(f"s3:             {s3}")
         print(f"prefect-server: {server} ({self.ui_url})")
         print(f"worker:         {worker} (pool {POOL})")
-        return 0 if server == "running" and worker == "running" else 1
+        print(f"scorer:         {scorer}")
+        return 0 if server == "running" and worker == "running" and scorer == "running" else 1
 
     def run_cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> int:
         rc = subprocess.call([*self._prefect(), *args], env=env or self.prefect_env(), cwd=REPO)
@@ -347,7 +403,9 @@ def _patched_environ(env: dict[str, str]):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infra/stack.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start S3, the Prefect server and a process worker in the background")
+    sub.add_parser(
+        "up", help="start S3, the Prefect server, a process worker and the scorer in the background"
+    )
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="show what runs")
     sub.add_parser("deploy", help="register the deployments of prefect.yaml")

@@ -62,7 +62,7 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _unwrap(exc: BaseException) -> ZalandoError | None:
+def zalando_error_of(exc: BaseException) -> ZalandoError | None:
     """The ZalandoError behind an exception (Prefect wraps task failures), if any."""
     seen = 0
     while exc is not None and seen < 10:
@@ -83,7 +83,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as e:  # noqa: BLE001 - the one place where errors become exit codes
-            z = _unwrap(e)
+            z = zalando_error_of(e)
             if z is None:
                 raise
             fail(str(z).strip().splitlines()[0] if str(z).strip() else z.__class__.__name__)
@@ -233,7 +233,7 @@ HEARTBEAT_SETTINGS = (
 )
 
 
-def _flow_env(settings: Any) -> str:
+def flow_env(settings: Any) -> str:
     """Prefect settings for a CLI run: no telemetry, no flow-run heartbeats (HEARTBEAT_SETTINGS); the
     server PREFECT_API_URL names, else the local stack's of this work folder when `make up` runs it,
     else a temporary server (8-18 s to start).
@@ -282,7 +282,7 @@ def run(
     setup_logging(verbose)
     _check_runner(runner, dask_address)
     settings = settings_from(profile=profile)
-    prefect_api = _flow_env(settings)
+    prefect_api = flow_env(settings)
     from flows.nightly import nightly
 
     t0 = time.perf_counter()
@@ -329,7 +329,7 @@ def train(
     catalog = load_catalog(settings.experiments_file)
     for name in experiments or []:
         catalog.resolved(name, settings.profile)  # unknown names fail here, listing the valid ones
-    prefect_api = _flow_env(settings)
+    prefect_api = flow_env(settings)
     from flows.training import training
 
     log.info("Prefect API: %s", prefect_api)
@@ -473,7 +473,7 @@ def _watch_shards(lake: Any, markers: str, total: int | None, stop: Any) -> None
                 return
 
 
-def _score_one(
+def score_one(
     lake: Any,
     settings: Any,
     location: str,
@@ -488,7 +488,12 @@ def _score_one(
     allow_empty: bool = False,
     shadow: bool = False,
     prefect_api: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
+    """One batch through the `batch_scoring` flow, after the input checks (one line for bad input,
+    before Prefect starts); ``progress``: a progress bar on stderr, fed by the shard markers.
+
+    The local stack's warm scorer (infra/scorer.py) runs this too, without the bar."""
     import threading
 
     from flows.batch_scoring import batch_scoring
@@ -513,7 +518,8 @@ def _score_one(
         args=(lake, shard_markers_prefix(bdate, version, batch_id), total, stop),
         daemon=True,
     )
-    watcher.start()
+    if progress:
+        watcher.start()
     try:
         return batch_scoring(
             batch_uri=location,
@@ -530,7 +536,8 @@ def _score_one(
         )
     finally:
         stop.set()
-        watcher.join(timeout=5)
+        if progress:
+            watcher.join(timeout=5)
 
 
 @app.command()
@@ -572,14 +579,30 @@ def score(
     """
     from datetime import date
 
+    setup_logging(verbose)
+    _check_score_options(runner, date_from, date_to, catalog, batch_uri, dask_address, shadow, country, full)
+    settings = settings_from()
+    if not catalog and date_from is None:
+        request = dict(
+            location=batch_uri,
+            batch_date=batch_date,
+            model_version=model_version,
+            runner=runner,
+            shard_size=shard_size,
+            workers=workers,
+            force=force,
+            dask_address=dask_address,
+            allow_empty=allow_empty,
+            shadow=shadow,
+            verbose=verbose,
+        )
+        if _score_in_stack(settings, request):
+            return
     from zalando.scoring.batch import find_demo_batch
     from zalando.scoring.commit import BatchResult
     from zalando.scoring.run import INBOX_TEMPLATE, BackfillEntry, backfill
 
-    setup_logging(verbose)
-    _check_score_options(runner, date_from, date_to, catalog, batch_uri, dask_address, shadow, country, full)
-    settings = settings_from()
-    prefect_api = _flow_env(settings)
+    prefect_api = flow_env(settings)
     if catalog:
         _score_catalogue(
             settings, prefect_api, country, full, batch_date, model_version, workers, allow_empty
@@ -598,7 +621,7 @@ def score(
         )
         if date_from is None:
             location = batch_uri or find_demo_batch(lake)
-            summary = _score_one(
+            summary = score_one(
                 lake, settings, location, batch_date=batch_date, model_version=model_version, **kw
             )
             _print_scoring(summary)
@@ -608,7 +631,7 @@ def score(
             location: str, *, batch_date: date | None, source: str | None, model_version: str
         ) -> BatchResult:
             # the flow names the batch from its location (source is None: the same default slug)
-            summary = _score_one(
+            summary = score_one(
                 lake, settings, location, batch_date=batch_date, model_version=model_version, **kw
             )
             _print_scoring(summary)
@@ -629,6 +652,49 @@ def score(
             score_one=score_day,
             on_entry=show_no_input,
         )
+
+
+def _score_in_stack(settings: Any, request: dict[str, Any]) -> bool:
+    """Hand one batch to the local stack's warm scorer when `make up` runs one for these settings
+    (and ZALANDO_SCORER is not ``off``, and PREFECT_API_URL names no other server); True when it
+    answered (scored, or failed: then this exits as the command would have). No prefect, torch or
+    lake client is imported on this path: the command costs the scorer's run and ~0.5 s."""
+    import os
+
+    from zalando import local_stack
+
+    if os.environ.get("ZALANDO_SCORER", "").strip().lower() in ("off", "0", "false", "no"):
+        return False
+    work_dir = Path(settings.work_dir).resolve()
+    asked = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if asked:
+        stack = local_stack.running_prefect(work_dir)
+        if stack is None or stack.api_url.rstrip("/") != asked:
+            return False
+    scorer = local_stack.running_scorer(work_dir)
+    if scorer is None:
+        return False
+    payload = dict(
+        request,
+        batch_roots=[str(p) for p in settings.batch_root_paths()],
+        settings=local_stack.settings_fingerprint(settings),
+    )
+    try:
+        answer = local_stack.request_score(scorer, payload)
+    except local_stack.ScorerUnavailable as e:
+        log.info("the local stack's scorer cannot take this batch (%s): scoring in this process", e)
+        return False
+    except OSError as e:
+        fail(f"the local stack's scorer (pid {scorer.pid}) gave no answer: {e}; see its log in "
+             f"{local_stack.state_dir(work_dir)}", 1)  # fmt: skip
+    for rec in answer.get("logs", []):
+        logging.getLogger(str(rec.get("name") or "zalando")).log(
+            int(rec.get("level", logging.INFO)), "%s", rec.get("message", "")
+        )
+    if not answer.get("ok"):
+        fail(str(answer.get("error") or "the local stack's scorer failed"), int(answer.get("exit_code", 1)))
+    _print_scoring(answer["summary"])
+    return True
 
 
 def _check_score_options(

@@ -4,11 +4,14 @@
 holds ``stack.json`` (the components `up` started, for `down`) and one PID file per process
 (``prefect-server.pid``: its pid, command line and start time). `infra/stack.py` writes these files
 through the paths below; the CLI reads them to use a running stack's Prefect server instead of
-starting a temporary one (:func:`running_prefect`).
+starting a temporary one (:func:`running_prefect`), and to hand a batch to the stack's warm scorer
+(``infra/scorer.py``: :func:`running_scorer`, :func:`request_score`), which has the libraries
+imported and the champion loaded already.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import urllib.error
@@ -22,7 +25,12 @@ from zalando.s3server import pid_alive
 log = logging.getLogger(__name__)
 
 PREFECT_SERVER = "prefect-server"  # the component name in stack.json and its PID file's stem
+SCORER = "scorer"  # the warm scorer (infra/scorer.py)
 HEALTH_TIMEOUT_S = 0.5  # a live local server answers /health in milliseconds
+# what a component's command line must hold to be ours (a reused pid runs something else)
+COMMAND_MARKERS = {SCORER: "scorer.py"}
+# settings that may differ between the CLI and the scorer: the CLI sends its own batch roots
+PER_REQUEST_SETTINGS = frozenset({"batch_roots"})
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,13 @@ def process_cmdline(pid: int) -> str:
 
 
 def running_pid(work_dir: Path, name: str) -> int | None:
-    """PID of the stack's process ``name`` when it is alive and still a Prefect program (not a reused pid)."""
+    """PID of the stack's process ``name`` when it is alive and still the program `up` started (a
+    Prefect program, or the scorer), not a reused pid."""
     info = read_pid_info(work_dir, name)
     if info is None:
         return None
     pid = int(info["pid"])
-    if pid_alive(pid) and "prefect" in process_cmdline(pid):
+    if pid_alive(pid) and COMMAND_MARKERS.get(name, "prefect") in process_cmdline(pid):
         return pid
     return None
 
@@ -126,3 +135,90 @@ def running_prefect(work_dir: Path, timeout: float = HEALTH_TIMEOUT_S) -> StackP
         log.debug("the stack's Prefect server %s does not answer /health within %.1fs", url, timeout)
         return None
     return StackPrefect(api_url=url, home=prefect_home(work_dir))
+
+
+# ----------------------------------------------------------------------------- the warm scorer
+
+
+@dataclass(frozen=True)
+class StackScorer:
+    """The warm scorer of a running stack: where it listens and the token it asks for."""
+
+    url: str
+    token: str
+    pid: int
+
+
+class ScorerUnavailable(RuntimeError):
+    """The scorer could not take the request (gone, or it runs other settings): score in-process."""
+
+
+def scorer_file(work_dir: Path) -> Path:
+    """The scorer's port and token (mode 0600: only the stack's user may hand it a batch)."""
+    return state_dir(work_dir) / "scorer.json"
+
+
+def running_scorer(work_dir: Path, timeout: float = HEALTH_TIMEOUT_S) -> StackScorer | None:
+    """The stack's warm scorer for this work folder when `up` started it, it lives, and it answers
+    ``/health`` as ready within ``timeout``; else None."""
+    work_dir = Path(work_dir).resolve()
+    if SCORER not in read_started(work_dir):
+        return None
+    pid = running_pid(work_dir, SCORER)
+    try:
+        info = json.loads(scorer_file(work_dir).read_text())
+        url, token = f"http://127.0.0.1:{int(info['port'])}", str(info["token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            ready = json.loads(r.read()).get("ready") is True
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return StackScorer(url=url, token=token, pid=pid) if ready else None
+
+
+def settings_fingerprint(settings: Any) -> dict[str, str]:
+    """A short hash of every setting's value (secrets included, never sent in clear): the scorer takes
+    a batch only when its settings are the CLI's, apart from :data:`PER_REQUEST_SETTINGS`."""
+    out: dict[str, str] = {}
+    for name in sorted(type(settings).model_fields):
+        if name in PER_REQUEST_SETTINGS:
+            continue
+        value = getattr(settings, name)
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, Path):
+            value = str(value.expanduser().resolve())
+        raw = json.dumps(value, sort_keys=True, default=str)
+        out[name] = hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return out
+
+
+def request_score(scorer: StackScorer, payload: dict[str, Any]) -> dict[str, Any]:
+    """Hand one batch to the warm scorer and wait for its answer (``ok``, ``summary`` or ``error`` and
+    ``exit_code``, and the log records of the run).
+
+    Raises :class:`ScorerUnavailable` when it refuses before scoring (it is gone, or it runs other
+    settings: 409), so the caller scores in-process; an answer lost after it started is an OSError.
+    """
+    req = urllib.request.Request(
+        f"{scorer.url}/score",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {scorer.token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=None) as r:  # a large batch takes as long as it takes
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:500]
+        if e.code == 409:
+            raise ScorerUnavailable(detail) from None
+        raise OSError(f"the local stack's scorer answered HTTP {e.code}: {detail}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            raise ScorerUnavailable("connection refused") from None
+        raise OSError(f"the local stack's scorer: {e.reason}") from None
