@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.conftest import load_stack_module
@@ -67,6 +68,10 @@ def _request(settings: Settings, location: str, **kw: Any) -> dict[str, Any]:
 def test_the_scorer_binds_localhost_and_its_token_is_the_users_alone(scorer: Any) -> None:
     stack, found, _ = scorer
     assert found.url.startswith("http://127.0.0.1:")
+    listening = {
+        c.laddr.ip for c in psutil.Process(found.pid).net_connections("inet") if c.status == "LISTEN"
+    }
+    assert listening == {"127.0.0.1"}
     mode = stat.S_IMODE(local_stack.scorer_file(stack.work_dir).stat().st_mode)
     assert mode == 0o600
     assert pid_alive(found.pid)
