@@ -1,8 +1,9 @@
 """The review desk's commands: ``zalando ui`` (the web page) and ``zalando labels import|export|config``.
 
 ``zalando labels import`` measures the labelled KPIs of the batches it recorded decisions for at once
-(issue 15). With a Prefect API set (``PREFECT_API_URL``) it runs the ``feedback`` flow, whose alarm
-event reaches that server's automation and starts ``retrain``; without one it calls the step
+(issue 15). With a Prefect API set (``PREFECT_API_URL``, or the local stack's server when `make up`
+runs it for this work folder) it runs the ``feedback`` flow, whose alarm event reaches that server's
+automation and starts ``retrain``; without one it calls the step
 directly: a flow would start a throw-away Prefect server (tens of seconds) whose event no automation
 ever sees. The KPI table is committed either way; an alarm measured without an API is recorded as not
 sent, and the next ``feedback/kpis`` run sends it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ labels_app = typer.Typer(
     help="Reviewers' feedback labels: import a CSV or Label Studio export, export tasks.",
 )
 MAX_REASONS = 50
+log = logging.getLogger(__name__)
 
 
 def _cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,13 +142,19 @@ def import_labels(
 
 
 def _measure_kpis(settings: Any, lake: Any, batches: list[str]) -> list[Any]:
-    """The labelled KPIs of ``batches``: through the ``feedback`` flow when a Prefect API is set (its
-    alarm event reaches the automation), else the step directly (the alarm is recorded as not sent)."""
+    """The labelled KPIs of ``batches``: through the ``feedback`` flow when a Prefect API is set or the
+    local stack runs (its alarm event reaches the automation), else the step directly (the alarm is
+    recorded as not sent)."""
     import os
 
     from zalando.kpis import reviewed_thresholds
+    from zalando.local_stack import running_prefect
     from zalando.steps.feedback import KpiResult, measure_labelled_kpis
 
+    if not os.environ.get("PREFECT_API_URL") and running_prefect(Path(settings.work_dir)) is not None:
+        from zalando.cli import flow_env
+
+        log.info("Prefect API: %s", flow_env(settings))  # the stack's server: its automation sees the alarm
     if os.environ.get("PREFECT_API_URL"):
         from flows.feedback import labelled_kpis
 

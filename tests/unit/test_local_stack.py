@@ -231,3 +231,24 @@ def test_zalando_score_runs_its_flow_on_the_stack_and_says_so(
     assert r.exit_code == 2 and "stop here" in r.output, r.output
     assert seen == [live_stack.api_url]
     assert told == [f"{live_stack.api_url} (the local stack's server)"]
+
+
+def test_labels_import_sends_its_kpis_through_the_stacks_server(
+    live_stack: Any, clean_prefect_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the stack up, the KPI measurement of `labels import` runs the `feedback` flow on the stack's
+    server, so its alarm event reaches the automation (without it: the step, the alarm sent later)."""
+    import flows.feedback
+
+    from zalando import cli_review
+
+    seen: list[str | None] = []
+
+    def labelled_kpis(batch_id: str, profile: Any) -> dict[str, Any]:
+        seen.append(os.environ.get("PREFECT_API_URL"))
+        return {"batches": {}}
+
+    monkeypatch.setattr(flows.feedback, "labelled_kpis", labelled_kpis)
+    settings = Settings(work_dir=live_stack.work_dir)
+    assert cli_review._measure_kpis(settings, None, ["b1", "b2"]) == []
+    assert seen == [live_stack.api_url, live_stack.api_url]
