@@ -11,7 +11,9 @@ checks, then the `batch_scoring` flow on the stack's Prefect server, so the run 
 as any other), with the caller's batch roots, and only when its settings are the caller's
 (:func:`zalando.local_stack.settings_fingerprint`; else 409 and the CLI scores in its own process).
 The answer holds the batch's summary, or the error's one line and exit code, and the log records of
-the run, which the CLI writes as its own.
+the run, which the CLI writes as its own. ``/progress`` (the token too) says how many images of the
+batch being scored its shards have committed: the CLI draws its progress bar from it when a batch
+takes longer than 1.5 s.
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ class _Capture(logging.Handler):
         self.records.append({"name": record.name, "level": record.levelno, "message": message})
 
 
+class _Current:
+    """The batch being scored now: its shard progress (None between batches)."""
+
+    shards: Any = None
+
+    @classmethod
+    def set(cls, shards: Any) -> None:
+        cls.shards = shards
+
+
 def _score(req: ScoreRequest) -> JSONResponse:
     """Score one batch with the caller's batch roots; the caller's settings must be ours."""
     from zalando import cli
@@ -112,6 +124,7 @@ def _score(req: ScoreRequest) -> JSONResponse:
                 prefect_api=f"{os.environ.get('PREFECT_API_URL')} (the local stack's server, "
                 f"through its warm scorer, pid {os.getpid()})",
                 progress=False,
+                on_progress=_Current.set,
             )
         log.info("batch %s scored in %.2fs", summary.get("batch_id"), time.perf_counter() - t0)
         body = {"ok": True, "summary": json.loads(json.dumps(summary, default=str))}
@@ -169,12 +182,22 @@ def create_app(token: str, lock: threading.Lock | None = None) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"ready": True, "pid": os.getpid(), "busy": lock.locked()}
 
-    @app.post("/score")
-    def score(req: ScoreRequest, authorization: str = Header("")) -> JSONResponse:
+    def check(authorization: str) -> None:
         if not hmac.compare_digest(authorization.encode(), expected):
             raise HTTPException(401, "the token of the stack's scorer.json is needed")
+
+    @app.post("/score")
+    def score(req: ScoreRequest, authorization: str = Header("")) -> JSONResponse:
+        check(authorization)
         with lock:
             return _score(req)
+
+    @app.get("/progress")
+    def progress(authorization: str = Header("")) -> dict[str, Any]:
+        """The batch being scored: images its shards have committed, of its total ({} between batches)."""
+        check(authorization)
+        shards = _Current.shards
+        return shards.poll() if shards is not None else {}
 
     return app
 

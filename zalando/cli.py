@@ -424,8 +424,47 @@ def _print_shadow(shadow: dict[str, Any]) -> None:
         )
 
 
-def _watch_shards(lake: Any, markers: str, total: int | None, stop: Any) -> None:
-    """Progress bar fed by the shard commit markers the scoring tasks write (images/s, ETA)."""
+class ShardProgress:
+    """Images a batch's shards have committed so far, read from the shard commit markers the scoring
+    tasks write (images/s from the first shard on, not from Prefect's start-up)."""
+
+    def __init__(self, lake: Any, markers: str, total: int | None) -> None:
+        import threading
+
+        self.lake, self.markers, self.total = lake, markers, total
+        self._seen: dict[str, int] = {}
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        try:  # markers of an earlier run (re-scored with --force): ignored until the reset removes them
+            self._old = set(lake.list_keys(markers))
+        except Exception:  # noqa: BLE001 - progress never fails the run
+            self._old = set()
+
+    def poll(self) -> dict[str, Any]:
+        """``completed`` images, the batch's ``total`` records and the ``rate`` in images/s."""
+        with self._lock:
+            try:
+                keys = set(self.lake.list_keys(self.markers))
+                self._old &= keys
+                for k in sorted(keys - self._old):
+                    if k not in self._seen:
+                        marker = self.lake.read_json(k)
+                        self._seen[k] = int(marker.get("records", marker.get("scored", 0)) or 0)
+                        if len(self._seen) == 1:
+                            self._t0 = time.perf_counter() - float(marker.get("seconds", 0.0) or 0.0)
+            except Exception:  # noqa: BLE001 - progress never fails the run
+                pass
+            n = sum(self._seen.values())
+            return {
+                "completed": n,
+                "total": self.total,
+                "rate": n / max(time.perf_counter() - self._t0, 1e-9),
+            }
+
+
+def draw_progress(read: Callable[[], dict[str, Any] | None], stop: Any) -> None:
+    """A progress bar on stderr (images, images/s, ETA), fed by ``read()`` every 0.5 s until ``stop``
+    is set: a :meth:`ShardProgress.poll` here, or the warm scorer's /progress."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -435,12 +474,6 @@ def _watch_shards(lake: Any, markers: str, total: int | None, stop: Any) -> None
         TimeRemainingColumn,
     )
 
-    seen: dict[str, int] = {}
-    try:  # markers of an earlier run (re-scored with --force): ignored until the reset removes them
-        old = set(lake.list_keys(markers))
-    except Exception:  # noqa: BLE001 - a progress bar never fails the run
-        old = set()
-    t0 = time.perf_counter()
     with Progress(
         TextColumn("scoring"),
         BarColumn(),
@@ -451,24 +484,13 @@ def _watch_shards(lake: Any, markers: str, total: int | None, stop: Any) -> None
         console=err_console,
         transient=False,
     ) as progress:
-        task = progress.add_task("score", total=total, rate="")
+        task = progress.add_task("score", total=None, rate="")
         while True:
             done = stop.wait(0.5)
-            try:
-                keys = set(lake.list_keys(markers))
-                old &= keys
-                for k in sorted(keys - old):
-                    if k not in seen:
-                        marker = lake.read_json(k)
-                        seen[k] = int(marker.get("records", marker.get("scored", 0)) or 0)
-                        # the clock starts with the first shard, not with Prefect's start-up
-                        if len(seen) == 1:
-                            t0 = time.perf_counter() - float(marker.get("seconds", 0.0) or 0.0)
-            except Exception:  # noqa: BLE001 - a progress bar never fails the run
-                pass
-            n = sum(seen.values())
-            rate = n / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, completed=n, rate=f"{rate:,.0f} img/s")
+            state = read()
+            if state:
+                rate = f"{state['rate']:,.0f} img/s"
+                progress.update(task, total=state["total"], completed=state["completed"], rate=rate)
             if done:
                 return
 
@@ -489,11 +511,13 @@ def score_one(
     shadow: bool = False,
     prefect_api: str | None = None,
     progress: bool = True,
+    on_progress: Callable[[ShardProgress | None], None] | None = None,
 ) -> dict[str, Any]:
     """One batch through the `batch_scoring` flow, after the input checks (one line for bad input,
     before Prefect starts); ``progress``: a progress bar on stderr, fed by the shard markers.
 
-    The local stack's warm scorer (infra/scorer.py) runs this too, without the bar."""
+    The local stack's warm scorer (infra/scorer.py) runs this too, without the bar: it is given the
+    batch's :class:`ShardProgress` through ``on_progress`` once the checks pass (None at the end)."""
     import threading
 
     from flows.batch_scoring import batch_scoring
@@ -512,12 +536,11 @@ def score_one(
     ).records
     if prefect_api:  # after the input checks: bad input stays one line
         log.info("Prefect API: %s", prefect_api)
+    shards = ShardProgress(lake, shard_markers_prefix(bdate, version, batch_id), total)
+    if on_progress is not None:
+        on_progress(shards)
     stop = threading.Event()
-    watcher = threading.Thread(
-        target=_watch_shards,
-        args=(lake, shard_markers_prefix(bdate, version, batch_id), total, stop),
-        daemon=True,
-    )
+    watcher = threading.Thread(target=draw_progress, args=(shards.poll, stop), daemon=True)
     if progress:
         watcher.start()
     try:
@@ -538,6 +561,8 @@ def score_one(
         stop.set()
         if progress:
             watcher.join(timeout=5)
+        if on_progress is not None:
+            on_progress(None)
 
 
 @app.command()
@@ -680,7 +705,7 @@ def _score_in_stack(settings: Any, request: dict[str, Any]) -> bool:
         settings=local_stack.settings_fingerprint(settings),
     )
     try:
-        answer = local_stack.request_score(scorer, payload)
+        answer = _wait_for_scorer(scorer, payload)
     except local_stack.ScorerUnavailable as e:
         log.info("the local stack's scorer cannot take this batch (%s): scoring in this process", e)
         return False
@@ -695,6 +720,38 @@ def _score_in_stack(settings: Any, request: dict[str, Any]) -> bool:
         fail(str(answer.get("error") or "the local stack's scorer failed"), int(answer.get("exit_code", 1)))
     _print_scoring(answer["summary"])
     return True
+
+
+def _wait_for_scorer(scorer: Any, payload: dict[str, Any], quiet_s: float = 1.5) -> dict[str, Any]:
+    """The scorer's answer; a batch that takes longer than ``quiet_s`` gets a progress bar fed by
+    the scorer's /progress (a small one is done before the bar would be worth its import)."""
+    import threading
+
+    from zalando import local_stack
+
+    out: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            out["answer"] = local_stack.request_score(scorer, payload)
+        except BaseException as e:  # noqa: BLE001 - raised again in the command's thread
+            out["error"] = e
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(quiet_s)
+    if asking.is_alive():
+        stop = threading.Event()
+        bar = threading.Thread(
+            target=draw_progress, args=(lambda: local_stack.scorer_progress(scorer), stop), daemon=True
+        )
+        bar.start()
+        asking.join()
+        stop.set()
+        bar.join(timeout=5)
+    if "error" in out:
+        raise out["error"]
+    return out["answer"]
 
 
 def _check_score_options(

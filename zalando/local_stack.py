@@ -222,3 +222,17 @@ def request_score(scorer: StackScorer, payload: dict[str, Any]) -> dict[str, Any
         if isinstance(e.reason, ConnectionRefusedError):
             raise ScorerUnavailable("connection refused") from None
         raise OSError(f"the local stack's scorer: {e.reason}") from None
+
+
+def scorer_progress(scorer: StackScorer, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The batch the scorer is on: ``completed`` images, ``total`` records, ``rate`` (None between
+    batches, or when it does not answer: a progress bar never fails the command)."""
+    req = urllib.request.Request(
+        f"{scorer.url}/progress", headers={"Authorization": f"Bearer {scorer.token}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            state = json.loads(r.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return state if isinstance(state, dict) and "completed" in state else None

@@ -122,3 +122,14 @@ def test_stop_removes_the_process_and_its_token(tmp_path: Path) -> None:
     assert stack.stop_scorer()
     assert not pid_alive(pid)
     assert not local_stack.scorer_file(stack.work_dir).exists()
+
+
+def test_progress_needs_the_token_and_is_empty_between_batches(scorer: Any) -> None:
+    _, found, _ = scorer
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{found.url}/progress", timeout=10)
+    assert refused.value.code == 401
+    assert local_stack.scorer_progress(found) is None  # {}: no batch now
+    req = urllib.request.Request(f"{found.url}/progress", headers={"Authorization": f"Bearer {found.token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read()) == {}

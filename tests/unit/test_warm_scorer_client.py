@@ -29,7 +29,7 @@ from zalando.s3server import free_port_block
 from zalando.settings import Settings
 
 STAND_IN = r"""
-import json, sys
+import json, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 state = json.load(open(sys.argv[sys.argv.index("--state") + 1]))
@@ -38,15 +38,17 @@ answer_file, requests_file = sys.argv[sys.argv.index("--answer") + 1], sys.argv[
 
 class Scorer(BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
+        body = {"ready": True} if self.path == "/health" else {"completed": 2, "total": 3, "rate": 4.0}
+        self.send_response(200 if self.path in ("/health", "/progress") else 404)
         self.end_headers()
-        self.wfile.write(json.dumps({"ready": True}).encode())
+        self.wfile.write(json.dumps(body).encode())
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with open(requests_file, "a") as f:
             f.write(json.dumps({"auth": self.headers.get("Authorization"), "body": body}) + "\n")
         status, answer = json.load(open(answer_file))
+        time.sleep(answer.pop("delay_s", 0))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -243,3 +245,16 @@ def test_settings_fingerprint_sees_secrets_and_paths_but_not_batch_roots(
     differ = [k for k, v in settings_fingerprint(base).items() if other[k] != v]
     assert differ == ["s3_secret_key"]
     assert "a" * 16 not in json.dumps(settings_fingerprint(base))  # never sent in clear
+
+
+def test_a_batch_that_takes_a_while_shows_the_scorers_progress(stand_in: StandIn) -> None:
+    stand_in.answer(200, {"ok": True, "summary": SUMMARY, "logs": [], "delay_s": 2.5})
+    r = CliRunner().invoke(cli.app, ["score", "file:///data/inbox"])
+    assert r.exit_code == 0, r.output
+    assert "scoring" in r.output and "2/3" in r.output  # the bar, fed by /progress
+    assert "batch 2026-07-01-inbox with model v-warm (scored)" in r.output
+
+
+def test_a_quick_batch_shows_no_bar(stand_in: StandIn) -> None:
+    r = CliRunner().invoke(cli.app, ["score", "file:///data/inbox"])
+    assert r.exit_code == 0 and "2/3" not in r.output, r.output
