@@ -25,12 +25,13 @@ def lake_maintenance(
     orphans_older_than_days: Annotated[float, Field(ge=0)] = DEFAULT_ORPHAN_DAYS,
     dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Expire snapshots older than N days, then remove orphan files older than M days.
+    """Expire snapshots older than N days, then remove orphan files and abort unfinished multipart
+    uploads older than M days.
 
     Args:
         older_than_days: snapshots older than this are expired (time travel past them ends).
-        orphans_older_than_days: unreferenced files older than this are deleted (younger ones may
-            belong to a commit in flight).
+        orphans_older_than_days: unreferenced files and unfinished uploads older than this are
+            deleted (younger ones may belong to a commit in flight).
         dry_run: expire nothing; report the orphan files that would be removed.
     """
     settings = load_settings()
@@ -39,8 +40,9 @@ def lake_maintenance(
         prepare_lake(cfg)
         out = maintain_lake(cfg, older_than_days, orphans_older_than_days, dry_run)
     get_run_logger().info(
-        "lake maintenance done: %d snapshots expired, %d orphan files",
+        "lake maintenance done: %d snapshots expired, %d orphan files, %d unfinished uploads",
         out.snapshots_expired,
         out.orphan_files,
+        len(out.stale_uploads),
     )
     return out.model_dump(mode="json")

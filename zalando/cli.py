@@ -1193,10 +1193,15 @@ def lake_maintain(
         table.add_row(t.table, str(t.snapshots_expired), str(t.orphan_files))
     table.add_row("[bold]total", f"[bold]{out.snapshots_expired}", f"[bold]{out.orphan_files}")
     console.print(table)
+    console.print(
+        f"unfinished uploads {'found' if dry_run else 'aborted'}: {len(out.stale_uploads)}", highlight=False
+    )
     if verbose:
         for t in out.tables:
             for key in t.orphan_keys:
                 console.print(f"  {t.table}: {key}", highlight=False)
+        for key in out.stale_uploads:
+            console.print(f"  unfinished upload: {key}", highlight=False)
     console.print(f"done in {out.seconds:.1f}s")
 
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -324,6 +324,41 @@ class Lake:
                     log.info("aborted the unfinished upload of %s/%s", bucket, key)
         except Exception as e:  # noqa: BLE001 - cleanup must not hide the write's own error
             log.warning("could not abort unfinished uploads of %s/%s: %s", bucket, key, _first_line(e))
+
+    def stale_uploads(self, older_than: timedelta, *, abort: bool) -> list[str]:
+        """Keys (relative to the lake's root) of the unfinished multipart uploads under the lake that
+        were started more than ``older_than`` ago, aborted when ``abort``. A writer killed mid-upload
+        leaves its parts behind, holding storage no listing shows; younger uploads may be in flight.
+        A local lake has none."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self.s3 is None:
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        prefix = f"{prefix}/" if prefix else ""
+        cutoff = datetime.now(UTC) - older_than
+        client = self._boto_client()
+        found: list[str] = []
+        marker: dict[str, str] = {}
+        try:
+            while True:
+                page = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix, **marker)
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] >= cutoff or not upload["Key"].startswith(prefix):
+                        continue
+                    found.append(upload["Key"][len(prefix) :])
+                    if abort:
+                        client.abort_multipart_upload(
+                            Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                if not page.get("IsTruncated"):
+                    return sorted(found)
+                marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+        except (BotoCoreError, ClientError) as e:
+            raise LakeError(
+                f"lake unfinished uploads under {self.uri_root}: {_first_line(e)}",
+                transient=storage_fault_is_transient(e),
+            ) from None
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)

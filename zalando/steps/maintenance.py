@@ -5,7 +5,9 @@ also leaves the replaced data files behind for time travel. :func:`maintain_lake
 snapshots older than N days (time travel past them ends; each table's current snapshot always
 stays), then deletes the files under the tables' locations that no live snapshot or metadata file
 references and that are older than M days (younger ones may belong to a commit in flight, or to
-scoring shards waiting for their batch's commit). Run weekly by the ``lake-maintenance`` deployment,
+scoring shards waiting for their batch's commit), and aborts the multipart uploads under the lake
+left unfinished for as long (a writer killed mid-upload: its parts hold storage that no listing
+shows). Run weekly by the ``lake-maintenance`` deployment,
 or by hand with ``zalando lake maintain``.
 """
 
@@ -41,6 +43,7 @@ class MaintenanceResult(BaseModel):
     orphans_older_than_days: float
     dry_run: bool
     tables: list[TableMaintenance]
+    stale_uploads: list[str] = []  # keys of the unfinished uploads aborted (or, on a dry run, found)
     seconds: float
 
     @property
@@ -59,8 +62,9 @@ def maintain_lake(
     orphans_older_than_days: float = DEFAULT_ORPHAN_DAYS,
     dry_run: bool = False,
 ) -> MaintenanceResult:
-    """Expire snapshots older than ``older_than_days``, then remove orphan files older than
-    ``orphans_older_than_days`` (a dry run expires nothing and lists the orphans it would remove)."""
+    """Expire snapshots older than ``older_than_days``, then remove orphan files and abort unfinished
+    uploads older than ``orphans_older_than_days`` (a dry run changes nothing and lists what it would
+    remove)."""
     from zalando.lake.commit import maintain
 
     t0 = time.perf_counter()
@@ -80,18 +84,21 @@ def maintain_lake(
         )
         for name in names
     ]
+    uploads = lake.stale_uploads(timedelta(days=orphans_older_than_days), abort=not dry_run)
     result = MaintenanceResult(
         older_than_days=older_than_days,
         orphans_older_than_days=orphans_older_than_days,
         dry_run=dry_run,
         tables=tables,
+        stale_uploads=uploads,
         seconds=round(time.perf_counter() - t0, 2),
     )
     log.info(
-        "lake maintenance%s: %d snapshots expired, %d orphan files %s in %.1fs",
+        "lake maintenance%s: %d snapshots expired, %d orphan files and %d unfinished uploads %s in %.1fs",
         " (dry run)" if dry_run else "",
         result.snapshots_expired,
         result.orphan_files,
+        len(uploads),
         "found" if dry_run else "removed",
         result.seconds,
     )
