@@ -206,16 +206,20 @@ class Stack:
         return True
 
     def _wait_server(self) -> None:
-        deadline = time.monotonic() + SERVER_TIMEOUT_S
+        self._wait_healthy(PREFECT_SERVER, "Prefect server", f"{self.api_url}/health", SERVER_TIMEOUT_S)
+
+    def _wait_healthy(self, name: str, what: str, health_url: str, timeout_s: float) -> None:
+        """Until ``health_url`` answers 200; a StackError when component ``name`` exits or it takes
+        longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if http_ok(f"{self.api_url}/health"):
+            if http_ok(health_url):
                 return
-            if self._running(PREFECT_SERVER) is None:
-                raise StackError(f"Prefect server exited at start: {self._log_tail(PREFECT_SERVER)}")
+            if self._running(name) is None:
+                raise StackError(f"{what} exited at start: {self._log_tail(name)}")
             time.sleep(0.5)
         raise StackError(
-            f"Prefect server did not answer on {self.api_url} within {SERVER_TIMEOUT_S:.0f}s; "
-            f"see {self._log_file(PREFECT_SERVER)}"
+            f"{what} did not answer on {health_url} within {timeout_s:.0f}s; see {self._log_file(name)}"
         )
 
     def start_worker(self) -> bool:
@@ -286,16 +290,7 @@ class Stack:
         return f"http://127.0.0.1:{json.loads(local_stack.scorer_file(self.work_dir).read_text())['port']}"
 
     def _wait_scorer(self) -> None:
-        deadline = time.monotonic() + SCORER_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if http_ok(f"{self._scorer_url()}/health"):
-                return
-            if self._running(SCORER) is None:
-                raise StackError(f"scorer exited at start: {self._log_tail(SCORER)}")
-            time.sleep(0.5)
-        raise StackError(
-            f"scorer did not answer within {SCORER_TIMEOUT_S:.0f}s; see {self._log_file(SCORER)}"
-        )
+        self._wait_healthy(SCORER, "scorer", f"{self._scorer_url()}/health", SCORER_TIMEOUT_S)
 
     def stop_scorer(self) -> bool:
         stopped = self._stop(SCORER)

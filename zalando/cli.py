@@ -607,19 +607,18 @@ def score(
     setup_logging(verbose)
     _check_score_options(runner, date_from, date_to, catalog, batch_uri, dask_address, shadow, country, full)
     settings = settings_from()
+    options = dict(
+        runner=runner,
+        shard_size=shard_size,
+        workers=workers,
+        force=force,
+        dask_address=dask_address,
+        allow_empty=allow_empty,
+        shadow=shadow,
+    )
     if not catalog and date_from is None:
         request = dict(
-            location=batch_uri,
-            batch_date=batch_date,
-            model_version=model_version,
-            runner=runner,
-            shard_size=shard_size,
-            workers=workers,
-            force=force,
-            dask_address=dask_address,
-            allow_empty=allow_empty,
-            shadow=shadow,
-            verbose=verbose,
+            options, location=batch_uri, batch_date=batch_date, model_version=model_version, verbose=verbose
         )
         if _score_in_stack(settings, request):
             return
@@ -634,16 +633,7 @@ def score(
         )
         return
     with lake_session(settings) as lake:
-        kw = dict(
-            prefect_api=prefect_api,
-            runner=runner,
-            shard_size=shard_size,
-            workers=workers,
-            force=force,
-            dask_address=dask_address,
-            allow_empty=allow_empty,
-            shadow=shadow,
-        )
+        kw = dict(options, prefect_api=prefect_api)
         if date_from is None:
             location = batch_uri or find_demo_batch(lake)
             summary = score_one(

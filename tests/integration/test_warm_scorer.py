@@ -22,10 +22,8 @@ from zalando.s3server import free_port_block, pid_alive
 from zalando.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, StackScorer, Settings]]:
-    """The stack's scorer on a file:// lake without a champion, as `up` starts it."""
-    tmp = tmp_path_factory.mktemp("warm")
+def _stack(tmp: Path) -> Any:
+    """The stack of a work folder in ``tmp`` with a file:// lake (no S3 server, no Prefect server)."""
     env = {
         "PATH": "/usr/bin:/bin",
         "ZALANDO_WORK_DIR": str(tmp / "work"),
@@ -33,7 +31,13 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Stac
         "ZALANDO_PREFECT_PORT": str(free_port_block(1)),
         "ZALANDO_TORCH_THREADS": "1",
     }
-    stack = load_stack_module("zalando_stack_scorer").Stack.from_env(env)
+    return load_stack_module("zalando_stack_scorer").Stack.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, StackScorer, Settings]]:
+    """The stack's scorer on a file:// lake without a champion, as `up` starts it."""
+    stack = _stack(tmp_path_factory.mktemp("warm"))
     assert stack.start_scorer()
     stack._save_started([SCORER])  # what `up` records
     try:
@@ -108,14 +112,7 @@ def test_bad_input_is_one_line_and_exit_2_as_in_the_cli(scorer: Any, tmp_path: P
 
 
 def test_stop_removes_the_process_and_its_token(tmp_path: Path) -> None:
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "ZALANDO_WORK_DIR": str(tmp_path / "work"),
-        "ZALANDO_LAKE_URI": (tmp_path / "lake").as_uri(),
-        "ZALANDO_PREFECT_PORT": str(free_port_block(1)),
-        "ZALANDO_TORCH_THREADS": "1",
-    }
-    stack = load_stack_module("zalando_stack_scorer_stop").Stack.from_env(env)
+    stack = _stack(tmp_path)
     assert stack.start_scorer()
     pid = stack._running(SCORER)
     assert pid is not None and not stack.start_scorer()  # running: not started twice
