@@ -29,8 +29,32 @@ SCORER = "scorer"  # the warm scorer (infra/scorer.py)
 HEALTH_TIMEOUT_S = 0.5  # a live local server answers /health in milliseconds
 # what a component's command line must hold to be ours (a reused pid runs something else)
 COMMAND_MARKERS = {SCORER: "scorer.py"}
-# settings that may differ between the CLI and the scorer: the CLI sends its own batch roots
+# settings that may differ between the CLI and the scorer: the CLI sends its own batch roots, and
+# these are read by ingest, training, feedback and the catalogue, never by scoring a file or S3 batch
+# (`make up` sets ZALANDO_DATA_SOURCE for the stack, a user's shell usually does not). A new setting
+# is compared until it is listed here.
 PER_REQUEST_SETTINGS = frozenset({"batch_roots"})
+NOT_READ_BY_SCORING = frozenset(
+    {
+        "data_source",
+        "seed",
+        "experiments_file",
+        "device",
+        "kpi_thresholds",
+        "feedback_weight",
+        "feedback_holdout",
+        "catalog_dsn",
+        "catalog_user",
+        "catalog_password",
+        "catalog_db",
+        "catalog_port",
+        "catalog_fetch_concurrency",
+        "catalog_fetch_timeout_s",
+        "catalog_fetch_retries",
+        "catalog_fetch_max_redirects",
+        "catalog_fetch_hosts",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -182,10 +206,11 @@ def running_scorer(work_dir: Path, timeout: float = HEALTH_TIMEOUT_S) -> StackSc
 
 def settings_fingerprint(settings: Any) -> dict[str, str]:
     """A short hash of every setting's value (secrets included, never sent in clear): the scorer takes
-    a batch only when its settings are the CLI's, apart from :data:`PER_REQUEST_SETTINGS`."""
+    a batch only when its settings are the CLI's, apart from :data:`PER_REQUEST_SETTINGS` and
+    :data:`NOT_READ_BY_SCORING`."""
     out: dict[str, str] = {}
     for name in sorted(type(settings).model_fields):
-        if name in PER_REQUEST_SETTINGS:
+        if name in PER_REQUEST_SETTINGS or name in NOT_READ_BY_SCORING:
             continue
         value = getattr(settings, name)
         if hasattr(value, "get_secret_value"):

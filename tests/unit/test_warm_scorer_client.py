@@ -245,6 +245,10 @@ def test_settings_fingerprint_sees_secrets_and_paths_but_not_batch_roots(
     differ = [k for k, v in settings_fingerprint(base).items() if other[k] != v]
     assert differ == ["s3_secret_key"]
     assert "a" * 16 not in json.dumps(settings_fingerprint(base))  # never sent in clear
+    # `make up` gives the stack ZALANDO_DATA_SOURCE; scoring never reads it (nor the training seed)
+    ingest_only = Settings(work_dir=Path("work"), s3_secret_key="a" * 16, data_source="/elsewhere", seed=7)
+    assert settings_fingerprint(ingest_only) == settings_fingerprint(base)
+    assert set(local_stack.NOT_READ_BY_SCORING) <= set(Settings.model_fields)  # no stale names
 
 
 def test_a_batch_that_takes_a_while_shows_the_scorers_progress(stand_in: StandIn) -> None:
