@@ -239,7 +239,6 @@ def test_labels_import_sends_its_kpis_through_the_stacks_server(
     """With the stack up, the KPI measurement of `labels import` runs the `feedback` flow on the stack's
     server, so its alarm event reaches the automation (without it: the step, the alarm sent later)."""
     import flows.feedback
-
     from zalando import cli_review
 
     seen: list[str | None] = []
