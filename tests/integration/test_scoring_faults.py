@@ -11,6 +11,8 @@ exactly one row per input image.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import sqlite3
 import threading
 import time
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
@@ -33,15 +36,17 @@ from tests.scoring_support import (
 from zalando.errors import LakeError
 from zalando.lake import Lake, S3Config
 from zalando.lake.catalog import LakeCatalog, RetryPolicy, open_catalog
+from zalando.lake.keys import shard_marker_key
 from zalando.s3server import S3Server, free_port_block
-from zalando.scoring import commit as scoring_commit
 from zalando.scoring import (
+    ScoringError,
     finalize_batch,
     is_batch_committed,
     prepare_batch,
     score_batch,
     score_shard,
 )
+from zalando.scoring import commit as scoring_commit
 from zalando.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -320,6 +325,113 @@ def test_two_runs_of_one_batch_at_once_leave_one_row_per_image(
         "both completed; each commit replaced the batch's rows whole",
         retried="commit conflicts: retried on the fresh snapshot",
         lost="nothing: exactly one row per image (60), one quarantine row",
+    )
+
+
+def _marker_keys(lake: Lake, plan: Any) -> list[str]:
+    return [shard_marker_key(s.batch_date, V, s.batch_id, s.shard_id) for s in plan.shards]
+
+
+def test_a_torn_read_of_a_shard_marker_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: RecordProperty
+) -> None:
+    # SeaweedFS serves a read that overlaps a rewrite of the object torn (2 of 1,923 reads while
+    # one key was rewritten for 10 s); two runs of one batch rewrite each other's markers.
+    lake = Lake.local(tmp_path / "lake")
+    cat = catalog_for(lake, tmp_path / "work")
+    ids = put_batch(lake, "inbox/torn")
+    plan, results = scored_plan(cat, "inbox/torn")
+    torn_key = _marker_keys(lake, plan)[1]
+    real_read, torn = Lake.read_bytes, []
+
+    def read_bytes(self: Lake, key: str) -> bytes:
+        data = real_read(self, key)
+        if key == torn_key and len(torn) < 2:
+            torn.append(key)
+            return data[: len(data) // 2]  # the first half, as a torn read returns it
+        return data
+
+    monkeypatch.setattr(Lake, "read_bytes", read_bytes)
+    r = finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    monkeypatch.undo()
+    assert len(torn) == 2 and r.scored == N
+    assert_exactly_once(cat, r.batch_id, ids)
+    record_case(
+        record_property,
+        "scoring: a shard marker read torn twice at the commit",
+        "read again after a pause; the batch committed",
+        retried="yes: the marker was read a third time",
+        lost="nothing (60 rows)",
+    )
+
+
+def _rewrite_shard_files(lake: Lake, marker_key: str, *, new_marker: bool) -> None:
+    """What another run of the batch does to a shard: rewrite its files (other bytes, same rows)
+    and, with ``new_marker``, then its marker."""
+    marker = lake.read_json(marker_key)
+    for key, entry in marker["files"].items():
+        table = pq.read_table(io.BytesIO(lake.read_bytes(key)))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="gzip")
+        lake.write_bytes(key, buf.getvalue())
+        entry.update(sha256=hashlib.sha256(buf.getvalue()).hexdigest(), bytes=len(buf.getvalue()))
+    if new_marker:
+        lake.write_json(marker_key, marker)
+
+
+def test_a_shard_another_run_rescored_after_our_read_is_accepted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: RecordProperty
+) -> None:
+    lake = Lake.local(tmp_path / "lake")
+    cat = catalog_for(lake, tmp_path / "work")
+    ids = put_batch(lake, "inbox/again")
+    plan, results = scored_plan(cat, "inbox/again")
+    real_read = scoring_commit.read_shard_markers
+
+    def read_then_rival_rescores(*a: Any, **kw: Any) -> Any:
+        markers = real_read(*a, **kw)  # our run holds the old markers ...
+        _rewrite_shard_files(lake, _marker_keys(lake, plan)[0], new_marker=True)  # ... the rival rewrites
+        return markers
+
+    monkeypatch.setattr(scoring_commit, "read_shard_markers", read_then_rival_rescores)
+    r = finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    monkeypatch.undo()
+    assert r.scored == N
+    assert_exactly_once(cat, r.batch_id, ids)
+    record_case(
+        record_property,
+        "scoring: another run rescored a shard between our marker read and our checksum check",
+        "the shard's new marker lists the new checksums: accepted, the batch committed",
+        retried="yes: the marker was read again",
+        lost="nothing (60 rows, each once)",
+    )
+
+
+def test_a_shard_file_changed_after_its_marker_is_refused_and_rescored(
+    tmp_path: Path, record_property: RecordProperty
+) -> None:
+    lake = Lake.local(tmp_path / "lake")
+    cat = catalog_for(lake, tmp_path / "work")
+    ids = put_batch(lake, "inbox/changed")
+    plan, results = scored_plan(cat, "inbox/changed")
+    keys = _marker_keys(lake, plan)
+    _rewrite_shard_files(lake, keys[2], new_marker=False)  # files rewritten, the marker not
+    with pytest.raises(ScoringError) as e:
+        finalize_batch(cat, plan.batch, plan.shards, V, results=results)
+    assert "files of shards [2] changed after they committed" in one_line(e.value)
+    assert not lake.exists(keys[2]) and lake.exists(keys[0])  # only that shard is scored again
+    assert not is_batch_committed(cat, plan.batch_id, V)
+    predictor = FakePredictor()
+    r = score_batch(cat, "inbox/changed", predictor=predictor, model_version=V, batch_date="2026-06-01",
+                    shard_size=20)  # fmt: skip
+    assert predictor.calls == 1 and r.shards_skipped == r.shards - 1
+    assert_exactly_once(cat, r.batch_id, ids)
+    record_case(
+        record_property,
+        "scoring: a shard's file rewritten after its marker, with no new marker",
+        "one-line ScoringError naming the shard; its marker removed; the re-run rescored only it",
+        retried="yes: looked at again after pauses, then refused",
+        lost="nothing (60 rows, each once, after the re-run)",
     )
 
 

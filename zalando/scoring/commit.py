@@ -54,9 +54,11 @@ from zalando.scoring.batch import Batch, ShardRef
 from zalando.scoring.shadow import ShadowResult
 from zalando.scoring.shard import (
     CONFIDENCE_BINS,
+    TORN_READ_PAUSES_S,
     ScoringError,
     ScoringOptions,
     ShardResult,
+    read_marker,
     read_shard_markers,
 )
 
@@ -379,15 +381,37 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str
     """Every file a marker lists still has its checksum, and the predictions files hold each image
     id once.
 
-    A mismatch means someone rewrote a file after its shard committed: that shard's marker is
-    removed, so the next run scores it again, and the batch is not committed.
+    A mismatch is looked at again after a pause (:data:`TORN_READ_PAUSES_S`): the read may have
+    been torn, or another run of the same batch may have rescored the shard and rewritten its files
+    and then its marker, which then lists the new checksum. A mismatch that stays means someone
+    rewrote a file after its shard committed: that shard's marker is removed, so the next run
+    scores it again, and the batch is not committed.
     """
     jobs = [(m, key, entry) for m in markers for key, entry in m["files"].items()]
 
+    def matches(marker: dict[str, Any], key: str) -> bytes | None:
+        data = lake.read_bytes(key)
+        if hashlib.sha256(data).hexdigest() == marker["files"][key]["sha256"]:
+            return data
+        for pause in TORN_READ_PAUSES_S:
+            time.sleep(pause)
+            again = read_marker(
+                lake,
+                shard_marker_key(marker["batch_date"], marker["model_version"], batch_id, marker["shard_id"]),
+            )
+            if again is None or key not in again.get("files", {}):
+                return None
+            data = lake.read_bytes(key)
+            if hashlib.sha256(data).hexdigest() == again["files"][key]["sha256"]:
+                log.info("batch %s: shard %s's %s was rewritten by another run; its marker agrees",
+                         batch_id, marker["shard_id"], key)  # fmt: skip
+                return data
+        return None
+
     def check(job: tuple[dict[str, Any], str, dict[str, Any]]) -> tuple[int | None, pa.Array | None]:
         marker, key, entry = job
-        data = lake.read_bytes(key)
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        data = matches(marker, key)
+        if data is None:
             return int(marker["shard_id"]), None
         if entry.get("table") == PREDICTIONS:
             ids = pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id")

@@ -163,14 +163,34 @@ def quarantine_table(
 # ------------------------------------------------------------------------------------ markers
 
 
+# A read that overlaps a rewrite of the same object can come back torn on some S3 servers
+# (SeaweedFS: 2 of 1,923 reads while one key was rewritten for 10 s); S3 and MinIO serve the old
+# or the new object whole. Two runs of one batch rewrite each other's markers, so a marker that
+# does not parse is read again after a pause before it counts as missing.
+TORN_READ_PAUSES_S = (0.05, 0.2, 0.5)
+
+
+def read_marker(lake: Lake, key: str) -> dict[str, Any] | None:
+    """The marker at ``key``; None when it is absent or still unreadable after the re-reads."""
+    for pause in (*TORN_READ_PAUSES_S, None):
+        if not lake.exists(key):
+            return None
+        try:
+            marker = lake.read_json(key)
+        except (ZalandoError, ValueError):
+            marker = None
+        if isinstance(marker, dict):
+            return marker
+        if pause is not None:
+            time.sleep(pause)
+    log.warning("shard marker %s does not parse; treating it as missing", lake.uri(key))
+    return None
+
+
 def shard_is_committed(lake: Lake, ref: ShardRef, model_version: str) -> dict[str, Any] | None:
     """The shard's marker when it matches this shard and model and its files exist, else None."""
-    key = shard_marker_key(ref.batch_date, model_version, ref.batch_id, ref.shard_id)
-    if not lake.exists(key):
-        return None
-    try:
-        marker = lake.read_json(key)
-    except (ZalandoError, ValueError):
+    marker = read_marker(lake, shard_marker_key(ref.batch_date, model_version, ref.batch_id, ref.shard_id))
+    if marker is None:
         return None
     if marker.get("fingerprint") != ref.fingerprint or marker.get("model_version") != model_version:
         log.info("shard %s/%d: marker is for another plan or model; rescoring", ref.batch_id, ref.shard_id)
