@@ -51,6 +51,25 @@ def test_tampered_file_is_detected(local_lake: Lake, tmp_path) -> None:
         local_lake.read_file("reports/run_id=r", "report.md")
 
 
+def test_json_read_torn_is_read_again_and_json_that_stays_broken_raises(
+    local_lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local_lake.write_json("registry/champion.json", {"model_version": "v1"})
+    real, reads = Lake.read_bytes, []
+
+    def torn_once(self: Lake, key: str) -> bytes:
+        reads.append(key)
+        data = real(self, key)
+        return data[:5] if len(reads) == 1 else data  # the first read overlaps a rewrite
+
+    monkeypatch.setattr(Lake, "read_bytes", torn_once)
+    assert local_lake.read_json("registry/champion.json") == {"model_version": "v1"} and len(reads) == 2
+    monkeypatch.undo()
+    local_lake.write_bytes("registry/broken.json", b'{"model_version": ')
+    with pytest.raises(ValueError):
+        local_lake.read_json("registry/broken.json")
+
+
 @pytest.mark.parametrize("key", ["../etc/passwd", "/abs/key", "a//b", "a/./b", "a/b c", "a\\b", ""])
 def test_bad_keys_are_refused(key: str) -> None:
     with pytest.raises(LakeError):

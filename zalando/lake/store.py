@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "_MANIFEST.json"
 _SINGLE_PUT_BYTES = 10 * 1024 * 1024  # pyarrow's S3 part size: bigger objects go up in parts
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=:+@,-]+$")
+# A read that overlaps a rewrite of the same object can come back torn on some S3 servers
+# (SeaweedFS: 2 of 1,923 reads while one key was rewritten for 10 s); S3 and MinIO serve the old
+# or the new object whole. JSON that does not parse is read again after these pauses.
+TORN_READ_PAUSES_S = (0.05, 0.2, 0.5)
 
 
 def validate_key(key: str) -> str:
@@ -376,6 +380,13 @@ class Lake:
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, key: str) -> Any:
+        """The object at ``key`` parsed as JSON; read again after a pause while it does not parse
+        (a torn read, :data:`TORN_READ_PAUSES_S`); ValueError when it still does not."""
+        for pause in TORN_READ_PAUSES_S:
+            try:
+                return json.loads(self.read_bytes(key))
+            except ValueError:
+                time.sleep(pause)
         return json.loads(self.read_bytes(key))
 
     def exists(self, key: str) -> bool:

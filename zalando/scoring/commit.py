@@ -41,6 +41,7 @@ from zalando.lake import Lake
 from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import CommitResult, add_data_files, replace_partition, scan
 from zalando.lake.keys import shard_marker_key, shard_markers_prefix
+from zalando.lake.store import TORN_READ_PAUSES_S
 from zalando.lake.tables import (
     BATCHES,
     PREDICTIONS,
@@ -54,7 +55,6 @@ from zalando.scoring.batch import Batch, ShardRef
 from zalando.scoring.shadow import ShadowResult
 from zalando.scoring.shard import (
     CONFIDENCE_BINS,
-    TORN_READ_PAUSES_S,
     ScoringError,
     ScoringOptions,
     ShardResult,

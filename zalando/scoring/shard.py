@@ -163,28 +163,16 @@ def quarantine_table(
 # ------------------------------------------------------------------------------------ markers
 
 
-# A read that overlaps a rewrite of the same object can come back torn on some S3 servers
-# (SeaweedFS: 2 of 1,923 reads while one key was rewritten for 10 s); S3 and MinIO serve the old
-# or the new object whole. Two runs of one batch rewrite each other's markers, so a marker that
-# does not parse is read again after a pause before it counts as missing.
-TORN_READ_PAUSES_S = (0.05, 0.2, 0.5)
-
-
 def read_marker(lake: Lake, key: str) -> dict[str, Any] | None:
-    """The marker at ``key``; None when it is absent or still unreadable after the re-reads."""
-    for pause in (*TORN_READ_PAUSES_S, None):
-        if not lake.exists(key):
-            return None
-        try:
-            marker = lake.read_json(key)
-        except (ZalandoError, ValueError):
-            marker = None
-        if isinstance(marker, dict):
-            return marker
-        if pause is not None:
-            time.sleep(pause)
-    log.warning("shard marker %s does not parse; treating it as missing", lake.uri(key))
-    return None
+    """The marker at ``key``; None when it is absent or does not parse (after the torn-read re-reads)."""
+    if not lake.exists(key):
+        return None
+    try:
+        marker = lake.read_json(key)
+    except (ZalandoError, ValueError):
+        log.warning("shard marker %s does not parse; treating it as missing", lake.uri(key))
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def shard_is_committed(lake: Lake, ref: ShardRef, model_version: str) -> dict[str, Any] | None:
