@@ -27,6 +27,17 @@ TEST_ACCESS_KEY = "zalando-test"
 TEST_SECRET_KEY = "zalando-test-secret-3f9a"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``: two workers, ``--dist loadgroup``) a test file is one
+    group, so its module and session fixtures start once, on one worker; every e2e file shares one
+    group, so one live stack (Prefect server, S3, worker, scorer) serves them all."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        rel = item.path.relative_to(REPO / "tests")
+        item.add_marker(pytest.mark.xdist_group("e2e" if rel.parts[0] == "e2e" else rel.as_posix()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -96,13 +96,19 @@ class LiveStack:
     def get(self, path: str) -> Any:
         return json.loads(self._open(f"{self.api}{path}"))
 
-    def settings(self):  # the Settings the worker's flow runs see
+    def settings(self):  # the Settings the worker's flow runs see: the stack's env, nothing of ours
         from zalando.settings import Settings
 
         keys = {k[len("ZALANDO_") :].lower(): v for k, v in self.env.items() if k.startswith("ZALANDO_")}
         keys.pop("prefect_port", None)
         keys.pop("home", None)
-        return Settings(**keys)
+        # Settings also reads os.environ: a session fixture of another tier (flow_env sets
+        # ZALANDO_S3_ENDPOINT to the tests' own S3 server) must not point us at another server
+        ours = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("ZALANDO_")}
+        try:
+            return Settings(**keys)
+        finally:
+            os.environ.update(ours)
 
 
 def _log_tails(work_dir: Path) -> str:

@@ -12,6 +12,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -147,14 +148,19 @@ def test_embedded_server_is_started_once_reused_replaces_a_stale_pid_file_and_st
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to the postgres user")
-def test_a_work_folder_the_postgres_user_cannot_enter_is_one_clear_line(tmp_path: Path) -> None:
-    closed = tmp_path / "closed"  # pytest's tmp folders are 0700 root
-    server = PostgresServer(
-        state_dir=closed / "postgres", port=free_port_block(size=1), user="u", password="p"
-    )
-    with pytest.raises(CatalogueError, match="`postgres` user cannot reach"):
-        server.start()
-    assert not (server.data_dir / "PG_VERSION").exists()
+def test_a_work_folder_the_postgres_user_cannot_enter_is_one_clear_line() -> None:
+    # a folder of root's, 0700, with a short path: pytest's own (…/popen-gw1/test_a_work_…) can be
+    # too long for the server's socket, which is checked first
+    with tempfile.TemporaryDirectory(prefix="zc-") as folder:
+        server = PostgresServer(
+            state_dir=Path(folder) / "closed" / "postgres",
+            port=free_port_block(size=1),
+            user="u",
+            password="p",
+        )
+        with pytest.raises(CatalogueError, match="`postgres` user cannot reach"):
+            server.start()
+        assert not (server.data_dir / "PG_VERSION").exists()
 
 
 # ------------------------------------------------------------------------------ the schema

@@ -114,8 +114,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             try:
+                # 40 MB: more than loopback's socket buffers can hold, so a client that hangs up
+                # at the cap leaves the server unable to send it all
                 for _ in range(2000):
-                    block = PNG + b"\0" * 1000
+                    block = PNG + b"\0" * 20_000
                     self.wfile.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
                 self.wfile.write(b"0\r\n\r\n")
                 srv.big_finished = True
