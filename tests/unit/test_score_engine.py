@@ -599,6 +599,45 @@ def test_drift_monitoring_reads_the_sample_and_the_predictions_through_the_table
     assert all(n > 0 for n in committed.column("min_n").to_pylist())
 
 
+def test_drift_reads_the_pixels_the_shards_kept_and_they_match_decoding_the_inputs_again(
+    cat: LakeCatalog, lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zalando.drift import reference_profile
+    from zalando.registry import save_reference
+    from zalando.steps import monitoring
+
+    reference_images = mnist_like(300, seed=7)
+    probs, embeddings = FakePredictor().predict(reference_images)
+    save_reference(lake, V, reference_profile(reference_images, probs, embeddings, np.ones(5), sample_size=100),
+                   run_id="t")  # fmt: skip
+    src, _ = _good_batch(tmp_path / "in", n=40, seed=3)
+    plan = prepare_batch(cat, src.as_uri(), model_version=V, batch_date="2026-03-16", check_model=False)
+    finalize_batch(
+        cat,
+        plan.batch,
+        plan.shards,
+        V,
+        results=[score_shard(lake, s, FakePredictor(), V) for s in plan.shards],
+    )
+    real_sample, real_decode = monitoring._embedding_sample, monitoring._sample_images
+    sample = real_sample(cat, plan.batch_id, V)
+    assert sample.column("pixels").type == pa.binary(784) and sample.num_rows == 40
+
+    def no_decoding(*a: object, **k: object) -> None:
+        raise AssertionError("drift decoded the batch's inputs a second time")
+
+    monkeypatch.setattr(monitoring, "_sample_images", no_decoding)
+    kept = monitoring.monitor_batch(cat, plan, "run-kept")
+    # a sample written before samples kept their pixels: the inputs are decoded again, same numbers
+    monkeypatch.setattr(monitoring, "_sample_images", real_decode)
+    monkeypatch.setattr(monitoring, "_embedding_sample", lambda *a: real_sample(*a).drop_columns(["pixels"]))
+    decoded = monitoring.monitor_batch(cat, plan, "run-decoded")
+    assert kept.rows == decoded.rows == 40
+    by_stat = [{k: r[k] for k in ("statistic", "value", "p_value", "alarm")} for r in kept.table]
+    assert by_stat == [{k: r[k] for k in ("statistic", "value", "p_value", "alarm")} for r in decoded.table]
+    assert {"pixel_mean", "embedding_mmd2"} <= {r["statistic"] for r in kept.table}
+
+
 def test_file_batches_leave_the_catalogue_columns_null_and_an_older_table_gets_them_by_evolution(
     cat: LakeCatalog, tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ from zalando.scoring.inputs import ShardInput, read_shard
 log = logging.getLogger(__name__)
 
 _GROUP_NAME_ARRAY = pa.array(GROUP_NAMES, pa.string())
+SAMPLE_PIXELS = "pixels"  # the embedding sample's column of 784 uint8 pixels per sampled image
 CONFIDENCE_BINS = 20  # bins of the confidence histogram in shard markers and the batch's row
 EVIDENCE_CAP = 64 * 1024  # quarantine rows keep at most this many first bytes of an image input
 
@@ -264,7 +265,7 @@ def score_shard(
     if data.annotate is not None:
         table = data.annotate(table, ok_idx)
     files = _write_outputs(
-        lake, shard, shard.target, model_version, table, good_ids, emb_sample, data.quarantine
+        lake, shard, shard.target, model_version, table, good_ids, emb_sample, images, data.quarantine
     )
     timings["write"] = time.perf_counter() - t
 
@@ -300,12 +301,15 @@ def _write_outputs(
     table: pa.Table,
     good_ids: pa.Array,
     emb_sample: np.ndarray | None,
+    images: np.ndarray,
     quarantine: list[dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     """Write the shard's files (in parallel: object stores answer in parallel); lake key -> marker entry.
 
     The predictions and quarantine data files are schema-checked against their tables; a shard with
-    no scored row (or no rejected one) writes no such file. The embedding sample is a plain object.
+    no scored row (or no rejected one) writes no such file. The embedding sample is a plain object:
+    the first scored ids, their embeddings and their 28x28 pixels as the model saw them (drift
+    monitoring reads those instead of decoding the batch's inputs a second time).
     """
     jobs: list[tuple[str, Any]] = []
     if table.num_rows:
@@ -325,6 +329,11 @@ def _write_outputs(
                 "image_id": good_ids.slice(0, k),
                 "embedding": pa.FixedSizeListArray.from_arrays(
                     pa.array(emb_sample.astype(np.float32).ravel()), emb_sample.shape[1]
+                ),
+                SAMPLE_PIXELS: pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(28 * 28),
+                    k,
+                    [None, pa.py_buffer(np.ascontiguousarray(images[:k], np.uint8).tobytes())],
                 ),
             }
         )

@@ -30,6 +30,7 @@ from zalando.lake.tables import PREDICTIONS, PROB_COLUMNS, prediction_partition
 from zalando.scoring.batch import Batch
 from zalando.scoring.commit import batch_record
 from zalando.scoring.run import BatchPlan
+from zalando.scoring.shard import SAMPLE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,11 @@ def monitor_batch(
             strict=True,
         )
     )
-    images_by_id = _sample_images(lake, plan.batch, set(ids), image_prep or ImagePrepConfig())
+    images_by_id = (
+        _pixels_of(emb_table)
+        if SAMPLE_PIXELS in emb_table.column_names
+        else _sample_images(lake, plan.batch, set(ids), image_prep or ImagePrepConfig())
+    )
     emb = np.asarray(emb_table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False))
     emb = emb.reshape(emb_table.num_rows, -1)
     keep = [i for i, x in enumerate(ids) if x in probs_by_id and x in images_by_id]
@@ -146,10 +151,18 @@ def _sampled_predictions(cat: LakeCatalog, plan: BatchPlan) -> pa.Table:
     return scan(cat, PREDICTIONS, flt, columns=["image_id", *PROB_COLUMNS])
 
 
+def _pixels_of(emb_table: pa.Table) -> dict[str, np.ndarray]:
+    """The sampled images as the shards kept them (28x28 uint8), by image id."""
+    col = emb_table.column(SAMPLE_PIXELS).combine_chunks()
+    flat = np.frombuffer(col.buffers()[1], np.uint8, count=len(col) * 784, offset=col.offset * 784)
+    return dict(zip(emb_table.column("image_id").to_pylist(), flat.reshape(-1, 28, 28), strict=True))
+
+
 def _sample_images(
     lake: Lake, batch: Batch, ids: set[str], image_prep: ImagePrepConfig
 ) -> dict[str, np.ndarray]:
-    """The images of the sampled ids, read again from the batch's inputs (one file at a time)."""
+    """The images of the sampled ids, read again from the batch's inputs (one file at a time): for
+    an embedding sample a shard wrote before the samples kept their pixels."""
     from zalando.images import decode_image
     from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN, image_id_for_file, open_input
     from zalando.scoring.inputs import decode_image_column
