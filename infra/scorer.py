@@ -6,7 +6,7 @@ warm run against 10 s cold on our 2-core machines: `benchmarks/cli_score.py`).
 
 It binds 127.0.0.1 on the port its state file names and asks every request for the token there
 (the file is the stack user's, mode 0600: whoever may read it may hand the scorer a folder to read).
-It runs one batch at a time through the CLI's own code (:func:`zalando.cli.score_one`: the input
+It runs one batch at a time through the CLI's own code (:func:`zalando.cli_score.score_one`: the input
 checks, then the `batch_scoring` flow on the stack's Prefect server, so the run is in the Prefect UI
 as any other), with the caller's batch roots, and only when its settings are the caller's
 (:func:`zalando.local_stack.settings_fingerprint`; else 409 and the CLI scores in its own process).
@@ -90,7 +90,8 @@ class _Current:
 
 def _score(req: ScoreRequest) -> JSONResponse:
     """Score one batch with the caller's batch roots; the caller's settings must be ours."""
-    from zalando import cli
+    from zalando import cli_common
+    from zalando.cli_score import score_one
     from zalando.local_stack import settings_fingerprint
     from zalando.scoring.batch import find_demo_batch
 
@@ -99,7 +100,7 @@ def _score(req: ScoreRequest) -> JSONResponse:
     capture = _Capture(logging.DEBUG if req.verbose else logging.INFO)
     loggers = [logging.getLogger(), logging.getLogger("prefect")]
     try:
-        settings = cli.settings_from()
+        settings = cli_common.settings_from()
         mine = settings_fingerprint(settings)
         differ = sorted(k for k in set(mine) | set(req.settings) if mine.get(k) != req.settings.get(k))
         if differ:
@@ -107,8 +108,8 @@ def _score(req: ScoreRequest) -> JSONResponse:
         for lg in loggers:
             lg.addHandler(capture)
         t0 = time.perf_counter()
-        with cli.lake_session(settings) as lake:
-            summary = cli.score_one(
+        with cli_common.lake_session(settings) as lake:
+            summary = score_one(
                 lake,
                 settings,
                 req.location or find_demo_batch(lake),
@@ -121,7 +122,7 @@ def _score(req: ScoreRequest) -> JSONResponse:
         log.info("batch %s scored in %.2fs", summary.get("batch_id"), time.perf_counter() - t0)
         body = {"ok": True, "summary": json.loads(json.dumps(summary, default=str))}
     except Exception as e:  # noqa: BLE001 - every failure goes back to the caller as the CLI would say it
-        z = cli.zalando_error_of(e)
+        z = cli_common.zalando_error_of(e)
         if z is None:
             log.exception("the scorer failed on %s", req.location)
             body = {"ok": False, "error": f"the scorer failed: {type(e).__name__}: {e}", "exit_code": 1}
@@ -141,10 +142,10 @@ def _score(req: ScoreRequest) -> JSONResponse:
 
 def _load_champion() -> str:
     """Load (once per version: the predictor cache) the lake's current champion; its version."""
-    from zalando import cli
+    from zalando import cli_common
     from zalando.scoring.champion import load_champion_predictor
 
-    with cli.lake_session(cli.settings_from()) as lake:
+    with cli_common.lake_session(cli_common.settings_from()) as lake:
         return load_champion_predictor(lake).model_version
 
 
@@ -197,11 +198,11 @@ def create_app(token: str, lock: threading.Lock | None = None) -> FastAPI:
 def warm_up() -> None:
     """Import what a batch needs and load the champion once (when there is one), before /health
     says ready: the first batch then costs what every later one does."""
-    from zalando import cli
+    from zalando import cli_common
 
-    settings = cli.settings_from()
-    cli.setup_logging(False)
-    api = cli.flow_env(settings)  # the stack's Prefect server, as the CLI's own runs use it
+    settings = cli_common.settings_from()
+    cli_common.setup_logging(False)
+    api = cli_common.flow_env(settings)  # the stack's Prefect server, as the CLI's own runs use it
     t0 = time.perf_counter()
     import flows.batch_scoring  # noqa: F401 - prefect, pyiceberg, torch, scipy: the cold start
 

@@ -8,20 +8,28 @@ directly: a flow would start a throw-away Prefect server (tens of seconds) whose
 ever sees. The KPI table is committed either way; an alarm measured without an API is recorded as not
 sent, and the next ``feedback/kpis`` run sends it.
 
-Registered in :mod:`zalando.cli`; the shared helpers (settings, the lake session, error handling) are
-imported from there when a command runs, so this module never imports the CLI at import time.
+Registered in :mod:`zalando.cli`; the shared helpers (settings, the lake session, error handling) come
+from :mod:`zalando.cli_common`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from zalando.cli_common import (
+    console,
+    fail,
+    flow_env,
+    handle_errors,
+    lake_session,
+    settings_from,
+    setup_logging,
+)
 
 labels_app = typer.Typer(
     no_args_is_help=True,
@@ -31,22 +39,9 @@ MAX_REASONS = 50
 log = logging.getLogger(__name__)
 
 
-def _cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """zalando.cli.handle_errors, looked up when the command runs (no import cycle)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from zalando.cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 def _ui_settings(**overrides: Any) -> Any:
     from pydantic import ValidationError
 
-    from zalando.cli import fail
     from zalando.ui.settings import UiSettings
 
     try:
@@ -57,7 +52,7 @@ def _ui_settings(**overrides: Any) -> Any:
         fail(f"setting {where}: {first['msg']}")
 
 
-@_cli_errors
+@handle_errors
 def ui(
     host: str = typer.Option(
         None, help="Address to bind (default 127.0.0.1); any other needs ZALANDO_UI_TOKEN"
@@ -68,7 +63,6 @@ def ui(
     """Serve the review desk: runs and reports, batches and drift, the review queue."""
     import uvicorn
 
-    from zalando.cli import console, fail, lake_session, settings_from, setup_logging
     from zalando.ui.app import create_app
     from zalando.ui.security import bind_problem
     from zalando.ui.store import LakeStore
@@ -96,7 +90,7 @@ def ui(
 
 
 @labels_app.command("import")
-@_cli_errors
+@handle_errors
 def import_labels(
     file: Path = typer.Argument(
         ..., help="A CSV (image_id,batch_id,label[,reviewer]) or a Label Studio JSON export"
@@ -109,7 +103,6 @@ def import_labels(
     ),
 ) -> None:
     """Record reviewers' decisions from a file; bad rows are rejected with a reason, good ones kept."""
-    from zalando.cli import console, lake_session, settings_from, setup_logging
     from zalando.feedback import read_feedback_file, record_decisions
     from zalando.ui.store import LakeStore
 
@@ -152,8 +145,6 @@ def _measure_kpis(settings: Any, lake: Any, batches: list[str]) -> list[Any]:
     from zalando.steps.feedback import KpiResult, measure_labelled_kpis
 
     if not os.environ.get("PREFECT_API_URL") and running_prefect(Path(settings.work_dir)) is not None:
-        from zalando.cli import flow_env
-
         log.info("Prefect API: %s", flow_env(settings))  # the stack's server: its automation sees the alarm
     if os.environ.get("PREFECT_API_URL"):
         from flows.feedback import labelled_kpis
@@ -170,8 +161,6 @@ def _measure_kpis(settings: Any, lake: Any, batches: list[str]) -> list[Any]:
 def _print_kpis(kpi: Any) -> None:
     """One batch's labelled KPIs: a table per group and the alarm (or why nothing was measured)."""
     from rich.table import Table
-
-    from zalando.cli import console
 
     if kpi.skipped:
         console.print(f"batch {kpi.batch_id}: {kpi.skipped}; no labelled KPIs", highlight=False)
@@ -202,7 +191,7 @@ def _print_kpis(kpi: Any) -> None:
 
 
 @labels_app.command("export")
-@_cli_errors
+@handle_errors
 def export_labels(
     batch_id: str = typer.Argument(..., help="The batch (see `zalando ui` or `zalando predictions`)"),
     out: Path = typer.Option(None, help="Where to write the tasks (default: label-studio-<batch id>.json)"),
@@ -213,7 +202,6 @@ def export_labels(
     ),
 ) -> None:
     """Write the batch's review items as Label Studio tasks, the model's group as a pre-annotation."""
-    from zalando.cli import console, lake_session, settings_from, setup_logging
     from zalando.feedback import label_studio_tasks
     from zalando.ui.links import image_url
     from zalando.ui.store import LakeStore

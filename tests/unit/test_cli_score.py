@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.scoring_support import mnist_like, raw_parquet
-from zalando import cli
+from zalando import cli, cli_score
 from zalando.lake import Lake
 from zalando.scoring import BatchResult, ScoringError
 
@@ -24,8 +24,8 @@ V = "v-cli"
 def lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Lake:
     monkeypatch.setenv("ZALANDO_LAKE_URI", (tmp_path / "lake").as_uri())
     monkeypatch.setenv("ZALANDO_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
-    monkeypatch.setattr(cli, "flow_env", lambda settings: None)  # no Prefect environment needed
+    monkeypatch.setattr(cli_score, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
+    monkeypatch.setattr(cli_score, "flow_env", lambda settings: None)  # no Prefect environment needed
     lake = Lake.local(tmp_path / "lake")
     for day in ("2026-05-01", "2026-05-03"):
         lake.write_bytes(f"inbox/batch_date={day}/a.parquet", raw_parquet([f"{day}-0"], mnist_like(1)))
@@ -52,7 +52,7 @@ def test_backfill_scores_days_with_input_and_says_which_days_had_none(
     lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(cli, "score_one", _fake_flow(calls))
+    monkeypatch.setattr(cli_score, "score_one", _fake_flow(calls))
     r = CliRunner().invoke(
         cli.app,
         ["score", "--from", "2026-05-01", "--to", "2026-05-03", "--model-version", V, "--workers", "2"],
@@ -74,7 +74,7 @@ def test_backfill_stops_at_the_first_failed_day_with_exit_code_2(
     lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(cli, "score_one", _fake_flow(calls, fail_on=date(2026, 5, 1)))
+    monkeypatch.setattr(cli_score, "score_one", _fake_flow(calls, fail_on=date(2026, 5, 1)))
     r = CliRunner().invoke(
         cli.app, ["score", "--from", "2026-05-01", "--to", "2026-05-03", "--model-version", V]
     )

@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import load_stack_module
-from zalando import cli, local_stack
+from zalando import cli, cli_common, cli_score, local_stack
 from zalando.errors import ZalandoError
 from zalando.local_stack import PREFECT_SERVER, running_prefect
 from zalando.s3server import free_port_block, pid_alive
@@ -55,7 +55,7 @@ PREFECT_ENV = (
     "PREFECT_HOME",
     "PREFECT_SERVER_ANALYTICS_ENABLED",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-    *cli.HEARTBEAT_SETTINGS,
+    *cli_common.HEARTBEAT_SETTINGS,
 )
 
 
@@ -114,7 +114,7 @@ def test_a_running_stack_is_found_with_its_api_and_prefect_home(live_stack: Any)
 
 
 def test_flow_env_points_prefect_at_the_stack(live_stack: Any, clean_prefect_env: None) -> None:
-    said = cli.flow_env(Settings(work_dir=live_stack.work_dir))
+    said = cli_common.flow_env(Settings(work_dir=live_stack.work_dir))
     assert os.environ["PREFECT_API_URL"] == live_stack.api_url
     assert os.environ["PREFECT_HOME"] == str(live_stack.prefect_home)
     assert said.startswith(live_stack.api_url) and "local stack" in said
@@ -124,7 +124,7 @@ def test_an_explicit_prefect_api_url_wins_over_the_stack(
     live_stack: Any, clean_prefect_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
-    said = cli.flow_env(Settings(work_dir=live_stack.work_dir))
+    said = cli_common.flow_env(Settings(work_dir=live_stack.work_dir))
     assert os.environ["PREFECT_API_URL"] == "http://prefect.example:4200/api"
     assert "PREFECT_HOME" not in os.environ
     assert said == "http://prefect.example:4200/api (PREFECT_API_URL)"
@@ -133,7 +133,7 @@ def test_an_explicit_prefect_api_url_wins_over_the_stack(
 def test_without_a_stack_a_temporary_server_keeps_the_work_folder_home(
     tmp_path: Path, clean_prefect_env: None
 ) -> None:
-    said = cli.flow_env(Settings(work_dir=tmp_path / "work"))
+    said = cli_common.flow_env(Settings(work_dir=tmp_path / "work"))
     assert "PREFECT_API_URL" not in os.environ
     assert os.environ["PREFECT_HOME"] == str((tmp_path / "work" / "prefect").resolve())
     assert (tmp_path / "work" / "prefect").is_dir()
@@ -145,11 +145,11 @@ def test_the_commands_flow_runs_send_no_heartbeats_unless_configured(
 ) -> None:
     from prefect.settings import Settings as PrefectSettings
 
-    cli.flow_env(Settings(work_dir=tmp_path))
+    cli_common.flow_env(Settings(work_dir=tmp_path))
     assert PrefectSettings().flows.heartbeat_frequency is None  # no thread to join at each run's end
     monkeypatch.delenv("PREFECT_FLOWS")
     monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
-    cli.flow_env(Settings(work_dir=tmp_path))
+    cli_common.flow_env(Settings(work_dir=tmp_path))
     assert "PREFECT_FLOWS" not in os.environ and PrefectSettings().flows.heartbeat_frequency == 60
 
 
@@ -160,7 +160,7 @@ def test_a_stack_json_whose_server_died_is_ignored(tmp_path: Path, clean_prefect
     work = tmp_path / "work"
     _record_server(work, dead.pid, free_port_block(1))
     assert running_prefect(work) is None
-    assert cli.flow_env(Settings(work_dir=work)).startswith("a temporary server")
+    assert cli_common.flow_env(Settings(work_dir=work)).startswith("a temporary server")
     assert "PREFECT_API_URL" not in os.environ
 
 
@@ -217,7 +217,7 @@ def test_zalando_score_runs_its_flow_on_the_stack_and_says_so(
 ) -> None:
     monkeypatch.setenv("ZALANDO_WORK_DIR", str(live_stack.work_dir))
     monkeypatch.setenv("ZALANDO_LAKE_URI", (tmp_path / "lake").as_uri())
-    monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
+    monkeypatch.setattr(cli_score, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
     seen: list[str | None] = []
     told: list[str | None] = []
 
@@ -226,7 +226,7 @@ def test_zalando_score_runs_its_flow_on_the_stack_and_says_so(
         told.append(kw.get("prefect_api"))  # what score_one logs once the input checks pass
         raise ZalandoError("stop here: the flow is not the point")
 
-    monkeypatch.setattr(cli, "score_one", score_one)
+    monkeypatch.setattr(cli_score, "score_one", score_one)
     r = CliRunner().invoke(cli.app, ["score", "inbox/batch_date=2026-05-01", "--model-version", "v1"])
     assert r.exit_code == 2 and "stop here" in r.output, r.output
     assert seen == [live_stack.api_url]

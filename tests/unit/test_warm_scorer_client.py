@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from zalando import cli, local_stack
+from zalando import cli, cli_score, local_stack
 from zalando.errors import ZalandoError
 from zalando.local_stack import SCORER, ScorerUnavailable, settings_fingerprint
 from zalando.s3server import free_port_block
@@ -73,7 +73,13 @@ SUMMARY = {
     "predictions_table": "zalando.predictions",
     "snapshot_id": 42,
 }
-LOGS = [{"name": "zalando.cli", "level": logging.INFO, "message": "Prefect API: X (through its warm scorer)"}]
+LOGS = [
+    {
+        "name": "zalando.cli_score",
+        "level": logging.INFO,
+        "message": "Prefect API: X (through its warm scorer)",
+    }
+]
 
 
 @dataclass
@@ -121,7 +127,7 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandI
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ZALANDO_WORK_DIR", str(work))
     monkeypatch.setenv("ZALANDO_LAKE_URI", (tmp_path / "lake").as_uri())
-    monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
+    monkeypatch.setattr(cli_score, "setup_logging", lambda verbose: None)  # keep pytest's log handlers
     try:
         deadline = time.monotonic() + 20
         while local_stack.running_scorer(work) is None:
@@ -141,8 +147,8 @@ def _in_process(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         called.append(location)
         raise ZalandoError("scored in this process")
 
-    monkeypatch.setattr(cli, "score_one", score_one)
-    monkeypatch.setattr(cli, "flow_env", lambda settings: "a test")
+    monkeypatch.setattr(cli_score, "score_one", score_one)
+    monkeypatch.setattr(cli_score, "flow_env", lambda settings: "a test")
     return called
 
 

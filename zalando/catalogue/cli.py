@@ -1,7 +1,7 @@
 """`zalando catalog …`: the retailer's catalogue (init, demo, query, status, stop).
 
 Registered in :mod:`zalando.cli` as a sub-app. Errors become one ``error:`` line and exit code 2
-through the main CLI's handler (imported when a command runs, never at import time).
+through the CLI's shared handler (:func:`zalando.cli_common.handle_errors`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from zalando.cli_common import (
+    console,
+    fail,
+    handle_errors,
+    lake_session,
+    settings_from,
+    setup_logging,
+    spinner,
+)
+
 catalog_app = typer.Typer(
     no_args_is_help=True,
     help="The retailer's catalogue in PostgreSQL (an embedded server unless ZALANDO_CATALOG_DSN is set).",
@@ -31,7 +41,6 @@ def _cli(fn: Callable[..., Any]) -> Callable[..., Any]:
         import psycopg
 
         from zalando.catalogue.errors import CatalogueError
-        from zalando.cli import handle_errors
 
         def guarded(*a: Any, **k: Any) -> Any:
             try:
@@ -58,7 +67,6 @@ def init_cmd(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     from zalando.catalogue.db import connect, conninfo_for, ensure_database
     from zalando.catalogue.schema import SCHEMA_VERSION, init_schema
     from zalando.catalogue.server import server_for
-    from zalando.cli import console, settings_from, setup_logging
 
     setup_logging(verbose)
     settings = settings_from()
@@ -99,7 +107,6 @@ def demo_cmd(
     """Load DEMO DATA built from the Fashion-MNIST test split (replaces an earlier demo)."""
     from zalando.catalogue.db import catalogue_connection
     from zalando.catalogue.demo import load_demo
-    from zalando.cli import console, lake_session, settings_from, setup_logging, spinner
     from zalando.data.idx import read_split
     from zalando.data.sources import FILES, fetch_source
 
@@ -146,7 +153,6 @@ def query_cmd(
     from zalando.catalogue.errors import CatalogueError
     from zalando.catalogue.query import catalogue_snapshot, normalize_country
     from zalando.catalogue.schema import check_schema
-    from zalando.cli import console, settings_from, setup_logging
 
     setup_logging(False)
     code = normalize_country(country)
@@ -200,7 +206,6 @@ def status_cmd() -> None:
     from zalando.catalogue.demo import demo_products
     from zalando.catalogue.schema import check_schema
     from zalando.catalogue.server import server_for
-    from zalando.cli import console, settings_from
 
     settings = settings_from()
     if settings.embedded_catalog:
@@ -233,7 +238,6 @@ def status_cmd() -> None:
 def stop_cmd() -> None:
     """Stop the embedded catalogue server."""
     from zalando.catalogue.server import server_for
-    from zalando.cli import console, fail, settings_from
 
     settings = settings_from()
     if not settings.embedded_catalog:
@@ -267,7 +271,6 @@ def check_catalogue_for_scoring(
 
 def print_catalogue_scoring(s: dict[str, Any]) -> None:
     """The summary of a catalogue batch: the reconciliation, quarantine reasons, text check, write-back."""
-    from zalando.cli import console
 
     console.print(
         f"catalogue batch {s['batch_id']} ({s['database']}, descriptions for {s['country']!r}) "
