@@ -41,13 +41,22 @@ class RunContext:
 
 
 _CONTEXTS: dict[tuple[str, ...], RunContext] = {}
+_LAKES: dict[tuple[str, ...], Lake] = {}  # one per lake: contexts that differ only in NOT_THE_LAKES share it
 _CONTEXTS_LOCK = threading.Lock()
+# Settings that say where a batch may come from, not which lake: the warm scorer sets
+# ZALANDO_BATCH_ROOTS for each request (the caller's directory), and every caller shares its lake.
+NOT_THE_LAKES = ("ZALANDO_BATCH_ROOTS", "ZALANDO_BATCH_BUCKETS")
 
 
-def _env_fingerprint() -> str:
-    """A digest of every ZALANDO_* variable (names and values), so a changed environment (another
-    endpoint, another secret) gets a new context. A digest, so no secret sits in the cache key."""
-    items = sorted((k.upper(), v) for k, v in os.environ.items() if k.upper().startswith(_ENV_PREFIX))
+def _env_fingerprint(leave_out: tuple[str, ...] = ()) -> str:
+    """A digest of every ZALANDO_* variable (names and values) but ``leave_out``, so a changed
+    environment (another endpoint, another secret) gets a new context. A digest, so no secret sits
+    in the cache key."""
+    items = sorted(
+        (k.upper(), v)
+        for k, v in os.environ.items()
+        if k.upper().startswith(_ENV_PREFIX) and k.upper() not in leave_out
+    )
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
@@ -78,6 +87,8 @@ class RunConfig(BaseModel):
         Keyed on the fields the settings are made of (not the run id: the runs of a long-lived
         process share one lake) and on the ZALANDO_* environment, so a test or a shell that changes
         the environment gets a fresh context, never a stale one. Tasks on a thread pool share it.
+        Contexts whose environments differ only in :data:`NOT_THE_LAKES` share one lake (and so one
+        catalog connection and one S3 client).
         """
         key = (self.profile, str(self.seed), self.lake_uri, self.data_source, _env_fingerprint())
         with _CONTEXTS_LOCK:
@@ -86,7 +97,11 @@ class RunConfig(BaseModel):
                 settings = load_settings(
                     profile=self.profile, seed=self.seed, lake_uri=self.lake_uri, data_source=self.data_source
                 )
-                ctx = _CONTEXTS[key] = RunContext(settings, Lake.from_settings(settings))
+                lake_key = (self.lake_uri, _env_fingerprint(leave_out=NOT_THE_LAKES))
+                lake = _LAKES.get(lake_key)
+                if lake is None:
+                    lake = _LAKES[lake_key] = Lake.from_settings(settings)
+                ctx = _CONTEXTS[key] = RunContext(settings, lake)
         return ctx
 
     def settings(self) -> Settings:

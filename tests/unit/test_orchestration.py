@@ -311,3 +311,20 @@ def test_the_train_task_is_not_on_a_dask_worker_in_the_flow_process() -> None:
     from tasks.training import _dask_worker
 
     assert distributed is not None and _dask_worker() is None
+
+
+def test_contexts_that_differ_only_in_batch_roots_share_one_lake(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the warm scorer sets ZALANDO_BATCH_ROOTS per request: one lake (catalog, S3 client) for all callers
+    cfg = _cfg(lake_uri=(tmp_path / "lake").as_uri())
+    monkeypatch.setenv("ZALANDO_BATCH_ROOTS", str(tmp_path / "alice"))
+    alice = cfg.context()
+    monkeypatch.setenv("ZALANDO_BATCH_ROOTS", str(tmp_path / "bob"))
+    bob = cfg.context()
+    assert bob is not alice and bob.lake is alice.lake
+    assert alice.settings.batch_roots == [tmp_path / "alice"] and bob.settings.batch_roots == [
+        tmp_path / "bob"
+    ]
+    monkeypatch.setenv("ZALANDO_S3_REGION", "eu-central-1")  # a setting the lake is made of: its own lake
+    assert cfg.context().lake is not alice.lake
