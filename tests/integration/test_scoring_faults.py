@@ -366,8 +366,9 @@ def test_a_torn_read_of_a_shard_marker_is_read_again(
 
 
 def _rewrite_shard_files(lake: Lake, marker_key: str, *, new_marker: bool) -> None:
-    """What another run of the batch does to a shard: rewrite its files (other bytes, same rows)
-    and, with ``new_marker``, then its marker."""
+    """What a second attempt at a shard of the same plan does (a task retried while its first
+    attempt still ran): rewrite its files (other bytes, same rows) and, with ``new_marker``, then
+    its marker. Another plan writes files of its own names and never does this."""
     marker = lake.read_json(marker_key)
     for key, entry in marker["files"].items():
         table = pq.read_table(io.BytesIO(lake.read_bytes(key)))
@@ -379,7 +380,7 @@ def _rewrite_shard_files(lake: Lake, marker_key: str, *, new_marker: bool) -> No
         lake.write_json(marker_key, marker)
 
 
-def test_a_shard_another_run_rescored_after_our_read_is_accepted_once(
+def test_a_shard_a_second_attempt_rewrote_after_our_read_is_accepted_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: RecordProperty
 ) -> None:
     lake = Lake.local(tmp_path / "lake")
@@ -389,8 +390,10 @@ def test_a_shard_another_run_rescored_after_our_read_is_accepted_once(
     real_read = scoring_commit.read_shard_markers
 
     def read_then_rival_rescores(*a: Any, **kw: Any) -> Any:
-        markers = real_read(*a, **kw)  # our run holds the old markers ...
-        _rewrite_shard_files(lake, _marker_keys(lake, plan)[0], new_marker=True)  # ... the rival rewrites
+        markers = real_read(*a, **kw)  # the commit holds the old markers ...
+        _rewrite_shard_files(
+            lake, _marker_keys(lake, plan)[0], new_marker=True
+        )  # ... a second attempt rewrites
         return markers
 
     monkeypatch.setattr(scoring_commit, "read_shard_markers", read_then_rival_rescores)
@@ -400,7 +403,7 @@ def test_a_shard_another_run_rescored_after_our_read_is_accepted_once(
     assert_exactly_once(cat, r.batch_id, ids)
     record_case(
         record_property,
-        "scoring: another run rescored a shard between our marker read and our checksum check",
+        "scoring: a second attempt at a shard rewrote it between the commit's marker read and its checksum check",
         "the shard's new marker lists the new checksums: accepted, the batch committed",
         retried="yes: the marker was read again",
         lost="nothing (60 rows, each once)",

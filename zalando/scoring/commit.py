@@ -382,8 +382,10 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str
     id once.
 
     A mismatch is looked at again after a pause (:data:`TORN_READ_PAUSES_S`): the read may have
-    been torn, or another run of the same batch may have rescored the shard and rewritten its files
-    and then its marker, which then lists the new checksum. A mismatch that stays means someone
+    been torn, or a second attempt at the shard (a task retried while its first attempt still ran:
+    the same plan, so the same file names) may have rewritten its files and then its marker, which
+    then lists the new checksum. Another plan of the batch never rewrites these files: its file
+    names carry its own write id. A mismatch that stays means someone
     rewrote a file after its shard committed: that shard's marker is removed, so the next run
     scores it again, and the batch is not committed.
     """
@@ -403,7 +405,7 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str
                 return None
             data = lake.read_bytes(key)
             if hashlib.sha256(data).hexdigest() == again["files"][key]["sha256"]:
-                log.info("batch %s: shard %s's %s was rewritten by another run; its marker agrees",
+                log.info("batch %s: shard %s's %s was rewritten by another attempt; its marker agrees",
                          batch_id, marker["shard_id"], key)  # fmt: skip
                 return data
         return None
