@@ -31,11 +31,11 @@ run: $(STAMP)
 	ZALANDO_DATA_SOURCE="$${ZALANDO_DATA_SOURCE:-$(RUN_SOURCE)}" $(VENV)/bin/zalando run
 
 ## Every test (unit, integration against a real SeaweedFS and Prefect, e2e), on TEST_WORKERS
-## pytest-xdist workers: one test file per group, every e2e file in one (tests/conftest.py).
+## pytest-xdist workers: a test file is one unit of work, every e2e file shares one (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -27,15 +27,20 @@ TEST_ACCESS_KEY = "zalando-test"
 TEST_SECRET_KEY = "zalando-test-secret-3f9a"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test``: two workers, ``--dist loadgroup``) a test file is one
-    group, so its module and session fixtures start once, on one worker; every e2e file shares one
-    group, so one live stack (Prefect server, S3, worker, scorer) serves them all."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        rel = item.path.relative_to(REPO / "tests")
-        item.add_marker(pytest.mark.xdist_group("e2e" if rel.parts[0] == "e2e" else rel.as_posix()))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``make test``: two workers) a test file is one unit of work, so its module
+    and session fixtures start once, on one worker; every e2e file shares one unit, so one live stack
+    (Prefect server, S3, worker, scorer) serves them all. (xdist's own ``--dist loadgroup`` sets
+    ``item._nodeid``, which pytest 9.2 no longer reads: its groups silently became single tests.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileOrE2E(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+    return FileOrE2E(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
