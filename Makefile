@@ -31,11 +31,13 @@ run: $(STAMP)
 	ZALANDO_DATA_SOURCE="$${ZALANDO_DATA_SOURCE:-$(RUN_SOURCE)}" $(VENV)/bin/zalando run
 
 ## Every test (unit, integration against a real SeaweedFS and Prefect, e2e), on TEST_WORKERS
-## pytest-xdist workers: a test file is one unit of work, every e2e file shares one (tests/conftest.py).
+## pytest-xdist workers, test by test (--dist load: every worker starts the session fixtures it needs,
+## an e2e stack included; grouping by file put the e2e stack's start beside the heaviest files and
+## failed under that load).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

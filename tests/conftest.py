@@ -27,22 +27,6 @@ TEST_ACCESS_KEY = "zalando-test"
 TEST_SECRET_KEY = "zalando-test-secret-3f9a"
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under pytest-xdist (``make test``: two workers) a test file is one unit of work, so its module
-    and session fixtures start once, on one worker; every e2e file shares one unit, so one live stack
-    (Prefect server, S3, worker, scorer) serves them all. (xdist's own ``--dist loadgroup`` sets
-    ``item._nodeid``, which pytest 9.2 no longer reads: its groups silently became single tests.)"""
-    from xdist.scheduler import LoadFileScheduling
-
-    class FileOrE2E(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "tests/e2e" if path.startswith("tests/e2e/") else path
-
-    return FileOrE2E(config, log)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
