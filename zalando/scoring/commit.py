@@ -385,9 +385,9 @@ def _verify_shard_files(lake: Lake, markers: list[dict[str, Any]], batch_id: str
     been torn, or a second attempt at the shard (a task retried while its first attempt still ran:
     the same plan, so the same file names) may have rewritten its files and then its marker, which
     then lists the new checksum. Another plan of the batch never rewrites these files: its file
-    names carry its own write id. A mismatch that stays means someone
-    rewrote a file after its shard committed: that shard's marker is removed, so the next run
-    scores it again, and the batch is not committed.
+    names carry its own write id. A mismatch that stays means someone rewrote a file after its
+    shard committed: that shard's marker is removed, so the next run scores it again, and the batch
+    is not committed.
     """
     jobs = [(m, key, entry) for m in markers for key, entry in m["files"].items()]
 

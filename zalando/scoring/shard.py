@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from zalando.data.arrays import images_to_arrow
 from zalando.errors import ModelError, ZalandoError
 from zalando.images import ImagePrepConfig
 from zalando.labels import GROUP_NAMES, NUM_GROUPS
@@ -330,11 +331,7 @@ def _write_outputs(
                 "embedding": pa.FixedSizeListArray.from_arrays(
                     pa.array(emb_sample.astype(np.float32).ravel()), emb_sample.shape[1]
                 ),
-                SAMPLE_PIXELS: pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(28 * 28),
-                    k,
-                    [None, pa.py_buffer(np.ascontiguousarray(images[:k], np.uint8).tobytes())],
-                ),
+                SAMPLE_PIXELS: images_to_arrow(images[:k]),
             }
         )
         jobs.append(

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from zalando.data.arrays import images_from_table
 from zalando.errors import DataError
 from zalando.images import ImagePrepConfig
 from zalando.lake import Lake
@@ -153,9 +154,8 @@ def _sampled_predictions(cat: LakeCatalog, plan: BatchPlan) -> pa.Table:
 
 def _pixels_of(emb_table: pa.Table) -> dict[str, np.ndarray]:
     """The sampled images as the shards kept them (28x28 uint8), by image id."""
-    col = emb_table.column(SAMPLE_PIXELS).combine_chunks()
-    flat = np.frombuffer(col.buffers()[1], np.uint8, count=len(col) * 784, offset=col.offset * 784)
-    return dict(zip(emb_table.column("image_id").to_pylist(), flat.reshape(-1, 28, 28), strict=True))
+    images = images_from_table(emb_table, SAMPLE_PIXELS)
+    return dict(zip(emb_table.column("image_id").to_pylist(), images, strict=True))
 
 
 def _sample_images(
