@@ -37,6 +37,7 @@ run: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
+	@mkdir -p "$(PREFECT_HOME)"  # before the workers: both would make it at import, and one would warn
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
 
 test-fast: $(STAMP)

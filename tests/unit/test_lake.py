@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from zalando.errors import LakeError, NotCommittedError
@@ -68,6 +69,34 @@ def test_json_read_torn_is_read_again_and_json_that_stays_broken_raises(
     local_lake.write_bytes("registry/broken.json", b'{"model_version": ')
     with pytest.raises(ValueError):
         local_lake.read_json("registry/broken.json")
+
+
+class _ListingRacesCreation:
+    """A local file system whose first n listings fail the way arrow's do when the listed folder is
+    created meanwhile: the read finds no folder, the second look finds one, and it raises."""
+
+    def __init__(self, fs: object, n: int) -> None:
+        self.fs, self.n, self.listings = fs, n, 0
+
+    def get_file_info(self, what: object) -> object:
+        if isinstance(what, pafs.FileSelector):
+            self.listings += 1
+            if self.listings <= self.n:
+                raise FileNotFoundError(2, f"Cannot list directory '{what.base_dir}'")
+        return self.fs.get_file_info(what)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fs, name)
+
+
+def test_a_listing_that_races_its_folders_creation_is_made_again(local_lake: Lake) -> None:
+    local_lake.write_json("registry/champion.json", {"v": 1})
+    local_lake.fs = racing = _ListingRacesCreation(local_lake.fs, n=2)
+    assert local_lake.list_keys("registry") == ["registry/champion.json"] and racing.listings == 3
+    assert local_lake.list_keys("nothing/here") == []
+    racing.n, racing.listings = 99, 0  # a folder that never lists is still an error
+    with pytest.raises(FileNotFoundError):
+        local_lake.list_keys("registry")
 
 
 @pytest.mark.parametrize("key", ["../etc/passwd", "/abs/key", "a//b", "a/./b", "a/b c", "a\\b", ""])

@@ -222,6 +222,27 @@ def test_first_opens_of_a_new_catalog_at_once_all_succeed(tmp_path: Path) -> Non
     assert not errors, errors
 
 
+def test_a_first_open_that_loses_the_race_for_each_catalog_table_in_turn_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six first opens at once: one can find ``iceberg_tables`` made by a second open, then
+    ``iceberg_namespace_properties`` made by a third; it opens all the same."""
+    from pyiceberg.catalog import sql
+
+    real, losses = sql.SqlCatalog, ["iceberg_tables", "iceberg_namespace_properties"]
+
+    def late(*args: object, **kwargs: object) -> object:
+        if losses:
+            raise sql.OperationalError(
+                f"CREATE TABLE {losses[0]}", {}, Exception(f"table {losses.pop(0)} already exists")
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sql, "SqlCatalog", late)
+    s = Settings(lake_uri=(tmp_path / "lake").as_uri(), work_dir=tmp_path / "work")
+    assert lt.ensure_table(open_catalog(s, retry=FAST), "batches") is not None and not losses
+
+
 def test_a_lost_catalog_database_is_refused_not_recreated_empty(settings: Settings, tmp_path: Path) -> None:
     cat = open_catalog(settings, retry=FAST)
     lc.append(cat, "predictions", prediction_rows(7, "b1"))

@@ -151,6 +151,9 @@ def io_properties(lake: Lake) -> dict[str, str]:
     return props
 
 
+_FIRST_OPEN_ATTEMPTS = 5
+
+
 def open_catalog(
     settings: Any,
     *,
@@ -197,12 +200,16 @@ def open_catalog_at(
         else:
             from pyiceberg.catalog.sql import SqlCatalog
 
-            try:
-                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
-            except Exception as e:  # noqa: BLE001 - two first opens at once: the other made its tables
-                if "already exists" not in str(e).lower():
-                    raise
-                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
+            # first opens at once: each creates the catalog's two tables if missing (look, then
+            # create), so one can lose the race for either table, and then for the other
+            for attempt in range(_FIRST_OPEN_ATTEMPTS):
+                try:
+                    catalog = SqlCatalog(CATALOG_NAME, uri=uri, **props)
+                    break
+                except Exception as e:  # noqa: BLE001 - another open made that table first
+                    if "already exists" not in str(e).lower() or attempt == _FIRST_OPEN_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
         try:
             catalog.create_namespace_if_not_exists(namespace)
         except Exception:  # noqa: BLE001 - e.g. a UNIQUE violation: another process created it first

@@ -43,6 +43,8 @@ _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=:+@,-]+$")
 # (SeaweedFS: 2 of 1,923 reads while one key was rewritten for 10 s); S3 and MinIO serve the old
 # or the new object whole. JSON that does not parse is read again after these pauses.
 TORN_READ_PAUSES_S = (0.05, 0.2, 0.5)
+# pauses before listing a folder again when the listing raced its creation (a local lake)
+LISTING_RACE_PAUSES_S = (0.01, 0.05, 0.2)
 
 
 def validate_key(key: str) -> str:
@@ -397,7 +399,16 @@ class Lake:
         """Every object key below prefix (recursive), sorted; 'directory' markers are left out."""
         base = self._path(prefix) if prefix else self.root
         sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        infos = self._io("list", prefix or ".", lambda: self.fs.get_file_info(sel))
+        for pause in (*LISTING_RACE_PAUSES_S, None):
+            try:
+                infos = self._io("list", prefix or ".", lambda: self.fs.get_file_info(sel))
+                break
+            except FileNotFoundError:
+                # a local listing races a directory being created (or removed) under it: arrow's
+                # allow_not_found looks again after the failed read, finds the folder, and raises
+                if pause is None:
+                    raise
+                time.sleep(pause)
         n = len(self.root) + 1
         return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.File and i.size is not None)
 
