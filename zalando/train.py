@@ -562,6 +562,12 @@ class TrainSetup:
     steps_per_epoch: int
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     train_forward: nn.Module | None = None  # the compiled model (``compile_model``); None: ``model`` itself
+    ema: torch.optim.swa_utils.AveragedModel | None = None  # spec.ema_decay > 0: the averaged weights
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights validated, kept as the best epoch's and scored: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -624,7 +630,17 @@ def setup_training(
         steps_per_epoch=steps_per_epoch,
         scaler=make_grad_scaler(precision, device),
         train_forward=torch.compile(model) if compile_model else None,
+        ema=_averaged(model, spec.ema_decay),
     )
+
+
+def _averaged(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of model's weights and buffers (torch.optim.swa_utils), or None."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 @dataclass
@@ -662,6 +678,8 @@ class EpochCheckpoint:
         setup.stopper.load_state_dict(ck["stopper"])
         if setup.scaler is not None and ck.get("scaler"):
             setup.scaler.load_state_dict(ck["scaler"])
+        if setup.ema is not None:
+            setup.ema.load_state_dict(ck["ema"])
         epoch = int(ck["epoch"])
         log.info("%s: resuming after epoch %d from %s", experiment, epoch + 1, self.path)
         return RunState(
@@ -688,6 +706,7 @@ class EpochCheckpoint:
                 "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else {},
                 "stopper": setup.stopper.state_dict(),
                 "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
+                "ema": setup.ema.state_dict() if setup.ema is not None else {},
                 "history": state.history,
                 "best_state": state.best_state,
                 "best_val_loss": state.best_val_loss,
@@ -802,12 +821,13 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     step_scheduler: Any | None = None,
     on_batch: Callable[[int, Callable[[], float], int], None] | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> EpochStats:
     """One pass over ``loader``: forward (autocast to ``amp_dtype`` when given), loss, backward, step.
 
     ``scaler`` (fp16) scales the loss and skips steps with inf/NaN gradients. ``step_scheduler`` is
     stepped after every batch; ``on_batch(step, running train loss (a function), images seen)`` after
-    every batch too. The running sums stay on the device (in float64: the same numbers as summing
+    every batch too, and so is ``ema`` (the average takes the step's weights). The running sums stay on the device (in float64: the same numbers as summing
     Python floats), so nothing waits for the GPU until someone reads them. Batch-norm layers with
     frozen parameters stay in inference mode.
     """
@@ -830,6 +850,8 @@ def train_one_epoch(
             scaler.update()
         if step_scheduler is not None:
             step_scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         n = len(yb)
         run_loss.add_(loss.detach().double() * n)
         run_correct.add_((logits.detach().argmax(1) == yb).sum())
@@ -889,10 +911,11 @@ def fit(
         stats = train_one_epoch(
             setup.train_forward or model, loss_fn, optimizer, loader, setup.device,
             amp_dtype=setup.amp_dtype, scaler=setup.scaler, step_scheduler=step_scheduler, on_batch=report,
+            ema=setup.ema,
         )  # fmt: skip
         train_s = time.perf_counter() - report.t0
         vm = evaluate(
-            model, loss_fn, data.x_val, data.y_val, target=spec.target, mean=data.mean, std=data.std
+            setup.kept, loss_fn, data.x_val, data.y_val, target=spec.target, mean=data.mean, std=data.std
         )
         if setup.sched_when == "epoch":
             setup.scheduler.step(vm["val_loss"])
@@ -918,7 +941,7 @@ def _record_epoch(spec: ExperimentSpec, setup: TrainSetup, state: RunState, row:
     epoch, val_loss = row["epoch"], row["val_loss"]
     if val_loss < state.best_val_loss:
         state.best_val_loss, state.best_epoch = val_loss, epoch
-        state.best_state = copy.deepcopy(setup.model.state_dict())
+        state.best_state = copy.deepcopy(setup.kept.state_dict())
     state.stopped_early = setup.stopper.step(val_loss) and epoch < spec.epochs
     log.info(
         "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f group acc %.4f | lr %.2e | %.0f img/s, %.1f s%s",

@@ -470,3 +470,70 @@ def test_a_killed_run_resumes_to_exactly_the_recorded_numbers(tmp_path: Path) ->
     resumed = train_experiment(_exact_spec("labels"), EXACT_PROFILE, data, 0.2, 0.3, **kw)
     assert resumed.resumed_from_epoch == 0
     _assert_recorded(_numbers(resumed), EXACT_NUMBERS["labels"])
+
+
+# ----------------------------------------------------------------------------- weight averaging (EMA)
+
+
+def test_the_average_takes_every_steps_weights_with_the_decay() -> None:
+    from zalando.train import _averaged, train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = _averaged(model, 0.9)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)), None) for _ in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = TrainingLoss("labels", None, None, 0.0, 0.0)
+    seen: list[torch.Tensor] = []
+    train_one_epoch(
+        model, loss, opt, batches, torch.device("cpu"), ema=ema,
+        on_batch=lambda *_: seen.append(model.weight.detach().clone()),
+    )  # fmt: skip
+    expected = seen[0]  # the first step's weights, then 0.9 of the average and 0.1 of each step's
+    for w in seen[1:]:
+        expected = 0.9 * expected + 0.1 * w
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6)
+    assert not torch.allclose(ema.module.weight, model.weight)
+    assert _averaged(model, 0.0) is None
+
+
+def test_a_run_with_averaged_weights_keeps_validates_and_resumes_the_average(
+    tiny: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    spec = tiny_spec(epochs=3, scheduler="onecycle", augmentation="light", ema_decay=0.8)
+    plain = train_experiment(
+        tiny_spec(epochs=3, scheduler="onecycle", augmentation="light"),
+        TINY_PROFILE,
+        tiny,
+        MEAN,
+        STD,
+        seed=3,
+        threads=1,
+    )
+    full = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=3, threads=1)
+    # the same steps, other weights kept and validated
+    assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in plain.history]
+    assert [h["val_loss"] for h in full.history] != [h["val_loss"] for h in plain.history]
+    from zalando.train import evaluate
+
+    best = full.history[full.best_epoch - 1]  # the model returned is the average validated at its best epoch
+    got = evaluate(
+        full.model, TrainingLoss("labels", None, None, 0.0, 0.0), tiny["x_val"], tiny["y_val"],
+        target="labels", mean=MEAN, std=STD,
+    )  # fmt: skip
+    assert got["val_group_nll"] == pytest.approx(best["val_group_nll"], rel=1e-5)
+
+    def kill_in_epoch_2(info: dict) -> None:
+        if info["event"] == "batch" and info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    kw = dict(seed=3, threads=1, checkpoint_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, progress=kill_in_epoch_2, **kw)
+    resumed = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, **kw)
+    assert resumed.resumed_from_epoch == 0
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx(
+        [h["val_loss"] for h in full.history], rel=1e-5
+    )
+    for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5)

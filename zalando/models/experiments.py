@@ -84,6 +84,13 @@ class ExperimentSpec(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     group_loss_weight: float = Field(0.0, ge=0, description="extra CE on summed group probabilities")
     tta: Literal["none", "hflip", "auto"] = "none"
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="> 0: validate, keep and score an exponential moving average of the weights "
+        "(and of batch-norm statistics), updated after every step with this decay; 0: the weights as trained",
+    )
     decision_rule: Literal["argmax", "recall_floors"] = Field(
         "argmax",
         description="'recall_floors': per-group weights on the scored probabilities, chosen on validation "
