@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import mini_split
+from zalando.augment import augment_batch
 from zalando.errors import ConfigError, DataError
 from zalando.lake import Lake
 from zalando.models import (
@@ -25,7 +26,6 @@ from zalando.models.experiments import AUGMENT_PRESETS, ExperimentSpec, ProfileP
 from zalando.train import (
     EarlyStopping,
     TrainingLoss,
-    augment_batch,
     balanced_class_weights,
     make_scheduler,
     stratified_subset,

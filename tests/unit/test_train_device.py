@@ -14,15 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from zalando.augment import apply_augment, augment_batch, draw_augment
 from zalando.models import hardware
 from zalando.models.experiments import AUGMENT_PRESETS, ExperimentSpec, ProfileParams
 from zalando.train import (
     EpochLoader,
     EpochReporter,
     TrainingLoss,
-    apply_augment,
-    augment_batch,
-    draw_augment,
     make_optimizer,
     predict_logits,
     train_experiment,
