@@ -38,7 +38,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
 	@mkdir -p "$(PREFECT_HOME)"  # before the workers: both would make it at import, and one would warn
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
