@@ -757,9 +757,9 @@ def train_one_epoch(
 
     ``scaler`` (fp16) scales the loss and skips steps with inf/NaN gradients. ``step_scheduler`` is
     stepped after every batch; ``on_batch(step, running train loss (a function), images seen)`` after
-    every batch too, and so is ``ema`` (the average takes the step's weights). The running sums stay on the device (in float64: the same numbers as summing
-    Python floats), so nothing waits for the GPU until someone reads them. Batch-norm layers with
-    frozen parameters stay in inference mode.
+    every batch too, and so is ``ema`` (the average takes the step's weights). The running sums stay
+    on the device (in float64: the same numbers as summing Python floats), so nothing waits for the
+    GPU until someone reads them. Batch-norm layers with frozen parameters stay in inference mode.
     """
     model.train()
     _frozen_bn_eval(model)

@@ -390,10 +390,8 @@ def test_a_shard_a_second_attempt_rewrote_after_our_read_is_accepted_once(
     real_read = scoring_commit.read_shard_markers
 
     def read_then_rival_rescores(*a: Any, **kw: Any) -> Any:
-        markers = real_read(*a, **kw)  # the commit holds the old markers ...
-        _rewrite_shard_files(
-            lake, _marker_keys(lake, plan)[0], new_marker=True
-        )  # ... a second attempt rewrites
+        markers = real_read(*a, **kw)  # the commit holds the old markers, then a second attempt rewrites
+        _rewrite_shard_files(lake, _marker_keys(lake, plan)[0], new_marker=True)
         return markers
 
     monkeypatch.setattr(scoring_commit, "read_shard_markers", read_then_rival_rescores)

@@ -64,6 +64,12 @@ def tiny_spec(**kw: object) -> ExperimentSpec:
     return ExperimentSpec(**base)
 
 
+def _kill_in_epoch_2(info: dict) -> None:
+    """A progress callback that kills the run (as Ctrl-C would) in its second epoch."""
+    if info["event"] == "batch" and info["epoch"] == 2:
+        raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="module")
 def quick_lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
     return Lake.local(tmp_path_factory.mktemp("lake"))
@@ -196,10 +202,6 @@ def test_a_killed_run_resumes_from_its_epoch_checkpoint(tiny: dict[str, np.ndarr
     spec = tiny_spec(epochs=3, scheduler="onecycle", augmentation="light")
     full = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=3, threads=1)
 
-    def kill_in_epoch_2(info: dict) -> None:
-        if info["event"] == "batch" and info["epoch"] == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train_experiment(
             spec,
@@ -210,7 +212,7 @@ def test_a_killed_run_resumes_from_its_epoch_checkpoint(tiny: dict[str, np.ndarr
             seed=3,
             threads=1,
             checkpoint_dir=tmp_path,
-            progress=kill_in_epoch_2,
+            progress=_kill_in_epoch_2,
         )
     assert (tmp_path / "last.pt").is_file()
     resumed = train_experiment(
@@ -460,13 +462,11 @@ def test_a_seeded_run_gives_exactly_the_recorded_numbers(name: str) -> None:
 def test_a_killed_run_resumes_to_exactly_the_recorded_numbers(tmp_path: Path) -> None:
     data = generated_data()
 
-    def kill_in_epoch_2(info: dict) -> None:
-        if info["event"] == "batch" and info["epoch"] == 2:
-            raise KeyboardInterrupt
-
     kw = dict(seed=3, threads=1, device="cpu", checkpoint_dir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train_experiment(_exact_spec("labels"), EXACT_PROFILE, data, 0.2, 0.3, progress=kill_in_epoch_2, **kw)
+        train_experiment(
+            _exact_spec("labels"), EXACT_PROFILE, data, 0.2, 0.3, progress=_kill_in_epoch_2, **kw
+        )
     resumed = train_experiment(_exact_spec("labels"), EXACT_PROFILE, data, 0.2, 0.3, **kw)
     assert resumed.resumed_from_epoch == 0
     _assert_recorded(_numbers(resumed), EXACT_NUMBERS["labels"])
@@ -523,13 +523,9 @@ def test_a_run_with_averaged_weights_keeps_validates_and_resumes_the_average(
     )  # fmt: skip
     assert got["val_group_nll"] == pytest.approx(best["val_group_nll"], rel=1e-5)
 
-    def kill_in_epoch_2(info: dict) -> None:
-        if info["event"] == "batch" and info["epoch"] == 2:
-            raise KeyboardInterrupt
-
     kw = dict(seed=3, threads=1, checkpoint_dir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, progress=kill_in_epoch_2, **kw)
+        train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, progress=_kill_in_epoch_2, **kw)
     resumed = train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, **kw)
     assert resumed.resumed_from_epoch == 0
     assert [h["val_loss"] for h in resumed.history] == pytest.approx(
