@@ -26,7 +26,8 @@ from zalando.data.idx import read_idx_images, read_idx_labels  # noqa: E402
 from zalando.data.split import pixel_stats, stratified_split  # noqa: E402
 from zalando.labels import LABEL_TO_GROUP  # noqa: E402
 from zalando.models.experiments import load_catalog  # noqa: E402
-from zalando.train import predict_logits, train_experiment  # noqa: E402
+from zalando.train import train_experiment  # noqa: E402
+from zalando.validation import predict_logits  # noqa: E402
 
 
 def group_acc(result, x: np.ndarray, groups: np.ndarray, mean: float, std: float) -> float:

@@ -217,13 +217,8 @@ def probe_epoch_s(spec: Any, plan: Plan, data: dict[str, Any], device: Any, seed
     import torch
 
     from zalando.models.hardware import to_device
-    from zalando.train import (
-        EpochLoader,
-        predict_logits,
-        select_training_data,
-        setup_training,
-        train_one_epoch,
-    )
+    from zalando.train import EpochLoader, select_training_data, setup_training, train_one_epoch
+    from zalando.validation import predict_logits
 
     train = select_training_data(data, plan.profile, spec.target, data["mean"], data["std"], seed)
     resolved = spec if spec.profile else _resolve(spec, plan.profile)
@@ -394,7 +389,7 @@ def test_one(res: Any, data: dict[str, Any], device: Any, args: argparse.Namespa
     from zalando.evaluate import group_metrics
     from zalando.labels import LABEL_TO_GROUP
     from zalando.models.bundle import ScoringModel
-    from zalando.train import EVAL_BATCH
+    from zalando.validation import EVAL_BATCH
 
     weights = (res.operating_point or {}).get("weights")
     scoring = ScoringModel(

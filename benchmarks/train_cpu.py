@@ -257,7 +257,7 @@ def main() -> None:
             rows[-1][f"{kind}_admitted"] = verdicts[runtime_pred.runtime]["admitted"]
         if res.spec.target == "labels":
             with torch.no_grad():
-                from zalando.train import predict_logits
+                from zalando.validation import predict_logits
 
                 logits = predict_logits(res.model, full["x_test"], mean, std, hflip=res.spec.tta == "hflip")
             rows[-1]["label_acc"] = float((logits.argmax(1).numpy() == full["y_test"]).mean())

@@ -259,7 +259,7 @@ def test_object_keys_with_dots_or_absolute_paths_are_refused(
 
 
 def test_batch_location_with_dots_is_refused(local_lake: Lake, record_property: RecordProperty) -> None:
-    from zalando.scoring.batch import resolve_location
+    from zalando.scoring.locations import resolve_location
 
     for location in ["inbox/../../etc", "../outside", "/abs/inbox"]:
         with pytest.raises(ZalandoError) as e:

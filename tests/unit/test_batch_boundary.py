@@ -26,8 +26,8 @@ from tests.scoring_support import (
 )
 from zalando.lake import Lake, S3Config
 from zalando.scoring import ScoringInputError, describe_batch, prepare_batch, score_batch, score_shard
-from zalando.scoring.batch import resolve_location
 from zalando.scoring.commit import batch_record
+from zalando.scoring.locations import resolve_location
 
 V = "v-boundary"
 CANARY = b"root:x:0:0:CANARY-not-for-the-lake:/root:/bin/bash\n"

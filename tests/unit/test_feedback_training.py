@@ -35,12 +35,12 @@ from zalando.train import (
     SampleWeights,
     TrainingLoss,
     balanced_class_weights,
-    group_log_probs,
     select_training_data,
     setup_training,
     train_experiment,
 )
 from zalando.ui.store import LakeStore
+from zalando.validation import group_log_probs
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 CFG = FeedbackDataConfig()

@@ -22,10 +22,10 @@ from zalando.train import (
     EpochReporter,
     TrainingLoss,
     make_optimizer,
-    predict_logits,
     train_experiment,
     train_one_epoch,
 )
+from zalando.validation import predict_logits
 
 PROFILE = ProfileParams(
     name="tiny", experiments=("t",), max_train_images=120, max_val_images=60, pretrained=False

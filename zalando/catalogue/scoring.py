@@ -65,10 +65,11 @@ from zalando.lake.catalog import LakeCatalog
 from zalando.lake.commit import scan
 from zalando.lake.tables import BATCHES, PREDICTIONS, QUARANTINE, TABLES
 from zalando.runtime import Predictor, Runtime
-from zalando.scoring.batch import Batch, InputFile, ShardRef, make_batch_id, open_input, plan_shards
+from zalando.scoring.batch import Batch, InputFile, ShardRef, make_batch_id, plan_shards
 from zalando.scoring.champion import load_champion_predictor, resolve_model_version
 from zalando.scoring.commit import BatchResult, finalize_batch
 from zalando.scoring.inputs import Evidence, ShardInput
+from zalando.scoring.locations import open_input
 from zalando.scoring.run import _lake_for, check_scoring_tables, shard_target
 from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, read_shard_markers, score_shard
 

@@ -12,13 +12,14 @@ Public API (no Prefect here; the flow ``batch_scoring`` wraps these):
 * :func:`load_champion_predictor` (checked bundle, ONNX Runtime or torch, cached per process;
   the predictors themselves are :mod:`zalando.runtime` and :mod:`zalando.models.predictor`)
 
-Where each part lives: ``batch`` (a batch's inputs, planned into shards), ``inputs`` (reading and
-decoding a shard's inputs, quarantine reason codes), ``shard`` (scoring one shard, its marker),
-``commit`` (reconciling and committing a batch), ``run`` (the drivers and the backfill),
-``query`` (reading back, with time travel), ``shadow`` (shadow scoring and its agreement). The
-tables (``predictions``, ``quarantine``, ``batches``, the shadow's two), their schemas and the
-batch filters are in :mod:`zalando.lake.tables`; the keys of a batch's plain objects (shard markers,
-embedding sample) in :mod:`zalando.lake.keys`.
+Where each part lives: ``locations`` (where a batch may be read from: its boundary), ``batch`` (a
+batch's inputs, planned into shards), ``inputs`` (reading and decoding a shard's inputs, quarantine
+reason codes), ``shard`` (scoring one shard, its marker), ``commit`` (reconciling and committing a
+batch), ``run`` (the drivers and the backfill), ``query`` (reading back, with time travel),
+``shadow`` (shadow scoring and its agreement). The tables (``predictions``, ``quarantine``,
+``batches``, the shadow's two), their schemas and the batch filters are in
+:mod:`zalando.lake.tables`; the keys of a batch's plain objects (shard markers, embedding sample) in
+:mod:`zalando.lake.keys`.
 """
 
 from zalando.scoring.batch import (

@@ -6,11 +6,9 @@ inputs once (sizes, sha256, Parquet row counts and row groups, file-level proble
 the duplicate image ids (first occurrence in input order wins). :func:`plan_shards` cuts it into
 :class:`ShardRef` objects: a few hundred bytes each (file URI + row range), never images.
 
-A batch's location is a boundary (:func:`resolve_location`, :func:`open_input`):
+A batch's location is a boundary, checked before anything is listed
+(:mod:`zalando.scoring.locations`: the batch roots and buckets, no ``.`` or ``..`` segments):
 
-* ``file://`` locations lie under ``ZALANDO_BATCH_ROOTS`` (default: the work folder and the current
-  directory), checked on the location's real path; ``s3://`` ones in the lake's bucket or in
-  ``ZALANDO_BATCH_BUCKETS``. No ``.`` or ``..`` segment, in a location or in a manifest's file names.
 * Inside a file-system batch **no symbolic link is ever followed**, not even one that points inside
   the batch: a link, FIFO, socket or device is listed (``lstat``), never opened, and becomes one
   quarantine record with reason ``not_regular_file``. Every open walks from ``/`` with ``O_NOFOLLOW``
@@ -23,14 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import stat
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, unquote, urlparse
+from typing import Literal
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -39,15 +34,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from zalando.errors import DataError, LakeError
+from zalando.errors import LakeError
 from zalando.lake import MANIFEST, Lake, validate_key
 from zalando.lake.catalog import LakeCatalog
-from zalando.scoring.localfs import NotRegularFile, no_follow_fs, walk, what_is
+from zalando.scoring.localfs import NotRegularFile, walk, what_is
+from zalando.scoring.locations import (
+    BatchBoundary,
+    Location,
+    ScoringInputError,
+    resolve_location,
+)
 
 log = logging.getLogger(__name__)
 
 DEMO_SOURCE = "fashion-mnist-test"  # the demo batch: the raw_images table's test split
-DEMO_SOURCE = "fashion-mnist-test"
 
 # reason codes of whole files (row-level ones live in zalando.scoring.inputs and zalando.images)
 CORRUPT_PARQUET = "corrupt_parquet"
@@ -60,148 +60,6 @@ ID_COLUMN = "image_id"
 IMAGE_COLUMN = "image"
 
 _HASH_CHUNK = 8 * 1024 * 1024
-
-
-class ScoringInputError(DataError):
-    """A batch location that cannot be scored at all (missing, unreadable, not a batch)."""
-
-
-# ------------------------------------------------------------------------------------ locations
-
-
-@dataclass(frozen=True)
-class Location:
-    """A place files are read from: a pyarrow filesystem, a root path in it, and its URI.
-
-    ``local``: a folder of this machine, read through :func:`~zalando.scoring.localfs.no_follow_fs`
-    (its root is a real path: no link on the way to it, none followed below it).
-    """
-
-    fs: pafs.FileSystem
-    root: str
-    uri: str
-    lake_key: str | None = None  # set when the location is a key of the lake
-    local: bool = False
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}" if name else self.root
-
-    def file_uri(self, name: str) -> str:
-        if not name:
-            return self.uri
-        return f"{self.uri}/{_quote(name) if self.local else name}"
-
-
-@dataclass(frozen=True)
-class BatchBoundary:
-    """Where batches may come from: folders (``ZALANDO_BATCH_ROOTS``) and S3 buckets besides the lake's."""
-
-    roots: tuple[Path, ...]
-    buckets: tuple[str, ...] = ()
-
-    @classmethod
-    def from_settings(cls, settings: Any = None) -> BatchBoundary:
-        """From ``settings`` (default: :func:`zalando.settings.load_settings`, the environment)."""
-        if settings is None:
-            from zalando.settings import load_settings
-
-            settings = load_settings()
-        return cls(tuple(settings.batch_root_paths()), tuple(settings.batch_buckets))
-
-
-def _quote(path: str) -> str:
-    """A path as it goes into a file:// URI (the lake key characters stay as they are)."""
-    return quote(path, safe="/._=:+@,-")
-
-
-def _no_dots(location: str, path: str) -> None:
-    if any(seg in (".", "..") for seg in path.split("/")):
-        raise ScoringInputError(f"batch location {location!r}: '.' and '..' segments are not allowed")
-
-
-def resolve_location(lake: Lake, location: str, boundary: BatchBoundary | None = None) -> Location:
-    """A lake key, an ``s3://bucket/prefix`` URI (same endpoint and credentials as the lake) or ``file://``.
-
-    The boundary is checked here, before anything is listed or read: a ``file://`` location must lie
-    under ``boundary.roots`` once its links are resolved, an ``s3://`` one in the lake's bucket or
-    ``boundary.buckets`` (default: :meth:`BatchBoundary.from_settings`, the environment).
-    """
-    parsed = urlparse(location)
-    if parsed.scheme == "file":
-        return _file_location(location, boundary or BatchBoundary.from_settings())
-    if parsed.scheme == "s3":
-        return _s3_location(lake, location, boundary or BatchBoundary.from_settings())
-    if parsed.scheme:
-        raise ScoringInputError(
-            f"batch location {location!r}: scheme must be s3://, file:// or none (a lake key)"
-        )
-    try:
-        key = validate_key(location)
-    except LakeError as e:
-        raise ScoringInputError(f"batch location {location!r}: {e}") from None
-    if lake.s3 is not None:
-        return Location(lake.fs, f"{lake.root}/{key}", lake.uri(key), key)
-    lake_root = os.path.realpath(lake.root)
-    real = os.path.realpath(f"{lake_root}/{key}")
-    if real != f"{lake_root}/{key}":
-        raise ScoringInputError(
-            f"batch location {location!r}: {lake.uri(key)} goes through a symbolic link (batches never follow links)"
-        )
-    return Location(no_follow_fs(), real, lake.uri(key), key, local=True)
-
-
-def _file_location(location: str, boundary: BatchBoundary) -> Location:
-    parsed = urlparse(location)
-    if parsed.netloc not in ("", "localhost"):
-        raise ScoringInputError(
-            f"batch location {location!r}: a file:// location names a folder of this machine (file:///abs/path)"
-        )
-    path = unquote(parsed.path)
-    _no_dots(location, path)
-    real = os.path.realpath(path or "/")
-    if not any(Path(real).is_relative_to(root) for root in boundary.roots):
-        roots = ", ".join(str(r) for r in boundary.roots) or "none"
-        raise ScoringInputError(
-            f"batch location {location!r}: {real} is outside the batch roots ({roots}); "
-            "ZALANDO_BATCH_ROOTS names the folders batches may come from"
-        )
-    return Location(no_follow_fs(), real, "file://" + _quote(real), local=True)
-
-
-def _s3_location(lake: Lake, location: str, boundary: BatchBoundary) -> Location:
-    if lake.s3 is None:
-        raise ScoringInputError(
-            f"batch location {location!r}: an s3:// batch needs an S3 lake (the lake is {lake.uri_root})"
-        )
-    parsed = urlparse(location)
-    _no_dots(location, parsed.path)
-    bucket = parsed.netloc
-    lake_bucket = lake.root.split("/", 1)[0]
-    allowed = (lake_bucket, *[b for b in boundary.buckets if b != lake_bucket])
-    if bucket not in allowed:
-        raise ScoringInputError(
-            f"batch location {location!r}: bucket {bucket!r} is not allowed: a batch lies in the lake's "
-            f"bucket or in ZALANDO_BATCH_BUCKETS (allowed: {', '.join(allowed)})"
-        )
-    root = (bucket + parsed.path).rstrip("/")
-    lake_root = lake.root.rstrip("/")
-    key = root[len(lake_root) + 1 :] if root.startswith(lake_root + "/") else None
-    return Location(lake.fs, root, f"s3://{root}", key)
-
-
-def open_input(uri: str, lake: Lake) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of one input file URI (as recorded in a shard reference).
-
-    A ``file://`` input is opened through :func:`~zalando.scoring.localfs.no_follow_fs`: a link
-    anywhere on its path, or anything but a regular file, is refused when it is opened.
-    """
-    if uri.startswith("file://"):
-        return no_follow_fs(), unquote(urlparse(uri).path)
-    if uri.startswith("s3://"):
-        if lake.s3 is None:
-            raise ScoringInputError(f"input {uri}: an s3:// input needs an S3 lake")
-        return lake.fs, uri[len("s3://") :]
-    raise ScoringInputError(f"input {uri!r}: not an s3:// or file:// URI")
 
 
 # ------------------------------------------------------------------------------------ batch model

@@ -38,8 +38,8 @@ from zalando.scoring.batch import (
     IMAGE_COLUMN,
     ShardRef,
     image_id_for_file,
-    open_input,
 )
+from zalando.scoring.locations import open_input
 
 # row-level reason codes (image decoding adds zalando.images' codes)
 MISSING_ID = "missing_id"

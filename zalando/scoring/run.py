@@ -105,7 +105,7 @@ def prepare_batch(
 ) -> BatchPlan:
     """Pin the model version, skip a committed batch (unless ``force``), describe and shard the rest.
 
-    The location's boundary is checked first (:func:`~zalando.scoring.batch.resolve_location`):
+    The location's boundary is checked first (:func:`~zalando.scoring.locations.resolve_location`):
     a location outside it fails before the model or any input is read. With ``check_model`` the
     model is loaded and fully checked here, once, before any shard runs (a bad champion fails the
     batch at planning), and ``runtime="auto"`` is measured into the concrete runtime the workers

@@ -164,8 +164,9 @@ def _sample_images(
     """The images of the sampled ids, read again from the batch's inputs (one file at a time): for
     an embedding sample a shard wrote before the samples kept their pixels."""
     from zalando.images import decode_image
-    from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN, image_id_for_file, open_input
+    from zalando.scoring.batch import ID_COLUMN, IMAGE_COLUMN, image_id_for_file
     from zalando.scoring.inputs import decode_image_column
+    from zalando.scoring.locations import open_input
 
     found: dict[str, np.ndarray] = {}
     for f in batch.inputs:

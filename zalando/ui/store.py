@@ -446,7 +446,7 @@ class LakeStore:
 
     def _input_bytes(self, f: dict[str, Any]) -> bytes:
         """An input file's bytes, refused when they are no longer the ones the batch scored."""
-        from zalando.scoring.batch import open_input
+        from zalando.scoring.locations import open_input
 
         fs, path = open_input(str(f["uri"]), self.lake)
         try:

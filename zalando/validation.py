@@ -1,0 +1,188 @@
+"""What the validation split decides: eval-mode logits, the validation metrics, and the choices after training.
+
+:func:`predict_logits` and :func:`val_metrics` serve both the epoch loop (:func:`zalando.train.evaluate`
+after every epoch) and the choices made once training has ended: :func:`choose_on_validation` decides
+the test-time flip (lower group NLL wins), then fits the temperature and, under
+``decision_rule='recall_floors'``, the operating point on the group probabilities exactly as the
+scoring graph makes them. Everything here reads the VALIDATION split; the test split never comes here.
+
+The label-to-group helpers (:func:`group_log_probs`, ``LABEL_TO_GROUP_T``) live here too, for the
+training loss of :mod:`zalando.train` and for the metrics alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zalando.labels import GROUP_LABELS, LABEL_TO_GROUP
+from zalando.models.architectures import ClassifierNet
+from zalando.models.experiments import ExperimentSpec
+from zalando.models.hardware import to_device
+
+if TYPE_CHECKING:
+    from zalando.train import TrainData, TrainingLoss
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 512
+
+
+def normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Pixels in 0..1 -> ``(x - mean) / std``, channels_last (the layout the CNNs run fastest in)."""
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+_GROUP_INDEX = [list(g) for g in GROUP_LABELS]
+LABEL_TO_GROUP_T = torch.tensor(np.array(LABEL_TO_GROUP), dtype=torch.long)
+
+
+def group_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 10) label logits -> (N, 5) log of summed group probabilities."""
+    logp = F.log_softmax(logits, dim=1)
+    return torch.stack([torch.logsumexp(logp[:, idx], dim=1) for idx in _GROUP_INDEX], dim=1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: ClassifierNet,
+    x_u8: np.ndarray | torch.Tensor,
+    mean: float,
+    std: float,
+    *,
+    hflip: bool = False,
+    batch_size: int = EVAL_BATCH,
+) -> torch.Tensor:
+    """Eval-mode logits for uint8 (N, 28, 28) images (or the mean probs' log when ``hflip``)."""
+    model.eval()
+    device = next(model.parameters()).device
+    xt = torch.as_tensor(x_u8)
+    if xt.ndim == 3:
+        xt = xt[:, None]
+    xt = to_device(xt, device)  # uint8 over the bus, once; cast and normalised on the device
+    out = []
+    for i in range(0, len(xt), batch_size):
+        xb = normalise(xt[i : i + batch_size].float().div_(255.0), mean, std)
+        logits = model(xb)
+        if hflip:
+            p = (F.softmax(logits, 1) + F.softmax(model(xb.flip(-1)), 1)) / 2
+            logits = torch.log(p.clamp_min(1e-12))
+        out.append(logits.float())
+    return torch.cat(out).cpu() if out else torch.empty(0, 0)
+
+
+def val_metrics(
+    logits: torch.Tensor, y_labels: np.ndarray, target: str, loss_fn: TrainingLoss
+) -> dict[str, float]:
+    y_lab = torch.as_tensor(y_labels, dtype=torch.long)
+    y_grp = LABEL_TO_GROUP_T[y_lab]
+    y_t = y_lab if target == "labels" else y_grp
+    loss = float(loss_fn(logits, y_t, smoothing=False))
+    pred = logits.argmax(1)
+    if target == "labels":
+        acc = float((pred == y_lab).float().mean())
+        glogp = group_log_probs(logits)
+    else:
+        acc = float((pred == y_grp).float().mean())
+        glogp = F.log_softmax(logits, 1)
+    gacc = float((glogp.argmax(1) == y_grp).float().mean())
+    gnll = float(F.nll_loss(glogp, y_grp))
+    return {"val_loss": loss, "val_acc": acc, "val_group_acc": gacc, "val_group_nll": gnll}
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@dataclass(frozen=True)
+class ValidationChoices:
+    """What the validation split decides after training: test-time flip, temperature, operating point."""
+
+    spec: ExperimentSpec  # with ``tta`` decided
+    val_metrics: dict[str, float]  # with the chosen TTA
+    tta_scores: dict[str, float]
+    temperature: float
+    operating_point: dict[str, Any] | None
+
+
+def choose_on_validation(
+    model: ClassifierNet, spec: ExperimentSpec, loss_fn: TrainingLoss, data: TrainData
+) -> ValidationChoices:
+    """TTA, then the temperature and the operating point, all on VALIDATION (``model`` in eval mode, any device)."""
+    x_va, y_va, mean, std = data.x_val, data.y_val, data.mean, data.std
+    plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
+    tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va, mean, std, loss_fn, plain_logits)
+    spec = spec.model_copy(update={"tta": tta})
+    temperature, operating_point = _calibrate(model, spec, x_va, y_va, mean, std, plain_logits)
+    return ValidationChoices(spec, vm, tta_scores, temperature, operating_point)
+
+
+def _calibrate(
+    model: ClassifierNet,
+    spec: ExperimentSpec,
+    x_va: np.ndarray,
+    y_va: np.ndarray,
+    mean: float,
+    std: float,
+    plain_logits: torch.Tensor,
+) -> tuple[float, dict[str, Any] | None]:
+    """Temperature scaling, then (``decision_rule='recall_floors'``) the operating point, both on VALIDATION.
+
+    The operating point is fitted on the group probabilities exactly as the scoring graph makes them
+    (TTA and temperature included), against the study's per-group recall as floors.
+    """
+    from zalando.calibration import fit_group_weights, fit_temperature, recall_floors
+    from zalando.labels import GROUP_NAMES
+    from zalando.models.bundle import ScoringModel
+    from zalando.study import STUDY_BEST
+
+    if len(y_va) == 0:
+        return 1.0, None
+    y_grp = np.asarray(LABEL_TO_GROUP)[y_va]
+    temperature = fit_temperature(plain_logits.numpy(), y_va if spec.target == "labels" else y_grp)
+    if spec.decision_rule == "argmax":
+        return temperature, None
+    device = next(model.parameters()).device
+    scoring = ScoringModel(model, mean, std, spec.target, temperature, spec.tta).to(device)
+    x_dev = to_device(torch.as_tensor(x_va)[:, None], device)
+    with torch.no_grad():
+        probs = (
+            torch.cat(
+                [scoring(x_dev[i : i + EVAL_BATCH].float())[0] for i in range(0, len(x_va), EVAL_BATCH)]
+            )
+            .cpu()
+            .numpy()
+        )
+    floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
+    op = fit_group_weights(probs, y_grp, floors)
+    log.info(
+        "%s: operating point %s on validation (%s): accuracy %.4f -> %.4f, recall %s -> %s",
+        spec.name, op.weights, op.reason, op.acc_before, op.acc_after,
+        [round(r, 4) for r in op.recall_before], [round(r, 4) for r in op.recall_after],
+    )  # fmt: skip
+    return temperature, op.as_dict()
+
+
+def _choose_tta(
+    model: ClassifierNet,
+    spec: ExperimentSpec,
+    x_va: np.ndarray,
+    y_va: np.ndarray,
+    mean: float,
+    std: float,
+    loss_fn: TrainingLoss,
+    plain_logits: torch.Tensor,
+) -> tuple[str, dict[str, float], dict[str, float]]:
+    """Decide test-time flip on VALIDATION data only (lower group NLL wins when spec.tta == 'auto')."""
+    plain = val_metrics(plain_logits, y_va, spec.target, loss_fn)
+    if spec.tta == "none":
+        return "none", {}, plain
+    flipped = val_metrics(predict_logits(model, x_va, mean, std, hflip=True), y_va, spec.target, loss_fn)
+    scores = {"none": plain["val_group_nll"], "hflip": flipped["val_group_nll"]}
+    if spec.tta == "hflip" or scores["hflip"] < scores["none"]:
+        return "hflip", scores, flipped
+    return "none", scores, plain
