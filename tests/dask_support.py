@@ -29,6 +29,8 @@ from typing import Any
 import psutil
 import pytest
 
+from zalando.s3server import free_port_block
+
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0  # 2 busy cores: a worker with its nanny takes 5-20 s to register
 STOP_TIMEOUT_S = 15.0
@@ -41,9 +43,8 @@ def dask_command() -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for a server, below the ephemeral ports (a client's source port cannot take it)."""
+    return free_port_block(1)
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,9 +29,8 @@ RETRAIN_EXPERIMENTS = ["fashion_cnn"]
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server, below the ephemeral ports (a client's source port cannot take it)."""
+    return free_port_block(1)
 
 
 @dataclass

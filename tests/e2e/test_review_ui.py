@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 from tests.conftest import REPO, TEST_ACCESS_KEY, TEST_SECRET_KEY, s3_config
 from tests.ui_support import RUN_ID, SCRIPT_ID, scored_batch, write_run
 from zalando.lake import Lake
-from zalando.s3server import S3Server
+from zalando.s3server import S3Server, free_port_block
 from zalando.ui.links import review_path
 from zalando.ui.store import LakeStore
 
@@ -47,9 +46,8 @@ class Desk:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server, below the ephemeral ports (a client's source port cannot take it)."""
+    return free_port_block(1)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:

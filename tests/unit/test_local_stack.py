@@ -251,3 +251,24 @@ def test_labels_import_sends_its_kpis_through_the_stacks_server(
     settings = Settings(work_dir=live_stack.work_dir)
     assert cli_review._measure_kpis(settings, None, ["b1", "b2"]) == []
     assert seen == [live_stack.api_url, live_stack.api_url]
+
+
+def test_a_server_port_block_lies_below_the_kernels_ephemeral_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outgoing connection's source port must not land in a block chosen for a server (it took the
+    e2e stack's filer port once, between the check and the bind)."""
+    from zalando import s3server
+
+    low, _ = s3server.ephemeral_ports()
+    blocks = [free_port_block() for _ in range(30)]
+    assert all(20000 <= p and p + 11 <= low for p in blocks), (low, blocks)
+    # the range is the kernel's: another one is honoured, and one that leaves no room falls back
+    ranges = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(s3server, "EPHEMERAL_RANGE_FILE", ranges)
+    ranges.write_text("25000\t60999\n")
+    assert all(p + 11 <= 25000 for p in (free_port_block() for _ in range(30)))
+    ranges.write_text("20005 60999\n")
+    assert all(20000 <= p < 60000 for p in (free_port_block() for _ in range(5)))
+    ranges.write_text("garbage")
+    assert s3server.ephemeral_ports() == (32768, 60999)
