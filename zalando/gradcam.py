@@ -125,7 +125,7 @@ def gradcam_png(
     suptitle: str | None = None,
 ) -> bytes:
     """A PNG gallery: each image in gray beside the same image with its heat map overlaid."""
-    from zalando.report import figure_png, new_figure
+    from zalando.figures import figure_png, new_figure
 
     images = np.asarray(images)
     heatmaps = np.asarray(heatmaps)
