@@ -272,3 +272,24 @@ def test_a_server_port_block_lies_below_the_kernels_ephemeral_ports(
     assert all(20000 <= p < 60000 for p in (free_port_block() for _ in range(5)))
     ranges.write_text("garbage")
     assert s3server.ephemeral_ports() == (32768, 60999)
+
+
+def test_a_process_just_started_is_recognised_by_its_command_line() -> None:
+    """Right after Popen returns, /proc/<pid>/cmdline can still be empty (the kernel sets the new
+    program's arguments after closing the close-on-exec files): `up` took its own fresh scorer and
+    Prefect server for dead ("exited at start", with an empty log)."""
+    empty = 0
+    for _ in range(300):
+        proc = subprocess.Popen(
+            ["/bin/sleep", "5"], start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        try:
+            cmdline = local_stack.process_cmdline(proc.pid)
+            empty += "sleep" not in cmdline
+        finally:
+            proc.kill()
+            proc.wait()
+    assert empty == 0, f"{empty} of 300 fresh processes read without their command line"
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()
+    assert local_stack.process_cmdline(gone.pid) == ""  # a process that is gone: at once, no retries
