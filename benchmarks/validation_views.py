@@ -94,7 +94,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if not (args.lake / "models").is_dir():  # Lake.local would make the folder
-        sys.exit(f"error: --lake {args.lake}: no models/ folder (the --lake of train_cpu.py --validation-only)")
+        sys.exit(
+            f"error: --lake {args.lake}: no models/ folder (the --lake of train_cpu.py --validation-only)"
+        )
     lake = Lake.local(args.lake)
     full = load_full(args.data, test=False)
     is_val = stratified_split(full["y"], 0.2, args.seed)
