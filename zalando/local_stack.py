@@ -117,15 +117,16 @@ def process_cmdline(pid: int) -> str:
     """The command line of a process, '' when it is gone or unreadable (or has none, as a kernel
     thread). A live process whose command line is not set yet, in the middle of its exec, is read
     again."""
-    for pause in (*CMDLINE_SETTLE_PAUSES_S, None):
+    raw = b""
+    for pause in (0.0, *CMDLINE_SETTLE_PAUSES_S):
+        time.sleep(pause)
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return ""
-        if raw or pause is None or not pid_alive(pid):
-            return raw.replace(b"\0", b" ").decode(errors="replace")
-        time.sleep(pause)
-    return ""
+        if raw or not pid_alive(pid):
+            break
+    return raw.replace(b"\0", b" ").decode(errors="replace")
 
 
 def running_pid(work_dir: Path, name: str) -> int | None:

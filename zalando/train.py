@@ -6,17 +6,18 @@ scheduler, stops early on validation loss, keeps the best checkpoint by validati
 writes an epoch checkpoint so a killed run resumes where it stopped. The test split never
 comes here.
 
-Feedback images (``x_feedback``/``g_feedback``/``w_feedback``, see :mod:`zalando.data.feedback_data`)
-join the training images with their own loss weight. Reviewers give a group, not a fine label: a
-labels-target model learns them through the group-level term only (:class:`SampleWeights` masks their
-label term), a groups-target model learns them as any other image. Without feedback the loss is
-computed exactly as before.
+Feedback images (``x_feedback``/``g_feedback``/``w_feedback``, see
+:mod:`zalando.data.feedback_data`) join the training images with their own loss weight. Reviewers
+give a group, not a fine label: a labels-target model learns them through the group-level term only
+(:class:`~zalando.objective.SampleWeights` masks their label term), a groups-target model learns
+them as any other image. Without feedback the loss is computed exactly as before.
 
 Laid out as pytorch/vision's ``references/classification/train.py``: :func:`select_training_data`
-and :func:`setup_training` (setup), :class:`EpochCheckpoint` (resume), :func:`train_one_epoch` and
-:func:`evaluate` (one epoch), :func:`fit` (the epoch loop),
-:func:`~zalando.validation.choose_on_validation` (TTA, temperature and operating point after
-training, in :mod:`zalando.validation`), and :func:`train_experiment`, which runs them.
+and :func:`setup_training` (setup; the loss, optimiser, schedule and early stopping are
+:mod:`zalando.objective`'s), :class:`~zalando.checkpoint.EpochCheckpoint` (resume, in
+:mod:`zalando.checkpoint`), :func:`train_one_epoch` and :func:`evaluate` (one epoch), :func:`fit`
+(the epoch loop), :func:`~zalando.validation.choose_on_validation` (TTA, temperature and operating
+point after training, in :mod:`zalando.validation`), and :func:`train_experiment`, which runs them.
 
 One code path for every device: the uint8 images go to the device as they are and are cast,
 augmented and normalised there (the network resizes them there too); on a CUDA GPU the copies are
@@ -28,11 +29,8 @@ epoch. On the CPU a seeded run gives the same numbers, bit for bit, as before th
 from __future__ import annotations
 
 import copy
-import io
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,10 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zalando.augment import apply_augment, draw_augment
+from zalando.checkpoint import CHECKPOINT_FILE, EpochCheckpoint, RunState, spec_fingerprint
 from zalando.errors import ConfigError, DataError
 from zalando.labels import GROUP_LABELS, LABEL_TO_GROUP, NUM_GROUPS, NUM_LABELS
 from zalando.models.architectures import ClassifierNet, build_model, count_macs, count_parameters
@@ -58,18 +56,18 @@ from zalando.models.hardware import (
     to_device,
 )
 from zalando.models.weights import WeightsInfo, init_weights
-from zalando.validation import (
-    LABEL_TO_GROUP_T,
-    choose_on_validation,
-    group_log_probs,
-    normalise,
-    predict_logits,
-    val_metrics,
+from zalando.objective import (
+    EarlyStopping,
+    SampleWeights,
+    TrainingLoss,
+    balanced_class_weights,
+    make_optimizer,
+    make_scheduler,
 )
+from zalando.validation import choose_on_validation, normalise, predict_logits, val_metrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "last.pt"
 LOG_EVERY_S = 15.0  # seconds between progress lines within an epoch
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -151,193 +149,6 @@ def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
         pos = np.flatnonzero(ys == c)
         rank[pos] = (np.arange(len(pos)) + rng.random()) / len(pos)
     return np.sort(perm[np.argsort(rank, kind="stable")[:n]])
-
-
-def balanced_class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
-    """n / (C * count_c): every class contributes equally to the loss (absent classes get 0)."""
-    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, len(targets) / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class SampleWeights:
-    """Per-image loss weights, and whose fine label is known (a feedback image knows only its group)."""
-
-    weight: torch.Tensor  # float32 (N,)
-    label_known: torch.Tensor  # bool (N,)
-
-    def to(self, device: torch.device) -> SampleWeights:
-        """On ``device`` (through pinned memory on a GPU; on the CPU the same tensors)."""
-        return SampleWeights(to_device(self.weight, device), to_device(self.label_known, device))
-
-    def take(self, idx: torch.Tensor) -> SampleWeights:
-        """The rows ``idx`` (on the weights' device)."""
-        return SampleWeights(self.weight[idx], self.label_known[idx])
-
-
-class TrainingLoss(nn.Module):
-    """Class-weighted cross-entropy (+ label smoothing) and an optional group-level term.
-
-    The weights are buffers: ``.to(device)`` puts them where the logits are, so a training step never
-    copies them from the CPU (a blocking copy that would make every GPU step wait for the one before).
-    With :class:`SampleWeights` every image's terms are weighted, and an image whose fine label is
-    unknown has its label term replaced by the group-level NLL (balanced by the group weights); the
-    weighted means are normalised like PyTorch's weighted means (by the summed weights).
-    """
-
-    def __init__(
-        self,
-        target: str,
-        class_weights: torch.Tensor | None,
-        group_weights: torch.Tensor | None,
-        label_smoothing: float,
-        group_loss_weight: float,
-    ) -> None:
-        super().__init__()
-        self.target = target
-        self.register_buffer("class_weights", class_weights)
-        self.register_buffer("group_weights", group_weights)
-        self.register_buffer("label_to_group", LABEL_TO_GROUP_T.clone())
-        self.label_smoothing = label_smoothing
-        self.group_loss_weight = group_loss_weight if target == "labels" else 0.0
-
-    def forward(
-        self,
-        logits: torch.Tensor,
-        y: torch.Tensor,
-        smoothing: bool = True,
-        sample_weights: SampleWeights | None = None,
-    ) -> torch.Tensor:
-        ls = self.label_smoothing if smoothing else 0.0
-        logits = logits.float()  # bf16 autocast output: the loss is computed in fp32
-        cw = None if self.class_weights is None else self.class_weights.to(logits.device)
-        if sample_weights is not None:
-            return self._weighted(logits, y, cw, ls, sample_weights)
-        loss = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls)
-        if self.group_loss_weight > 0:
-            g = self.label_to_group.to(y.device)[y]
-            gw = None if self.group_weights is None else self.group_weights.to(logits.device)
-            loss = loss + self.group_loss_weight * F.nll_loss(group_log_probs(logits), g, weight=gw)
-        return loss
-
-    def _weighted(
-        self, logits: torch.Tensor, y: torch.Tensor, cw: torch.Tensor | None, ls: float, sw: SampleWeights
-    ) -> torch.Tensor:
-        """The loss with per-image weights; label terms of images without a known fine label masked."""
-        w = sw.weight.to(logits.device, torch.float32)
-        ones = torch.ones_like(w)
-        ce = F.cross_entropy(logits, y, weight=cw, label_smoothing=ls, reduction="none")
-        ce_norm = ones if cw is None else cw[y]
-        if self.target != "labels":  # the group is the target: every image's target is known
-            return (w * ce).sum() / (w * ce_norm).sum()
-        g = LABEL_TO_GROUP_T.to(y.device)[y]  # an unknown fine label stands for its group (any of its labels)
-        gw = None if self.group_weights is None else self.group_weights.to(logits.device)
-        gnll = F.nll_loss(group_log_probs(logits), g, weight=gw, reduction="none")
-        g_norm = ones if gw is None else gw[g]
-        known = sw.label_known.to(logits.device)
-        first = torch.where(known, ce, gnll)
-        loss = (w * first).sum() / (w * torch.where(known, ce_norm, g_norm)).sum()
-        if self.group_loss_weight > 0:
-            loss = loss + self.group_loss_weight * (w * gnll).sum() / (w * g_norm).sum()
-        return loss
-
-
-def make_optimizer(
-    spec: ExperimentSpec, params: list[nn.Parameter], *, fused: bool = False
-) -> torch.optim.Optimizer:
-    """The spec's optimiser; ``fused``: one kernel for all parameters (on a GPU: fewer launches per step)."""
-    if not params:
-        raise ConfigError(f"experiment {spec.name!r} has no trainable parameters (check freeze)")
-    kw: dict[str, Any] = {"fused": True} if fused else {}  # absent on the CPU: its default kernels
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, **kw)
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **kw)
-    return torch.optim.SGD(
-        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True, **kw
-    )
-
-
-def make_scheduler(
-    spec: ExperimentSpec, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-) -> tuple[Any | None, str]:
-    """(scheduler, when) where ``when`` is 'epoch' (stepped with val loss), 'step' or 'none'."""
-    if spec.scheduler == "plateau":
-        sch = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=spec.plateau_factor, patience=spec.plateau_patience
-        )
-        return sch, "epoch"
-    total = max(1, spec.epochs * steps_per_epoch)
-    if spec.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), "step"
-    if spec.scheduler == "onecycle":
-        # OneCycleLR divides by zero when the warm-up is exactly one step (pct_start * total == 1, e.g.
-        # 0.2 of 5 steps, as feedback images can make it): then warm up for no step, as below one step
-        pct = spec.warmup_frac * (0.999 if math.isclose(spec.warmup_frac * total, 1.0) else 1.0)
-        sch = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.lr, total_steps=total, pct_start=pct, div_factor=20.0
-        )
-        return sch, "step"
-    return None, "none"
-
-
-class EarlyStopping:
-    """Stop after ``patience`` epochs without a val-loss improvement larger than ``min_delta``."""
-
-    def __init__(self, patience: int, min_delta: float) -> None:
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.bad_epochs = 0
-
-    def step(self, value: float) -> bool:
-        """Record one epoch's value; True when training should stop."""
-        if value < self.best - self.min_delta:
-            self.best = value
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict[str, float]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.best = float(state["best"])
-        self.bad_epochs = int(state["bad_epochs"])
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def _spec_fingerprint(
-    spec: ExperimentSpec, seed: int, n_train: int, n_val: int, mean: float, std: float
-) -> str:
-    return json.dumps(
-        {"spec": spec.model_dump(mode="json"), "seed": seed, "n": [n_train, n_val], "norm": [mean, std]},
-        sort_keys=True,
-    )
-
-
-def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start again
-        log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
-        return None
-    if ck.get("fingerprint") != fingerprint:
-        log.warning("checkpoint %s is for another spec/seed/data: starting from scratch", path)
-        return None
-    return ck
 
 
 def _set_frozen(model: ClassifierNet, freeze: str) -> None:
@@ -518,79 +329,6 @@ def _averaged(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-@dataclass
-class RunState:
-    """What the epoch loop carries from one epoch to the next, and the epoch checkpoint saves."""
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_state: dict[str, torch.Tensor] | None = None
-    best_val_loss: float = math.inf
-    best_epoch: int = -1  # 1-based, -1 before the first epoch
-    next_epoch: int = 0  # 0-based: where the loop starts
-    stopped_early: bool = False
-    resumed_from: int | None = None  # the 0-based epoch a resumed checkpoint ended with
-
-
-@dataclass(frozen=True)
-class EpochCheckpoint:
-    """A run's epoch checkpoint (none kept when ``path`` is None).
-
-    The fingerprint (spec, seed, data sizes, statistics) keeps a run from resuming another's checkpoint.
-    """
-
-    path: Path | None
-    fingerprint: str
-
-    def resume(self, setup: TrainSetup, experiment: str) -> RunState:
-        """Load the checkpoint into setup's model, optimiser, scheduler and stopper; a fresh state if none."""
-        ck = _load_checkpoint(self.path, self.fingerprint) if self.path is not None else None
-        if ck is None:
-            return RunState()
-        setup.model.load_state_dict(ck["model"])
-        setup.optimizer.load_state_dict(ck["optimizer"])
-        if setup.scheduler is not None:
-            setup.scheduler.load_state_dict(ck["scheduler"])
-        setup.stopper.load_state_dict(ck["stopper"])
-        if setup.scaler is not None and ck.get("scaler"):
-            setup.scaler.load_state_dict(ck["scaler"])
-        if setup.ema is not None:
-            setup.ema.load_state_dict(ck["ema"])
-        epoch = int(ck["epoch"])
-        log.info("%s: resuming after epoch %d from %s", experiment, epoch + 1, self.path)
-        return RunState(
-            history=list(ck["history"]),
-            best_state=ck["best_state"],
-            best_val_loss=float(ck["best_val_loss"]),
-            best_epoch=int(ck["best_epoch"]),
-            next_epoch=epoch + 1,
-            stopped_early=bool(ck["stopped_early"]),
-            resumed_from=epoch,
-        )
-
-    def save(self, setup: TrainSetup, state: RunState, epoch: int) -> None:
-        """Write the state after ``epoch`` (0-based), atomically."""
-        if self.path is None:
-            return
-        _save_checkpoint(
-            self.path,
-            {
-                "fingerprint": self.fingerprint,
-                "epoch": epoch,
-                "model": setup.model.state_dict(),
-                "optimizer": setup.optimizer.state_dict(),
-                "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else {},
-                "stopper": setup.stopper.state_dict(),
-                "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
-                "ema": setup.ema.state_dict() if setup.ema is not None else {},
-                "history": state.history,
-                "best_state": state.best_state,
-                "best_val_loss": state.best_val_loss,
-                "best_epoch": state.best_epoch,
-                "stopped_early": state.stopped_early,
-            },
-        )
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -924,7 +662,7 @@ def train_experiment(
             spec, profile, train_data, seed=seed, device=dev, lake=lake, allow_download=allow_download,
             compile_model=compile_model,
         )  # fmt: skip
-        fingerprint = _spec_fingerprint(
+        fingerprint = spec_fingerprint(
             spec, seed, train_data.n_train, train_data.n_val, train_data.mean, train_data.std
         )
         checkpoint = EpochCheckpoint(

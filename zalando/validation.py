@@ -26,7 +26,8 @@ from zalando.models.experiments import ExperimentSpec
 from zalando.models.hardware import to_device
 
 if TYPE_CHECKING:
-    from zalando.train import TrainData, TrainingLoss
+    from zalando.objective import TrainingLoss
+    from zalando.train import TrainData
 
 log = logging.getLogger(__name__)
 
@@ -113,22 +114,15 @@ def choose_on_validation(
     model: ClassifierNet, spec: ExperimentSpec, loss_fn: TrainingLoss, data: TrainData
 ) -> ValidationChoices:
     """TTA, then the temperature and the operating point, all on VALIDATION (``model`` in eval mode, any device)."""
-    x_va, y_va, mean, std = data.x_val, data.y_val, data.mean, data.std
-    plain_logits = predict_logits(model, x_va, mean, std)  # validation, once, for TTA and temperature
-    tta, tta_scores, vm = _choose_tta(model, spec, x_va, y_va, mean, std, loss_fn, plain_logits)
+    plain_logits = predict_logits(model, data.x_val, data.mean, data.std)  # once, for TTA and temperature
+    tta, tta_scores, vm = _choose_tta(model, spec, data, loss_fn, plain_logits)
     spec = spec.model_copy(update={"tta": tta})
-    temperature, operating_point = _calibrate(model, spec, x_va, y_va, mean, std, plain_logits)
+    temperature, operating_point = _calibrate(model, spec, data, plain_logits)
     return ValidationChoices(spec, vm, tta_scores, temperature, operating_point)
 
 
 def _calibrate(
-    model: ClassifierNet,
-    spec: ExperimentSpec,
-    x_va: np.ndarray,
-    y_va: np.ndarray,
-    mean: float,
-    std: float,
-    plain_logits: torch.Tensor,
+    model: ClassifierNet, spec: ExperimentSpec, data: TrainData, plain_logits: torch.Tensor
 ) -> tuple[float, dict[str, Any] | None]:
     """Temperature scaling, then (``decision_rule='recall_floors'``) the operating point, both on VALIDATION.
 
@@ -140,6 +134,7 @@ def _calibrate(
     from zalando.models.bundle import ScoringModel
     from zalando.study import STUDY_BEST
 
+    x_va, y_va = data.x_val, data.y_val
     if len(y_va) == 0:
         return 1.0, None
     y_grp = np.asarray(LABEL_TO_GROUP)[y_va]
@@ -147,7 +142,7 @@ def _calibrate(
     if spec.decision_rule == "argmax":
         return temperature, None
     device = next(model.parameters()).device
-    scoring = ScoringModel(model, mean, std, spec.target, temperature, spec.tta).to(device)
+    scoring = ScoringModel(model, data.mean, data.std, spec.target, temperature, spec.tta).to(device)
     x_dev = to_device(torch.as_tensor(x_va)[:, None], device)
     with torch.no_grad():
         probs = (
@@ -170,18 +165,16 @@ def _calibrate(
 def _choose_tta(
     model: ClassifierNet,
     spec: ExperimentSpec,
-    x_va: np.ndarray,
-    y_va: np.ndarray,
-    mean: float,
-    std: float,
+    data: TrainData,
     loss_fn: TrainingLoss,
     plain_logits: torch.Tensor,
 ) -> tuple[str, dict[str, float], dict[str, float]]:
     """Decide test-time flip on VALIDATION data only (lower group NLL wins when spec.tta == 'auto')."""
-    plain = val_metrics(plain_logits, y_va, spec.target, loss_fn)
+    plain = val_metrics(plain_logits, data.y_val, spec.target, loss_fn)
     if spec.tta == "none":
         return "none", {}, plain
-    flipped = val_metrics(predict_logits(model, x_va, mean, std, hflip=True), y_va, spec.target, loss_fn)
+    flipped_logits = predict_logits(model, data.x_val, data.mean, data.std, hflip=True)
+    flipped = val_metrics(flipped_logits, data.y_val, spec.target, loss_fn)
     scores = {"none": plain["val_group_nll"], "hflip": flipped["val_group_nll"]}
     if spec.tta == "hflip" or scores["hflip"] < scores["none"]:
         return "hflip", scores, flipped
