@@ -235,3 +235,48 @@ def fit_group_weights(
         met=met,
         reason=reason,
     )
+
+
+# candidate thresholds for flipping only the doubtful rows, cheapest (fewest flipped) first
+FLIP_BELOW_GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+
+
+def choose_flip_below(
+    one_view: np.ndarray,
+    both_views: np.ndarray,
+    groups: np.ndarray,
+    floors: Sequence[float],
+    grid: Sequence[float] | None = None,
+) -> dict[str, Any] | None:
+    """The lowest threshold t on the one-view top group probability such that flipping only the rows
+    below t loses nothing on validation against flipping every row; None when no t on the grid does.
+
+    ``one_view`` and ``both_views`` are the group probabilities (operating point applied) of the
+    unflipped view and of the mean of both views. "Loses nothing": grouped accuracy at least the full
+    flip's, and every group's recall at least its floor wherever the full flip reaches that floor (at
+    least the full flip's recall elsewhere). A row below t gets exactly the full flip's decision, a
+    row above keeps the one view's.
+    """
+    one, both = np.asarray(one_view, np.float64), np.asarray(both_views, np.float64)
+    y = np.asarray(groups)
+    if one.shape != both.shape or one.ndim != 2 or len(one) == 0 or y.shape != (len(one),):
+        raise DataError(f"flip threshold: one_view {one.shape} / both_views {both.shape} / groups {y.shape}")
+    k = one.shape[1]
+    f = np.asarray(floors, np.float64)
+    full_pred = both.argmax(1)
+    full_acc, full_rec = float((full_pred == y).mean()), _recalls(full_pred, y, k)
+    need = np.where(full_rec >= f - 1e-12, f, full_rec)
+    top = one.max(1)
+    for t in sorted(float(v) for v in (FLIP_BELOW_GRID if grid is None else grid)):
+        doubtful = top < t
+        pred = np.where(doubtful, full_pred, one.argmax(1))
+        acc = float((pred == y).mean())
+        if acc >= full_acc and (_recalls(pred, y, k) >= need - 1e-12).all():
+            return {
+                "flip_below": t,
+                "flipped_fraction": round(float(doubtful.mean()), 6),
+                "val_group_acc": acc,
+                "val_group_acc_every_row": full_acc,
+                "val_group_acc_one_view": float((one.argmax(1) == y).mean()),
+            }
+    return None

@@ -546,13 +546,22 @@ def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                 "Model version": card.get("model_version", NA),
                 "Trained": f"{training.get('device', 'cpu')} {training.get('precision', 'fp32')}, "
                 f"{training.get('epochs_run', NA)} epochs (best {training.get('best_epoch', NA)})",
-                "TTA": card.get("tta", NA),
+                "TTA": _tta_cell(card),
                 "Temperature": _cell(card.get("temperature"), ".3f"),
                 "Operating point": rule,
                 "Reduced precision (validation)": _runtime_verdicts(card),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _tta_cell(card: Mapping[str, Any]) -> str:
+    """'hflip below 0.95 (3.7% of validation rows)' where only doubtful rows are flipped, else the TTA."""
+    flip = card.get("tta_flip") or {}
+    if card.get("tta") == "hflip" and flip.get("flip_below") is not None:
+        share = 100 * float(flip.get("flipped_fraction", float("nan")))
+        return f"hflip below {float(flip['flip_below']):.3g} ({share:.1f}% of validation rows)"
+    return str(card.get("tta", NA))
 
 
 def _runtime_verdicts(card: Mapping[str, Any]) -> str:

@@ -95,6 +95,7 @@ class TrainResult:
     tta_scores: dict[str, float] = field(default_factory=dict)
     temperature: float = 1.0  # fitted on validation (label or group logits, without TTA)
     operating_point: dict[str, Any] | None = None  # per-group weights chosen on validation (decision_rule)
+    flip_choice: dict[str, Any] | None = None  # under hflip: the doubtful rows that get the flip
     device: str = "cpu"  # where it trained
     precision: str = "fp32"  # the arithmetic it trained in (bf16 = bfloat16 autocast)
 
@@ -607,6 +608,7 @@ def _finish(
         tta_scores=chosen.tta_scores,
         temperature=chosen.temperature,
         operating_point=chosen.operating_point,
+        flip_choice=chosen.flip_choice,
         device=setup.device.type,
         precision=setup.precision,
     )

@@ -4,7 +4,8 @@
 after every epoch) and the choices made once training has ended: :func:`choose_on_validation` decides
 the test-time flip (lower group NLL wins), then fits the temperature and, under
 ``decision_rule='recall_floors'``, the operating point on the group probabilities exactly as the
-scoring graph makes them. Everything here reads the VALIDATION split; the test split never comes here.
+scoring graph makes them; under the flip, the one-view confidence below which a row is flipped
+(the rows above keep one view: about 4% of the rows get the second pass for the full flip's accuracy). Everything here reads the VALIDATION split; the test split never comes here.
 
 The label-to-group helpers (:func:`group_log_probs`, ``LABEL_TO_GROUP_T``) live here too, for the
 training loss of :mod:`zalando.train` and for the metrics alike.
@@ -108,6 +109,7 @@ class ValidationChoices:
     tta_scores: dict[str, float]
     temperature: float
     operating_point: dict[str, Any] | None
+    flip_choice: dict[str, Any] | None = None  # under hflip: which rows get the flipped view
 
 
 def choose_on_validation(
@@ -118,7 +120,8 @@ def choose_on_validation(
     tta, tta_scores, vm = _choose_tta(model, spec, data, loss_fn, plain_logits)
     spec = spec.model_copy(update={"tta": tta})
     temperature, operating_point = _calibrate(model, spec, data, plain_logits)
-    return ValidationChoices(spec, vm, tta_scores, temperature, operating_point)
+    flip = _choose_flip_below(model, spec, data, temperature, operating_point)
+    return ValidationChoices(spec, vm, tta_scores, temperature, operating_point, flip)
 
 
 def _calibrate(
@@ -141,17 +144,8 @@ def _calibrate(
     temperature = fit_temperature(plain_logits.numpy(), y_va if spec.target == "labels" else y_grp)
     if spec.decision_rule == "argmax":
         return temperature, None
-    device = next(model.parameters()).device
-    scoring = ScoringModel(model, data.mean, data.std, spec.target, temperature, spec.tta).to(device)
-    x_dev = to_device(torch.as_tensor(x_va)[:, None], device)
-    with torch.no_grad():
-        probs = (
-            torch.cat(
-                [scoring(x_dev[i : i + EVAL_BATCH].float())[0] for i in range(0, len(x_va), EVAL_BATCH)]
-            )
-            .cpu()
-            .numpy()
-        )
+    scoring = ScoringModel(model, data.mean, data.std, spec.target, temperature, spec.tta)
+    probs = _scoring_probs(scoring, model, x_va)
     floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
     op = fit_group_weights(probs, y_grp, floors)
     log.info(
@@ -160,6 +154,54 @@ def _calibrate(
         [round(r, 4) for r in op.recall_before], [round(r, 4) for r in op.recall_after],
     )  # fmt: skip
     return temperature, op.as_dict()
+
+
+def _scoring_probs(scoring: torch.nn.Module, model: ClassifierNet, x_u8: np.ndarray) -> np.ndarray:
+    """The scoring graph's group probabilities of uint8 images, on the model's device."""
+    device = next(model.parameters()).device
+    scoring = scoring.to(device).eval()
+    x_dev = to_device(torch.as_tensor(x_u8)[:, None], device)
+    with torch.no_grad():
+        parts = [scoring(x_dev[i : i + EVAL_BATCH].float())[0] for i in range(0, len(x_u8), EVAL_BATCH)]
+    return torch.cat(parts).cpu().numpy()
+
+
+def _choose_flip_below(
+    model: ClassifierNet,
+    spec: ExperimentSpec,
+    data: TrainData,
+    temperature: float,
+    operating_point: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Under hflip, the one-view confidence below which a row gets the flipped view too (VALIDATION).
+
+    The lowest threshold whose decisions lose nothing against flipping every row
+    (:func:`zalando.calibration.choose_flip_below`); None (every row flipped) when none does.
+    """
+    from zalando.calibration import choose_flip_below, recall_floors
+    from zalando.labels import GROUP_NAMES
+    from zalando.models.bundle import ScoringModel
+    from zalando.study import STUDY_BEST
+
+    if spec.tta != "hflip" or len(data.y_val) == 0:
+        return None
+    weights = list(operating_point["weights"]) if operating_point else None
+    args = (model, data.mean, data.std, spec.target, temperature)
+    one = _scoring_probs(ScoringModel(*args, "none", weights), model, data.x_val)
+    both = _scoring_probs(ScoringModel(*args, "hflip", weights), model, data.x_val)
+    y_grp = np.asarray(LABEL_TO_GROUP)[data.y_val]
+    floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
+    choice = choose_flip_below(one, both, y_grp, floors)
+    if choice is None:
+        log.info("%s: every row keeps the flipped view (no threshold loses nothing on validation)", spec.name)
+    else:
+        log.info(
+            "%s: the flipped view only below %.3f one-view confidence (%.1f%% of validation rows), "
+            "grouped accuracy %.4f (every row flipped %.4f, one view %.4f)",
+            spec.name, choice["flip_below"], 100 * choice["flipped_fraction"], choice["val_group_acc"],
+            choice["val_group_acc_every_row"], choice["val_group_acc_one_view"],
+        )  # fmt: skip
+    return choice
 
 
 def _choose_tta(

@@ -7,6 +7,7 @@ import pytest
 
 from zalando.calibration import (
     apply_temperature,
+    choose_flip_below,
     expected_calibration_error,
     fit_group_weights,
     fit_temperature,
@@ -122,3 +123,49 @@ def test_operating_point_bad_inputs() -> None:
         fit_group_weights(p, y + 5, [0.9, 0.9, 0.9])
     with pytest.raises(DataError, match="NaN"):
         fit_group_weights(np.full_like(p, np.nan), y, [0.9, 0.9, 0.9])
+
+
+def _two_groups(rows: list[tuple[int, int, float, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of (count, truth, the one view's probability of group 0, the full flip's group) -> one, both, y."""
+    one, both, y = [], [], []
+    for count, truth, p0, flip_group in rows:
+        one += [[p0, 1 - p0]] * count
+        both += [[0.9, 0.1] if flip_group == 0 else [0.1, 0.9]] * count
+        y += [truth] * count
+    return np.array(one), np.array(both), np.array(y)
+
+
+def test_flip_threshold_is_the_lowest_that_loses_nothing_against_flipping_every_row() -> None:
+    one, both, y = _two_groups(
+        [
+            (100, 0, 0.999, 0),  # right either way
+            (1, 1, 0.97, 1),  # the one view is wrong at 0.97, the flip mends it
+            (1, 1, 0.96, 1),  # the same at 0.96
+            (1, 0, 0.9995, 1),  # the one view is right at 0.9995, the flip spoils it
+        ]
+    )
+    choice = choose_flip_below(one, both, y, floors=[0.0, 0.0])
+    assert choice is not None and choice["flip_below"] == 0.98  # below 0.98: only the two mended rows
+    assert choice["flipped_fraction"] == pytest.approx(2 / 103, abs=1e-6)
+    assert (choice["val_group_acc"], choice["val_group_acc_every_row"], choice["val_group_acc_one_view"]) == (
+        1.0, pytest.approx(102 / 103), pytest.approx(101 / 103),
+    )  # fmt: skip
+    assert choose_flip_below(one, both, y, floors=[0.0, 0.0], grid=(0.8, 0.9, 0.95)) is None
+
+
+def test_flip_threshold_keeps_a_recall_floor_that_flipping_every_row_meets() -> None:
+    one, both, y = _two_groups(
+        [
+            (40, 0, 0.99, 0),
+            (9, 1, 0.01, 1),
+            (1, 1, 0.996, 1),  # group 1's tenth row: the one view says group 0 at 0.996, the flip mends it
+            (1, 0, 0.15, 0),  # the one view says group 1 at 0.85, the flip mends it
+            (1, 0, 0.9995, 1),  # right at 0.9995, spoiled by the flip
+        ]
+    )
+    loose = choose_flip_below(one, both, y, floors=[0.0, 0.5])
+    strict = choose_flip_below(one, both, y, floors=[0.0, 1.0])
+    assert loose is not None and loose["flip_below"] == 0.9  # the 0.85 row: accuracy back to the full flip's
+    assert strict is not None and strict["flip_below"] == 0.998  # recall 1.0 needs the 0.996 row flipped too
+    with pytest.raises(DataError, match="flip threshold"):
+        choose_flip_below(one, both[:-1], y, floors=[0.0, 0.0])

@@ -233,3 +233,50 @@ def test_make_predictor_gives_the_scoring_predictors_and_they_agree() -> None:
     assert (bf16.runtime, bf16.precision) == ("torch-bf16", "bf16")
     with pytest.raises(ConfigError, match="valid choices"):
         make_predictor(bundle, runtime="tensorrt")  # type: ignore[arg-type]
+
+
+def test_flip_below_flips_only_the_doubtful_rows_in_torch_and_onnx() -> None:
+    """Under ``flip_below`` a row below the threshold gets the full flip's probabilities, a row above
+    keeps the one view's; the embedding is the one view's; ONNX agrees with 0, some and all rows doubtful."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from zalando.models import ModelBundle, export_onnx
+    from zalando.models.bundle import ScoringModel
+    from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
+
+    params = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}
+    spec = ExperimentSpec(name="x", architecture="fashion_cnn", arch_params=params, tta="hflip")
+    torch.manual_seed(0)
+    net = build_model("fashion_cnn", 10, 28, params).eval()
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (64, 1, 28, 28)).astype(np.float32))
+    weights = [1.0, 1.2, 1.0, 0.9, 1.0]
+
+    def graph(tta: str, flip_below: float | None = None) -> ScoringModel:
+        return ScoringModel(net, 0.3, 0.35, "labels", 0.8, tta, weights, flip_below).eval()
+
+    with torch.no_grad():
+        one, emb_one = graph("none")(x)
+        both, _ = graph("hflip")(x)
+        t = float(one.amax(1).median())  # half the rows doubtful
+        mixed, emb_mixed = graph("hflip", t)(x)
+    doubtful = one.amax(1) < t
+    assert 0 < int(doubtful.sum()) < len(x)
+    torch.testing.assert_close(mixed[doubtful], both[doubtful])
+    torch.testing.assert_close(mixed[~doubtful], one[~doubtful])
+    torch.testing.assert_close(emb_mixed, emb_one)
+    assert graph("none", 0.5).flip_below is None  # a threshold means nothing without the flip
+
+    for flip_below in (0.0, t, 1.01):  # none, half, every row doubtful
+        bundle = ModelBundle(
+            spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d",
+            temperature=0.8, group_weights=weights, flip_below=flip_below,
+        )  # fmt: skip
+        sess = ort.InferenceSession(export_onnx(bundle), providers=["CPUExecutionProvider"])
+        for rows in (x, x[:0]):
+            o_probs, o_emb = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: rows.numpy()})
+            with torch.no_grad():
+                t_probs, t_emb = bundle.scoring_model()(rows)
+            assert o_probs.shape == (len(rows), 5) and o_emb.shape == (len(rows), 8)
+            np.testing.assert_allclose(o_probs, t_probs.numpy(), atol=1e-5)
+            np.testing.assert_allclose(o_emb, t_emb.numpy(), atol=1e-4)

@@ -188,3 +188,39 @@ def _put_dataset_version(lake: Lake, stats: dict) -> None:
 
     row = pa.Table.from_pylist([{**stats, "created_at": datetime.now(UTC)}])
     replace_partition(lake.catalog(), "dataset_versions", row, {"dataset_version": stats["dataset_version"]})
+
+
+def test_the_warm_up_calls_each_runtime_as_a_shard_does() -> None:
+    """Sub-batches of the default size, ``parallelism`` at once: ONNX Runtime's concurrent
+    single-threaded runs are timed as they score, not as one run on one thread."""
+    import threading
+    import time
+
+    from zalando.scoring import champion
+
+    class Recorder:
+        def __init__(self, parallelism: int) -> None:
+            self.parallelism = parallelism
+            self.sizes: list[int] = []
+            self.running = self.most = 0
+            self.lock = threading.Lock()
+
+        def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with self.lock:
+                self.sizes.append(len(images))
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.05)
+            with self.lock:
+                self.running -= 1
+            return np.full((len(images), 5), 0.2, np.float32), np.zeros((len(images), 4), np.float32)
+
+    onnx_like, torch_like = Recorder(parallelism=2), Recorder(parallelism=1)
+    timings = champion._warm_up("test", [("onnx", onnx_like), ("torch", torch_like)])
+    assert set(timings) == {"onnx", "torch"}
+    n, sub = champion.WARMUP_IMAGES, champion.WARMUP_SUB_BATCH
+    assert n > sub  # more than one sub-batch, or parallelism could not show
+    for rec in (onnx_like, torch_like):
+        assert rec.sizes == [16] + [sub] * (n // sub)  # the first call checks the outputs
+    assert (onnx_like.most, torch_like.most) == (2, 1)
+    assert timings["onnx"] < timings["torch"]  # 2 sleeps at once against 2 in a row

@@ -350,6 +350,45 @@ def test_bad_group_weights_in_a_bundle_are_refused(tiny: dict[str, np.ndarray], 
         load_bundle(lake, "t", bundle.model_version)
 
 
+def test_the_flip_threshold_is_chosen_on_validation_and_travels_with_the_bundle(
+    tiny: dict[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from zalando import calibration
+    from zalando.errors import ModelError
+
+    # one candidate above every probability: every row flipped, which always loses nothing
+    monkeypatch.setattr(calibration, "FLIP_BELOW_GRID", (1.01,))
+    res = train_experiment(tiny_spec(epochs=1, tta="hflip"), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
+    assert res.flip_choice is not None
+    assert (res.flip_choice["flip_below"], res.flip_choice["flipped_fraction"]) == (1.01, 1.0)
+    assert res.flip_choice["val_group_acc"] == res.flip_choice["val_group_acc_every_row"]
+    plain = train_experiment(
+        tiny_spec(epochs=1, tta="none"), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1
+    )
+    assert plain.flip_choice is None
+
+    lake = Lake.local(tmp_path / "lake")
+    res.flip_choice = {**res.flip_choice, "flip_below": 0.6}
+    bundle = build_bundle(res, mean=MEAN, std=STD, dataset_version="dv-flip")
+    assert bundle.flip_below == 0.6 and bundle.card["tta_flip"]["flip_below"] == 0.6
+    key = save_bundle(lake, bundle)
+    loaded = load_bundle(lake, "t", bundle.model_version)
+    assert loaded.flip_below == 0.6 and loaded.scoring_model().flip_below == 0.6
+    images = tiny["x_val"][:40]
+    p_torch, _ = make_predictor(loaded, runtime="torch").predict(images)
+    p_onnx, _ = make_predictor(loaded, load_onnx_bytes(lake, "t", bundle.model_version)).predict(images)
+    np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
+
+    files = {n: lake.read_file(key, n) for n in lake.read_manifest(key)["files"]}
+    meta = json.loads(files["bundle.json"])
+    meta["flip_below"] = 1.5
+    lake.commit_files(key, {**files, "bundle.json": json.dumps(meta).encode()}, "tamper")
+    with pytest.raises(ModelError, match="flip_below must be a probability"):
+        load_bundle(lake, "t", bundle.model_version)
+
+
 # ----------------------------------------------------------------------------- exact numbers of seeded runs
 
 

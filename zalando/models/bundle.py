@@ -48,7 +48,12 @@ ONNX_OPSET = 17
 
 
 class ScoringModel(nn.Module):
-    """Raw pixels (N, 1, 28, 28) float 0..255 -> (group_probs (N, 5), embedding (N, D))."""
+    """Raw pixels (N, 1, 28, 28) float 0..255 -> (group_probs (N, 5), embedding (N, D)).
+
+    ``tta='hflip'`` averages the label probabilities of the image and its mirror; with ``flip_below``
+    only the rows whose one-view top group probability is below it get the mirror's pass (a gather,
+    the net on those rows, a scatter: in the ONNX graph too), and the embedding is the one view's.
+    """
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class ScoringModel(nn.Module):
         temperature: float = 1.0,
         tta: str = "none",
         group_weights: list[float] | None = None,
+        flip_below: float | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -66,6 +72,8 @@ class ScoringModel(nn.Module):
         self.std = float(std)
         self.temperature = float(temperature)
         self.hflip = tta == "hflip"
+        # flip only the doubtful rows: those whose one-view top group probability is below this
+        self.flip_below = None if flip_below is None or not self.hflip else float(flip_below)
         if target == "labels":
             to_group = torch.zeros(NUM_LABELS, NUM_GROUPS)
             to_group[torch.arange(NUM_LABELS), torch.tensor(np.array(LABEL_TO_GROUP))] = 1.0
@@ -84,16 +92,27 @@ class ScoringModel(nn.Module):
         logits, emb = self.net.forward_both(x)
         logits, emb = logits.float(), emb.float()
         probs = F.softmax(logits / self.temperature, dim=1)
-        if self.hflip:
+        if self.flip_below is not None:
+            # the flipped view only where one view leaves the group in doubt (chosen on validation so
+            # that the predictions' accuracy is the full flip's); the embedding is the one view's
+            doubtful = torch.nonzero(self._groups(probs).amax(1) < self.flip_below).squeeze(1)
+            logits2, _ = self.net.forward_both(torch.flip(x.index_select(0, doubtful), dims=[3]))
+            mean = (probs.index_select(0, doubtful) + F.softmax(logits2.float() / self.temperature, 1)) * 0.5
+            probs = probs.scatter(0, doubtful[:, None].expand(-1, probs.shape[1]), mean)
+        elif self.hflip:
             logits2, emb2 = self.net.forward_both(torch.flip(x, dims=[3]))
             probs = (probs + F.softmax(logits2.float() / self.temperature, dim=1)) * 0.5
             emb = (emb + emb2.float()) * 0.5
+        return self._groups(probs), emb
+
+    def _groups(self, probs: torch.Tensor) -> torch.Tensor:
+        """Label probabilities -> group probabilities, through the operating point."""
         # labels -> groups as multiply-and-sum, not a matmul: autocast would run a matmul in bf16
         groups = (probs[:, :, None] * self.to_group[None]).sum(1)
         if self.reweight:  # a change of prior: weight, then renormalise
             groups = groups * self.group_weights
             groups = groups / groups.sum(1, keepdim=True)
-        return groups, emb
+        return groups
 
 
 @dataclass
@@ -108,6 +127,7 @@ class ModelBundle:
     dataset_version: str
     temperature: float = 1.0
     group_weights: list[float] | None = None  # operating point (None: plain argmax)
+    flip_below: float | None = None  # under tta hflip: flip only rows this doubtful (None: every row)
     history: list[dict[str, Any]] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
     code_version: str = ""
@@ -131,6 +151,7 @@ class ModelBundle:
             self.temperature,
             self.spec.tta,
             self.group_weights,
+            self.flip_below,
         ).eval()
 
 
@@ -183,6 +204,8 @@ def build_bundle(
         temperature = float(getattr(result, "temperature", 1.0))
     op = getattr(result, "operating_point", None)
     group_weights = list(op["weights"]) if op else None
+    flip = getattr(result, "flip_choice", None)
+    flip_below = flip["flip_below"] if flip else None
     version = model_version or new_model_version(spec, dataset_version, result.seed)
     card = {
         "model": spec.name,
@@ -193,6 +216,7 @@ def build_bundle(
         "target": spec.target,
         "input_size": spec.input_size,
         "tta": spec.tta,
+        "tta_flip": flip,
         "temperature": float(temperature),
         "operating_point": op,
         "weights": result.weights.to_dict(),
@@ -231,6 +255,7 @@ def build_bundle(
         dataset_version=dataset_version,
         temperature=float(temperature),
         group_weights=group_weights,
+        flip_below=flip_below,
         history=list(result.history),
         card=card,
         code_version=card["code_version"],
@@ -308,6 +333,7 @@ def _bundle_json(bundle: ModelBundle) -> dict[str, Any]:
         "std": bundle.std,
         "temperature": bundle.temperature,
         "group_weights": bundle.group_weights,
+        "flip_below": bundle.flip_below,
         "label_names": list(LABEL_NAMES),
         "group_names": list(GROUP_NAMES),
         "label_to_group": [int(g) for g in LABEL_TO_GROUP],
@@ -435,6 +461,7 @@ def load_bundle(lake: Any, experiment: str, model_version: str) -> ModelBundle:
         dataset_version=meta["dataset_version"],
         temperature=float(meta.get("temperature", 1.0)),
         group_weights=_group_weights(meta.get("group_weights"), key),
+        flip_below=_flip_below(meta.get("flip_below"), key),
         history=list(meta.get("history", [])),
         card=card,
         code_version=meta.get("code_version", ""),
@@ -451,6 +478,14 @@ def _group_weights(value: Any, key: str) -> list[float] | None:
             f"{key}/bundle.json: group_weights must be {NUM_GROUPS} positive numbers, got {value!r}"
         )
     return [float(v) for v in value]
+
+
+def _flip_below(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1):
+        raise ModelError(f"{key}/bundle.json: flip_below must be a probability in [0, 1], got {value!r}")
+    return float(value)
 
 
 def load_onnx_bytes(lake: Any, experiment: str, model_version: str) -> bytes:
