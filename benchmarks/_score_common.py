@@ -192,6 +192,27 @@ def onnx_flops_per_image(onnx_bytes: bytes) -> int:
     return total
 
 
+def flipped_share(lake: Lake, experiment: str, model_version: str) -> tuple[float, float] | None:
+    """(threshold, share of the test images below it) for a bundle that flips only the doubtful rows
+    (``flip_below``), else None: the ONNX graph's FLOP count has the one view only (the flipped rows'
+    shapes are known at run time), so the work done is that count times (1 + share)."""
+    import torch
+
+    from zalando.models.bundle import ScoringModel, load_bundle
+
+    bundle = load_bundle(lake, experiment, model_version)
+    if bundle.flip_below is None:
+        return None
+    one_view = ScoringModel(
+        bundle.model, bundle.mean, bundle.std, bundle.spec.target, bundle.temperature, "none",
+        bundle.group_weights,
+    ).eval()  # fmt: skip
+    images, _ = test_split()
+    with torch.no_grad():
+        probs, _ = one_view(torch.from_numpy(images[:, None].astype(np.float32)))
+    return bundle.flip_below, float((probs.amax(1) < bundle.flip_below).float().mean())
+
+
 def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0, dtype: str = "fp32") -> float:
     """Best GFLOP/s of an n x n matrix multiply on ``threads`` threads (torch's BLAS / oneDNN), best of
     repeats; ``dtype='bf16'`` multiplies bfloat16 (AMX where the CPU has it); ``dtype='int8'``

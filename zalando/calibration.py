@@ -237,46 +237,49 @@ def fit_group_weights(
     )
 
 
-# candidate thresholds for flipping only the doubtful rows, cheapest (fewest flipped) first
-FLIP_BELOW_GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+# candidate thresholds for a second pass on the doubtful rows only, cheapest (fewest rows) first
+DOUBT_GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
-def choose_flip_below(
-    one_view: np.ndarray,
-    both_views: np.ndarray,
+def choose_doubt_threshold(
+    first: np.ndarray,
+    second: np.ndarray,
     groups: np.ndarray,
     floors: Sequence[float],
     grid: Sequence[float] | None = None,
 ) -> dict[str, Any] | None:
-    """The lowest threshold t on the one-view top group probability such that flipping only the rows
-    below t loses nothing on validation against flipping every row; None when no t on the grid does.
+    """The lowest threshold t on the first pass's top group probability such that giving only the rows
+    below t the second pass's decision loses nothing on validation against giving it to every row;
+    None when no t on the grid does.
 
-    ``one_view`` and ``both_views`` are the group probabilities (operating point applied) of the
-    unflipped view and of the mean of both views. "Loses nothing": grouped accuracy at least the full
-    flip's, and every group's recall at least its floor wherever the full flip reaches that floor (at
-    least the full flip's recall elsewhere). A row below t gets exactly the full flip's decision, a
-    row above keeps the one view's.
+    ``first`` and ``second`` are two ways of scoring the same rows (group probabilities, operating
+    point applied): the one view and the mean of the view and its mirror (the flip), or a cheap screen
+    net and the full scoring graph. "Loses nothing": grouped accuracy at least the second pass's, and
+    every group's recall at least its floor wherever the second pass reaches that floor (at least the
+    second pass's recall elsewhere). A row below t gets exactly the second pass's decision, a row above
+    keeps the first's. ``grid``: the candidates (default ``DOUBT_GRID``). Returns ``below`` (t),
+    ``share`` (of rows below it) and the three validation accuracies.
     """
-    one, both = np.asarray(one_view, np.float64), np.asarray(both_views, np.float64)
+    one, both = np.asarray(first, np.float64), np.asarray(second, np.float64)
     y = np.asarray(groups)
     if one.shape != both.shape or one.ndim != 2 or len(one) == 0 or y.shape != (len(one),):
-        raise DataError(f"flip threshold: one_view {one.shape} / both_views {both.shape} / groups {y.shape}")
+        raise DataError(f"doubt threshold: first {one.shape} / second {both.shape} / groups {y.shape}")
     k = one.shape[1]
     f = np.asarray(floors, np.float64)
     full_pred = both.argmax(1)
     full_acc, full_rec = float((full_pred == y).mean()), _recalls(full_pred, y, k)
     need = np.where(full_rec >= f - 1e-12, f, full_rec)
     top = one.max(1)
-    for t in sorted(float(v) for v in (FLIP_BELOW_GRID if grid is None else grid)):
+    for t in sorted(float(v) for v in (DOUBT_GRID if grid is None else grid)):
         doubtful = top < t
         pred = np.where(doubtful, full_pred, one.argmax(1))
         acc = float((pred == y).mean())
         if acc >= full_acc and (_recalls(pred, y, k) >= need - 1e-12).all():
             return {
-                "flip_below": t,
-                "flipped_fraction": round(float(doubtful.mean()), 6),
+                "below": t,
+                "share": round(float(doubtful.mean()), 6),
                 "val_group_acc": acc,
-                "val_group_acc_every_row": full_acc,
-                "val_group_acc_one_view": float((one.argmax(1) == y).mean()),
+                "val_group_acc_second": full_acc,
+                "val_group_acc_first": float((one.argmax(1) == y).mean()),
             }
     return None

@@ -558,9 +558,9 @@ def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 def _tta_cell(card: Mapping[str, Any]) -> str:
     """'hflip below 0.95 (3.7% of validation rows)' where only doubtful rows are flipped, else the TTA."""
     flip = card.get("tta_flip") or {}
-    if card.get("tta") == "hflip" and flip.get("flip_below") is not None:
-        share = 100 * float(flip.get("flipped_fraction", float("nan")))
-        return f"hflip below {float(flip['flip_below']):.3g} ({share:.1f}% of validation rows)"
+    if card.get("tta") == "hflip" and flip.get("below") is not None:
+        share = 100 * float(flip.get("share", float("nan")))
+        return f"hflip below {float(flip['below']):.3g} ({share:.1f}% of validation rows)"
     return str(card.get("tta", NA))
 
 

@@ -176,9 +176,9 @@ def _choose_flip_below(
     """Under hflip, the one-view confidence below which a row gets the flipped view too (VALIDATION).
 
     The lowest threshold whose decisions lose nothing against flipping every row
-    (:func:`zalando.calibration.choose_flip_below`); None (every row flipped) when none does.
+    (:func:`zalando.calibration.choose_doubt_threshold`); None (every row flipped) when none does.
     """
-    from zalando.calibration import choose_flip_below, recall_floors
+    from zalando.calibration import choose_doubt_threshold, recall_floors
     from zalando.labels import GROUP_NAMES
     from zalando.models.bundle import ScoringModel
     from zalando.study import STUDY_BEST
@@ -191,15 +191,15 @@ def _choose_flip_below(
     both = _scoring_probs(ScoringModel(*args, "hflip", weights), model, data.x_val)
     y_grp = np.asarray(LABEL_TO_GROUP)[data.y_val]
     floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
-    choice = choose_flip_below(one, both, y_grp, floors)
+    choice = choose_doubt_threshold(one, both, y_grp, floors)
     if choice is None:
         log.info("%s: every row keeps the flipped view (no threshold loses nothing on validation)", spec.name)
     else:
         log.info(
             "%s: the flipped view only below %.3f one-view confidence (%.1f%% of validation rows), "
             "grouped accuracy %.4f (every row flipped %.4f, one view %.4f)",
-            spec.name, choice["flip_below"], 100 * choice["flipped_fraction"], choice["val_group_acc"],
-            choice["val_group_acc_every_row"], choice["val_group_acc_one_view"],
+            spec.name, choice["below"], 100 * choice["share"], choice["val_group_acc"],
+            choice["val_group_acc_second"], choice["val_group_acc_first"],
         )  # fmt: skip
     return choice
 

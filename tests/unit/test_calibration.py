@@ -7,7 +7,7 @@ import pytest
 
 from zalando.calibration import (
     apply_temperature,
-    choose_flip_below,
+    choose_doubt_threshold,
     expected_calibration_error,
     fit_group_weights,
     fit_temperature,
@@ -144,13 +144,13 @@ def test_flip_threshold_is_the_lowest_that_loses_nothing_against_flipping_every_
             (1, 0, 0.9995, 1),  # the one view is right at 0.9995, the flip spoils it
         ]
     )
-    choice = choose_flip_below(one, both, y, floors=[0.0, 0.0])
-    assert choice is not None and choice["flip_below"] == 0.98  # below 0.98: only the two mended rows
-    assert choice["flipped_fraction"] == pytest.approx(2 / 103, abs=1e-6)
-    assert (choice["val_group_acc"], choice["val_group_acc_every_row"], choice["val_group_acc_one_view"]) == (
+    choice = choose_doubt_threshold(one, both, y, floors=[0.0, 0.0])
+    assert choice is not None and choice["below"] == 0.98  # below 0.98: only the two mended rows
+    assert choice["share"] == pytest.approx(2 / 103, abs=1e-6)
+    assert (choice["val_group_acc"], choice["val_group_acc_second"], choice["val_group_acc_first"]) == (
         1.0, pytest.approx(102 / 103), pytest.approx(101 / 103),
     )  # fmt: skip
-    assert choose_flip_below(one, both, y, floors=[0.0, 0.0], grid=(0.8, 0.9, 0.95)) is None
+    assert choose_doubt_threshold(one, both, y, floors=[0.0, 0.0], grid=(0.8, 0.9, 0.95)) is None
 
 
 def test_flip_threshold_keeps_a_recall_floor_that_flipping_every_row_meets() -> None:
@@ -163,9 +163,9 @@ def test_flip_threshold_keeps_a_recall_floor_that_flipping_every_row_meets() -> 
             (1, 0, 0.9995, 1),  # right at 0.9995, spoiled by the flip
         ]
     )
-    loose = choose_flip_below(one, both, y, floors=[0.0, 0.5])
-    strict = choose_flip_below(one, both, y, floors=[0.0, 1.0])
-    assert loose is not None and loose["flip_below"] == 0.9  # the 0.85 row: accuracy back to the full flip's
-    assert strict is not None and strict["flip_below"] == 0.998  # recall 1.0 needs the 0.996 row flipped too
-    with pytest.raises(DataError, match="flip threshold"):
-        choose_flip_below(one, both[:-1], y, floors=[0.0, 0.0])
+    loose = choose_doubt_threshold(one, both, y, floors=[0.0, 0.5])
+    strict = choose_doubt_threshold(one, both, y, floors=[0.0, 1.0])
+    assert loose is not None and loose["below"] == 0.9  # the 0.85 row: accuracy back to the full flip's
+    assert strict is not None and strict["below"] == 0.998  # recall 1.0 needs the 0.996 row flipped too
+    with pytest.raises(DataError, match="doubt threshold"):
+        choose_doubt_threshold(one, both[:-1], y, floors=[0.0, 0.0])

@@ -303,5 +303,5 @@ def test_how_each_model_decides_names_the_experiment_of_a_real_model_card() -> N
     row = rp.models_display([card]).iloc[0]
     assert row["Reduced precision (validation)"] == "onnx-int8 -0.02 pts, torch-bf16 -8.00 pts (not admitted)"
     assert row["TTA"] == "none"
-    card.update(tta="hflip", tta_flip={"flip_below": 0.95, "flipped_fraction": 0.0371})
+    card.update(tta="hflip", tta_flip={"below": 0.95, "share": 0.0371})
     assert rp.models_display([card]).iloc[0]["TTA"] == "hflip below 0.95 (3.7% of validation rows)"

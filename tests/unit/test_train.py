@@ -359,20 +359,20 @@ def test_the_flip_threshold_is_chosen_on_validation_and_travels_with_the_bundle(
     from zalando.errors import ModelError
 
     # one candidate above every probability: every row flipped, which always loses nothing
-    monkeypatch.setattr(calibration, "FLIP_BELOW_GRID", (1.01,))
+    monkeypatch.setattr(calibration, "DOUBT_GRID", (1.01,))
     res = train_experiment(tiny_spec(epochs=1, tta="hflip"), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1)
     assert res.flip_choice is not None
-    assert (res.flip_choice["flip_below"], res.flip_choice["flipped_fraction"]) == (1.01, 1.0)
-    assert res.flip_choice["val_group_acc"] == res.flip_choice["val_group_acc_every_row"]
+    assert (res.flip_choice["below"], res.flip_choice["share"]) == (1.01, 1.0)
+    assert res.flip_choice["val_group_acc"] == res.flip_choice["val_group_acc_second"]
     plain = train_experiment(
         tiny_spec(epochs=1, tta="none"), TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1
     )
     assert plain.flip_choice is None
 
     lake = Lake.local(tmp_path / "lake")
-    res.flip_choice = {**res.flip_choice, "flip_below": 0.6}
+    res.flip_choice = {**res.flip_choice, "below": 0.6}
     bundle = build_bundle(res, mean=MEAN, std=STD, dataset_version="dv-flip")
-    assert bundle.flip_below == 0.6 and bundle.card["tta_flip"]["flip_below"] == 0.6
+    assert bundle.flip_below == 0.6 and bundle.card["tta_flip"]["below"] == 0.6
     key = save_bundle(lake, bundle)
     loaded = load_bundle(lake, "t", bundle.model_version)
     assert loaded.flip_below == 0.6 and loaded.scoring_model().flip_below == 0.6

@@ -205,7 +205,7 @@ def build_bundle(
     op = getattr(result, "operating_point", None)
     group_weights = list(op["weights"]) if op else None
     flip = getattr(result, "flip_choice", None)
-    flip_below = flip["flip_below"] if flip else None
+    flip_below = flip["below"] if flip else None
     version = model_version or new_model_version(spec, dataset_version, result.seed)
     card = {
         "model": spec.name,
