@@ -192,25 +192,41 @@ def onnx_flops_per_image(onnx_bytes: bytes) -> int:
     return total
 
 
-def flipped_share(lake: Lake, experiment: str, model_version: str) -> tuple[float, float] | None:
-    """(threshold, share of the test images below it) for a bundle that flips only the doubtful rows
-    (``flip_below``), else None: the ONNX graph's FLOP count has the one view only (the flipped rows'
-    shapes are known at run time), so the work done is that count times (1 + share)."""
+def work_per_image(lake: Lake, experiment: str, model_version: str) -> tuple[float, str]:
+    """FLOPs (2 x multiply-accumulates) the champion's scoring graph does per test image, and how.
+
+    The ONNX graph's count cannot see the rows only known at run time (a screen net passes on the rows
+    it doubts; a flip threshold flips only doubtful rows), so the test split is run through the graph's
+    parts here, in torch, to count them: screen on every row, the main net on the rows passed on, its
+    mirror on the rows flipped."""
     import torch
 
+    from zalando.models.architectures import count_macs
     from zalando.models.bundle import ScoringModel, load_bundle
 
-    bundle = load_bundle(lake, experiment, model_version)
-    if bundle.flip_below is None:
-        return None
-    one_view = ScoringModel(
-        bundle.model, bundle.mean, bundle.std, bundle.spec.target, bundle.temperature, "none",
-        bundle.group_weights,
-    ).eval()  # fmt: skip
+    b = load_bundle(lake, experiment, model_version)
     images, _ = test_split()
+    x = torch.from_numpy(images[:, None].astype(np.float32))
+    n = len(x)
+    work = {"screen": 0, "main": n, "mirror": n if b.spec.tta == "hflip" else 0}
     with torch.no_grad():
-        probs, _ = one_view(torch.from_numpy(images[:, None].astype(np.float32)))
-    return bundle.flip_below, float((probs.amax(1) < bundle.flip_below).float().mean())
+        if b.screen is not None:
+            first, _ = ScoringModel(
+                b.screen.net, b.mean, b.std, b.spec.target, b.screen.temperature, "none"
+            ).eval()(x)
+            x = x[first.amax(1) < b.screen.below]
+            work.update(screen=n, main=len(x), mirror=len(x) if b.spec.tta == "hflip" else 0)
+        if b.flip_below is not None:
+            one, _ = ScoringModel(
+                b.model, b.mean, b.std, b.spec.target, b.temperature, "none", b.group_weights
+            ).eval()(x)
+            work["mirror"] = int((one.amax(1) < b.flip_below).sum())
+    macs_main = count_macs(b.model)
+    macs_screen = count_macs(b.screen.net) if b.screen is not None else 0
+    flops = 2 * (macs_screen * work["screen"] + macs_main * (work["main"] + work["mirror"])) / n
+    parts = [f"screen on {work['screen'] / n:.0%}"] if b.screen is not None else []
+    parts += [f"main net on {work['main'] / n:.1%}", f"its mirror on {work['mirror'] / n:.1%}"]
+    return flops, ", ".join(parts)
 
 
 def matmul_peak_gflops(threads: int = 2, n: int = 2048, seconds: float = 2.0, dtype: str = "fp32") -> float:

@@ -547,12 +547,24 @@ def models_display(cards: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                 "Trained": f"{training.get('device', 'cpu')} {training.get('precision', 'fp32')}, "
                 f"{training.get('epochs_run', NA)} epochs (best {training.get('best_epoch', NA)})",
                 "TTA": _tta_cell(card),
+                "Screen": _screen_cell(card),
                 "Temperature": _cell(card.get("temperature"), ".3f"),
                 "Operating point": rule,
                 "Reduced precision (validation)": _runtime_verdicts(card),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _screen_cell(card: Mapping[str, Any]) -> str:
+    """'below 0.99: 18.3% of validation rows to the full net' for a bundle with a screen net, else 'none'."""
+    screen = card.get("screen") or {}
+    if screen.get("below") is None:
+        return "none"
+    share = 100 * float((screen.get("validation") or {}).get("share", float("nan")))
+    macs = screen.get("macs_per_image")
+    cost = f", {macs / 1e6:.1f} MMAC" if isinstance(macs, int | float) else ""
+    return f"below {float(screen['below']):.3g}: {share:.1f}% of validation rows to the full net{cost}"
 
 
 def _tta_cell(card: Mapping[str, Any]) -> str:

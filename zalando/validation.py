@@ -28,7 +28,7 @@ from zalando.models.hardware import to_device
 
 if TYPE_CHECKING:
     from zalando.objective import TrainingLoss
-    from zalando.train import TrainData
+    from zalando.train import TrainData, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,34 @@ def _choose_flip_below(
             choice["val_group_acc_second"], choice["val_group_acc_first"],
         )  # fmt: skip
     return choice
+
+
+def choose_screen_below(
+    main: TrainResult, screen: ClassifierNet, screen_temperature: float, data: TrainData
+) -> dict[str, Any] | None:
+    """The screen's top group probability below which a row goes through the main scoring graph (VALIDATION).
+
+    The main graph as it scores (TTA, flip threshold, temperature, operating point) against the screen
+    alone (one view, its temperature, plain argmax): the lowest threshold whose decisions lose nothing
+    against the main graph on every row (:func:`zalando.calibration.choose_doubt_threshold`), or None.
+    """
+    from zalando.calibration import choose_doubt_threshold, recall_floors
+    from zalando.labels import GROUP_NAMES
+    from zalando.models.bundle import ScoringModel
+    from zalando.study import STUDY_BEST
+
+    if len(data.y_val) == 0:
+        return None
+    op, flip = main.operating_point, main.flip_choice
+    full = ScoringModel(
+        main.model, data.mean, data.std, main.spec.target, main.temperature, main.spec.tta,
+        list(op["weights"]) if op else None, flip["below"] if flip else None,
+    )  # fmt: skip
+    alone = ScoringModel(screen, data.mean, data.std, main.spec.target, screen_temperature, "none")
+    second = _scoring_probs(full, main.model, data.x_val)
+    first = _scoring_probs(alone, screen, data.x_val)
+    floors = recall_floors([STUDY_BEST[g]["recall"] for g in GROUP_NAMES])
+    return choose_doubt_threshold(first, second, np.asarray(LABEL_TO_GROUP)[data.y_val], floors)
 
 
 def _choose_tta(

@@ -280,3 +280,55 @@ def test_flip_below_flips_only_the_doubtful_rows_in_torch_and_onnx() -> None:
             assert o_probs.shape == (len(rows), 5) and o_emb.shape == (len(rows), 8)
             np.testing.assert_allclose(o_probs, t_probs.numpy(), atol=1e-5)
             np.testing.assert_allclose(o_emb, t_emb.numpy(), atol=1e-4)
+
+
+def test_a_screen_passes_on_only_the_rows_it_doubts_in_torch_and_onnx() -> None:
+    """With a screen, a row whose screen top group probability is below the threshold gets the main
+    graph's probabilities (its flip threshold included), the others keep the screen's; the embedding
+    is the screen's; ONNX agrees with 0, some and all rows passed on."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from zalando.models import ModelBundle, export_onnx
+    from zalando.models.bundle import ScoringModel, Screen
+    from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
+
+    params = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}
+    small = {"c1": 2, "c2": 4, "c3": 4, "embed_dim": 6}
+    spec = ExperimentSpec(name="x", architecture="fashion_cnn", arch_params=params, tta="hflip")
+    torch.manual_seed(0)
+    net = build_model("fashion_cnn", 10, 28, params).eval()
+    screen_net = build_model("fashion_cnn", 10, 28, small).eval()
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (64, 1, 28, 28)).astype(np.float32))
+    weights = [1.0, 1.2, 1.0, 0.9, 1.0]
+    main = ScoringModel(net, 0.3, 0.35, "labels", 0.8, "hflip", weights, 0.6).eval()
+    alone = ScoringModel(screen_net, 0.3, 0.35, "labels", 1.1, "none").eval()
+    with torch.no_grad():
+        full, _ = main(x)
+        first, emb_screen = alone(x)
+        t = float(first.amax(1).median())
+        cascade, emb = ScoringModel(net, 0.3, 0.35, "labels", 0.8, "hflip", weights, 0.6, alone, t).eval()(x)
+    passed = first.amax(1) < t
+    assert 0 < int(passed.sum()) < len(x)
+    torch.testing.assert_close(cascade[passed], full[passed])
+    torch.testing.assert_close(cascade[~passed], first[~passed])
+    torch.testing.assert_close(emb, emb_screen)
+    with pytest.raises(ModelError, match="screen needs its threshold"):
+        ScoringModel(net, 0.3, 0.35, "labels", screen=alone)
+
+    for below in (0.0, t, 1.01):  # none, half, every row passed on
+        screen = Screen(
+            net=screen_net, architecture="fashion_cnn", arch_params=small, temperature=1.1, below=below
+        )
+        bundle = ModelBundle(
+            spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d",
+            temperature=0.8, group_weights=weights, flip_below=0.6, screen=screen,
+        )  # fmt: skip
+        sess = ort.InferenceSession(export_onnx(bundle), providers=["CPUExecutionProvider"])
+        for rows in (x, x[:0]):
+            o_probs, o_emb = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: rows.numpy()})
+            with torch.no_grad():
+                t_probs, t_emb = bundle.scoring_model()(rows)
+            assert o_probs.shape == (len(rows), 5) and o_emb.shape == (len(rows), 6)
+            np.testing.assert_allclose(o_probs, t_probs.numpy(), atol=1e-5)
+            np.testing.assert_allclose(o_emb, t_emb.numpy(), atol=1e-4)

@@ -305,3 +305,9 @@ def test_how_each_model_decides_names_the_experiment_of_a_real_model_card() -> N
     assert row["TTA"] == "none"
     card.update(tta="hflip", tta_flip={"below": 0.95, "share": 0.0371})
     assert rp.models_display([card]).iloc[0]["TTA"] == "hflip below 0.95 (3.7% of validation rows)"
+    assert row["Screen"] == "none"
+    card["screen"] = {"below": 0.99, "macs_per_image": 2_900_000, "validation": {"share": 0.183}}
+    assert (
+        rp.models_display([card]).iloc[0]["Screen"]
+        == "below 0.99: 18.3% of validation rows to the full net, 2.9 MMAC"
+    )

@@ -389,6 +389,57 @@ def test_the_flip_threshold_is_chosen_on_validation_and_travels_with_the_bundle(
         load_bundle(lake, "t", bundle.model_version)
 
 
+def test_a_screen_is_trained_after_the_main_net_and_kept_only_when_validation_says_so(
+    tiny: dict[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zalando import train as train_module
+    from zalando.models.experiments import ScreenSpec
+
+    spec = tiny_spec(
+        epochs=2, tta="hflip",
+        screen=ScreenSpec(arch_params={"c1": 2, "c2": 4, "c3": 4, "n2": 1, "n3": 1, "embed_dim": 4}, epochs=5),
+    )  # fmt: skip
+    seen: list[float] = []
+    verdict: dict = {"below": 0.7, "share": 0.25, "val_group_acc": 0.5, "val_group_acc_second": 0.5,
+                     "val_group_acc_first": 0.4}  # fmt: skip
+
+    def choose(main, screen, temperature, data):  # what validation would say, fixed here
+        seen.append(temperature)
+        assert main.spec.name == "t" and len(data.y_val) == 100 and screen is not main.model
+        return verdict
+
+    monkeypatch.setattr(train_module, "choose_screen_below", choose)
+    profile = TINY_PROFILE.model_copy(update={"max_epochs": 3})  # caps the screen's 5 epochs too
+    res = train_experiment(spec, profile, tiny, MEAN, STD, seed=0, threads=1, checkpoint_dir=tmp_path / "ck")
+    assert res.screen is not None and seen == [res.screen.temperature]
+    assert res.screen.spec.name == "t-screen" and res.screen.epochs_run == 3
+    assert res.screen.spec.arch_params["c1"] == 2 and res.screen.macs < res.macs
+    assert (res.screen.spec.tta, res.screen.spec.decision_rule, res.screen.spec.screen) == (
+        "none",
+        "argmax",
+        None,
+    )
+    assert (tmp_path / "ck" / "screen").is_dir()  # its checkpoints beside, not over, the main net's
+
+    lake = Lake.local(tmp_path / "lake")
+    bundle = build_bundle(res, mean=MEAN, std=STD, dataset_version="dv-screen")
+    assert bundle.card["screen"]["below"] == 0.7 and bundle.card["screen"]["validation"]["share"] == 0.25
+    save_bundle(lake, bundle)
+    loaded = load_bundle(lake, "t", bundle.model_version)
+    assert loaded.screen is not None and loaded.screen.below == 0.7
+    assert loaded.screen.temperature == pytest.approx(res.screen.temperature)
+    images = tiny["x_val"][:40]
+    p_torch, e_torch = make_predictor(loaded, runtime="torch").predict(images)
+    p_onnx, _ = make_predictor(loaded, load_onnx_bytes(lake, "t", bundle.model_version)).predict(images)
+    np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
+    assert e_torch.shape == (40, 4)  # the screen's embedding
+
+    verdict = {**verdict, "share": 0.999}  # the full graph on nearly every row: no work saved
+    assert train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1).screen is None
+    verdict = None  # no threshold loses nothing
+    assert train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1).screen is None
+
+
 # ----------------------------------------------------------------------------- exact numbers of seeded runs
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 FILES = ("weights.pt", "bundle.json", "model.onnx", "model_card.json")  # + INT8_ONNX_FILE when checked
+SCREEN_FILE = "screen.pt"  # the screen net's weights, in a bundle that has one
 ONNX_ATOL = 1e-4
 ONNX_OPSET = 17
 
@@ -53,6 +54,9 @@ class ScoringModel(nn.Module):
     ``tta='hflip'`` averages the label probabilities of the image and its mirror; with ``flip_below``
     only the rows whose one-view top group probability is below it get the mirror's pass (a gather,
     the net on those rows, a scatter: in the ONNX graph too), and the embedding is the one view's.
+    With a ``screen`` (the scoring graph of a cheap net) every row is scored by the screen first and
+    only the rows whose screen top group probability is below ``screen_below`` go through this graph's
+    net; the others keep the screen's probabilities, and the embedding is the screen's for every row.
     """
 
     def __init__(
@@ -65,8 +69,14 @@ class ScoringModel(nn.Module):
         tta: str = "none",
         group_weights: list[float] | None = None,
         flip_below: float | None = None,
+        screen: ScoringModel | None = None,
+        screen_below: float | None = None,
     ) -> None:
         super().__init__()
+        if (screen is None) != (screen_below is None):
+            raise ModelError("a screen needs its threshold, and a threshold its screen")
+        self.screen = screen
+        self.screen_below = None if screen_below is None else float(screen_below)
         self.net = net
         self.mean = float(mean)
         self.std = float(std)
@@ -86,6 +96,15 @@ class ScoringModel(nn.Module):
         self.register_buffer("group_weights", gw, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.screen is None or self.screen_below is None:
+            return self._score(pixels)
+        first, emb = self.screen(pixels)
+        doubtful = torch.nonzero(first.amax(1) < self.screen_below).squeeze(1)
+        second, _ = self._score(pixels.index_select(0, doubtful))
+        return first.scatter(0, doubtful[:, None].expand(-1, first.shape[1]), second), emb
+
+    def _score(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This graph's own net (no screen): group probabilities and embedding."""
         x = (pixels / 255.0 - self.mean) / self.std
         # .float(): under bf16 autocast the net returns bfloat16; the probabilities are made in fp32
         # (a no-op, and no graph node, in fp32 and in the ONNX export)
@@ -116,6 +135,25 @@ class ScoringModel(nn.Module):
 
 
 @dataclass
+class Screen:
+    """The cheap first net of a bundle's scoring graph, and the threshold that sends a row past it."""
+
+    net: ClassifierNet
+    architecture: str
+    arch_params: dict[str, float]
+    temperature: float
+    below: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "arch_params": dict(self.arch_params),
+            "temperature": self.temperature,
+            "below": self.below,
+        }
+
+
+@dataclass
 class ModelBundle:
     """A trained model and everything needed to score with it and to explain where it came from."""
 
@@ -128,6 +166,7 @@ class ModelBundle:
     temperature: float = 1.0
     group_weights: list[float] | None = None  # operating point (None: plain argmax)
     flip_below: float | None = None  # under tta hflip: flip only rows this doubtful (None: every row)
+    screen: Screen | None = None  # a cheap first net: only the rows it doubts go through ``model``
     history: list[dict[str, Any]] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
     code_version: str = ""
@@ -141,8 +180,14 @@ class ModelBundle:
         return bundle_key(self.spec.name, self.model_version)
 
     def scoring_model(self) -> ScoringModel:
-        """The eval-mode scoring graph (shares the net's weights)."""
+        """The eval-mode scoring graph (shares the nets' weights)."""
         self.model.eval()
+        screen = None
+        if self.screen is not None:
+            self.screen.net.eval()
+            screen = ScoringModel(
+                self.screen.net, self.mean, self.std, self.spec.target, self.screen.temperature, "none"
+            )
         return ScoringModel(
             self.model,
             self.mean,
@@ -152,7 +197,13 @@ class ModelBundle:
             self.spec.tta,
             self.group_weights,
             self.flip_below,
+            screen,
+            None if self.screen is None else self.screen.below,
         ).eval()
+
+    def nets(self) -> list[ClassifierNet]:
+        """The main net, and the screen's when there is one."""
+        return [self.model] + ([self.screen.net] if self.screen is not None else [])
 
 
 def code_version() -> str:
@@ -206,6 +257,13 @@ def build_bundle(
     group_weights = list(op["weights"]) if op else None
     flip = getattr(result, "flip_choice", None)
     flip_below = flip["below"] if flip else None
+    sres = getattr(result, "screen", None)
+    screen = None
+    if sres is not None:
+        screen = Screen(
+            net=sres.model, architecture=sres.spec.architecture, arch_params=dict(sres.spec.arch_params),
+            temperature=float(sres.temperature), below=float(sres.choice["below"]),
+        )  # fmt: skip
     version = model_version or new_model_version(spec, dataset_version, result.seed)
     card = {
         "model": spec.name,
@@ -217,6 +275,16 @@ def build_bundle(
         "input_size": spec.input_size,
         "tta": spec.tta,
         "tta_flip": flip,
+        "screen": None
+        if sres is None
+        else {
+            **screen.as_json(),  # type: ignore[union-attr]
+            "validation": sres.choice,
+            "params": sres.params,
+            "macs_per_image": sres.macs,
+            "epochs_run": sres.epochs_run,
+            "wall_s": round(sres.wall_s, 2),
+        },
         "temperature": float(temperature),
         "operating_point": op,
         "weights": result.weights.to_dict(),
@@ -256,6 +324,7 @@ def build_bundle(
         temperature=float(temperature),
         group_weights=group_weights,
         flip_below=flip_below,
+        screen=screen,
         history=list(result.history),
         card=card,
         code_version=card["code_version"],
@@ -270,8 +339,8 @@ def export_onnx(bundle: ModelBundle) -> bytes:
     import onnx
 
     scoring = bundle.scoring_model()
-    net = bundle.model
-    net.to(memory_format=torch.contiguous_format)  # a plain NCHW graph; restored below
+    for net in bundle.nets():
+        net.to(memory_format=torch.contiguous_format)  # a plain NCHW graph; restored below
     dummy = torch.zeros(2, 1, 28, 28)
     buf = io.BytesIO()
     try:
@@ -291,7 +360,8 @@ def export_onnx(bundle: ModelBundle) -> bytes:
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"ONNX export of {bundle.experiment} failed: {exc}".splitlines()[0]) from exc
     finally:
-        net.to(memory_format=torch.channels_last)
+        for net in bundle.nets():
+            net.to(memory_format=torch.channels_last)
     model = onnx.load_from_string(buf.getvalue())
     model.producer_name = "zalando"
     onnx.checker.check_model(model)
@@ -334,6 +404,7 @@ def _bundle_json(bundle: ModelBundle) -> dict[str, Any]:
         "temperature": bundle.temperature,
         "group_weights": bundle.group_weights,
         "flip_below": bundle.flip_below,
+        "screen": None if bundle.screen is None else bundle.screen.as_json(),
         "label_names": list(LABEL_NAMES),
         "group_names": list(GROUP_NAMES),
         "label_to_group": [int(g) for g in LABEL_TO_GROUP],
@@ -371,6 +442,10 @@ def bundle_files(bundle: ModelBundle, runtime_checks: RuntimeCheckData | None = 
     card["onnx_max_abs_diff_vs_torch"] = diff
     card["size_mb"] = {"torch": round(buf.tell() / 1e6, 3), "onnx": round(len(onnx_bytes) / 1e6, 3)}
     files = {"weights.pt": buf.getvalue(), "model.onnx": onnx_bytes}
+    if bundle.screen is not None:
+        sbuf = io.BytesIO()
+        torch.save({k: v.contiguous() for k, v in bundle.screen.net.state_dict().items()}, sbuf)
+        files[SCREEN_FILE] = sbuf.getvalue()
     if runtime_checks is not None:
         int8_bytes, admission = check_runtimes(bundle, onnx_bytes, runtime_checks)
         files[INT8_ONNX_FILE] = int8_bytes
@@ -438,19 +513,10 @@ def load_bundle(lake: Any, experiment: str, model_version: str) -> ModelBundle:
     if meta.get("label_to_group") != [int(g) for g in LABEL_TO_GROUP]:
         raise ModelError(f"model bundle {key} was trained with another label->group map")
     spec = ExperimentSpec.model_validate(meta["spec"])
-    model = build_model(spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params)
-    try:
-        state = torch.load(io.BytesIO(_read(lake, key, "weights.pt")), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        # a pickle that is not plain tensors (it could run code) or a torn file: refused, one line
-        raise ModelError(
-            f"weights of {key} refused: not a plain tensor state dict ({type(exc).__name__})"
-        ) from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"weights of {key} do not fit {spec.architecture}: {exc}".splitlines()[0]) from None
-    model.eval()
+    model = _load_net(
+        lake, key, "weights.pt", spec.architecture, spec.num_outputs, spec.input_size, spec.arch_params
+    )
+    screen = _load_screen(lake, key, meta.get("screen"), spec)
     card = json.loads(_read(lake, key, "model_card.json"))
     return ModelBundle(
         spec=spec,
@@ -462,6 +528,7 @@ def load_bundle(lake: Any, experiment: str, model_version: str) -> ModelBundle:
         temperature=float(meta.get("temperature", 1.0)),
         group_weights=_group_weights(meta.get("group_weights"), key),
         flip_below=_flip_below(meta.get("flip_below"), key),
+        screen=screen,
         history=list(meta.get("history", [])),
         card=card,
         code_version=meta.get("code_version", ""),
@@ -478,6 +545,43 @@ def _group_weights(value: Any, key: str) -> list[float] | None:
             f"{key}/bundle.json: group_weights must be {NUM_GROUPS} positive numbers, got {value!r}"
         )
     return [float(v) for v in value]
+
+
+def _load_net(
+    lake: Any, key: str, name: str, architecture: str, outputs: int, size: int, params: dict[str, float]
+) -> ClassifierNet:
+    """A net built by architecture name, its weights from the bundle's ``name`` (plain tensors only)."""
+    net = build_model(architecture, outputs, size, params)
+    try:
+        state = torch.load(io.BytesIO(_read(lake, key, name)), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # a pickle that is not plain tensors (it could run code) or a torn file: refused, one line
+        raise ModelError(
+            f"{name} of {key} refused: not a plain tensor state dict ({type(exc).__name__})"
+        ) from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{name} of {key} does not fit {architecture}: {exc}".splitlines()[0]) from None
+    return net.eval()
+
+
+def _load_screen(lake: Any, key: str, value: Any, spec: ExperimentSpec) -> Screen | None:
+    if value is None:
+        return None
+    try:
+        arch, params = str(value["architecture"]), {str(k): float(v) for k, v in value["arch_params"].items()}
+        temperature, below = float(value["temperature"]), float(value["below"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ModelError(
+            f"{key}/bundle.json: screen must have architecture, arch_params, temperature and below"
+        ) from None
+    if not (0 <= below <= 1 and math.isfinite(temperature) and temperature > 0):
+        raise ModelError(
+            f"{key}/bundle.json: screen threshold {below} or temperature {temperature} out of range"
+        )
+    net = _load_net(lake, key, SCREEN_FILE, arch, spec.num_outputs, spec.input_size, params)
+    return Screen(net=net, architecture=arch, arch_params=params, temperature=temperature, below=below)
 
 
 def _flip_below(value: Any, key: str) -> float | None:

@@ -50,6 +50,30 @@ AUGMENT_PRESETS: dict[str, AugmentPolicy] = {
     "strong": AugmentPolicy(hflip=True, shift=0.1, rotate=10.0, scale=0.1, erase=0.5),
 }
 
+
+class ScreenSpec(BaseModel):
+    """A cheap first net for the scoring graph: it scores every row, and only the rows it leaves in
+    doubt (its top group probability below a threshold chosen on validation) go through the full net.
+
+    Trained after the main net on the same split and recipe, from scratch, with its own architecture
+    parameters and epochs (capped by the profile's ``max_epochs``); kept only when validation says the
+    cascade loses nothing against the full net on every row, and when it costs less.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str = "fashion_cnn"
+    arch_params: dict[str, float] = Field(default_factory=dict)
+    epochs: int = Field(30, ge=1, le=1000)
+
+    @field_validator("architecture")
+    @classmethod
+    def _check_arch(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {v!r}; valid choices: {', '.join(sorted(ARCHITECTURES))}")
+        return v
+
+
 WeightsSource = str  # "imagenet" | "none" | "models/<experiment>/<model_version>" (optionally "lake://...")
 
 
@@ -100,6 +124,9 @@ class ExperimentSpec(BaseModel):
         "fp32",
         description="training arithmetic: 'auto' = bfloat16 autocast where the hardware has it "
         "(AMX / AVX512-BF16 CPUs, bf16 GPUs), else fp32; weights and inference stay fp32",
+    )
+    screen: ScreenSpec | None = Field(
+        None, description="a cheap first net; only the rows it leaves in doubt get the full net (ScreenSpec)"
     )
     profile: str | None = Field(None, description="set by resolve_spec: the profile applied")
 
@@ -300,7 +327,11 @@ def _builtin_specs() -> list[ExperimentSpec]:
             group_loss_weight=1.0,
             tta="auto",
             description="Custom CNN for 28x28x1 (~12 MMAC): 10 labels summed into groups, group-aware loss, "
-            "60 epochs with random erasing, operating point chosen on validation",
+            "60 epochs with random erasing, operating point chosen on validation; a ~3 MMAC screen net "
+            "passes on only the rows it leaves in doubt",
+            screen=ScreenSpec(
+                arch_params=dict(c1=8, c2=24, c3=48, n1=1, n2=2, n3=2, pool_to=3, embed_dim=64), epochs=30
+            ),
             **{**_CNN, **_LONG, "epochs": 60, "early_stopping_patience": 60},
         ),
         ExperimentSpec(

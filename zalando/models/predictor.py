@@ -45,7 +45,8 @@ class TorchPredictor:
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"unknown torch precision {precision!r}; valid choices: fp32, bf16")
         self.model = bundle.scoring_model()
-        bundle.model.to(memory_format=torch.channels_last)
+        for net in bundle.nets():
+            net.to(memory_format=torch.channels_last)
         self.threads = threads
         self.batch_size = batch_size
         self.precision = precision

@@ -352,9 +352,9 @@ def _performance(
     from zalando.models.hardware import native_bf16
     from zalando.models.predictor import make_predictor
 
-    params = count_parameters(bundle.model)
+    params = sum(count_parameters(net) for net in bundle.nets())  # a screen net's too
     sizes = {
-        "size_mb_torch": model_size_mb(torch_model_bytes(bundle.model)),
+        "size_mb_torch": sum(model_size_mb(torch_model_bytes(net)) for net in bundle.nets()),
         "size_mb_onnx": model_size_mb(onnx),
     }
     runtimes = [("torch", make_predictor(bundle, None, "torch", threads=threads)), ("onnx", onnx_pred)]
