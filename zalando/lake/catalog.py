@@ -24,6 +24,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from zalando.errors import LakeError
 from zalando.lake import Lake, storage_fault_is_transient
+from zalando.lake.iceberg_speed import install as _keep_transaction_metadata
+
+_keep_transaction_metadata()
 
 log = logging.getLogger(__name__)
 
