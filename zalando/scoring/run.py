@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -113,6 +114,11 @@ def prepare_batch(
     someone else changed fails the batch before any image is scored. Every shard gets its
     :class:`ShardTarget`: file names of this plan's own ``write_id``. A batch without input files
     is an error unless ``allow_empty``.
+
+    The inputs are described (listed, footers read, hashed) on a second thread while the tables and
+    the model are checked (in a fresh process the model's load and checks take seconds); a bad table
+    or model still fails the plan before a bad input is reported. A committed batch is skipped before
+    its inputs are read.
     """
     lake = cat.lake
     resolve_location(lake, location)
@@ -120,29 +126,23 @@ def prepare_batch(
     slug = slugify(source) if source else default_source_slug(location)
     batch_id = make_batch_id(bdate, slug)
     version = model_version or resolve_model_version(lake)
-    if is_batch_committed(cat, batch_id, version):
-        if not force:
-            log.info(
-                "batch %s (model %s) is already committed: skipped (force=True re-scores it)",
-                batch_id,
-                version,
-            )
-            return BatchPlan(batch_id=batch_id, batch_date=bdate, model_version=version, committed=True)
-    check_scoring_tables(cat)
-    chosen = runtime if runtime != "auto" else "onnx"
-    if check_model:
-        chosen = load_champion_predictor(
-            lake, runtime, model_version=version, threads=threads, verify="full"
-        ).runtime
-    batch = describe_batch(
-        lake,
-        location,
-        batch_date=bdate,
-        source=slug,
-        hash_inputs=hash_inputs,
-        allow_empty=allow_empty,
-        catalog=cat,
-    )
+    if is_batch_committed(cat, batch_id, version) and not force:
+        log.info(
+            "batch %s (model %s) is already committed: skipped (force=True re-scores it)", batch_id, version
+        )
+        return BatchPlan(batch_id=batch_id, batch_date=bdate, model_version=version, committed=True)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="describe-batch") as pool:
+        described = pool.submit(
+            describe_batch, lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs,
+            allow_empty=allow_empty, catalog=cat,
+        )  # fmt: skip
+        check_scoring_tables(cat)
+        chosen = runtime if runtime != "auto" else "onnx"
+        if check_model:
+            chosen = load_champion_predictor(
+                lake, runtime, model_version=version, threads=threads, verify="full"
+            ).runtime
+        batch = described.result()
     if force:
         reset_batch(lake, batch, version)
     write_id = new_run_id()
