@@ -434,6 +434,23 @@ def test_a_screen_is_trained_after_the_main_net_and_kept_only_when_validation_sa
     np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
     assert e_torch.shape == (40, 4)  # the screen's embedding
 
+    import json
+
+    from zalando.errors import ModelError
+
+    key = bundle.key
+    files = {n: lake.read_file(key, n) for n in lake.read_manifest(key)["files"]}
+    assert "screen.pt" in files
+    meta = json.loads(files["bundle.json"])
+    meta["screen"]["below"] = 2.0
+    lake.commit_files(key, {**files, "bundle.json": json.dumps(meta).encode()}, "tamper")
+    with pytest.raises(ModelError, match="screen threshold 2.0 .* out of range"):
+        load_bundle(lake, "t", bundle.model_version)
+    del meta["screen"]["temperature"]
+    lake.commit_files(key, {**files, "bundle.json": json.dumps(meta).encode()}, "tamper")
+    with pytest.raises(ModelError, match="screen must have architecture, arch_params, temperature and below"):
+        load_bundle(lake, "t", bundle.model_version)
+
     verdict = {**verdict, "share": 0.999}  # the full graph on nearly every row: no work saved
     assert train_experiment(spec, TINY_PROFILE, tiny, MEAN, STD, seed=0, threads=1).screen is None
     verdict = None  # no threshold loses nothing
