@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from zalando.errors import ConfigError, ModelError
-from zalando.models import ARCHITECTURES, build_model, count_macs, load_catalog, resolve_spec
+from zalando.models import ARCHITECTURES, ModelBundle, build_model, count_macs, load_catalog, resolve_spec
 from zalando.models.experiments import NUMERIC_FIELDS, PROFILE_NAMES, ExperimentSpec, get_experiment
 from zalando.models.weights import imagenet_weights_file, init_weights
 from zalando.settings import Profile
@@ -235,15 +235,31 @@ def test_make_predictor_gives_the_scoring_predictors_and_they_agree() -> None:
         make_predictor(bundle, runtime="tensorrt")  # type: ignore[arg-type]
 
 
+def _onnx_agrees_with_torch(bundle: ModelBundle, x: torch.Tensor, emb_dim: int) -> None:
+    """The bundle's exported graph gives torch's probabilities and embedding on ``x`` and on no rows."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from zalando.models import export_onnx
+    from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
+
+    sess = ort.InferenceSession(export_onnx(bundle), providers=["CPUExecutionProvider"])
+    for rows in (x, x[:0]):
+        o_probs, o_emb = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: rows.numpy()})
+        with torch.no_grad():
+            t_probs, t_emb = bundle.scoring_model()(rows)
+        assert o_probs.shape == (len(rows), 5) and o_emb.shape == (len(rows), emb_dim)
+        np.testing.assert_allclose(o_probs, t_probs.numpy(), atol=1e-5)
+        np.testing.assert_allclose(o_emb, t_emb.numpy(), atol=1e-4)
+
+
 def test_flip_below_flips_only_the_doubtful_rows_in_torch_and_onnx() -> None:
     """Under ``flip_below`` a row below the threshold gets the full flip's probabilities, a row above
     keeps the one view's; the embedding is the one view's; ONNX agrees with 0, some and all rows doubtful."""
     import numpy as np
-    import onnxruntime as ort
 
-    from zalando.models import ModelBundle, export_onnx
+    from zalando.models import ModelBundle
     from zalando.models.bundle import ScoringModel
-    from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
 
     params = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}
     spec = ExperimentSpec(name="x", architecture="fashion_cnn", arch_params=params, tta="hflip")
@@ -272,14 +288,7 @@ def test_flip_below_flips_only_the_doubtful_rows_in_torch_and_onnx() -> None:
             spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d",
             temperature=0.8, group_weights=weights, flip_below=flip_below,
         )  # fmt: skip
-        sess = ort.InferenceSession(export_onnx(bundle), providers=["CPUExecutionProvider"])
-        for rows in (x, x[:0]):
-            o_probs, o_emb = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: rows.numpy()})
-            with torch.no_grad():
-                t_probs, t_emb = bundle.scoring_model()(rows)
-            assert o_probs.shape == (len(rows), 5) and o_emb.shape == (len(rows), 8)
-            np.testing.assert_allclose(o_probs, t_probs.numpy(), atol=1e-5)
-            np.testing.assert_allclose(o_emb, t_emb.numpy(), atol=1e-4)
+        _onnx_agrees_with_torch(bundle, x, emb_dim=8)
 
 
 def test_a_screen_passes_on_only_the_rows_it_doubts_in_torch_and_onnx() -> None:
@@ -287,11 +296,9 @@ def test_a_screen_passes_on_only_the_rows_it_doubts_in_torch_and_onnx() -> None:
     graph's probabilities (its flip threshold included), the others keep the screen's; the embedding
     is the screen's; ONNX agrees with 0, some and all rows passed on."""
     import numpy as np
-    import onnxruntime as ort
 
-    from zalando.models import ModelBundle, export_onnx
+    from zalando.models import ModelBundle
     from zalando.models.bundle import ScoringModel, Screen
-    from zalando.runtime import ONNX_INPUT, ONNX_OUTPUTS
 
     params = {"c1": 4, "c2": 8, "c3": 8, "embed_dim": 8}
     small = {"c1": 2, "c2": 4, "c3": 4, "embed_dim": 6}
@@ -324,11 +331,4 @@ def test_a_screen_passes_on_only_the_rows_it_doubts_in_torch_and_onnx() -> None:
             spec=spec, model=net, mean=0.3, std=0.35, model_version="v", dataset_version="d",
             temperature=0.8, group_weights=weights, flip_below=0.6, screen=screen,
         )  # fmt: skip
-        sess = ort.InferenceSession(export_onnx(bundle), providers=["CPUExecutionProvider"])
-        for rows in (x, x[:0]):
-            o_probs, o_emb = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: rows.numpy()})
-            with torch.no_grad():
-                t_probs, t_emb = bundle.scoring_model()(rows)
-            assert o_probs.shape == (len(rows), 5) and o_emb.shape == (len(rows), 6)
-            np.testing.assert_allclose(o_probs, t_probs.numpy(), atol=1e-5)
-            np.testing.assert_allclose(o_emb, t_emb.numpy(), atol=1e-4)
+        _onnx_agrees_with_torch(bundle, x, emb_dim=6)

@@ -381,15 +381,15 @@ def test_backfill_scores_through_score_one_and_reports_each_entry(cat: LakeCatal
 
 
 def test_parallel_sub_batches_give_the_same_rows_and_embedding_sample() -> None:
-    from zalando.scoring.shard import _predict
+    from zalando.scoring.shard import predict_in_sub_batches
 
     imgs = mnist_like(70)
 
     class Parallel(FakePredictor):
         parallelism = 3
 
-    p1, e1 = _predict(FakePredictor(), imgs, sub_batch=8, n_embed=20)
-    p3, e3 = _predict(Parallel(), imgs, sub_batch=8, n_embed=20)
+    p1, e1 = predict_in_sub_batches(FakePredictor(), imgs, sub_batch=8, n_embed=20)
+    p3, e3 = predict_in_sub_batches(Parallel(), imgs, sub_batch=8, n_embed=20)
     np.testing.assert_array_equal(p1, p3)
     np.testing.assert_array_equal(e1, e3)
     assert e1.shape == (20, 4)

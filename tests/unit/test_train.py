@@ -392,7 +392,7 @@ def test_the_flip_threshold_is_chosen_on_validation_and_travels_with_the_bundle(
 def test_a_screen_is_trained_after_the_main_net_and_kept_only_when_validation_says_so(
     tiny: dict[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zalando import train as train_module
+    from zalando import screen as screen_module
     from zalando.models.experiments import ScreenSpec
 
     spec = tiny_spec(
@@ -408,7 +408,7 @@ def test_a_screen_is_trained_after_the_main_net_and_kept_only_when_validation_sa
         assert main.spec.name == "t" and len(data.y_val) == 100 and screen is not main.model
         return verdict
 
-    monkeypatch.setattr(train_module, "choose_screen_below", choose)
+    monkeypatch.setattr(screen_module, "choose_screen_below", choose)
     profile = TINY_PROFILE.model_copy(update={"max_epochs": 3})  # caps the screen's 5 epochs too
     res = train_experiment(spec, profile, tiny, MEAN, STD, seed=0, threads=1, checkpoint_dir=tmp_path / "ck")
     assert res.screen is not None and seen == [res.screen.temperature]

@@ -70,7 +70,7 @@ from zalando.scoring.champion import load_champion_predictor, resolve_model_vers
 from zalando.scoring.commit import BatchResult, finalize_batch
 from zalando.scoring.inputs import Evidence, ShardInput
 from zalando.scoring.locations import open_input
-from zalando.scoring.run import _lake_for, check_scoring_tables, shard_target
+from zalando.scoring.run import _lake_for, check_tables_and_model, shard_target
 from zalando.scoring.shard import ScoringError, ScoringOptions, ShardResult, read_shard_markers, score_shard
 
 log = logging.getLogger(__name__)
@@ -265,12 +265,7 @@ def plan_catalogue_batch(
     code = normalize_country(country)
     check_schema(conn)
     version = model_version or resolve_model_version(lake)  # no champion: one line, nothing written
-    check_scoring_tables(cat)
-    chosen = runtime if runtime != "auto" else "onnx"
-    if check_model:
-        chosen = load_champion_predictor(
-            lake, runtime, model_version=version, threads=threads, verify="full"
-        ).runtime
+    chosen = check_tables_and_model(cat, runtime, version, threads=threads, check_model=check_model)
     t0 = time.perf_counter()
     with catalogue_snapshot(conn) as snap:
         rows: list[ProductRow] = list(snap.rows(code))

@@ -51,6 +51,12 @@ AUGMENT_PRESETS: dict[str, AugmentPolicy] = {
 }
 
 
+def _known_architecture(v: str) -> str:
+    if v not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {v!r}; valid choices: {', '.join(sorted(ARCHITECTURES))}")
+    return v
+
+
 class ScreenSpec(BaseModel):
     """A cheap first net for the scoring graph: it scores every row, and only the rows it leaves in
     doubt (its top group probability below a threshold chosen on validation) go through the full net.
@@ -69,9 +75,7 @@ class ScreenSpec(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _check_arch(cls, v: str) -> str:
-        if v not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {v!r}; valid choices: {', '.join(sorted(ARCHITECTURES))}")
-        return v
+        return _known_architecture(v)
 
 
 WeightsSource = str  # "imagenet" | "none" | "models/<experiment>/<model_version>" (optionally "lake://...")
@@ -133,9 +137,7 @@ class ExperimentSpec(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _check_arch(cls, v: str) -> str:
-        if v not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {v!r}; valid choices: {', '.join(sorted(ARCHITECTURES))}")
-        return v
+        return _known_architecture(v)
 
     @field_validator("augmentation", mode="before")
     @classmethod

@@ -44,15 +44,14 @@ from zalando.runtime import (
     Runtime,
     default_threads,
     onnxruntime_available,
-    run_concurrently,
 )
 
 log = logging.getLogger(__name__)
 
 Verify = Literal["auto", "full", "light"]
 WARMUP_IMAGES = 512
-# the warm-up calls each runtime as a shard does (zalando.scoring.shard._predict): sub-batches of the
-# default ScoringOptions.sub_batch, ``parallelism`` at once. One 256-image call ran ONNX Runtime on one
+# the warm-up calls each runtime as a shard does (zalando.scoring.shard.predict_in_sub_batches):
+# sub-batches of the default ScoringOptions.sub_batch, ``parallelism`` at once. One 256-image call ran ONNX Runtime on one
 # thread and torch on two, and picked torch-bf16 where onnx-int8 scores 10,000 images 1.6x faster
 WARMUP_SUB_BATCH = 256
 STATS_RTOL = 1e-6
@@ -393,15 +392,16 @@ def _torch_candidates(
 
 def _warm_up(where: str, candidates: list[tuple[str, Predictor]]) -> dict[str, float]:
     """Seconds each runtime takes on the warm-up batch, after a first call that checks its outputs."""
+    from zalando.scoring.shard import predict_in_sub_batches  # the call a shard makes
+
     warm = _warmup_images()
     timings: dict[str, float] = {}
     for name, pred in candidates:
         probs, _ = pred.predict(warm[:16])  # first call allocates
         if probs.shape != (16, 5) or not np.all(np.isfinite(probs)) or np.abs(probs.sum(1) - 1).max() > 1e-3:
             raise ModelError(f"{where}: {name} runtime gives invalid probabilities on the warm-up batch")
-        chunks = [warm[i : i + WARMUP_SUB_BATCH] for i in range(0, len(warm), WARMUP_SUB_BATCH)]
         t = time.perf_counter()
-        run_concurrently(pred.predict, chunks, max(1, int(getattr(pred, "parallelism", 1))))
+        predict_in_sub_batches(pred, warm, WARMUP_SUB_BATCH, 0)
         timings[name] = time.perf_counter() - t
     return timings
 

@@ -136,12 +136,7 @@ def prepare_batch(
             describe_batch, lake, location, batch_date=bdate, source=slug, hash_inputs=hash_inputs,
             allow_empty=allow_empty, catalog=cat,
         )  # fmt: skip
-        check_scoring_tables(cat)
-        chosen = runtime if runtime != "auto" else "onnx"
-        if check_model:
-            chosen = load_champion_predictor(
-                lake, runtime, model_version=version, threads=threads, verify="full"
-            ).runtime
+        chosen = check_tables_and_model(cat, runtime, version, threads=threads, check_model=check_model)
         batch = described.result()
     if force:
         reset_batch(lake, batch, version)
@@ -178,6 +173,19 @@ def shard_target(cat: LakeCatalog, shard: ShardRef, model_version: str, write_id
         ),
         embeddings=embeddings_key(d, model_version, b, write_id, sid),
     )  # fmt: skip
+
+
+def check_tables_and_model(
+    cat: LakeCatalog, runtime: Runtime, version: str, *, threads: int | None, check_model: bool
+) -> str:
+    """The tables the shards write (:func:`check_scoring_tables`), then, with ``check_model``, the model
+    loaded and fully checked once; returns the concrete runtime the shards use (``auto`` measured)."""
+    check_scoring_tables(cat)
+    if not check_model:
+        return runtime if runtime != "auto" else "onnx"
+    return load_champion_predictor(
+        cat.lake, runtime, model_version=version, threads=threads, verify="full"
+    ).runtime
 
 
 def check_scoring_tables(cat: LakeCatalog) -> None:

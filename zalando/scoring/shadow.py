@@ -49,7 +49,12 @@ from zalando.lake.tables import (
 from zalando.scoring.batch import Batch, ShardRef, describe_batch, plan_shards
 from zalando.scoring.champion import load_champion_predictor
 from zalando.scoring.inputs import read_shard
-from zalando.scoring.shard import ScoringOptions, _predict, prediction_table, table_iceberg_schema
+from zalando.scoring.shard import (
+    ScoringOptions,
+    predict_in_sub_batches,
+    prediction_table,
+    table_iceberg_schema,
+)
 
 if TYPE_CHECKING:
     from zalando.feedback import Decision
@@ -243,7 +248,7 @@ def shadow_rows(
     ok_idx = np.flatnonzero(data.ok)
     ids_all = data.ids if isinstance(data.ids, pa.Array) else pa.array(data.ids, pa.string())
     ids = ids_all.take(pa.array(ok_idx, pa.int64()))
-    probs, _ = _predict(predictor, data.images[ok_idx], options.sub_batch, 0)
+    probs, _ = predict_in_sub_batches(predictor, data.images[ok_idx], options.sub_batch, 0)
     scored_at = datetime.now(UTC).replace(microsecond=0)
     table = prediction_table(
         ids, probs, challenger_version, shard.batch_id, shard.batch_date, scored_at,

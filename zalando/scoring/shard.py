@@ -255,7 +255,7 @@ def score_shard(
     images = data.images[ok_idx] if ok_idx.size != len(data.ok) else data.images
 
     t = time.perf_counter()
-    probs, emb_sample = _predict(predictor, images, opts.sub_batch, shard.embedding_sample)
+    probs, emb_sample = predict_in_sub_batches(predictor, images, opts.sub_batch, shard.embedding_sample)
     timings["predict"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -394,7 +394,7 @@ def _pixel_hist(images: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
     return hist
 
 
-def _predict(
+def predict_in_sub_batches(
     predictor: Predictor, images: np.ndarray, sub_batch: int, n_embed: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities of every image, sub-batch by sub-batch (``predictor.parallelism`` at once)."""
