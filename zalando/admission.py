@@ -8,6 +8,12 @@ and the verdicts go into the model card under :data:`CARD_KEY`; the champion loa
 offers ``auto`` only admitted runtimes. A bundle without the entry (built before, or without data)
 keeps the old behaviour: bf16 by its warm-up check, int8 never.
 
+int8 results depend on the CPU's int8 kernels: ONNX Runtime's x86 kernels without VNNI (AVX2, or
+AVX512 without VNNI) add pairs of uint8 x int8 products in saturating 16-bit sums, which VNNI (and
+AMX) do not. The same int8 graph scored 0.9856 there against 0.9881 in fp32 (-0.25 points) on a
+2-core AMD EPYC with AVX2 only (2026-12-02). So the verdict records the kernels it was measured on
+(:func:`int8_kernels`), and an int8 verdict admits int8 only on a CPU with the same kernels.
+
 Torch-free: the loader of a torch-free ONNX worker reads the verdicts too.
 """
 
@@ -23,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from zalando.errors import DataError, ModelError
 from zalando.labels import group_of
-from zalando.quantize import calibration_images
+from zalando.quantize import calibration_images, int8_kernels
 from zalando.runtime import REDUCED_PRECISION, Predictor
 
 log = logging.getLogger(__name__)
@@ -74,14 +80,33 @@ class RuntimeAdmission(BaseModel):
     max_drop_points: float
     val_images: int
     runtimes: dict[str, RuntimeVerdict]
+    # the int8 kernels the onnx-int8 verdict was measured with (None: not recorded, cards before it)
+    int8_kernels: str | None = None
 
     def admits(self, runtime: str) -> bool:
+        """Whether the verdict admits ``runtime`` (on the machine it was measured on)."""
         verdict = self.runtimes.get(runtime)
         return verdict is not None and verdict.admitted
 
-    def refusal(self, runtime: str) -> str:
-        """One line: why ``runtime`` may not score this model."""
+    def admits_here(self, runtime: str, kernels: str | None = None) -> bool:
+        """Whether ``runtime`` may score on this CPU (``kernels``: default :func:`int8_kernels`)."""
+        if not self.admits(runtime):
+            return False
+        return (
+            runtime != "onnx-int8"
+            or self.int8_kernels is None
+            or self.int8_kernels == (kernels or int8_kernels())
+        )
+
+    def refusal(self, runtime: str, kernels: str | None = None) -> str:
+        """One line: why ``runtime`` may not score this model on this CPU."""
         verdict, ref = self.runtimes.get(runtime), self.runtimes.get(self.reference)
+        if verdict is not None and verdict.admitted:
+            return (
+                f"runtime {runtime} was admitted on a CPU with {self.int8_kernels} int8 kernels; this "
+                f"CPU has {kernels or int8_kernels()}, where its accuracy was not checked; score with "
+                f"onnx or torch"
+            )
         if verdict is None:
             return (
                 f"runtime {runtime} was not checked on validation when this model was built "
@@ -130,7 +155,11 @@ def admit_runtimes(
         for name, acc in accuracy.items()
     }
     admission = RuntimeAdmission(
-        reference=reference, max_drop_points=max_drop * 100, val_images=len(x_val), runtimes=verdicts
+        reference=reference,
+        max_drop_points=max_drop * 100,
+        val_images=len(x_val),
+        runtimes=verdicts,
+        int8_kernels=int8_kernels() if "onnx-int8" in predictors else None,
     )
     log.info(
         "runtimes on %d validation images: %s",

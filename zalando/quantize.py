@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,28 @@ INT8_ONNX_FILE = "model.int8.onnx"
 CALIBRATION_IMAGES = 512  # training images the activation ranges are measured on
 CALIBRATION_BATCH = 64
 INT8_OP_TYPES = ("Conv", "Gemm", "Relu", "MaxPool", "AveragePool", "Flatten")
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo: int8 dot products
+
+
+def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """The family of int8 kernels ONNX Runtime takes on this CPU: 'x86-vnni' (VNNI or AMX int8 dot
+    products), 'x86-no-vnni' (saturating 16-bit sums), 'x86' (x86 whose flags cannot be read), or
+    the machine's name elsewhere ('aarch64', ...). ``cpuinfo``: /proc/cpuinfo's text (default: read it).
+    """
+    machine = (machine if machine is not None else platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return machine or "unknown"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return "x86"
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
+    if line is None:
+        return "x86"
+    return "x86-vnni" if VNNI_FLAGS & set(line.partition(":")[2].split()) else "x86-no-vnni"
+
+
 SOURCE_SHA256_KEY = "fp32_sha256"  # metadata of the int8 graph: the sha256 of the model.onnx it came from
 
 
@@ -46,11 +69,20 @@ def calibration_images(x_train: np.ndarray, n: int = CALIBRATION_IMAGES, seed: i
     return x_train[np.sort(rng.choice(len(x_train), n, replace=False))]
 
 
-def quantize_int8(onnx_bytes: bytes, calibration: np.ndarray, *, input_name: str = ONNX_INPUT) -> bytes:
+def quantize_int8(
+    onnx_bytes: bytes,
+    calibration: np.ndarray,
+    *,
+    input_name: str = ONNX_INPUT,
+    reduce_range: bool | None = None,
+) -> bytes:
     """The fp32 scoring graph with its CNN layers in int8 (static QDQ, MinMax calibration).
 
-    ``calibration``: uint8 images (N, 28, 28). The result carries the sha256 of ``onnx_bytes`` in
-    its metadata (:data:`SOURCE_SHA256_KEY`) so a loader can tell it belongs to that graph.
+    ``calibration``: uint8 images (N, 28, 28). ``reduce_range``: 7-bit weights, which keep the
+    saturating 16-bit sums of x86 kernels without VNNI from overflowing (ONNX Runtime's advice);
+    default: on such a CPU only (:func:`int8_kernels`), so a VNNI CPU keeps its 8-bit weights. The
+    result carries the sha256 of ``onnx_bytes`` in its metadata (:data:`SOURCE_SHA256_KEY`) so a
+    loader can tell it belongs to that graph.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -75,6 +107,7 @@ def quantize_int8(onnx_bytes: bytes, calibration: np.ndarray, *, input_name: str
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                reduce_range=int8_kernels() == "x86-no-vnni" if reduce_range is None else reduce_range,
             )
         except Exception as e:  # noqa: BLE001 - ORT's tools raise many kinds
             raise ModelError(f"int8 quantization failed: {str(e).splitlines()[0][:200]}") from None
@@ -87,8 +120,8 @@ def quantize_int8(onnx_bytes: bytes, calibration: np.ndarray, *, input_name: str
     entry.key, entry.value = SOURCE_SHA256_KEY, hashlib.sha256(onnx_bytes).hexdigest()
     onnx.checker.check_model(model)
     int8 = model.SerializeToString()
-    log.info("int8 graph: %.2f MB (fp32 %.2f MB), calibrated on %d images", len(int8) / 1e6,
-             len(onnx_bytes) / 1e6, len(pixels))  # fmt: skip
+    log.info("int8 graph: %.2f MB (fp32 %.2f MB), calibrated on %d images, for %s int8 kernels",
+             len(int8) / 1e6, len(onnx_bytes) / 1e6, len(pixels), int8_kernels())  # fmt: skip
     return int8
 
 

@@ -253,6 +253,67 @@ def test_an_admitted_int8_runtime_is_measured_and_scores_torch_free(
         load_champion_predictor(lake, "onnx-int8", threads=1)
 
 
+def test_int8_kernels_are_read_off_the_cpu_flags() -> None:
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma avx512f avx512bw\n"
+    assert admission.int8_kernels(avx2, "x86_64") == "x86-no-vnni"
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert admission.int8_kernels(avx2.replace("fma", f"fma {flag}"), "x86_64") == "x86-vnni"
+    assert admission.int8_kernels("processor\t: 0\n", "x86_64") == "x86"  # flags unreadable
+    assert admission.int8_kernels(avx2, "aarch64") == "aarch64"
+    assert (
+        admission.int8_kernels() in ("x86-vnni", "x86-no-vnni", "x86")
+        or "x86" not in admission.int8_kernels()
+    )
+
+
+@pytest.mark.parametrize("kernels", ["x86-no-vnni", "x86-vnni"])
+def test_int8_weights_are_7_bit_where_the_int8_kernels_saturate(
+    kernels: str, tmp_path: Path, trained: Any, mini: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without VNNI, pairs of uint8 x int8 products are summed in 16 bits: 7-bit weights keep them in range."""
+    import onnx
+    from onnx import numpy_helper
+
+    from zalando import quantize
+
+    lake = Lake.local(tmp_path / "lake")
+    fp32 = lake.read_file(_champion(lake, trained, None), "model.onnx")
+    monkeypatch.setattr(quantize, "int8_kernels", lambda *a, **k: kernels)
+    graph = onnx.load_from_string(quantize.quantize_int8(fp32, mini["x_train"][:64]))
+    weights = [
+        numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8
+    ]
+    top = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert top <= 64 if kernels == "x86-no-vnni" else top > 64
+
+
+def test_int8_admitted_on_other_int8_kernels_is_not_offered_on_this_cpu(
+    tmp_path: Path, trained: Any, mini: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VNNI and non-VNNI CPUs sum int8 products differently: a verdict holds on its own kernels only."""
+    lake = Lake.local(tmp_path / "lake")
+    monkeypatch.setattr(admission, "MAX_ACCURACY_DROP", 1.0)  # the tiny model's int8 admitted for sure
+    monkeypatch.setattr(admission, "int8_kernels", lambda *a, **k: "x86-vnni")  # the building machine
+    key = _champion(lake, trained, RuntimeCheckData.from_training(mini))
+    entry = _card(lake, key)[CARD_KEY]
+    assert entry["int8_kernels"] == "x86-vnni" and entry["runtimes"]["onnx-int8"]["admitted"]
+    assert "onnx-int8" in load_champion_predictor(lake, "auto", threads=1).timings
+
+    monkeypatch.setattr(admission, "int8_kernels", lambda *a, **k: "x86-no-vnni")  # a scoring machine
+    clear_predictor_cache()
+    auto = load_champion_predictor(lake, "auto", threads=1)
+    assert "onnx-int8" not in auto.timings and "onnx" in auto.timings
+    assert auto.checks["runtime_admission"]["onnx-int8"] == "admitted on x86-vnni int8 kernels only"
+    with pytest.raises(ModelError, match=r"runtime onnx-int8 was admitted on a CPU with x86-vnni int8 "
+                       r"kernels; this CPU has x86-no-vnni, where its accuracy was not checked") as err:  # fmt: skip
+        load_champion_predictor(lake, "onnx-int8", threads=1)
+    assert "\n" not in str(err.value)
+
+    # a card from before the kernels were recorded admits int8 as it did
+    old = admission.RuntimeAdmission.model_validate({k: v for k, v in entry.items() if k != "int8_kernels"})
+    assert old.int8_kernels is None and old.admits_here("onnx-int8", "x86-no-vnni")
+
+
 def test_a_bundle_without_verdicts_never_scores_int8(
     tmp_path: Path, trained: Any, mini: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -232,7 +232,7 @@ def _load_checked(
         onnx = OnnxPredictor(onnx_bytes, threads, input_name=input_name, output_names=output_names)
         candidates.append(("onnx", onnx))
     if runtime == "onnx-int8" or (
-        runtime == "auto" and admission is not None and admission.admits("onnx-int8")
+        runtime == "auto" and admission is not None and admission.admits_here("onnx-int8")
     ):
         int8 = _int8_predictor(lake, where, key, onnx_bytes, threads, input_name, output_names)
         candidates.append(("onnx-int8", int8))
@@ -309,7 +309,10 @@ def _admission(
             )
         return None
     checks["runtime_admission"] = {name: v.admitted for name, v in admission.runtimes.items()}
-    if runtime in REDUCED_PRECISION and not admission.admits(runtime):
+    if admission.admits("onnx-int8") and not admission.admits_here("onnx-int8"):
+        checks["runtime_admission"]["onnx-int8"] = f"admitted on {admission.int8_kernels} int8 kernels only"
+        log.info("%s: %s", where, admission.refusal("onnx-int8"))  # auto does not offer it here
+    if runtime in REDUCED_PRECISION and not admission.admits_here(runtime):
         raise ModelError(f"{where}: {admission.refusal(runtime)}")
     if admission.admits("onnx-int8") and INT8_ONNX_FILE not in bundle_files.files:
         raise ModelError(
