@@ -101,7 +101,7 @@ class RuntimeAdmission(BaseModel):
     def refusal(self, runtime: str, kernels: str | None = None) -> str:
         """One line: why ``runtime`` may not score this model on this CPU."""
         verdict, ref = self.runtimes.get(runtime), self.runtimes.get(self.reference)
-        if verdict is not None and verdict.admitted:
+        if runtime == "onnx-int8" and verdict is not None and verdict.admitted:  # admitted elsewhere
             return (
                 f"runtime {runtime} was admitted on a CPU with {self.int8_kernels} int8 kernels; this "
                 f"CPU has {kernels or int8_kernels()}, where its accuracy was not checked; score with "

@@ -17,6 +17,7 @@ Torch-free, like :mod:`zalando.runtime`: ONNX Runtime's own tools only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import platform
@@ -41,8 +42,11 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo
 def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
     """The family of int8 kernels ONNX Runtime takes on this CPU: 'x86-vnni' (VNNI or AMX int8 dot
     products), 'x86-no-vnni' (saturating 16-bit sums), 'x86' (x86 whose flags cannot be read), or
-    the machine's name elsewhere ('aarch64', ...). ``cpuinfo``: /proc/cpuinfo's text (default: read it).
+    the machine's name elsewhere ('aarch64', ...). ``cpuinfo`` (/proc/cpuinfo's text) and ``machine``
+    default to this machine's, read once per process.
     """
+    if cpuinfo is None and machine is None:
+        return _this_cpu_int8_kernels()
     machine = (machine if machine is not None else platform.machine()).lower()
     if machine not in ("x86_64", "amd64", "x86", "i386", "i686"):
         return machine or "unknown"
@@ -55,6 +59,11 @@ def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
     if line is None:
         return "x86"
     return "x86-vnni" if VNNI_FLAGS & set(line.partition(":")[2].split()) else "x86-no-vnni"
+
+
+@functools.cache
+def _this_cpu_int8_kernels() -> str:
+    return int8_kernels(machine=platform.machine())
 
 
 SOURCE_SHA256_KEY = "fp32_sha256"  # metadata of the int8 graph: the sha256 of the model.onnx it came from
@@ -91,6 +100,9 @@ def quantize_int8(
     pixels = as_pixels(calibration)
     if len(pixels) == 0:
         raise DataError("int8 quantization needs calibration images, got none")
+    kernels = int8_kernels()
+    if reduce_range is None:
+        reduce_range = kernels == "x86-no-vnni"
     with tempfile.TemporaryDirectory(prefix="zalando-int8-") as tmp:
         src, pre, out = Path(tmp, "model.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(onnx_bytes)
@@ -107,7 +119,7 @@ def quantize_int8(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
-                reduce_range=int8_kernels() == "x86-no-vnni" if reduce_range is None else reduce_range,
+                reduce_range=reduce_range,
             )
         except Exception as e:  # noqa: BLE001 - ORT's tools raise many kinds
             raise ModelError(f"int8 quantization failed: {str(e).splitlines()[0][:200]}") from None
@@ -120,8 +132,8 @@ def quantize_int8(
     entry.key, entry.value = SOURCE_SHA256_KEY, hashlib.sha256(onnx_bytes).hexdigest()
     onnx.checker.check_model(model)
     int8 = model.SerializeToString()
-    log.info("int8 graph: %.2f MB (fp32 %.2f MB), calibrated on %d images, for %s int8 kernels",
-             len(int8) / 1e6, len(onnx_bytes) / 1e6, len(pixels), int8_kernels())  # fmt: skip
+    log.info("int8 graph: %.2f MB (fp32 %.2f MB), calibrated on %d images, %d-bit weights (%s int8 kernels)",
+             len(int8) / 1e6, len(onnx_bytes) / 1e6, len(pixels), 7 if reduce_range else 8, kernels)  # fmt: skip
     return int8
 
 
