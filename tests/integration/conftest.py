@@ -21,11 +21,27 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
     Results and cache records go to a temporary folder, so caches never leak between sessions.
     """
-    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import (
+        PREFECT_CLIENT_MAX_RETRIES,
+        PREFECT_HOME,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_DATABASE_TIMEOUT,
+        temporary_settings,
+    )
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}):
+    settings = {
+        PREFECT_HOME: home,
+        PREFECT_LOCAL_STORAGE_PATH: home / "storage",
+        # test_load's ten flow runs at once share one SQLite file with the rest of the suite: on a
+        # slow 2-core CPU (AVX2 AMD EPYC, 2026-12-02) one call still got the server's "retryable"
+        # 503 after the client's 5 retries (about a minute). A busy host gets a longer database
+        # timeout (default 10 s) and more retries
+        PREFECT_SERVER_DATABASE_TIMEOUT: 30.0,
+        PREFECT_CLIENT_MAX_RETRIES: 8,
+    }
+    with temporary_settings(settings):
         with prefect_test_harness(server_startup_timeout=180):
             yield
 
